@@ -1,0 +1,507 @@
+"""What the app does, as plain typed functions: a bbox, a file or a question in; an `UIUpdate`
+(plain values: HTML strings, arrays, lists) out. No Gradio here, so tests call them directly;
+`app.layout` wires them to components.
+
+Every piece of untrusted text (user input, OSM tags, model output) leaves this module escaped:
+tables through `html_safe.table`, chat through `html_safe.markdown_text`, map popups as DOM text
+nodes (`map_html`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from app.backend import Answer, Backend, BackendNotReady, Session
+from app.html_safe import esc, markdown_text, table
+from app.map_html import ImageLayer, MapSpec, map_iframe, overlay_layer, render_map
+from app.region import Region, features_geojson, tag_counts
+
+if TYPE_CHECKING:
+    from tiles import Chip, Detection
+
+log = logging.getLogger(__name__)
+
+Bounds = tuple[float, float, float, float]
+QUICK_ACTIONS = {
+    "classify": "Classify the scene: what kind of area is this?",
+    "describe": "Describe this image in detail.",
+    "find": "Find all {cls} in this image.",
+    "count": "How many {cls} are in this image?",
+}
+MAX_QUESTION_CHARS = 2000
+TILE_PROVIDER = "Esri.WorldImagery"
+
+
+@dataclass
+class AppContext:
+    """What every handler shares: built once in `app.main`, never mutated per request."""
+
+    backend: Backend
+    region: Region | None
+    export_dir: Path
+    chip_size: int = 512
+    max_upload_mb: float = 50.0
+    online: bool = False
+    max_detections: int = 1000
+    max_history: int = 40
+    tile_provider: str = TILE_PROVIDER
+    region_layer: ImageLayer | None = None
+    region_osm: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.export_dir.mkdir(parents=True, exist_ok=True)
+        if self.region is not None and self.region_layer is None:
+            self.region_layer = overlay_layer(self.region.preview, f"Imagery: {self.region.name}",
+                                              self.region.attribution)
+            self.region_osm = features_geojson(self.region.osm)
+
+
+@dataclass
+class SessionState:
+    """One browser tab. Small and bounded: chip, history, detections, upload path."""
+
+    chip: Chip | None = None
+    chip_source: str = ""
+    session: Session | None = None  # opened lazily on the first question about this chip
+    upload_path: str = ""
+    upload_layer: ImageLayer | None = None
+    upload_georeferenced: bool = False
+    view_bbox: Bounds | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    detections: list[Detection] = field(default_factory=list)
+    last_boxes: list[tuple[tuple[int, int, int, int], str]] = field(default_factory=list)
+    last_answer: Answer | None = None
+    exports: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class UIUpdate:
+    """New values for the panels; ``None`` leaves a panel as it is."""
+
+    map_html: str | None = None
+    chip_image: tuple[np.ndarray, list[tuple[tuple[int, int, int, int], str]]] | None = None
+    chat: list[dict[str, Any]] | None = None
+    semantics_html: str | None = None
+    detections_html: str | None = None
+    prompt: str | None = None
+    notice: str | None = None  # a message for this user (bad input, model not ready, failure)
+
+
+class UserError(ValueError):
+    """Bad input from the user; the message is shown as is."""
+
+
+# --- parsing what the browser sends -------------------------------------------------------------
+
+def parse_bbox(text: str) -> Bounds:
+    """``"W,S,E,N"`` (lon/lat) -> bounds; `UserError` with the reason otherwise."""
+    from tiles.sources.base import check_bbox
+
+    parts = [p for p in str(text).replace(";", ",").replace(" ", ",").split(",") if p]
+    if len(parts) != 4:
+        raise UserError(f"A bbox is four numbers W,S,E,N (lon/lat); got {text!r}.")
+    try:
+        return tuple(check_bbox(parts))  # type: ignore[return-value]
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def bbox_from_geojson(text: str) -> Bounds:
+    """The bounds of a drawn shape (Feature, FeatureCollection or geometry GeoJSON text)."""
+    from shapely.geometry import shape
+
+    try:
+        obj = json.loads(text)
+        obj = obj.get("geojson", obj)
+        if obj.get("type") == "FeatureCollection":
+            obj = obj["features"][-1]
+        geom = shape(obj["geometry"] if obj.get("type") == "Feature" else obj)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise UserError("The drawn shape could not be read; draw the rectangle again.") from exc
+    w, s, e, n = geom.bounds
+    if not (e > w and n > s):
+        raise UserError("The drawn rectangle has no area; drag to draw it.")
+    return (w, s, e, n)
+
+
+# --- views ----------------------------------------------------------------------------------------
+
+def _map(ctx: AppContext, state: SessionState, fit: Bounds | None = None) -> str:
+    from tiles import to_feature_collection
+
+    images = [layer for layer in (ctx.region_layer, state.upload_layer) if layer is not None]
+    dets = to_feature_collection(state.detections) if state.detections else None
+    chip_bounds = state.chip.bounds_lonlat if state.chip is not None else None
+    spec = MapSpec(images=images, osm=ctx.region_osm, detections=dets, chip_bounds=chip_bounds,
+                   fit_bounds=fit or chip_bounds, online=ctx.online)
+    return map_iframe(render_map(spec))
+
+
+def _semantics(ctx: AppContext, state: SessionState) -> str:
+    retrieved = state.last_answer.retrieved if state.last_answer is not None else []
+    parts = ["<h4>Retrieved descriptions</h4>",
+             table(["description", "score"], [(t, f"{s:.3f}") for t, s in retrieved],
+                   empty="ask a question to see what the model retrieved")]
+    bounds = state.chip.bounds_lonlat if state.chip is not None else None
+    feats = ctx.region.osm_in(bounds) if ctx.region is not None else None
+    n = 0 if feats is None else len(feats)
+    where = "this chip" if bounds else "no georeferenced chip"
+    parts += [f"<h4>OSM features in {esc(where)}: {n}</h4>",
+              table(["tag", "value", "count"], tag_counts(feats), empty="no OSM features here")]
+    return "\n".join(parts)
+
+
+def _detections_table(state: SessionState) -> str:
+    rows = []
+    for i, det in enumerate(state.detections[-200:], start=max(1, len(state.detections) - 199)):
+        c = det.geometry.centroid
+        rows.append((i, det.label, f"{c.x:.6f}", f"{c.y:.6f}", det.question))
+    return table(["#", "label", "lon", "lat", "question"], rows,
+                 caption=f"{len(state.detections)} detections this session (exportable)",
+                 empty="no detections yet")
+
+
+def _chip_view(state: SessionState) -> tuple[np.ndarray, list] | None:
+    if state.chip is None:
+        return None
+    return (state.chip.pixels, list(state.last_boxes))
+
+
+def _full_update(ctx: AppContext, state: SessionState, fit: Bounds | None = None,
+                 notice: str | None = None) -> UIUpdate:
+    return UIUpdate(map_html=_map(ctx, state, fit), chip_image=_chip_view(state),
+                    semantics_html=_semantics(ctx, state),
+                    detections_html=_detections_table(state), notice=notice)
+
+
+# --- session start, chips -----------------------------------------------------------------------
+
+def start_session(ctx: AppContext) -> tuple[SessionState, UIUpdate]:
+    """A fresh tab: the whole region is the chip."""
+    state = SessionState()
+    if ctx.region is not None:
+        _set_chip(ctx, state, str(ctx.region.imagery), None)
+    return state, _full_update(ctx, state)
+
+
+def _set_chip(ctx: AppContext, state: SessionState, source: str, bbox: Bounds | None) -> None:
+    from tiles import open_source
+
+    with open_source(source) as src:
+        chip = src.chip(bbox, crs="EPSG:4326", size=ctx.chip_size)
+    state.chip, state.chip_source, state.session = chip, source, None
+    state.last_boxes, state.last_answer = [], None
+
+
+def _source_for(ctx: AppContext, state: SessionState, bbox: Bounds) -> str | None:
+    """The local imagery under the centre of ``bbox``: the upload first, then the region."""
+    cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
+    candidates = []
+    if state.upload_layer is not None and state.upload_georeferenced:
+        candidates.append((state.upload_path, state.upload_layer.bounds_lonlat))
+    if ctx.region is not None and ctx.region.bounds_lonlat is not None:
+        candidates.append((str(ctx.region.imagery), ctx.region.bounds_lonlat))
+    for path, (w, s, e, n) in candidates:
+        if w <= cx <= e and s <= cy <= n:
+            return path
+    return None
+
+
+def select_bbox(ctx: AppContext, state: SessionState, bbox: Bounds) -> UIUpdate:
+    """Make ``bbox`` (W, S, E, N lon/lat) the chip; the next questions are about it."""
+    from tiles import ImageryError
+
+    source = _source_for(ctx, state, bbox)
+    if source is None:
+        return UIUpdate(notice="There is no local imagery under that rectangle. Draw inside the "
+                               "imagery, upload a GeoTIFF, or click the basemap to fetch a tile.")
+    try:
+        _set_chip(ctx, state, source, bbox)
+    except ImageryError as exc:
+        return UIUpdate(notice=str(exc))
+    return _full_update(ctx, state)
+
+
+def on_draw(ctx: AppContext, state: SessionState, payload: str) -> UIUpdate:
+    """A rectangle drawn on the map (GeoJSON text from the bridge) becomes the chip."""
+    if not payload or not payload.strip():
+        return UIUpdate()
+    try:
+        bbox = bbox_from_geojson(payload)
+    except UserError as exc:
+        return UIUpdate(notice=str(exc))
+    return select_bbox(ctx, state, bbox)
+
+
+def use_view(ctx: AppContext, state: SessionState, payload: str) -> UIUpdate:
+    """The map's current view becomes the chip."""
+    try:
+        bbox = tuple(float(v) for v in json.loads(payload)["bbox"])
+    except (ValueError, KeyError, TypeError):
+        return UIUpdate(notice="The map has not reported its view yet; pan or zoom it once.")
+    if ctx.region is not None and ctx.region.bounds_lonlat is not None:
+        # Clamp to local imagery so "the view" of a zoomed-out map still means that imagery.
+        from tiles.sources.base import intersects
+
+        rb = ctx.region.bounds_lonlat
+        if intersects(bbox, rb):
+            bbox = (max(bbox[0], rb[0]), max(bbox[1], rb[1]), min(bbox[2], rb[2]),
+                    min(bbox[3], rb[3]))
+    return select_bbox(ctx, state, bbox)  # type: ignore[arg-type]
+
+
+def on_map_click(ctx: AppContext, state: SessionState, payload: str, allow_network: bool
+                 ) -> UIUpdate:
+    """A click outside local imagery: fetch that basemap tile as the chip (network opt-in)."""
+    import mercantile
+
+    from tiles import ImageryError, open_source
+
+    try:
+        click = json.loads(payload)
+        lon, lat, zoom = float(click["lon"]), float(click["lat"]), int(click["zoom"])
+    except (ValueError, KeyError, TypeError):
+        return UIUpdate()
+    if not allow_network:
+        return UIUpdate(notice="No local imagery here. Tick 'Fetch tiles from the internet' "
+                               f"to use {ctx.tile_provider} tiles for this spot.")
+    tile = mercantile.tile(lon, lat, min(max(zoom, 3), 19))
+    b = mercantile.bounds(tile)
+    try:
+        with open_source(ctx.tile_provider, allow_network=True) as src:
+            chip = src.chip((b.west, b.south, b.east, b.north), crs="EPSG:4326",
+                            size=ctx.chip_size)
+    except (ImageryError, OSError) as exc:
+        return UIUpdate(notice=f"Could not fetch the tile: {exc}")
+    from tiles.overlay import overlay_from_chip
+
+    state.chip, state.chip_source, state.session = chip, ctx.tile_provider, None
+    state.last_boxes, state.last_answer = [], None
+    state.upload_layer = overlay_layer(overlay_from_chip(chip), "Fetched tile")
+    state.upload_georeferenced, state.upload_path = False, ""
+    return _full_update(ctx, state)
+
+
+# --- uploads ------------------------------------------------------------------------------------
+
+def upload(ctx: AppContext, state: SessionState, path: str | None) -> UIUpdate:
+    """An uploaded image: a GeoTIFF becomes an overlay and the chip; a plain picture is
+    answered in pixel space. Size and format are checked; a bad file leaves the session as is."""
+    from tiles import ImageryError, open_source
+
+    if not path:
+        return UIUpdate()
+    size_mb = os.path.getsize(path) / 1e6
+    if size_mb > ctx.max_upload_mb:
+        return UIUpdate(notice=f"{Path(path).name} is {size_mb:.1f} MB; the limit is "
+                               f"{ctx.max_upload_mb:g} MB.")
+    try:
+        with open_source(path) as src:
+            georef = src.georeferenced
+            layer = overlay_layer(src.preview(1024), f"Upload: {Path(path).name}") if georef \
+                else None
+            chip = src.chip(None, size=ctx.chip_size)
+    except ImageryError as exc:
+        return UIUpdate(notice=f"{Path(path).name}: {exc}")
+    except Exception as exc:  # a reader crash must not end the session
+        log.exception("upload failed")
+        return UIUpdate(notice=f"{Path(path).name} could not be read as imagery "
+                               f"({type(exc).__name__}).")
+    state.upload_path, state.upload_layer, state.upload_georeferenced = path, layer, georef
+    state.chip, state.chip_source, state.session = chip, path, None
+    state.last_boxes, state.last_answer = [], None
+    note = None if georef else (f"{Path(path).name} has no georeference: answers are in pixel "
+                                "space (shown on the image, not on the map).")
+    fit = layer.bounds_lonlat if layer is not None else None
+    return _full_update(ctx, state, fit=fit, notice=note)
+
+
+# --- chat -----------------------------------------------------------------------------------------
+
+def quick_question(action: str, cls: str = "buildings") -> str:
+    """The question a quick-action button asks."""
+    template = QUICK_ACTIONS.get(action)
+    if template is None:
+        raise UserError(f"Unknown quick action {action!r}.")
+    return template.format(cls=(cls or "buildings").strip()[:60])
+
+
+def ask(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdate]:
+    """Stream the answer into the chat, then ground its boxes on the map, chip and table."""
+    from tiles import Detection
+
+    question = (question or "").strip()[:MAX_QUESTION_CHARS]
+    if not question:
+        yield UIUpdate(notice="Type a question first.")
+        return
+    if state.chip is None:
+        yield UIUpdate(notice="No imagery yet: upload an image or draw a rectangle on the map.")
+        return
+    history = state.history
+    history.append({"role": "user", "content": markdown_text(question)})
+    history.append({"role": "assistant", "content": "…"})
+    del history[:-ctx.max_history]
+    yield UIUpdate(chat=list(history))
+    t0 = time.perf_counter()
+    text = ""
+    try:
+        if state.session is None:
+            state.session = ctx.backend.new_session(state.chip)
+        last_yield = 0.0
+        for delta in state.session.ask(question):
+            text += delta
+            history[-1] = {"role": "assistant", "content": markdown_text(text)}
+            now = time.perf_counter()
+            if now - last_yield > 0.05:  # enough for a live stream, not a flood of diffs
+                last_yield = now
+                yield UIUpdate(chat=list(history))
+        answer = state.session.last
+        if answer is None:
+            raise RuntimeError("the model returned no answer")
+    except BackendNotReady as exc:
+        history[-1] = {"role": "assistant", "content": markdown_text(str(exc))}
+        yield UIUpdate(chat=list(history), notice=str(exc))
+        return
+    except Exception as exc:  # one failed request must not take the session or server down
+        log.exception("answer failed")
+        msg = f"Sorry, this answer failed ({type(exc).__name__}: {exc})."
+        history[-1] = {"role": "assistant", "content": markdown_text(msg)}
+        state.session = None  # a broken session is not reused
+        yield UIUpdate(chat=list(history), notice=msg)
+        return
+    state.last_answer = answer
+    state.last_boxes = []
+    for b in answer.boxes:
+        x1, y1, x2, y2 = (round(v) for v in b.box_px)
+        state.last_boxes.append(((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)), b.label))
+        if b.geometry is not None:
+            state.detections.append(Detection(label=b.label, geometry=b.geometry,
+                                              source=state.chip_source, question=question))
+    del state.detections[:-ctx.max_detections]
+    n_geo = sum(b.geometry is not None for b in answer.boxes)
+    footer = f"{time.perf_counter() - t0:.1f} s"
+    if answer.boxes:
+        where = "on the map and the chip" if n_geo else "on the chip (pixel space)"
+        footer = f"{len(answer.boxes)} object(s) grounded {where} · " + footer
+    history[-1] = {"role": "assistant",
+                   "content": markdown_text(answer.text) + f"\n\n*{markdown_text(footer)}*"}
+    update = _full_update(ctx, state) if n_geo else UIUpdate(
+        chip_image=_chip_view(state), semantics_html=_semantics(ctx, state),
+        detections_html=_detections_table(state))
+    update.chat = list(history)
+    update.prompt = answer.prompt
+    yield update
+
+
+def clear_chat(state: SessionState) -> UIUpdate:
+    state.history.clear()
+    state.session = None
+    return UIUpdate(chat=[])
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def export(ctx: AppContext, state: SessionState, fmt: str = "geojson") -> tuple[Path | None, str]:
+    """All detections of the session as GeoJSON or GeoPackage; returns (path, message)."""
+    from tiles import ImageryError, write_geojson, write_gpkg
+
+    if not state.detections:
+        return None, "Nothing to export yet: ask the model to find objects first."
+    suffix = {"geojson": ".geojson", "gpkg": ".gpkg"}.get(fmt)
+    if suffix is None:
+        return None, f"Unknown export format {fmt!r}."
+    for old in state.exports:  # keep one file per session: disk stays flat
+        old.unlink(missing_ok=True)
+    path = ctx.export_dir / f"detections-{uuid.uuid4().hex[:8]}{suffix}"
+    try:
+        (write_geojson if fmt == "geojson" else write_gpkg)(state.detections, path)
+    except ImageryError as exc:
+        return None, str(exc)
+    state.exports = [path]
+    return path, f"Exported {len(state.detections)} detections ({fmt})."
+
+
+# --- API ------------------------------------------------------------------------------------------
+
+def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str
+            ) -> tuple[str, str]:
+    """One stateless question for `gradio_client`: an image file, or a bbox ``W,S,E,N`` over the
+    loaded region (empty: the whole region). Returns (answer text, detections GeoJSON text).
+    Bad input raises `UserError` with the reason."""
+    from tiles import ImageryError, open_source, to_feature_collection
+
+    question = (question or "").strip()[:MAX_QUESTION_CHARS]
+    if not question:
+        raise UserError("The question is empty.")
+    box = parse_bbox(bbox) if bbox and bbox.strip() else None
+    if image_path:
+        if os.path.getsize(image_path) / 1e6 > ctx.max_upload_mb:
+            raise UserError(f"The image is larger than {ctx.max_upload_mb:g} MB.")
+        source = image_path
+    elif ctx.region is not None:
+        source = str(ctx.region.imagery)
+    else:
+        raise UserError("Give an image: no region is loaded.")
+    try:
+        with open_source(source) as src:
+            chip = src.chip(box if src.georeferenced else None, crs="EPSG:4326",
+                            size=ctx.chip_size)
+    except ImageryError as exc:
+        raise UserError(str(exc)) from exc
+    try:
+        session = ctx.backend.new_session(chip)
+        for _ in session.ask(question):
+            pass
+    except BackendNotReady as exc:
+        raise UserError(str(exc)) from exc
+    answer = session.last
+    if answer is None:
+        raise RuntimeError("the model returned no answer")
+    from tiles import Detection
+
+    dets = [Detection(label=b.label, geometry=b.geometry, source=Path(source).name,
+                      question=question) for b in answer.boxes if b.geometry is not None]
+    fc = to_feature_collection(dets)
+    # Pixel-space boxes have no place on Earth: null geometry, pixel box in the properties.
+    fc["features"] += [{"type": "Feature", "geometry": None,
+                        "properties": {"label": b.label, "box_px": list(b.box_px),
+                                       "question": question}}
+                       for b in answer.boxes if b.geometry is None]
+    return answer.text, json.dumps(fc)
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+def status_markdown(ctx: AppContext) -> str:
+    """Which model runs, where, in what precision, how long it took to load, and why."""
+    info = ctx.backend.info
+    state = info.get("state", "ready")
+    if state == "loading":
+        return f"⏳ **Loading model** {markdown_text(str(info.get('preset', '')))} — " \
+               f"{markdown_text(str(info.get('why', '')))}"
+    if state == "failed":
+        return f"⚠️ **Model failed to load**: {markdown_text(str(info.get('why', '')))}"
+    load_s = info.get("load_s")
+    load = f"{float(load_s):.1f} s" if isinstance(load_s, int | float) else "?"
+    fields = [f"**Model** {markdown_text(str(info.get('preset', '?')))}",
+              f"device {markdown_text(str(info.get('device', '?')))}",
+              f"precision {markdown_text(str(info.get('precision', '?')))}",
+              f"loaded in {load}"]
+    if info.get("trained") is False:  # say it plainly: an untrained connector answers noise
+        fields.append("**untrained connector: answers are noise**")
+    why = info.get("why")
+    return " · ".join(fields) + (f"  \n{markdown_text(str(why))}" if why else "")
+
+
+def backend_ready(ctx: AppContext) -> bool:
+    return ctx.backend.info.get("state", "ready") != "loading"

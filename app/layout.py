@@ -1,0 +1,277 @@
+"""The page: components laid out in `build_layout`, events wired in `wire`; all behaviour lives in
+`app.handlers` and reaches the model only through the injected `AppContext.backend`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from app import handlers as h
+from app.handlers import AppContext, SessionState, UIUpdate
+
+log = logging.getLogger(__name__)
+
+CSS = """
+#rsvlm-notice p { color: #b45309; margin: 0; }
+.rsvlm-table { border-collapse: collapse; font-size: 13px; width: 100%; margin-bottom: 8px; }
+.rsvlm-table th, .rsvlm-table td { border-bottom: 1px solid #ddd; padding: 3px 6px;
+  text-align: left; vertical-align: top; word-break: break-word; }
+.rsvlm-table caption { text-align: left; font-weight: 600; padding: 4px 0; }
+#rsvlm-semantics h4 { margin: 6px 0 2px 0; }
+"""
+
+#: Order of the panels an `UIUpdate` fills.
+PANELS = ("map_html", "chip_image", "chat", "semantics_html", "detections_html", "prompt",
+          "notice")
+
+
+@dataclass
+class Page:
+    """Handles on the components `wire` needs."""
+
+    state: gr.State
+    status: gr.Markdown
+    timer: gr.Timer
+    map_html: gr.HTML
+    chip_image: gr.AnnotatedImage
+    chat: gr.Chatbot
+    semantics_html: gr.HTML
+    detections_html: gr.HTML
+    prompt: gr.Code
+    notice: gr.Markdown
+    question: gr.Textbox
+    send: gr.Button
+    clear: gr.Button
+    quick_classify: gr.Button
+    quick_describe: gr.Button
+    quick_find: gr.Button
+    quick_count: gr.Button
+    quick_class: gr.Textbox
+    use_view: gr.Button
+    allow_network: gr.Checkbox
+    upload: gr.File
+    drawn: gr.Textbox
+    view: gr.Textbox
+    click: gr.Textbox
+    export_geojson: gr.Button
+    export_gpkg: gr.Button
+    export_file: gr.File
+    api_image: gr.File
+    api_bbox: gr.Textbox
+    api_question: gr.Textbox
+    api_class: gr.Textbox
+    api_answer: gr.Textbox
+    api_geojson: gr.Textbox
+    api_info: gr.JSON
+
+    def outputs(self) -> list[gr.components.Component]:
+        return [getattr(self, name) for name in PANELS]
+
+
+def build_layout(ctx: AppContext) -> tuple[gr.Blocks, Page]:
+    with gr.Blocks(title="RS-VLM: chat with the map") as demo:
+        state = gr.State(None, time_to_live=3 * 3600)
+        with gr.Row():
+            gr.Markdown("## RS-VLM — ask the map", elem_id="rsvlm-title")
+            status = gr.Markdown(h.status_markdown(ctx), elem_id="rsvlm-status")
+        timer = gr.Timer(1.0, active=not h.backend_ready(ctx))
+        notice = gr.Markdown("", elem_id="rsvlm-notice")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                map_html = gr.HTML("", elem_id="rsvlm-map", js_on_load=None)
+                with gr.Row():
+                    use_view = gr.Button("Ask about the current view", size="sm",
+                                         elem_id="rsvlm-use-view")
+                    allow_network = gr.Checkbox(
+                        False, label="Fetch tiles from the internet (click outside the imagery)",
+                        elem_id="rsvlm-allow-network")
+                upload = gr.File(label="Upload GeoTIFF / PNG / JPEG", type="filepath",
+                                 file_types=[".tif", ".tiff", ".png", ".jpg", ".jpeg"],
+                                 elem_id="rsvlm-upload", height=130)
+            with gr.Column(scale=2):
+                chat = gr.Chatbot(label="Chat", height=430, elem_id="rsvlm-chat",
+                                  sanitize_html=True, allow_tags=False, latex_delimiters=[],
+                                  buttons=["copy"])
+                with gr.Row():
+                    question = gr.Textbox(placeholder="Ask about the chip (the dashed box)…",
+                                          show_label=False, scale=5, elem_id="rsvlm-question",
+                                          max_length=h.MAX_QUESTION_CHARS)
+                    send = gr.Button("Ask", variant="primary", scale=1, elem_id="rsvlm-send")
+                with gr.Row():
+                    quick_classify = gr.Button("Classify scene", size="sm",
+                                               elem_id="rsvlm-classify")
+                    quick_describe = gr.Button("Describe", size="sm", elem_id="rsvlm-describe")
+                    quick_find = gr.Button("Find", size="sm", elem_id="rsvlm-find")
+                    quick_count = gr.Button("Count", size="sm", elem_id="rsvlm-count")
+                    quick_class = gr.Textbox("buildings", show_label=False, max_length=60,
+                                             elem_id="rsvlm-class", min_width=90)
+                    clear = gr.Button("Clear chat", size="sm")
+                with gr.Accordion("Exact prompt of the last answer", open=False):
+                    prompt = gr.Code("", language=None, elem_id="rsvlm-prompt", lines=6)
+        with gr.Row(equal_height=False):
+            chip_image = gr.AnnotatedImage(label="Chip (what the model sees) and its boxes",
+                                           height=360, elem_id="rsvlm-chip")
+            with gr.Column():
+                gr.Markdown("### Semantics")
+                semantics_html = gr.HTML("", elem_id="rsvlm-semantics")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                detections_html = gr.HTML("", elem_id="rsvlm-detections")
+            with gr.Column(scale=1):
+                export_geojson = gr.Button("Export GeoJSON", elem_id="rsvlm-export-geojson")
+                export_gpkg = gr.Button("Export GeoPackage", elem_id="rsvlm-export-gpkg")
+                export_file = gr.File(label="Export", elem_id="rsvlm-export-file",
+                                      interactive=False, visible=False)
+        attribution = ctx.region.attribution if ctx.region is not None else ""
+        gr.Markdown(f"<small>{h.esc(attribution)}</small>")
+        # The map's postMessage bridge writes into these; "hidden" keeps them in the DOM.
+        drawn = gr.Textbox(visible="hidden", elem_id="rsvlm-drawn")
+        view = gr.Textbox(visible="hidden", elem_id="rsvlm-view")
+        click = gr.Textbox(visible="hidden", elem_id="rsvlm-click")
+        # Inputs/outputs of the gradio_client API (see docs/app.md).
+        with gr.Group(visible=False):
+            api_image = gr.File(type="filepath")
+            api_bbox = gr.Textbox()
+            api_question = gr.Textbox()
+            api_class = gr.Textbox()
+            api_answer = gr.Textbox()
+            api_geojson = gr.Textbox()
+            api_info = gr.JSON()
+    page = Page(state=state, status=status, timer=timer, map_html=map_html,
+                chip_image=chip_image, chat=chat, semantics_html=semantics_html,
+                detections_html=detections_html, prompt=prompt, notice=notice,
+                question=question, send=send, clear=clear, quick_classify=quick_classify,
+                quick_describe=quick_describe, quick_find=quick_find, quick_count=quick_count,
+                quick_class=quick_class, use_view=use_view, allow_network=allow_network,
+                upload=upload, drawn=drawn, view=view, click=click,
+                export_geojson=export_geojson, export_gpkg=export_gpkg, export_file=export_file,
+                api_image=api_image, api_bbox=api_bbox, api_question=api_question,
+                api_class=api_class, api_answer=api_answer, api_geojson=api_geojson,
+                api_info=api_info)
+    return demo, page
+
+
+def _values(update: UIUpdate) -> list[Any]:
+    """An `UIUpdate` as output values (``gr.skip()`` where a panel stays as it is)."""
+    if update.notice:
+        gr.Warning(update.notice)
+    out: list[Any] = []
+    for name in PANELS:
+        value = getattr(update, name)
+        if name == "notice":
+            value = h.markdown_text(value) if value else ""
+        out.append(gr.skip() if value is None else value)
+    return out
+
+
+def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
+    """Connect events to handlers. UI events are private (they carry session state); the
+    gradio_client API is the named endpoints at the end."""
+    outs = [p.state, *p.outputs()]
+    private: dict[str, Any] = {"api_visibility": "private"}
+
+    def start() -> list[Any]:
+        state, update = h.start_session(ctx)
+        return [state, *_values(update)]
+
+    def ensure(state: SessionState | None) -> SessionState:
+        return state if state is not None else h.start_session(ctx)[0]
+
+    def on_draw(state: SessionState | None, payload: str) -> list[Any]:
+        state = ensure(state)
+        return [state, *_values(h.on_draw(ctx, state, payload))]
+
+    def on_view(state: SessionState | None, payload: str) -> list[Any]:
+        state = ensure(state)
+        return [state, *_values(h.use_view(ctx, state, payload))]
+
+    def on_click(state: SessionState | None, payload: str, allow: bool) -> list[Any]:
+        state = ensure(state)
+        return [state, *_values(h.on_map_click(ctx, state, payload, allow))]
+
+    def on_upload(state: SessionState | None, path: str | None) -> list[Any]:
+        state = ensure(state)
+        return [state, *_values(h.upload(ctx, state, path))]
+
+    def on_ask(state: SessionState | None, question: str) -> Iterator[list[Any]]:
+        state = ensure(state)
+        for update in h.ask(ctx, state, question):
+            yield [state, *_values(update)]
+
+    def on_clear(state: SessionState | None) -> list[Any]:
+        state = ensure(state)
+        return [state, *_values(h.clear_chat(state))]
+
+    def on_export(state: SessionState | None, fmt: str) -> Any:
+        path, message = h.export(ctx, ensure(state), fmt)
+        if path is None:
+            gr.Warning(message)
+            return gr.skip()
+        gr.Info(message)
+        return gr.File(value=str(path), visible=True)
+
+    demo.load(start, None, outs, **private)
+    p.timer.tick(lambda: (h.status_markdown(ctx), gr.Timer(active=not h.backend_ready(ctx))),
+                 None, [p.status, p.timer], queue=False, **private)
+    p.drawn.change(on_draw, [p.state, p.drawn], outs, **private)
+    p.use_view.click(on_view, [p.state, p.view], outs, **private)
+    p.click.change(on_click, [p.state, p.click, p.allow_network], outs, **private)
+    p.upload.upload(on_upload, [p.state, p.upload], outs, **private)
+
+    ask_args: dict[str, Any] = {"outputs": outs, **private}
+    p.send.click(on_ask, [p.state, p.question], **ask_args).then(
+        lambda: "", None, p.question, **private)
+    p.question.submit(on_ask, [p.state, p.question], **ask_args).then(
+        lambda: "", None, p.question, **private)
+    def quick(action: str):
+        def run(state: SessionState | None, cls: str) -> Iterator[list[Any]]:
+            yield from on_ask(state, h.quick_question(action, cls))
+
+        return run
+
+    for button, action in ((p.quick_classify, "classify"), (p.quick_describe, "describe"),
+                           (p.quick_find, "find"), (p.quick_count, "count")):
+        button.click(quick(action), [p.state, p.quick_class], **ask_args)
+    p.clear.click(on_clear, [p.state], outs, **private)
+    p.export_geojson.click(lambda s: on_export(s, "geojson"), [p.state], p.export_file,
+                           **private)
+    p.export_gpkg.click(lambda s: on_export(s, "gpkg"), [p.state], p.export_file, **private)
+
+    # --- gradio_client API ------------------------------------------------------------------
+    def api_ask(image: str | None, bbox: str, question: str) -> tuple[str, str]:
+        try:
+            return h.api_ask(ctx, image, bbox, question)
+        except h.UserError as exc:
+            raise gr.Error(str(exc)) from exc
+
+    def api_find(image: str | None, bbox: str, cls: str) -> tuple[str, str]:
+        return api_ask(image, bbox, h.quick_question("find", cls))
+
+    def api_describe(image: str | None, bbox: str) -> tuple[str, str]:
+        return api_ask(image, bbox, h.quick_question("describe"))
+
+    def api_classify(image: str | None, bbox: str) -> tuple[str, str]:
+        return api_ask(image, bbox, h.quick_question("classify"))
+
+    pair = [p.api_answer, p.api_geojson]
+    api_button = gr.Button(visible=False)
+    api_button.click(api_ask, [p.api_image, p.api_bbox, p.api_question], pair, api_name="ask")
+    api_button.click(api_find, [p.api_image, p.api_bbox, p.api_class], pair, api_name="find")
+    api_button.click(api_describe, [p.api_image, p.api_bbox], pair, api_name="describe")
+    api_button.click(api_classify, [p.api_image, p.api_bbox], pair, api_name="classify")
+    api_button.click(lambda: json.loads(json.dumps(ctx.backend.info, default=str)), None,
+                     p.api_info, api_name="info", queue=False)
+
+
+def build_demo(ctx: AppContext) -> gr.Blocks:
+    demo, page = build_layout(ctx)
+    with demo:  # event listeners attach inside the Blocks context
+        wire(ctx, demo, page)
+    return demo
+
+

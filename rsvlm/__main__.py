@@ -1,0 +1,3 @@
+from rsvlm.cli import main
+
+raise SystemExit(main())

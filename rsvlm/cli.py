@@ -1,0 +1,120 @@
+"""`rsvlm` command line: ask a question about an image or a georeferenced area.
+
+    rsvlm ask IMAGE "question" [--bbox W,S,E,N] [--region-box x1,y1,x2,y2] [--model PRESET|DIR] [--json]
+    rsvlm weights            # convert the embedded preset's offline weights into the cache
+    rsvlm which              # which model would run here, and why
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+logger = logging.getLogger("rsvlm")
+
+
+def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise argparse.ArgumentTypeError(f"{what} needs {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rsvlm", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="ask a question about an image (GeoTIFF, PNG, JPEG, ...)")
+    ask.add_argument("image", help="raster or plain image file")
+    ask.add_argument("question")
+    ask.add_argument(
+        "--bbox",
+        type=lambda t: _floats(t, 4, "--bbox"),
+        help="W,S,E,N area of a georeferenced image (default: the whole image)",
+    )
+    ask.add_argument("--crs", default="EPSG:4326", help="CRS of --bbox (default EPSG:4326)")
+    ask.add_argument("--size", type=int, default=512, help="chip size in pixels (longest side)")
+    ask.add_argument(
+        "--region-box",
+        type=lambda t: _floats(t, 4, "--region-box"),
+        help="x1,y1,x2,y2 chip pixels of a region to ask about",
+    )
+    ask.add_argument("--model", default=None, help="preset name (embedded, large) or a model dir")
+    ask.add_argument("--max-new-tokens", type=int, default=256)
+    ask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    sub.add_parser("weights", help="convert the embedded preset's offline weights into the cache")
+    sub.add_parser("which", help="say which model runs by default here, and why")
+    return parser
+
+
+def _ask(args: argparse.Namespace) -> int:
+    import tiles
+    from rsvlm.engine import ChatEngine
+    from rsvlm.loading import load
+
+    with tiles.open_source(args.image) as source:
+        if not source.georeferenced:
+            logger.warning("%s has no georeference: answering in pixel space only.", args.image)
+        if args.bbox is not None and not source.georeferenced:
+            raise tiles.ImageryError(f"--bbox needs a georeferenced image; {args.image} has none.")
+        chip = source.chip(args.bbox, crs=args.crs, size=args.size)
+    loaded = load(args.model)
+    logger.info("model: %s", loaded.info.get("summary", loaded.info))
+    session = ChatEngine(loaded, max_new_tokens=args.max_new_tokens).session(chip)
+    stream = session.ask(args.question, region_box_px=args.region_box)
+    if args.json:
+        for _ in stream:
+            pass
+        print(json.dumps(session.last.to_dict(), indent=2))
+    else:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        for box in session.last.boxes:
+            where = box.geometry["coordinates"][0][:4] if box.geometry else "pixel space"
+            print(f"  [{box.label or 'object'}] px={tuple(round(v) for v in box.box_px)} {where}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.command == "weights" else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "ask":
+            return _ask(args)
+        if args.command == "weights":
+            from rsvlm.weights import ensure_embedded_weights
+
+            for name, path in ensure_embedded_weights().items():
+                print(f"{name}: {path}")
+            return 0
+        if args.command == "which":
+            from rsvlm.presets import default_preset_choice
+
+            name, why = default_preset_choice()
+            print(f"{name}: {why}")
+            return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line for the user; the traceback with -v
+        if args.verbose:
+            logger.exception("failed")
+        print(f"rsvlm: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,359 @@
+"""Chat sessions about one chip: retrieval, streamed answers, grounded boxes, prefix-cache reuse.
+
+A `ChatSession` belongs to one chip. Its first question runs the vision tower, the retriever and
+the connector once and keeps the language model's KV cache; follow-up questions feed only the new
+tokens (the end of the previous turn, the new user message and the generation prompt), so the
+image and semantic tokens are never recomputed. The semantic prompter conditions its aggregation
+tokens on the *first* question of a session; follow-ups see those same image tokens, as a
+multi-turn LLaVA conversation sees one image encoding.
+
+The model is shared by every session. Its expert routing state lives on the modules, so one
+generation runs at a time (a lock); the app's queue decides who waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from rsvlm import prompting
+from rsvlm.boxes import format_region_box, parse_boxes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AnswerBox:
+    """A grounded object: chip pixels and, for a georeferenced chip, a GeoJSON geometry."""
+
+    label: str | None
+    box_px: tuple[float, float, float, float]
+    angle: float | None = None
+    geometry: dict[str, Any] | None = None  # GeoJSON geometry in EPSG:4326
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "box_px": [round(v, 2) for v in self.box_px],
+            "angle": self.angle,
+            "geometry": self.geometry,
+        }
+
+
+@dataclass
+class Answer:
+    text: str
+    boxes: list[AnswerBox] = field(default_factory=list)
+    retrieved: list[dict[str, Any]] = field(default_factory=list)  # {"text", "score", ...}
+    timing: dict[str, float] = field(default_factory=dict)
+    prompt: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "answer": self.text,
+            "boxes": [b.to_dict() for b in self.boxes],
+            "retrieved": self.retrieved,
+            "timing": self.timing,
+        }
+
+
+class _TimedStreamer(TextIteratorStreamer):
+    """A text streamer that also records when the first new token arrived."""
+
+    def __init__(self, tokenizer: Any, **kwargs: Any) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)
+        self.first_token_at: float | None = None
+        self.n_new = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.next_tokens_are_prompt:
+            self.n_new += int(value.numel())
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+        super().put(value)
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
+class ChatEngine:
+    """Answers questions about chips with one loaded model (see `rsvlm.loading.load`).
+
+    Args:
+        loaded: a `LoadedModel` (``.model``, ``.processor``, ``.database``, ``.info``).
+        max_cached_sessions: sessions that keep their KV cache; older ones are evicted (LRU) and
+            recompute their prefix on the next question, so memory stays bounded.
+        generation: defaults for ``generate()`` (greedy by default).
+    """
+
+    def __init__(
+        self,
+        loaded: Any,
+        *,
+        max_cached_sessions: int = 8,
+        max_new_tokens: int = 256,
+        generation: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.database = getattr(loaded, "database", None)
+        self.info: dict[str, Any] = dict(getattr(loaded, "info", {}) or {})
+        self.max_new_tokens = max_new_tokens
+        # The image placeholder's output row is untrained (added by the embedding resize): never emit it.
+        self.generation = {
+            "do_sample": False,
+            "repetition_penalty": 1.05,
+            "suppress_tokens": [self.processor.image_token_id],
+            **(generation or {}),
+        }
+        self.use_retrieval = self.database is not None and len(self.database) > 0
+        self._lock = threading.Lock()
+        self._max_cached = max(1, max_cached_sessions)
+        self._cached: OrderedDict[int, weakref.ref[ChatSession]] = OrderedDict()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def session(self, chip: Any) -> ChatSession:
+        """A new conversation about ``chip`` (a `tiles.Chip`, or anything with ``to_image()``)."""
+        return ChatSession(self, chip)
+
+    # ------------------------------------------------------------------ retrieval
+    def retrieve(self, pixel_values: torch.Tensor, k: int | None = None) -> list[dict[str, Any]]:
+        """Top-k semantic-database descriptions for one image (empty when retrieval is off)."""
+        k = self.model.config.retrieval_top_k if k is None else k
+        if not self.use_retrieval or k <= 0 or self.model.retrieval_projection is None:
+            return []
+        with torch.inference_mode():
+            vec = self.model.embed_image_for_retrieval(pixel_values.to(self.device, self.model.dtype))
+        hits = self.database.search(vec.float().cpu().numpy(), k)[0]
+        return [{"text": h.text, "score": round(float(h.score), 4), **(h.metadata or {})} for h in hits]
+
+    # ------------------------------------------------------------------ cache bookkeeping
+    def _touch(self, session: ChatSession) -> None:
+        key = id(session)
+        self._cached.pop(key, None)
+        self._cached[key] = weakref.ref(session)
+        while len(self._cached) > self._max_cached:
+            _, ref = self._cached.popitem(last=False)
+            old = ref()
+            if old is not None:
+                old._drop_cache()
+
+    def _forget(self, session: ChatSession) -> None:
+        self._cached.pop(id(session), None)
+
+
+class ChatSession:
+    """A multi-turn conversation about one chip. Use `ask`, then read `last`."""
+
+    def __init__(self, engine: ChatEngine, chip: Any) -> None:
+        self.engine = engine
+        self.chip = chip
+        self.image = chip.to_image().convert("RGB") if hasattr(chip, "to_image") else chip
+        self.turns: list[tuple[str, str]] = []  # (user text incl. region prefix, answer)
+        self.retrieved: list[dict[str, Any]] | None = None
+        self.last: Answer | None = None
+        self._first_inputs: dict[str, torch.Tensor] = {}
+        self._ids: torch.Tensor | None = None  # every token the cache has seen (+ the last one)
+        self._cache: DynamicCache | None = None
+        self._ended_with_eos = False
+        self._cancel = threading.Event()
+
+    # ------------------------------------------------------------------ public
+    def cancel(self) -> None:
+        """Stop the running generation after its current token."""
+        self._cancel.set()
+
+    def reset(self) -> None:
+        """Forget the conversation (keeps the chip and its retrieval)."""
+        self.turns.clear()
+        self._drop_cache()
+        self._ids = None
+        self.last = None
+
+    def ask(
+        self,
+        question: str,
+        region_box_px: tuple[float, float, float, float] | None = None,
+        *,
+        max_new_tokens: int | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer as text deltas; afterwards `last` holds the full `Answer`."""
+        question = (question or "").strip()
+        if not question:
+            raise ValueError("Ask a question (the text is empty).")
+        engine = self.engine
+        region_text = None
+        if region_box_px is not None:
+            region_text = format_region_box(region_box_px, self.chip_width, self.chip_height)
+        user_text = prompting.user_turn(question, image_token=None, region_box_text=region_text)
+        with engine._lock:
+            self._cancel.clear()
+            t0 = time.perf_counter()
+            kwargs, prompt_text, n_uncached = self._inputs_for(user_text, question)
+            streamer = _TimedStreamer(engine.processor.tokenizer, timeout=600.0)
+            result: dict[str, Any] = {}
+
+            def run() -> None:
+                try:
+                    with torch.inference_mode():
+                        result["out"] = engine.model.generate(
+                            **kwargs,
+                            streamer=streamer,
+                            max_new_tokens=max_new_tokens or engine.max_new_tokens,
+                            stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
+                            return_dict_in_generate=True,
+                            pad_token_id=engine.processor.tokenizer.pad_token_id
+                            or engine.processor.tokenizer.eos_token_id,
+                            **engine.generation,
+                        )
+                except BaseException as exc:  # surfaced in the caller's thread below
+                    result["error"] = exc
+                    streamer.end()
+
+            thread = threading.Thread(target=run, name="rsvlm-generate", daemon=True)
+            thread.start()
+            pieces: list[str] = []
+            try:
+                for piece in streamer:
+                    pieces.append(piece)
+                    yield piece
+            finally:
+                if thread.is_alive():  # the consumer went away: stop generating
+                    self._cancel.set()
+                thread.join()
+            if "error" in result:
+                self._drop_cache()  # a half-extended cache must not be reused
+                raise RuntimeError(f"Generation failed: {result['error']}") from result["error"]
+            out = result["out"]
+            t_end = time.perf_counter()
+            self._ids = out.sequences
+            self._cache = out.past_key_values
+            eos_ids = _eos_ids(engine)
+            self._ended_with_eos = bool(out.sequences.shape[1]) and int(out.sequences[0, -1]) in eos_ids
+            engine._touch(self)
+            text = "".join(pieces).strip()
+            self.turns.append((user_text, text))
+            first = streamer.first_token_at
+            self.last = Answer(
+                text=text,
+                boxes=self.ground(text),
+                retrieved=list(self.retrieved or []),
+                timing={
+                    "first_token_s": round((first or t_end) - t0, 4),
+                    "total_s": round(t_end - t0, 4),
+                    "new_tokens": streamer.n_new,
+                    "prefill_tokens": n_uncached,
+                },
+                prompt=prompt_text,
+            )
+
+    def ground(self, text: str) -> list[AnswerBox]:
+        """Boxes in ``text`` -> chip pixels -> EPSG:4326 geometries (when georeferenced)."""
+        boxes = []
+        for parsed in parse_boxes(text, image_size=(self.chip_width, self.chip_height)):
+            x1, y1, x2, y2 = parsed.to_pixels(self.chip_width, self.chip_height)
+            geometry = None
+            if getattr(self.chip, "georeferenced", False):
+                if parsed.angle:
+                    poly = self.chip.obb_to_polygon(
+                        (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, parsed.angle
+                    )
+                else:
+                    poly = self.chip.box_to_polygon((x1, y1, x2, y2))
+                if poly is not None:
+                    from shapely.geometry import mapping
+
+                    geometry = mapping(poly)
+            boxes.append(AnswerBox(parsed.label, (x1, y1, x2, y2), parsed.angle, geometry))
+        return boxes
+
+    @property
+    def chip_width(self) -> int:
+        return int(getattr(self.chip, "width", None) or self.image.width)
+
+    @property
+    def chip_height(self) -> int:
+        return int(getattr(self.chip, "height", None) or self.image.height)
+
+    # ------------------------------------------------------------------ internals
+    def _drop_cache(self) -> None:
+        self._cache = None
+        self.engine._forget(self)
+
+    def _inputs_for(self, user_text: str, question: str) -> tuple[dict[str, Any], str, int]:
+        """Generation inputs for the next turn, the prompt as text, and the uncached length."""
+        engine = self.engine
+        processor = engine.processor
+        device = engine.device
+        turns = [*self.turns, (user_text, None)]
+        messages = prompting.build_messages(turns, image_token=processor.image_token)
+        if self._cache is not None and self._ids is not None and self.turns:
+            # Follow-up: feed only what comes after the tokens already in the cache.
+            last_user, last_answer = self.turns[-1]
+            before = prompting.build_messages(
+                [*self.turns[:-1], (last_user, None)], image_token=processor.image_token
+            )  # the conversation up to, not including, the last answer
+            delta = prompting.continuation(
+                processor,
+                before,
+                last_answer,
+                user_text,
+                ended_with_eos=self._ended_with_eos,
+            )
+            delta_ids = processor.tokenizer(delta, add_special_tokens=False, return_tensors="pt")
+            input_ids = torch.cat([self._ids, delta_ids["input_ids"].to(self._ids.device)], dim=1)
+            kwargs = {
+                "input_ids": input_ids.to(device),
+                "attention_mask": torch.ones_like(input_ids).to(device),
+                "past_key_values": self._cache,
+            }
+            prompt_text = prompting.render(processor, messages, add_generation_prompt=True)
+            return kwargs, prompt_text, int(input_ids.shape[1] - self._cache.get_seq_length())
+
+        # First turn, or a follow-up whose cache was evicted: encode the whole conversation.
+        if self.retrieved is None:
+            pixel_values = processor.image_processor([self.image], return_tensors="pt")["pixel_values"]
+            self.retrieved = engine.retrieve(pixel_values)
+        first_question = question if not self.turns else self._first_query
+        self._first_query = first_question
+        prompt_text = prompting.render(processor, messages, add_generation_prompt=True)
+        inputs = processor(
+            text=prompt_text,
+            images=[self.image],
+            semantic_texts=[[r["text"] for r in self.retrieved]],
+            queries=[first_question],
+        )
+        self._first_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        kwargs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(engine.model.dtype)
+        kwargs["past_key_values"] = DynamicCache(config=engine.model.config.text_config)
+        return kwargs, prompt_text, int(inputs["input_ids"].shape[1])
+
+    _first_query: str = ""
+
+
+def _eos_ids(engine: ChatEngine) -> set[int]:
+    ids = engine.model.generation_config.eos_token_id
+    if ids is None:
+        ids = engine.processor.tokenizer.eos_token_id
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, list | tuple) else {int(ids)}

@@ -1,0 +1,267 @@
+"""Load a ready-to-chat model: a preset (embedded / large / a preset JSON) or a saved model dir.
+
+    loaded = load()                 # the default choice for this machine, with the reason
+    loaded = load("embedded")       # DINOv2-S + SmolLM2-135M, offline, CPU
+    loaded = load("large")          # SigLIP2 + Qwen2.5-7B, 4-bit NF4 on CUDA
+    loaded = load("runs/my-region") # a folder written by `save_pretrained` or by training
+
+Trained parts of a preset live in a folder (``assets/models/<preset>/`` for the shipped embedded
+model, or a training run's output) with this layout, written by `save_trained_parts`:
+
+* ``trained.json``: ``{"base_preset", "architecture": {RSVLMConfig overrides}, "parts": [...]}``
+* ``trained.safetensors``: the trained non-LoRA tensors (connector, experts, retrieval
+  projection), named as in ``RSVLMForConditionalGeneration.state_dict()``
+* ``adapter/``: a peft LoRA adapter of the whole model (merged on load unless 4-bit)
+* ``semantic_db/``: a `SemanticDatabase` (`save_pretrained` folder)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TRAINED_JSON = "trained.json"
+TRAINED_TENSORS = "trained.safetensors"
+ADAPTER_DIR = "adapter"
+SEMANTIC_DB_DIR = "semantic_db"
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    database: Any = None  # rsvlm.retrieval.SemanticDatabase | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(
+    model: str | Path | None = None,
+    *,
+    device: str | None = None,
+    quantize: bool | None = None,
+    trained: str | Path | None | bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Load a model for chat.
+
+    Args:
+        model: preset name, preset JSON path, or a model folder; None picks the default for this
+            machine (`rsvlm.presets.default_preset_choice`).
+        device: ``cpu`` / ``cuda`` / ``cuda:N``; default CUDA when available.
+        quantize: 4-bit NF4 for the language model (None: as the preset says on this device).
+        trained: True loads the preset's shipped trained parts when present, a path loads those,
+            False/None loads the bare assembled model (connector untrained).
+        progress: called with human-readable progress messages (the app shows them).
+    """
+    say = progress or (lambda msg: logger.info("%s", msg))
+    t0 = time.perf_counter()
+    from rsvlm.presets import default_preset_choice, load_preset
+
+    if model is None:
+        name, why = default_preset_choice()
+    else:
+        name, why = str(model), "chosen by the user"
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        loaded = _load_model_dir(path, device=_device(device), quantize=quantize, say=say)
+    else:
+        preset = load_preset(name)
+        if device is None and "cuda" not in preset.devices:
+            device = "cpu"
+        trained_dir = preset.trained_weights_dir if trained is True else (Path(trained) if trained else None)
+        loaded = _load_preset(preset, device=_device(device), quantize=quantize, trained_dir=trained_dir, say=say)
+    loaded.info["why"] = why
+    loaded.info["load_s"] = round(time.perf_counter() - t0, 2)
+    loaded.info["summary"] = (
+        f"{loaded.info['preset']} on {loaded.info['device']} ({loaded.info['precision']}), "
+        f"loaded in {loaded.info['load_s']:.1f} s"
+        + ("" if loaded.info.get("trained") else " — connector UNTRAINED: answers are noise")
+    )
+    say(f"Model ready: {loaded.info['summary']}. Why this model: {why}")
+    return loaded
+
+
+def _load_preset(preset: Any, *, device: str, quantize: bool | None, trained_dir: Path | None,
+                 say: Callable[[str], None]) -> LoadedModel:
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from rsvlm.modeling import RSVLMForConditionalGeneration
+    from rsvlm.processing import RSVLMProcessor
+
+    say(f"Preparing the weights of the '{preset.name}' preset (converted once into the cache) ...")
+    plan = preset.plan(device, quantize=quantize)
+    say(f"Loading {plan.describe()} ...")
+    vision = plan.components["vision"].load()
+    language = plan.components["language"].load()
+    tokenizer = AutoTokenizer.from_pretrained(plan.components["language"].location)
+    image_processor = AutoImageProcessor.from_pretrained(plan.components["vision"].location)
+    overrides: dict[str, Any] = {}
+    manifest = _read_manifest(trained_dir)
+    if manifest:
+        overrides = dict(manifest.get("architecture", {}))
+    config = preset.to_config(vision_config=vision.config, text_config=language.config, **overrides)
+    model = RSVLMForConditionalGeneration.from_parts(vision, language, config, tokenizer=tokenizer)
+    dtype = getattr(torch, plan.dtype)
+    if plan.quantized:
+        # The 4-bit LM is already placed; the 16-bit parts follow it.
+        for part in _unquantized_parts(model):
+            part.to(device=device, dtype=dtype)
+    else:
+        model.to(device=device, dtype=dtype)
+    database = None
+    is_trained = False
+    if manifest:
+        say(f"Loading trained parts from {trained_dir} ...")
+        model = apply_trained_parts(model, trained_dir, merge_lora=not plan.quantized)
+        database = _load_database(trained_dir)
+        is_trained = True
+    model.eval()
+    processor = RSVLMProcessor.from_config(model.config, image_processor, tokenizer)
+    info = {
+        "preset": preset.name,
+        "device": device,
+        "precision": "4-bit NF4 LM" if plan.quantized else plan.dtype,
+        "trained": is_trained,
+        "trained_dir": str(trained_dir) if trained_dir else None,
+        "connector": model.config.connector_type,
+        "experts": model.config.experts_enabled,
+        "retrieval": database is not None,
+    }
+    return LoadedModel(model, processor, database, info)
+
+
+def _load_model_dir(path: Path, *, device: str, quantize: bool | None,
+                    say: Callable[[str], None]) -> LoadedModel:
+    import torch
+
+    from rsvlm.modeling import RSVLMForConditionalGeneration
+    from rsvlm.processing import RSVLMProcessor
+
+    say(f"Loading the model saved in {path} ...")
+    kwargs: dict[str, Any] = {}
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["device_map"] = {"": 0 if device == "cuda" else device}
+    model = RSVLMForConditionalGeneration.from_pretrained(path, **kwargs)
+    if not quantize:
+        model.to(device)
+    model.eval()
+    processor = RSVLMProcessor.from_pretrained(path)
+    database = _load_database(path)
+    info = {
+        "preset": path.name,
+        "device": device,
+        "precision": "4-bit NF4 LM" if quantize else str(model.dtype).replace("torch.", ""),
+        "trained": True,
+        "connector": model.config.connector_type,
+        "experts": model.config.experts_enabled,
+        "retrieval": database is not None,
+    }
+    return LoadedModel(model, processor, database, info)
+
+
+def _unquantized_parts(model: Any) -> list[Any]:
+    parts = [model.vision_tower, model.connector]
+    if model.retrieval_projection is not None:
+        parts.append(model.retrieval_projection)
+    for wrapper in model.semantic_experts():
+        parts += [wrapper.experts, wrapper.router]
+    return parts
+
+
+def _read_manifest(folder: Path | None) -> dict[str, Any] | None:
+    if folder is None or not (folder / TRAINED_JSON).is_file():
+        return None
+    return json.loads((folder / TRAINED_JSON).read_text())
+
+
+def _load_database(folder: Path) -> Any:
+    db_dir = folder / SEMANTIC_DB_DIR
+    if not db_dir.is_dir():
+        return None
+    from rsvlm.retrieval import SemanticDatabase
+
+    return SemanticDatabase.from_pretrained(db_dir)
+
+
+def apply_trained_parts(model: Any, folder: Path, *, merge_lora: bool = True) -> Any:
+    """Load ``trained.safetensors`` (strictly: every tensor must land) and the LoRA adapter."""
+    from safetensors.torch import load_file
+
+    tensors_path = folder / TRAINED_TENSORS
+    if tensors_path.is_file():
+        state = load_file(str(tensors_path))
+        own = model.state_dict()
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ValueError(
+                f"{tensors_path} holds {len(unknown)} tensors this model does not have "
+                f"(e.g. {unknown[:3]}); was it trained with another architecture?"
+            )
+        for name, tensor in state.items():
+            if own[name].shape != tensor.shape:
+                raise ValueError(f"{tensors_path}: {name} is {tuple(tensor.shape)}, the model "
+                                 f"expects {tuple(own[name].shape)}")
+        model.load_state_dict(state, strict=False)
+    adapter = folder / ADAPTER_DIR
+    if adapter.is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+        if merge_lora:
+            model = model.merge_and_unload()
+    return model
+
+
+def save_trained_parts(model: Any, folder: str | Path, *, base_preset: str,
+                       architecture: dict[str, Any], parts: list[str],
+                       database: Any = None) -> Path:
+    """Write the trained parts of ``model`` (see module docstring) into ``folder``.
+
+    ``parts`` name the module prefixes to keep (e.g. ``["connector", "retrieval_projection",
+    "experts"]``); a peft-wrapped model also saves its adapter.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keep = {}
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        if any(name.startswith(p + ".") for p in parts if p != "experts") or (
+            "experts" in parts and (".experts." in name or ".router." in name)
+        ):
+            keep[name] = tensor.detach().to("cpu").contiguous()
+    save_file(keep, str(folder / TRAINED_TENSORS))
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(str(folder / ADAPTER_DIR))
+    if database is not None:
+        database.save_pretrained(folder / SEMANTIC_DB_DIR)
+    (folder / TRAINED_JSON).write_text(json.dumps(
+        {"base_preset": base_preset, "architecture": architecture, "parts": parts}, indent=2
+    ))
+    return folder

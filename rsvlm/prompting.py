@@ -1,0 +1,89 @@
+"""One prompt format for inference and training.
+
+The engine and `training/` both build chat prompts here, so that what the model is trained on is
+exactly what it sees when an analyst asks. A conversation is a list of ``{"role", "content"}``
+messages; the first user message carries the ``<image>`` placeholder, which the processor expands
+into the connector's image tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+SYSTEM_PROMPT = (
+    "You are a remote-sensing assistant. You answer questions about an aerial or satellite image. "
+    "Boxes are written <ref>label</ref><box>[x1,y1,x2,y2]</box> with integers 0-1000 of the image."
+)
+
+
+def region_prefix(region_box_text: str | None) -> str:
+    """How the analyst's drawn rectangle (already in the box grammar) enters the question."""
+    return f"In the region {region_box_text}: " if region_box_text else ""
+
+
+def user_turn(question: str, *, image_token: str | None, region_box_text: str | None = None) -> str:
+    """The text of one user message; ``image_token`` is given for the first turn only."""
+    text = region_prefix(region_box_text) + question.strip()
+    return f"{image_token}\n{text}" if image_token else text
+
+
+def build_messages(
+    turns: Sequence[tuple[str, str | None]],
+    *,
+    image_token: str,
+    system: str | None = SYSTEM_PROMPT,
+) -> list[dict[str, str]]:
+    """Messages for ``[(user_text, assistant_text_or_None), ...]``; the image goes into turn 1.
+
+    ``user_text`` is the full user text (question with any region prefix, see `user_turn`); a
+    final ``None`` answer leaves the conversation open for generation.
+    """
+    messages: list[dict[str, str]] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    for i, (user, assistant) in enumerate(turns):
+        content = f"{image_token}\n{user}" if i == 0 else user
+        messages.append({"role": "user", "content": content})
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": assistant})
+    return messages
+
+
+def render(processor: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+    """Chat-template text of ``messages`` (the processor's template, or its plain fallback)."""
+    return processor.build_prompt(messages, add_generation_prompt=add_generation_prompt)
+
+
+def continuation(
+    processor: Any,
+    messages_before: list[dict[str, str]],
+    answer: str,
+    next_user: str,
+    *,
+    ended_with_eos: bool,
+) -> str:
+    """Text that follows the tokens already generated for ``answer``, up to the next reply.
+
+    The KV cache of a session holds the prompt plus the generated tokens (the answer and, when
+    generation stopped on it, the end-of-turn token). Rendering the longer conversation and cutting
+    at the end of the answer gives exactly the text still to be fed: the rest of the template's
+    end of turn, the next user message and the generation prompt.
+    """
+    with_answer = [*messages_before, {"role": "assistant", "content": answer}]
+    longer = render(
+        processor,
+        [*with_answer, {"role": "user", "content": next_user}],
+        add_generation_prompt=True,
+    )
+    closed = render(processor, with_answer, add_generation_prompt=False)
+    cut = closed.rfind(answer) + len(answer) if answer else len(closed.rstrip())
+    if answer and closed.rfind(answer) < 0:  # a template that rewrites the answer: stop at turn end
+        cut = len(closed)
+    eos = getattr(processor.tokenizer, "eos_token", None) or ""
+    if ended_with_eos and eos:
+        rest = longer[cut:]
+        stripped = rest.lstrip()
+        if stripped.startswith(eos):  # the generated end-of-turn token is already in the cache
+            cut += len(rest) - len(stripped) + len(eos)
+    return longer[cut:]

@@ -1,0 +1,188 @@
+"""Tiny random RSVLM models, tokenizers and processors for tests (no downloads, CPU, < 1 s).
+
+Shared by the tests of `rsvlm`, `training` and `app`:
+
+    >>> from rsvlm.testing import tiny_model, tiny_processor
+    >>> processor = tiny_processor()
+    >>> model = tiny_model(connector_type="mlp", image_token_id=processor.image_token_id)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+WORDS = (
+    "a an the of in on at and or is are what how many where which there this that image scene "
+    "area building buildings road roads river water tree trees field fields farmland forest "
+    "residential industrial commercial urban rural village city house houses car cars parking "
+    "lot airport runway harbor ship ships bridge park green dense sparse large small left right "
+    "top bottom center near one two three four five yes no count describe answer question user "
+    "assistant system you see box ref , . ? : ! ( ) [ ] 0 1 2 3 4 5 6 7 8 9 10 100 1000"
+).split()
+SPECIAL = ("<pad>", "<s>", "</s>", "<unk>")
+# The tokenizer's vocabulary; the image token is added right after it.
+TINY_IMAGE_TOKEN_ID = len(SPECIAL) + len(WORDS)
+TINY_VOCAB_SIZE = TINY_IMAGE_TOKEN_ID + 1
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s> {{ message['role'] }} : {{ message['content'] }} </s> "
+    "{% endfor %}{% if add_generation_prompt %}<s> assistant : {% endif %}"
+)
+
+TINY_VISION = {
+    "dinov2": dict(
+        model_type="dinov2",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mlp_ratio=2,
+        image_size=28,
+        patch_size=14,
+    ),
+    "siglip": dict(
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+    ),
+    "clip": dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+    ),
+}
+
+
+def tiny_text_config(model_type: str = "llama", vocab_size: int = TINY_VOCAB_SIZE) -> dict[str, Any]:
+    return dict(
+        model_type=model_type,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over `WORDS` with a chat template (ids 0-3 are special)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL, *WORDS))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_image_processor(vision: str = "dinov2", size: int = 28):
+    import transformers
+
+    if vision == "dinov2":
+        return transformers.BitImageProcessorPil(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            do_convert_rgb=True,
+        )
+    if vision == "siglip":
+        return transformers.SiglipImageProcessorPil(size={"height": size, "width": size})
+    if vision == "clip":
+        return transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+    raise ValueError(f"No tiny image processor for {vision!r}.")
+
+
+def tiny_config(
+    vision: str = "dinov2",
+    text: str = "llama",
+    vocab_size: int = TINY_VOCAB_SIZE,
+    **overrides: Any,
+):
+    """An `RSVLMConfig` with hidden size 32 and two layers everywhere (two vision levels),
+    matching `tiny_tokenizer()` (its image token id is `TINY_IMAGE_TOKEN_ID`)."""
+    from rsvlm.configuration import RSVLMConfig
+
+    kwargs: dict[str, Any] = dict(
+        vision_config=dict(TINY_VISION[vision]),
+        text_config=tiny_text_config(text, vocab_size),
+        vision_feature_layers=[1, 2],
+        connector_type="semantic_prompter",
+        connector_num_heads=4,
+        perceiver_queries_per_level=[4, 2],
+        prompter_num_tokens=3,
+        experts_enabled=True,
+        experts_every_k_layers=1,
+        experts_rank=4,
+        retrieval_embed_dim=16,
+        max_semantic_tokens=24,
+        image_token_id=TINY_IMAGE_TOKEN_ID,
+    )
+    kwargs.update(overrides)
+    return RSVLMConfig(**kwargs)
+
+
+def tiny_processor(config=None, vision: str = "dinov2"):
+    """Processor for `config` (default: `tiny_config()` with the tokenizer's image token id)."""
+    from rsvlm.processing import RSVLMProcessor
+
+    tokenizer = tiny_tokenizer()
+    if config is None:
+        config = tiny_config(vision=vision)
+    processor = RSVLMProcessor(
+        tiny_image_processor(vision),
+        tokenizer,
+        num_image_tokens=config.num_image_tokens,
+        image_token=config.image_token,
+        max_semantic_tokens=config.max_semantic_tokens,
+    )
+    return processor
+
+
+def tiny_model(seed: int = 0, **config_overrides: Any):
+    """A random `RSVLMForConditionalGeneration` in eval mode; experts get random (non-zero)
+    expansion weights so that they change the output."""
+    import torch
+
+    from rsvlm.modeling import RSVLMForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = RSVLMForConditionalGeneration(tiny_config(**config_overrides))
+    with torch.no_grad():
+        for wrapper in model.semantic_experts():
+            for expert in wrapper.experts:
+                expert.expand.weight.normal_(0.0, 0.2)
+    return model.eval()
+
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "TINY_IMAGE_TOKEN_ID",
+    "TINY_VOCAB_SIZE",
+    "TINY_VISION",
+    "tiny_config",
+    "tiny_image_processor",
+    "tiny_model",
+    "tiny_processor",
+    "tiny_text_config",
+    "tiny_tokenizer",
+]

@@ -1,0 +1,112 @@
+"""Chat engine on a tiny random model: streaming, prefix-cache reuse, eviction, grounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from affine import Affine
+from pyproj import CRS
+
+from rsvlm.engine import ChatEngine
+from rsvlm.testing import TINY_IMAGE_TOKEN_ID, tiny_model, tiny_processor
+
+
+class _Loaded:
+    def __init__(self, connector_type: str = "semantic_prompter", database=None) -> None:
+        self.model = tiny_model(connector_type=connector_type, image_token_id=TINY_IMAGE_TOKEN_ID)
+        self.processor = tiny_processor(self.model.config)
+        self.database = database
+        self.info = {"preset": "tiny"}
+
+
+def _chip(georeferenced: bool = True):
+    from tiles import Chip
+
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    if georeferenced:  # 1 m pixels in UTM 36N, near Kampala
+        return Chip(pixels=pixels, crs=CRS.from_epsg(32636), transform=Affine(1, 0, 455000, 0, -1, 39000), source="t")
+    return Chip(pixels=pixels, crs=None, transform=Affine.identity(), source="t")
+
+
+def _engine(**kwargs) -> ChatEngine:
+    return ChatEngine(_Loaded(**kwargs), max_new_tokens=6, generation={"repetition_penalty": 1.0})
+
+
+def test_ask_streams_and_records_timing() -> None:
+    session = _engine().session(_chip())
+    pieces = list(session.ask("how many buildings are there?"))
+    answer = session.last
+    assert answer is not None and answer.text == "".join(pieces).strip()
+    assert answer.timing["new_tokens"] >= 1
+    assert answer.timing["total_s"] >= answer.timing["first_token_s"] >= 0
+    assert "how many buildings" in answer.prompt
+    assert session.turns == [("how many buildings are there?", answer.text)]
+
+
+@pytest.mark.parametrize("connector", ["mlp", "semantic_prompter"])
+def test_follow_up_reuses_cache_and_matches_full_recompute(connector: str) -> None:
+    engine = _engine(connector_type=connector)
+    session = engine.session(_chip())
+    list(session.ask("describe the image"))
+    first_prefill = session.last.timing["prefill_tokens"]
+    list(session.ask("is there a road ?"))
+    follow = session.last
+    # Only the new turn is fed, not the image tokens again.
+    assert follow.timing["prefill_tokens"] < first_prefill - engine.model.config.num_image_tokens + 1
+    # The cached continuation generates what a full forward over the same tokens predicts.
+    ids = session._ids
+    n_new = follow.timing["new_tokens"]
+    inputs = {k: v for k, v in session._first_inputs.items()}
+    with torch.inference_mode():
+        logits = engine.model(input_ids=ids, **inputs).logits
+    predicted = logits[0, -n_new - 1 : -1].argmax(-1)
+    assert torch.equal(predicted, ids[0, -n_new:])
+
+
+def test_evicted_session_recomputes_its_prefix() -> None:
+    engine = ChatEngine(_Loaded(), max_cached_sessions=1, max_new_tokens=4)
+    a, b = engine.session(_chip()), engine.session(_chip())
+    list(a.ask("describe the image"))
+    assert a._cache is not None
+    list(b.ask("describe the image"))
+    assert a._cache is None and b._cache is not None  # a was evicted
+    list(a.ask("is there a road ?"))  # works, recomputing the whole conversation
+    assert a.last.timing["prefill_tokens"] > engine.model.config.num_image_tokens
+    assert len(a.turns) == 2
+
+
+def test_region_box_enters_prompt_in_box_grammar() -> None:
+    session = _engine().session(_chip())
+    list(session.ask("what is this?", region_box_px=(10, 8, 50, 40)))
+    assert "<box>[" in session.last.prompt and "In the region" in session.last.prompt
+
+
+def test_grounding_georeferenced_and_pixel_space() -> None:
+    session = _engine().session(_chip())
+    text = "<ref>building</ref><box>[0,0,500,500]</box>"
+    (box,) = session.ground(text)
+    assert box.label == "building"
+    assert box.box_px == pytest.approx((0, 0, 48, 32), abs=0.1)
+    lons = [p[0] for p in box.geometry["coordinates"][0]]
+    lats = [p[1] for p in box.geometry["coordinates"][0]]
+    assert 32.0 < min(lons) < max(lons) < 33.5 and 0.2 < min(lats) < max(lats) < 0.5
+    plain = _engine().session(_chip(georeferenced=False))
+    (box,) = plain.ground(text)
+    assert box.geometry is None and box.box_px == pytest.approx((0, 0, 48, 32), abs=0.1)
+
+
+def test_empty_question_is_a_clear_error() -> None:
+    session = _engine().session(_chip())
+    with pytest.raises(ValueError, match="empty"):
+        list(session.ask("   "))
+
+
+def test_cancel_stops_generation() -> None:
+    engine = ChatEngine(_Loaded(), max_new_tokens=200, generation={"min_new_tokens": 200})
+    session = engine.session(_chip())
+    stream = session.ask("describe the image")
+    next(stream)
+    session.cancel()
+    list(stream)
+    assert session.last.timing["new_tokens"] < 200

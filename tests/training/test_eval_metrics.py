@@ -1,0 +1,148 @@
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.build import BuildConfig, build_dataset
+from training.evaluate import eval_classification, run_eval
+from training.metrics import (
+    box_iou,
+    caption_scores,
+    match_boxes,
+    match_choice,
+    normalize,
+    vqa_correct,
+)
+from training.region import load_region
+
+CLASSES = ["bare land", "dense residential", "forest", "medium residential", "residential"]
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("forest", "forest"), ("Forest.", "forest"), ("The image shows a FOREST area", "forest"),
+    ("forests", "forest"), ("dense residential", "dense residential"),
+    ("This is a dense residential area.", "dense residential"), ("bareland", "bare land"),
+    ("Bare_Land", "bare land"), ("forrest", "forest"), ("I am not sure", None), ("", None),
+    ("residential, not forest", "residential"),
+])
+def test_match_choice(answer: str, expected: str | None) -> None:
+    assert match_choice(answer, CLASSES) == expected
+
+
+@pytest.mark.parametrize("pred, truth, qtype, ok", [
+    ("Yes, there is.", "yes", "presence", True), ("no", "yes", "presence", False),
+    ("There are three buildings.", "3", "counting", True), ("3 or 4", "4", "counting", False),
+    ("It is an urban area.", "urban", "rural_urban", True), ("rural", "urban", "rural_urban", False),
+    ("between 100 m2 and 1000 m2", "between 100 m² and 1000 m²", "area", True),
+    ("more than 1000 m²", "between 100 m² and 1000 m²", "area", False),
+    ("Nope, none.", "no", "comparison", True),
+])
+def test_vqa_correct(pred: str, truth: str, qtype: str, ok: bool) -> None:
+    assert vqa_correct(pred, truth, qtype) is ok
+
+
+def test_iou_is_plain_pixel_iou() -> None:
+    assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
+    assert box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert box_iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0  # touching: no +1 overlap
+    assert box_iou([0, 0, 1, 1], [1, 1, 2, 2]) == 0.0
+    assert match_boxes([[0, 0, 10, 10], [0, 0, 10, 10]], [[0, 0, 10, 10], [50, 50, 60, 60]]) == 1
+    assert normalize("There are Three buildings!") == "there are 3 buildings"
+
+
+def test_caption_scores_rank_good_above_bad() -> None:
+    refs = {"a": ["a dense area with many small buildings", "many small buildings close together"],
+            "b": ["a road crosses farmland", "farmland with a road"]}
+    good = caption_scores({"a": "a dense area with many small buildings",
+                           "b": "a road crosses farmland"}, refs, meteor=False)
+    bad = caption_scores({"a": "a ship in a harbor", "b": "snow on a mountain"}, refs,
+                         meteor=False)
+    assert good["BLEU-4"] > 0.9 and bad["BLEU-4"] < 0.1
+    assert good["CIDEr"] > bad["CIDEr"] and good["ROUGE-L"] > bad["ROUGE-L"]
+    assert good["METEOR"] is None
+
+
+def _color_classifier(image, question: str) -> str:
+    r, g, _ = np.asarray(image).reshape(-1, 3).mean(0)
+    label = "Forest" if g > r else ("bare land" if r > 180 else "Dense Residential")
+    assert "Choose the best category" in question and "forest" in question
+    return f"The answer is {label}."
+
+
+def test_classification_eval_with_fake_answers(image_folder: Path) -> None:
+    report = eval_classification(image_folder, _color_classifier)
+    assert report["n"] == 12 and report["accuracy"] == 1.0 and report["unmatched"] == 0
+    const = eval_classification(image_folder, lambda im, q: "bare land")
+    assert const["accuracy"] == pytest.approx(1 / 3)
+    assert const["per_class"] == {"bare land": 1.0, "dense residential": 0.0, "forest": 0.0}
+    limited = eval_classification(image_folder, _color_classifier, limit=5)
+    assert limited["n"] == 5 and len(limited["per_class"]) == 3
+
+
+@pytest.fixture(scope="module")
+def oracle(small_region: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Answers looked up in a dataset built with the same seed (val_fraction 0)."""
+    out = tmp_path_factory.mktemp("oracle")
+    spec = load_region(small_region, chip_size=256, val_fraction=0.0)
+    build_dataset(out, [spec], [], BuildConfig(seed=0, balance=False), progress=False)
+    chips = {json.loads(line)["id"].split("/")[-1]: json.loads(line)
+             for line in (out / "chips.jsonl").read_text().splitlines()}
+    by_bounds = {tuple(round(v, 1) for v in c["bounds"]): c["image"] for c in chips.values()}
+    table = {}
+    for line in (out / "train.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        q = r["conversations"][0]["value"].removeprefix("<image>\n")
+        table[(r["image"], q)] = r["conversations"][1]["value"]
+
+    def lookup(chip, question: str) -> str:
+        image = by_bounds[tuple(round(v, 1) for v in chip.bounds)]
+        return table[(image, question)]
+
+    return small_region, lookup
+
+
+def test_vqa_eval_oracle_and_constant(oracle) -> None:
+    region, lookup = oracle
+    verbose = run_eval("vqa", region, lambda c, q: f"I think: {lookup(c, q)}.",
+                       region_overrides={"chip_size": 256}, progress=False)
+    assert verbose["accuracy"] == 1.0 and verbose["n"] > 20
+    assert {"presence", "counting", "rural_urban"} <= set(verbose["per_type"])
+    yes = run_eval("vqa", region, lambda c, q: "yes", region_overrides={"chip_size": 256},
+                   progress=False)
+    assert 0 < yes["per_type"]["presence"] < 1 and yes["per_type"]["counting"] == 0
+
+
+def test_grounding_eval_oracle_and_shifted(oracle) -> None:
+    region, lookup = oracle
+    exact = run_eval("grounding", region, lookup, region_overrides={"chip_size": 256},
+                     progress=False)
+    assert exact["n"] > 5 and exact["acc@0.5"] == 1.0 and exact["mean_iou"] > 0.9
+    assert exact["find_all"]["f1"] == pytest.approx(1.0)
+
+    def shifted(chip, q):  # every box moved right by its own width: IoU 0
+        def move(m):
+            x1, y1, x2, y2 = map(int, m.groups()[1:])
+            w = x2 - x1
+            return f"<ref>{m.group(1)}</ref><box>[{x1 + w},{y1},{x2 + w},{y2}]</box>"
+        return re.sub(r"<ref>([^<]*)</ref><box>\[(\d+),(\d+),(\d+),(\d+)\]</box>", move,
+                      lookup(chip, q))
+
+    off = run_eval("grounding", region, shifted, region_overrides={"chip_size": 256},
+                   progress=False)
+    assert off["acc@0.5"] == 0.0 and off["mean_iou"] < 0.05
+    none = run_eval("grounding", region, lambda c, q: "no idea",
+                    region_overrides={"chip_size": 256}, progress=False)
+    assert none["no_box"] == none["n"] and none["acc@0.5"] == 0.0
+
+
+def test_captioning_eval(oracle) -> None:
+    region, _ = oracle
+    parrot = run_eval("captioning", region, lambda c, q: "a dense area of buildings",
+                      region_overrides={"chip_size": 256}, progress=False)
+    assert parrot["n"] == 4 and 0 <= parrot["BLEU-4"] < 0.5
+    assert set(parrot) >= {"BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    if shutil.which("java"):  # METEOR runs the coco-caption jar
+        assert isinstance(parrot["METEOR"], float) and 0 <= parrot["METEOR"] < 1

@@ -1,0 +1,5 @@
+import sys
+
+from tiles.cli import main
+
+sys.exit(main())

@@ -1,0 +1,400 @@
+"""Local rasters through rasterio: GeoTIFF/COG and anything GDAL reads.
+
+Reads are windowed and ask GDAL for the output shape, so GDAL picks the overview level that
+fits: a 512 px chip of a 40000 px COG touches a handful of overview tiles, never the whole file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from affine import Affine
+
+from tiles import display, geometry
+from tiles.chip import Chip
+from tiles.errors import ImageryError
+from tiles.sources.base import (
+    MAX_SOURCE_PIXELS,
+    Bounds,
+    Size,
+    Source,
+    check_bbox,
+    intersects,
+    output_shape,
+    split_window,
+)
+
+log = logging.getLogger(__name__)
+
+#: Pixels read (from overviews when there are some) to compute a source-wide stretch.
+STATS_SIZE = 512
+#: GDAL's block cache defaults to 5 % of RAM; chips touch a few blocks each, so a small cache
+#: keeps a long session's memory flat. ``GDAL_CACHEMAX`` in the environment wins.
+BLOCK_CACHE_BYTES = 64 * 2**20
+_gdal_configured = False
+
+
+def _configure_gdal() -> None:
+    global _gdal_configured
+    if not _gdal_configured:
+        _gdal_configured = True
+        if "GDAL_CACHEMAX" not in os.environ:
+            from rasterio.env import set_gdal_config
+
+            set_gdal_config("GDAL_CACHEMAX", BLOCK_CACHE_BYTES)
+
+
+class NotARasterError(ImageryError):
+    """GDAL cannot open the file at all (`open_source` then tries Pillow)."""
+
+
+def _rio_error(exc: Exception, name: str, doing: str) -> ImageryError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ImageryError(f"Could not {doing} {name!r}: the file may be truncated or corrupt "
+                        f"({first}).")
+
+
+class RasterSource(Source):
+    """A raster file opened with rasterio.
+
+    ``bands``: 1-based band numbers for R, G, B (or one band for grey); default true colour by
+    colour interpretation or band names. ``stretch``: per-band ``(low, high)`` for non-8-bit
+    data; default the 2-98 % percentiles over the whole source (from overviews).
+    """
+
+    def __init__(self, path: str | Path, *, bands: Sequence[int] | None = None,
+                 stretch: Sequence[tuple[float, float]] | None = None,
+                 name: str | None = None) -> None:
+        import rasterio
+        from rasterio.errors import RasterioError
+
+        _configure_gdal()
+        self.path = str(path)
+        self.name = name or Path(self.path).name
+        self._stack = ExitStack()
+        try:
+            self._ds = self._stack.enter_context(rasterio.open(self.path))
+        except RasterioError as exc:
+            raise NotARasterError(f"{self.name!r} is not an image or raster this program can read "
+                               f"({str(exc).splitlines()[0] if str(exc) else exc}).") from exc
+        try:
+            self._setup(bands, stretch)
+        except Exception:
+            self.close()
+            raise
+
+    def _setup(self, bands: Sequence[int] | None, stretch: Any) -> None:
+        from rasterio.vrt import WarpedVRT
+
+        ds = self._ds
+        if ds.count < 1 or ds.width < 1 or ds.height < 1:
+            raise ImageryError(f"{self.name!r} has no pixel data ({ds.count} bands, "
+                               f"{ds.width}x{ds.height} px); open one of its sub-datasets?")
+        for dt in set(ds.dtypes):
+            display.check_dtype(dt)
+        colorinterp = [c.name for c in ds.colorinterp]
+        self.palette = None
+        if ds.count == 1 and colorinterp[0] == "palette":
+            try:
+                self.palette = ds.colormap(1)
+            except ValueError:
+                self.palette = None
+        self.rgb_bands, self.band_reason = display.pick_bands(
+            ds.count, colorinterp, ds.descriptions, bands)
+        self.alpha = display.alpha_band(colorinterp)
+        self._mask_mode = self._pick_mask_mode()
+        self._needs_stretch = self.palette is None and any(
+            ds.dtypes[b - 1] != "uint8" for b in self.rgb_bands)
+        self._stretch: list[tuple[float, float]] | None = (
+            [tuple(map(float, s)) for s in stretch] if stretch is not None else None)
+        if self._stretch is not None and len(self._stretch) == 1:
+            self._stretch = self._stretch * 3
+
+        self._reader = ds
+        if ds.crs is None:
+            self.crs = None
+            self.bounds = (0.0, 0.0, float(ds.width), float(ds.height))
+            log.info("%s has no CRS: chips are in pixel space", self.name)
+            return
+        self.crs = geometry.as_crs(ds.crs)
+        t = ds.transform
+        if t.b != 0 or t.d != 0 or t.e > 0:
+            # Rotated or south-up grids: a warped VRT presents them north-up, so windows are
+            # plain rectangles again.
+            self._reader = self._stack.enter_context(WarpedVRT(ds))
+        self.bounds = tuple(float(v) for v in self._reader.bounds)  # type: ignore[assignment]
+
+    def _pick_mask_mode(self) -> str:
+        """How to tell valid pixels: an alpha band, GDAL's mask band, nodata values, or not at all.
+
+        Decided once, because asking GDAL for a dataset mask on every chip is slow (it can read
+        the mask at full resolution, ignoring overviews).
+        """
+        from rasterio.enums import MaskFlags
+
+        if self.alpha is not None:
+            return "alpha"
+        flags = [self._ds.mask_flag_enums[b - 1] for b in set(self.rgb_bands)]
+        if all(MaskFlags.all_valid in f for f in flags):
+            return "none"
+        if any(MaskFlags.nodata in f for f in flags) and self._ds.nodata is not None:
+            return "nodata"
+        return "mask"
+
+    # --- info ---------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        ds = self._ds
+        info: dict[str, Any] = {
+            "source": self.path,
+            "kind": "raster",
+            "driver": ds.driver,
+            "width": ds.width,
+            "height": ds.height,
+            "count": ds.count,
+            "dtype": ds.dtypes[0],
+            "dtypes": list(ds.dtypes),
+            "nodata": ds.nodata if ds.nodata is None or math.isfinite(ds.nodata) else str(ds.nodata),
+            "colorinterp": [c.name for c in ds.colorinterp],
+            "descriptions": list(ds.descriptions),
+            "rgb_bands": list(self.rgb_bands),
+            "band_mapping": self.band_reason,
+            "georeferenced": self.georeferenced,
+            "crs": self.crs.to_string() if self.crs else None,
+            "bounds": list(self.bounds),
+            "bounds_lonlat": list(self.bounds_lonlat) if self.crs else None,
+            "resolution": list(self._reader.res) if self.crs else [1.0, 1.0],
+            "overviews": ds.overviews(1),
+            "block_shape": list(ds.block_shapes[0]),
+            "compression": ds.profile.get("compress"),
+        }
+        if not self.georeferenced:
+            info["note"] = "No coordinate reference system: pixel space only, no map location."
+        return info
+
+    # --- chips --------------------------------------------------------------------------------
+
+    def chip(self, bbox: Sequence[float] | None = None, *, crs: Any = geometry.LONLAT,
+             size: Size = 512, out_crs: Any = None) -> Chip:
+        if self.crs is None:
+            return self._chip_pixel_space(bbox, size)
+        target = self.crs if out_crs is None else geometry.as_crs(out_crs)
+        box = self.resolve_bbox(bbox, crs, target)
+        out_w, out_h = output_shape(box[2] - box[0], box[3] - box[1], size)
+        transform = Affine((box[2] - box[0]) / out_w, 0, box[0], 0, -(box[3] - box[1]) / out_h,
+                           box[3])
+        if geometry.same_crs(target, self.crs):
+            data, valid, meta = self._read_bounds(box, out_w, out_h)
+        else:
+            data, valid, meta = self._read_reprojected(box, target, transform, out_w, out_h)
+        pixels = self._to_rgb(data, valid)
+        return Chip(pixels=pixels, crs=target, transform=transform, source=self.name,
+                    mask=None if valid.all() else valid, meta=meta)
+
+    def _chip_pixel_space(self, bbox: Sequence[float] | None, size: Size) -> Chip:
+        x1, y1, x2, y2 = self.bounds if bbox is None else check_bbox(bbox)
+        if not intersects((x1, y1, x2, y2), self.bounds):
+            raise ImageryError(f"The pixel box {[x1, y1, x2, y2]} is outside the image "
+                               f"{self.name!r} ({self._ds.width}x{self._ds.height} px; it has no "
+                               "map location, so boxes are in pixels).")
+        out_w, out_h = output_shape(x2 - x1, y2 - y1, size)
+        data, valid, meta = self._read_window(x1, y1, x2 - x1, y2 - y1, out_w, out_h)
+        transform = Affine((x2 - x1) / out_w, 0, x1, 0, (y2 - y1) / out_h, y1)
+        pixels = self._to_rgb(data, valid)
+        return Chip(pixels=pixels, crs=None, transform=transform, source=self.name,
+                    mask=None if valid.all() else valid, meta=meta)
+
+    def _read_bounds(self, box: Bounds, out_w: int, out_h: int):
+        from rasterio.windows import from_bounds
+
+        win = from_bounds(*box, transform=self._reader.transform)
+        return self._read_window(win.col_off, win.row_off, win.width, win.height, out_w, out_h)
+
+    def _read_reprojected(self, box: Bounds, target: Any, transform: Affine, out_w: int,
+                          out_h: int):
+        """Read the covering area in the source CRS at about the chip's resolution, then warp.
+
+        Reading first (windowed, through overviews) and warping the small array keeps memory
+        bounded; warping straight from the file would read full-resolution pixels.
+        """
+        from rasterio.crs import CRS as RioCRS
+        from rasterio.warp import Resampling, reproject
+
+        src_box = geometry.transform_bounds(box, target, self.crs)
+        clip = (max(src_box[0], self.bounds[0]), max(src_box[1], self.bounds[1]),
+                min(src_box[2], self.bounds[2]), min(src_box[3], self.bounds[3]))
+        # A little oversampling so the warp's bilinear kernel has neighbours to work with.
+        side = min(int(max(out_w, out_h) * 1.25) + 2, 2 * max(out_w, out_h) + 2)
+        read_w, read_h = output_shape(clip[2] - clip[0], clip[3] - clip[1], side)
+        data, valid, meta = self._read_bounds(clip, read_w, read_h)
+        src_t = Affine((clip[2] - clip[0]) / read_w, 0, clip[0], 0,
+                       -(clip[3] - clip[1]) / read_h, clip[3])
+        src_crs = RioCRS.from_wkt(self.crs.to_wkt())
+        dst_crs = RioCRS.from_wkt(geometry.as_crs(target).to_wkt())
+        out = np.zeros((data.shape[2], out_h, out_w), dtype=data.dtype)
+        out_valid = np.zeros((out_h, out_w), dtype=np.uint8)
+        common = dict(src_transform=src_t, src_crs=src_crs, dst_transform=transform,
+                      dst_crs=dst_crs)
+        reproject(np.ascontiguousarray(np.moveaxis(data, -1, 0)), out,
+                  resampling=Resampling.bilinear, **common)
+        reproject(valid.astype(np.uint8), out_valid, resampling=Resampling.nearest, **common)
+        meta["reprojected_from"] = self.crs.to_string()
+        return np.moveaxis(out, 0, -1), out_valid.astype(bool), meta
+
+    def _read_window(self, col: float, row: float, width: float, height: float, out_w: int,
+                     out_h: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Bands ``self.rgb_bands`` of a float source window resampled to ``out_w`` x ``out_h``.
+
+        Returns data (H, W, 3), valid mask (H, W) and read metadata.
+        """
+        from rasterio.enums import Resampling
+        from rasterio.errors import RasterioError
+
+        reader = self._reader
+        part = split_window(col, row, width, height, reader.width, reader.height, out_w, out_h)
+        if part is None:
+            raise ImageryError(f"The requested area does not overlap {self.name!r}.")
+        h, w = part.r1 - part.r0, part.c1 - part.c0
+        scale = min(part.width / w, part.height / h)  # source pixels per output pixel
+        factors = [f for f in (self._ds.overviews(1) or []) if f <= scale] or [1]
+        touched = part.width * part.height / max(factors) ** 2
+        if touched > MAX_SOURCE_PIXELS:
+            raise ImageryError(
+                f"This request would read {touched / 1e6:.0f} megapixels of {self.name!r} "
+                "because the raster has no overviews at that scale. Ask for a smaller area, or "
+                "add overviews once (`gdaladdo FILE 2 4 8 16 32 64`)."
+            )
+        factor = max(factors)
+        plan = self._plan_read(part, factor, w, h)
+        window, read_shape, box = plan
+        indexes = sorted(set(self.rgb_bands) | ({self.alpha} if self._mask_mode == "alpha"
+                                                else set()))
+        # Exact overview reads are plain copies (nearest); GDAL resamples only in the fallback.
+        resampling = (Resampling.nearest if box is not None or self.palette is not None
+                      else Resampling.bilinear)
+        try:
+            raw = reader.read(indexes, window=window, out_shape=(len(indexes), *read_shape),
+                              resampling=resampling)
+            by_index = {b: raw[i] for i, b in enumerate(indexes)}
+            if self._mask_mode == "alpha":
+                mask = by_index[self.alpha] > 0
+            elif self._mask_mode == "mask":
+                mask = reader.read_masks(self.rgb_bands[0], window=window,
+                                         out_shape=read_shape) > 0
+            elif self._mask_mode == "nodata":
+                nodata = self._ds.nodata
+                bands = [by_index[b] for b in set(self.rgb_bands)]
+                if math.isnan(nodata):
+                    mask = ~np.all([np.isnan(b) for b in bands], axis=0)
+                else:
+                    mask = ~np.all([b == nodata for b in bands], axis=0)
+            else:
+                mask = None
+        except RasterioError as exc:
+            raise _rio_error(exc, self.name, "read pixels of") from exc
+        bands = [by_index[b] for b in self.rgb_bands]
+        if bands[0].dtype.kind == "f":
+            finite = np.isfinite(np.stack(bands)).all(axis=0)
+            mask = finite if mask is None else mask & finite
+        if box is not None:
+            band, mask = _resize(bands, mask, box, (w, h), nearest=self.palette is not None)
+        else:
+            band = np.stack(bands, axis=-1)
+        if self.palette is not None:
+            band = display.apply_colormap(band[..., 0], self.palette)
+        data = np.zeros((out_h, out_w, 3), dtype=band.dtype)
+        valid = np.zeros((out_h, out_w), dtype=bool)
+        data[part.r0 : part.r1, part.c0 : part.c1] = band
+        valid[part.r0 : part.r1, part.c0 : part.c1] = True if mask is None else mask
+        meta = {"overview_factor": max(factors), "bands": list(self.rgb_bands),
+                "band_mapping": self.band_reason}
+        return data, valid, meta
+
+    def _plan_read(self, part: Any, factor: int, w: int, h: int):
+        """Window, read shape and crop box (in read pixels) for one read.
+
+        On a plain file we read the window aligned to the chosen overview's pixel grid at that
+        overview's exact size (GDAL then copies overview blocks, the fast path) and resize in
+        Pillow with an antialiasing filter, cropping to the exact float window: exact bounds,
+        fast, and good-looking. When that array would be much larger than the chip (no
+        suitable overview), GDAL resamples while reading instead, so memory stays small.
+        """
+        from rasterio.windows import Window
+
+        reader = self._reader
+        if reader is self._ds:
+            f = factor
+            a0, b0 = math.floor(part.col / f) * f, math.floor(part.row / f) * f
+            a1 = min(math.ceil((part.col + part.width) / f) * f, reader.width)
+            b1 = min(math.ceil((part.row + part.height) / f) * f, reader.height)
+            rw, rh = max(1, math.ceil((a1 - a0) / f)), max(1, math.ceil((b1 - b0) / f))
+            if rw * rh <= 5 * w * h + 4096:
+                box = ((part.col - a0) / f, (part.row - b0) / f,
+                       (part.col + part.width - a0) / f, (part.row + part.height - b0) / f)
+                return Window(a0, b0, a1 - a0, b1 - b0), (rh, rw), box
+        return Window(part.col, part.row, part.width, part.height), (h, w), None
+
+    # --- display ------------------------------------------------------------------------------
+
+    def _to_rgb(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        if not self._needs_stretch:
+            return display.to_rgb8(data, valid, None)
+        stretch = self._stretch or self._source_stretch() or display.compute_stretch(data, valid)
+        return display.to_rgb8(data, valid, stretch)
+
+    def _source_stretch(self) -> list[tuple[float, float]] | None:
+        """Percentiles over the whole source from a small overview read (same look per chip)."""
+        if self._stretch is None:
+            full = (0.0, 0.0, float(self._reader.width), float(self._reader.height))
+            w, h = output_shape(full[2], full[3], STATS_SIZE)
+            try:
+                data, valid, _ = self._read_window(*full, w, h)
+            except ImageryError as exc:  # no overviews on a huge raster: stretch per chip
+                log.info("per-chip stretch for %s: %s", self.name, exc)
+                return None
+            self._stretch = display.compute_stretch(data, valid)
+        return self._stretch
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _resize(bands: list[np.ndarray], mask: np.ndarray | None, box: tuple[float, ...],
+            size: tuple[int, int], nearest: bool = False
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Crop ``box`` (float read pixels) out of the bands, resize to ``size`` (w, h) -> (H, W, B).
+
+    Pillow's filters widen with the reduction factor, so downsampling is antialiased.
+    """
+    from PIL import Image
+
+    filt = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    if len(bands) == 3 and all(b.dtype == np.uint8 for b in bands):
+        # One RGB resize instead of three: the common case (8-bit true colour) stays cheap.
+        img = Image.fromarray(np.dstack(bands), mode="RGB")
+        out = np.asarray(img.resize(size, filt, box=box))
+    else:
+        resized = []
+        for band in bands:
+            if band.dtype == np.uint8:
+                img = Image.fromarray(band, mode="L")
+            else:
+                arr = np.array(band, dtype=np.float32)
+                if mask is not None and not nearest and mask.any():
+                    # Keep no-data values (e.g. -9999) from bleeding into valid edge pixels.
+                    arr[~mask] = float(np.mean(arr[mask]))
+                img = Image.fromarray(arr, mode="F")
+            # uint8 stays uint8; other types are float32 from here on.
+            resized.append(np.asarray(img.resize(size, filt, box=box)))
+        out = np.stack(resized, axis=-1)
+    if mask is not None:
+        mask_img = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+        mask = np.asarray(mask_img.resize(size, Image.Resampling.NEAREST, box=box)) > 127
+    return out, mask

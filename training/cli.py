@@ -1,0 +1,152 @@
+"""`rsvlm-train`: build-data, eval, probe and fit.
+
+Each subcommand parses its arguments, calls one function of the package and prints a short
+summary. User errors (bad paths, unreadable rasters, bad specs) print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("training")
+
+
+def _add_region_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chip-size", type=int, default=None, help="chip side in pixels (512)")
+    p.add_argument("--overlap", type=int, default=None, help="overlap of neighbouring chips (0)")
+    p.add_argument("--resolution", type=float, default=None,
+                   help="output pixel size in raster CRS units (native)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rsvlm-train", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build-data", help="region(s) / image folders -> instruction dataset")
+    b.add_argument("--region", action="append", default=[], metavar="PATH",
+                   help="region folder (rasters + OSM vectors), spec .yaml/.json, or a raster")
+    b.add_argument("--image-folder", action="append", default=[], metavar="DIR",
+                   help="scene classification folder in ImageFolder layout")
+    b.add_argument("--out", required=True, help="output folder")
+    _add_region_args(b)
+    b.add_argument("--val-fraction", type=float, default=None, help="held-out share (0.1)")
+    b.add_argument("--block-chips", type=int, default=None,
+                   help="split block side in chips; val blocks are spatially separate (4)")
+    b.add_argument("--tasks", default="caption,vqa,grounding,region",
+                   help="comma-separated region tasks")
+    b.add_argument("--no-balance", action="store_true", help="keep unbalanced VQA answers")
+    b.add_argument("--rewrite-model", default=None, metavar="DIR",
+                   help="local causal LM folder to paraphrase captions (slow; optional)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="evaluate a model on classification / vqa / grounding / "
+                                    "captioning")
+    e.add_argument("--model", default=None, help="preset name or model folder (default model)")
+    e.add_argument("--task", required=True,
+                   choices=["classification", "vqa", "grounding", "captioning"])
+    e.add_argument("--data", required=True, help="ImageFolder (classification) or region")
+    e.add_argument("--out", default=None, help="report JSON path")
+    e.add_argument("--limit", type=int, default=None, help="evaluate at most N items")
+    e.add_argument("--device", default=None)
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    _add_region_args(e)
+
+    pr = sub.add_parser("probe", help="linear probe on the frozen vision tower (ImageFolder)")
+    pr.add_argument("--data", required=True, help="ImageFolder root")
+    pr.add_argument("--model", default=None, help="preset name or model folder")
+    pr.add_argument("--layers", default=None, help="comma-separated layer indices (config's)")
+    pr.add_argument("--train-per-class", type=int, default=25)
+    pr.add_argument("--out", default=None)
+    pr.add_argument("--seed", type=int, default=0)
+
+    f = sub.add_parser("fit", help="curriculum training from a YAML/JSON config")
+    f.add_argument("--config", required=True)
+    f.add_argument("--resume", default=None, help="checkpoint folder, or 'latest'")
+    f.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from tiles import ImageryError
+    from training.classification import DatasetError
+    from training.region import RegionError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (RegionError, DatasetError, ImageryError, FileNotFoundError, ValueError) as exc:
+        if args.verbose:
+            raise
+        print(f"rsvlm-train {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _build_data(args: argparse.Namespace) -> int:
+    from training.build import BuildConfig, build_dataset
+    from training.region import load_region
+
+    if not args.region and not args.image_folder:
+        raise ValueError("give at least one --region or --image-folder")
+    regions = [load_region(r, chip_size=args.chip_size, overlap=args.overlap,
+                           resolution=args.resolution, val_fraction=args.val_fraction,
+                           block_chips=args.block_chips) for r in args.region]
+    rewrite = None
+    if args.rewrite_model:
+        from training.rewrite import LLMRewriter
+
+        rewrite = LLMRewriter(args.rewrite_model)
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    config = BuildConfig(seed=args.seed, tasks=tasks, balance=not args.no_balance,
+                         rewrite=rewrite)
+    result = build_dataset(args.out, regions, args.image_folder, config,
+                           folder_val_fraction=args.val_fraction or 0.1,
+                           progress=not args.quiet)
+    splits = result.counts["splits"]
+    print(json.dumps({"out": str(result.out_dir),
+                      **{k: {"samples": v["samples"], "tasks": v["tasks"]}
+                         for k, v in splits.items()}}, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_cli
+
+    report = evaluate_cli(args)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from training.probe import run_probe
+
+    layers = [int(v) for v in args.layers.split(",")] if args.layers else None
+    report = run_probe(args.data, model=args.model, layers=layers,
+                       train_per_class=args.train_per_class, seed=args.seed)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from training.fit import fit_from_config
+
+    result = fit_from_config(args.config, resume=args.resume, max_steps=args.max_steps)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+_COMMANDS = {"build-data": _build_data, "eval": _eval, "probe": _probe, "fit": _fit}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

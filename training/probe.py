@@ -1,0 +1,107 @@
+"""Linear-probe baseline: logistic regression on frozen, multi-level pooled vision features.
+
+The classification baseline of the design: pool the patch tokens (mean) and the CLS token of
+several encoder layers, concatenate, standardise, and fit scikit-learn's logistic regression on
+`train_per_class` images per class; the rest of each class is the test set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.classification import scan_image_folder
+
+log = logging.getLogger(__name__)
+
+
+def pooled_features(images: Sequence[Any], vision_model: Any, image_processor: Any,
+                    layers: Sequence[int], batch_size: int = 32) -> np.ndarray:
+    """(n, len(layers) * 2 * hidden): per layer the mean patch token and the first token."""
+    import torch
+
+    vision_model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        batch = image_processor(list(images[i:i + batch_size]), return_tensors="pt")
+        with torch.inference_mode():
+            hidden = vision_model(pixel_values=batch["pixel_values"], output_hidden_states=True,
+                                  return_dict=True).hidden_states
+        feats = []
+        for idx in layers:
+            h = hidden[idx].float()
+            feats += [h[:, 1:].mean(1), h[:, 0]]
+        out.append(torch.cat(feats, dim=-1).numpy())
+    return np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)
+
+
+def fit_probe(train_x: np.ndarray, train_y: Sequence[str], test_x: np.ndarray,
+              test_y: Sequence[str], seed: int = 0) -> dict[str, Any]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5,
+                                                             random_state=seed))
+    clf.fit(train_x, list(train_y))
+    pred = clf.predict(test_x)
+    truth = np.asarray(test_y)
+    per_class = {c: float((pred[truth == c] == c).mean()) for c in sorted(set(test_y))}
+    return {"accuracy": float((pred == truth).mean()), "per_class": per_class,
+            "n_train": len(train_y), "n_test": len(test_y)}
+
+
+def _vision_from_model_arg(model: str | None) -> tuple[Any, Any, list[int], str]:
+    """The frozen vision encoder, its image processor and feature layers of a preset."""
+    from transformers import AutoImageProcessor
+
+    from rsvlm.presets import load_preset
+
+    preset = load_preset(model or "embedded")
+    plan = preset.plan("cpu")
+    comp = plan.components["vision"]
+    vision = comp.load()
+    processor = AutoImageProcessor.from_pretrained(comp.location)
+    layers = list(preset.to_config().vision_feature_layers)
+    return vision, processor, layers, preset.name
+
+
+def run_probe(folder: str | Path, *, model: str | None = None, layers: list[int] | None = None,
+              train_per_class: int = 25, seed: int = 0, vision: Any = None,
+              image_processor: Any = None) -> dict[str, Any]:
+    """Probe accuracy on an ImageFolder; `vision`/`image_processor` override the preset's."""
+    from PIL import Image
+
+    name = "custom"
+    if vision is None:
+        vision, image_processor, default_layers, name = _vision_from_model_arg(model)
+        layers = layers or default_layers
+    if not layers:
+        raise ValueError("give the vision layers to pool (e.g. 7,9,11)")
+    classes, items = scan_image_folder(folder)
+    train_idx, test_idx = [], []
+    seen: dict[str, int] = {}
+    for i, it in enumerate(items):  # items are sorted per class: the first k train
+        seen[it.label] = seen.get(it.label, 0) + 1
+        (train_idx if seen[it.label] <= train_per_class else test_idx).append(i)
+    if not test_idx:
+        raise ValueError(f"no test images left: every class has <= {train_per_class} images")
+    t0 = time.perf_counter()
+    images = []
+    for it in items:
+        with Image.open(it.path) as im:
+            images.append(im.convert("RGB"))
+    feats = pooled_features(images, vision, image_processor, layers)
+    t_feat = time.perf_counter() - t0
+    labels = [it.label for it in items]
+    report = fit_probe(feats[train_idx], [labels[i] for i in train_idx], feats[test_idx],
+                       [labels[i] for i in test_idx], seed)
+    report.update({"task": "classification_probe", "model": name, "layers": list(layers),
+                   "classes": len(classes), "train_per_class": train_per_class,
+                   "feature_dim": int(feats.shape[1]), "features_s": round(t_feat, 1)})
+    return report
