@@ -472,11 +472,15 @@ def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str
     dets = [Detection(label=b.label, geometry=b.geometry, source=Path(source).name,
                       question=question) for b in answer.boxes if b.geometry is not None]
     fc = to_feature_collection(dets)
-    # Pixel-space boxes have no place on Earth: null geometry, pixel box in the properties.
-    fc["features"] += [{"type": "Feature", "geometry": None,
-                        "properties": {"label": b.label, "box_px": list(b.box_px),
-                                       "question": question}}
-                       for b in answer.boxes if b.geometry is None]
+    # Pixel-space boxes have no place on Earth: null geometry, and the box in pixels of the
+    # uploaded image (the chip may be resized; its transform maps chip -> image pixels).
+    for b in answer.boxes:
+        if b.geometry is None:
+            (x1, x2), (y1, y2) = chip.pixel_to_crs(np.array(b.box_px[0::2]),
+                                                   np.array(b.box_px[1::2]))
+            fc["features"].append({"type": "Feature", "geometry": None, "properties": {
+                "label": b.label, "box_px": [round(float(v), 2) for v in (x1, y1, x2, y2)],
+                "question": question}})
     return answer.text, json.dumps(fc)
 
 

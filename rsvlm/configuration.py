@@ -121,7 +121,19 @@ class RSVLMConfig(PretrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # The base class resets the sub-configs' attention implementation to the composite's
+        # (None unless requested); sub-configs of already built models (`from_parts`) must keep
+        # theirs, or their attention layers fall back to the slow path.
+        kept = {
+            key: getattr(sub, "_attn_implementation", None)
+            for key in ("vision_config", "text_config")
+            if isinstance(sub := getattr(self, key), PretrainedConfig)
+        }
         super().__post_init__(**kwargs)
+        if kwargs.get("attn_implementation") is None:
+            for key, impl in kept.items():
+                if impl is not None:
+                    getattr(self, key)._attn_implementation_internal = impl
         if self.vision_feature_layers is None:
             self.vision_feature_layers = [7, 9, 11]
         self.vision_feature_layers = [int(i) for i in self.vision_feature_layers]
@@ -175,7 +187,7 @@ class RSVLMConfig(PretrainedConfig):
                 f"RSVLMConfig: perceiver_queries_per_level needs one positive count per level "
                 f"({n_levels}), got {q}."
             )
-        if any(a < b for a, b in zip(q, q[1:])):
+        if any(a < b for a, b in zip(q, q[1:], strict=False)):
             raise ValueError(
                 f"RSVLMConfig: perceiver_queries_per_level must not increase from shallow to deep "
                 f"levels (descending allocation), got {q}."
@@ -195,7 +207,9 @@ class RSVLMConfig(PretrainedConfig):
         if self.prompter_num_tokens <= 0:
             raise ValueError("RSVLMConfig: prompter_num_tokens must be positive.")
         if self.experts_every_k_layers <= 0 or self.experts_rank <= 0:
-            raise ValueError("RSVLMConfig: experts_every_k_layers and experts_rank must be positive.")
+            raise ValueError(
+                "RSVLMConfig: experts_every_k_layers and experts_rank must be positive."
+            )
         if self.experts_enabled and self.experts_every_k_layers > tc.num_hidden_layers:
             raise ValueError(
                 f"RSVLMConfig: experts_every_k_layers={self.experts_every_k_layers} places no "

@@ -45,7 +45,9 @@ class _CrossAttentionBlock(nn.Module):
         super().__init__()
         self.norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(kv_dim)
-        self.attn = nn.MultiheadAttention(dim, num_heads, kdim=kv_dim, vdim=kv_dim, batch_first=True)
+        self.attn = nn.MultiheadAttention(
+            dim, num_heads, kdim=kv_dim, vdim=kv_dim, batch_first=True
+        )
         self.norm_ffn = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), ACT2FN[act], nn.Linear(4 * dim, dim))
 
@@ -53,7 +55,10 @@ class _CrossAttentionBlock(nn.Module):
         self, x: torch.Tensor, kv: torch.Tensor, kv_padding: torch.Tensor | None = None
     ) -> torch.Tensor:
         kv = self.norm_kv(kv)
-        x = x + self.attn(self.norm_q(x), kv, kv, key_padding_mask=kv_padding, need_weights=False)[0]
+        x = (
+            x
+            + self.attn(self.norm_q(x), kv, kv, key_padding_mask=kv_padding, need_weights=False)[0]
+        )
         return x + self.ffn(self.norm_ffn(x))
 
 
@@ -77,7 +82,7 @@ class PerceiverConnector(nn.Module):
 
     def forward(self, levels: list[torch.Tensor], **_: torch.Tensor | None) -> torch.Tensor:
         outs = []
-        for queries, block, feats in zip(self.queries, self.blocks, levels):
+        for queries, block, feats in zip(self.queries, self.blocks, levels, strict=True):
             q = queries.unsqueeze(0).expand(feats.shape[0], -1, -1).to(feats.dtype)
             outs.append(block(q, feats))
         return self.proj(self.norm(torch.cat(outs, dim=1)))
@@ -109,7 +114,9 @@ class SemanticPrompter(nn.Module):
             _CrossAttentionBlock(d_t, d_v, heads, act) for _ in range(config.num_levels)
         )
         self.out_norm = nn.LayerNorm(d_t)
-        self.patch_projector = MLPConnector(config) if config.prompter_include_patch_tokens else None
+        self.patch_projector = (
+            MLPConnector(config) if config.prompter_include_patch_tokens else None
+        )
 
     def forward(
         self,
@@ -130,7 +137,9 @@ class SemanticPrompter(nn.Module):
                 keep = torch.ones(batch, n_agg, dtype=torch.bool, device=agg.device)
                 padding = ~torch.cat([keep, query_mask.bool()], dim=1)
         normed = self.norm_self(tokens)
-        attended = self.self_attn(normed, normed, normed, key_padding_mask=padding, need_weights=False)[0]
+        attended = self.self_attn(
+            normed, normed, normed, key_padding_mask=padding, need_weights=False
+        )[0]
         agg = (tokens + attended)[:, :n_agg]
 
         null = self.null_semantic.unsqueeze(0).expand(batch, -1, -1).to(dtype)
@@ -142,7 +151,9 @@ class SemanticPrompter(nn.Module):
                 sem_padding = ~torch.cat([keep, semantic_mask.bool()], dim=1)
         agg = self.semantic_block(agg, sem, sem_padding)
 
-        per_level = [block(agg, feats) for block, feats in zip(self.level_blocks, levels)]
+        per_level = [
+            block(agg, feats) for block, feats in zip(self.level_blocks, levels, strict=True)
+        ]
         semantic_augmented = self.out_norm(torch.cat(per_level, dim=1))
         if self.patch_projector is None:
             return semantic_augmented

@@ -53,11 +53,15 @@ class LowRankExpert(nn.Module):
 class SemanticExpertsMLP(nn.Module):
     """A decoder FFN plus ``num_levels`` low-rank semantic experts and their router."""
 
-    def __init__(self, base_layer: nn.Module, hidden_size: int, num_levels: int, rank: int, act: str):
+    def __init__(
+        self, base_layer: nn.Module, hidden_size: int, num_levels: int, rank: int, act: str
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.num_levels = num_levels
-        self.experts = nn.ModuleList(LowRankExpert(hidden_size, rank, act) for _ in range(num_levels))
+        self.experts = nn.ModuleList(
+            LowRankExpert(hidden_size, rank, act) for _ in range(num_levels)
+        )
         self.router = nn.Linear(hidden_size, num_levels, bias=False)
         self.token_types: torch.Tensor | None = None  # (batch, seq) set by `set_routing`
 
@@ -91,7 +95,9 @@ class SemanticExpertsMLP(nn.Module):
         x = hidden.to(self.router.weight.dtype)
         merged = torch.zeros_like(x)
         for level, expert in enumerate(self.experts):
-            merged = merged + gates[..., level : level + 1] * expert(x * masks[..., level : level + 1])
+            merged = merged + gates[..., level : level + 1] * expert(
+                x * masks[..., level : level + 1]
+            )
         return out + merged.to(out.dtype)
 
 
@@ -129,15 +135,19 @@ def inject_semantic_experts(
             wrappers.append(layer.mlp)
             continue
         wrapper = SemanticExpertsMLP(layer.mlp, hidden_size, num_levels, rank, act)
-        ref = next(layer.mlp.parameters(), None)
-        if ref is not None and ref.is_floating_point():
-            wrapper.experts.to(device=ref.device, dtype=ref.dtype)
-            wrapper.router.to(device=ref.device, dtype=ref.dtype)
+        # Follow the layer's device and its floating dtype (a 4-bit FFN stores uint8 weights,
+        # so look at the whole decoder layer, e.g. its norms).
+        params = list(layer.parameters())
+        floating = [p for p in params if p.is_floating_point()]
+        if params:
+            dtype = floating[0].dtype if floating else None
+            wrapper.experts.to(device=params[0].device, dtype=dtype)
+            wrapper.router.to(device=params[0].device, dtype=dtype)
         # The decoder's own `_init_weights` would redraw the zero-initialised expansion
         # matrices when the composite model runs `post_init`; mark them as initialised.
         for module in [wrapper, wrapper.router, *wrapper.experts.modules()]:
             module._is_hf_initialized = True
-        setattr(layer, "mlp", wrapper)
+        layer.mlp = wrapper  # setattr on the parent, as peft injects LoRA
         wrappers.append(wrapper)
     return wrappers
 

@@ -28,6 +28,7 @@ routed as text). `embed_image_for_retrieval(pixel_values)` gives the retriever's
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -191,6 +192,11 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
         weights. With a ``tokenizer``, the image token is added to it (as a special token), the
         LM's embeddings are resized when needed and ``config.image_token_id`` is set.
         """
+        if language_model.get_output_embeddings() is None:
+            raise ValueError(
+                f"from_parts: {type(language_model).__name__} has no LM head; load the language "
+                "model with AutoModelForCausalLM."
+            )
         if config is None:
             config = RSVLMConfig(
                 vision_config=vision_model.config,
@@ -225,7 +231,11 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
         for part in (vision_model, language_model):
             for module in part.modules():
                 module._is_hf_initialized = True
-        return cls(config, vision_model=vision_model, language_model=language_model)
+        model = cls(config, vision_model=vision_model, language_model=language_model)
+        if getattr(language_model, "generation_config", None) is not None:
+            # Keep the chat model's own decoding defaults (eos ids, sampling settings).
+            model.generation_config = copy.deepcopy(language_model.generation_config)
+        return model
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> RSVLMForConditionalGeneration:
@@ -271,8 +281,8 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
             ("semantic", semantic_input_ids, semantic_attention_mask),
             ("query", query_input_ids, query_attention_mask),
         ):
-            if ids is None:
-                continue
+            if ids is None or self.config.connector_type != "semantic_prompter":
+                continue  # only the prompter reads them
             if ids.shape[0] != n_images:
                 raise ValueError(
                     f"{name}_input_ids has {ids.shape[0]} rows but there are {n_images} images; "
@@ -288,13 +298,17 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
             )
         return features
 
-    def embed_image_for_retrieval(self, pixel_values: torch.Tensor, **vision_kwargs: Any) -> torch.Tensor:
+    def embed_image_for_retrieval(
+        self, pixel_values: torch.Tensor, **vision_kwargs: Any
+    ) -> torch.Tensor:
         """Unit-norm image vectors in the retriever's text-embedding space ``(n, embed_dim)``."""
         if self.retrieval_projection is None:
             raise ValueError("This model has no retrieval projection (retrieval_embed_dim=None).")
         levels = self.vision_tower(pixel_values, **vision_kwargs)
-        vectors = self.retrieval_projection([level.float() for level in levels])
-        return nn.functional.normalize(vectors, dim=-1)
+        dtype = self.retrieval_projection.fc1.weight.dtype
+        vectors = self.retrieval_projection([level.to(dtype) for level in levels])
+        # float32 for the faiss index, whatever the model's dtype.
+        return nn.functional.normalize(vectors.float(), dim=-1)
 
     def image_token_types(self, image_mask: torch.Tensor) -> torch.Tensor:
         """Routing types for a placeholder mask ``(batch, seq)``: image / semantic level / text."""
@@ -384,7 +398,10 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         vision_kwargs = {
             k: v
-            for k, v in (("pixel_attention_mask", pixel_attention_mask), ("spatial_shapes", spatial_shapes))
+            for k, v in (
+                ("pixel_attention_mask", pixel_attention_mask),
+                ("spatial_shapes", spatial_shapes),
+            )
             if v is not None
         }
         features = None
@@ -407,18 +424,21 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
                     "pixel_values need input_ids to locate the image tokens; with inputs_embeds, "
                     "compute them with prepare_inputs_embeds()."
                 )
-            seq = inputs_embeds.shape[1]
-            if token_types is None:
-                types = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
-            elif token_types.shape[1] >= seq:
-                types = token_types[:, -seq:]  # generate() may pass the full prompt's types
-            else:
+            types = torch.full(
+                inputs_embeds.shape[:2],
+                TOKEN_TYPE_TEXT,
+                dtype=torch.long,
+                device=inputs_embeds.device,
+            )
+        if token_types is not None:
+            # Explicit routing (the engine's prefix) wins over the derived one; generate() may
+            # pass the types of the whole prompt while only its uncached tail runs.
+            seq = types.shape[1]
+            if token_types.shape[1] < seq:
                 raise ValueError(
-                    f"token_types cover {token_types.shape[1]} positions, inputs_embeds {seq}."
+                    f"token_types cover {token_types.shape[1]} positions, the input {seq}."
                 )
-        if input_ids is not None and token_types is not None and token_types.shape[1] >= types.shape[1]:
-            # Explicit routing (e.g. the engine's prefix) wins over the derived one.
-            types = token_types[:, -types.shape[1] :]
+            types = token_types[:, -seq:].to(types.device)
         set_routing(self, types)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -506,9 +526,17 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
 
     def trainable_parameter_counts(self) -> dict[str, int]:
         expert_params = {
-            id(p) for w in expert_modules(self) for p in list(w.experts.parameters()) + list(w.router.parameters())
+            id(p)
+            for w in expert_modules(self)
+            for p in list(w.experts.parameters()) + list(w.router.parameters())
         }
-        counts = {"vision_tower": 0, "connector": 0, "retrieval_projection": 0, "experts": 0, "language_model": 0}
+        counts = {
+            "vision_tower": 0,
+            "connector": 0,
+            "retrieval_projection": 0,
+            "experts": 0,
+            "language_model": 0,
+        }
         for name, module in (
             ("vision_tower", self.vision_tower),
             ("connector", self.connector),
@@ -544,6 +572,18 @@ def lora_target_modules(names: tuple[str, ...] = ("q_proj", "v_proj")) -> str:
     return rf"language_model\..*\.(?:{alternatives})"
 
 
+def peft_modules_to_save(model: RSVLMForConditionalGeneration) -> list[str]:
+    """peft ``modules_to_save`` for the parts a LoRA adapter should carry besides LoRA itself:
+    the connector, the retrieval projection and the experts' linears (peft cannot wrap the
+    experts' `ModuleList`, so their ``reduce``/``expand``/``router`` layers are named)."""
+    names = ["connector"]
+    if model.retrieval_projection is not None:
+        names.append("retrieval_projection")
+    if model.config.experts_enabled:
+        names += ["router", "reduce", "expand"]
+    return names
+
+
 def add_image_token(tokenizer: Any, image_token: str = "<image>") -> int:
     """Add ``image_token`` to the tokenizer as a special token (if missing); return its id."""
     from tokenizers import AddedToken
@@ -569,4 +609,5 @@ __all__ = [
     "RetrievalProjection",
     "add_image_token",
     "lora_target_modules",
+    "peft_modules_to_save",
 ]

@@ -195,7 +195,9 @@ class RSVLMProcessor(ProcessorMixin):
             data["query_input_ids"], data["query_attention_mask"] = ids, mask
         return BatchFeature(data=data, tensor_type=None)
 
-    def _encode_plain(self, texts: list[str], max_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_plain(
+        self, texts: list[str], max_len: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize without special tokens and right-pad by hand (empty strings give 0 tokens)."""
         rows = []
         for t in texts:
@@ -248,7 +250,9 @@ def _per_image(values: Sequence[Any], n_images: int, name: str) -> list[list[str
         values = [list(values)] if n_images == 1 else [[v] for v in values]
     out = [list(v) for v in values]
     if len(out) != n_images:
-        raise ValueError(f"Got {len(out)} {name} lists for {n_images} image(s); give one per image.")
+        raise ValueError(
+            f"Got {len(out)} {name} lists for {n_images} image(s); give one per image."
+        )
     return out
 
 

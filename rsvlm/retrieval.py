@@ -82,6 +82,16 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors
 
 
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Normalise unless the rows already are unit (or zero): a reload must not change bits."""
+    if not len(vectors):
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1)
+    if np.all((np.abs(norms - 1.0) < 1e-5) | (norms == 0)):
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+    return normalize(vectors)
+
+
 class SemanticDatabase:
     """Texts + metadata + unit-norm embeddings + a faiss inner-product index."""
 
@@ -123,7 +133,7 @@ class SemanticDatabase:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
         self.texts = texts
         self.metadata = [dict(m or {}) for m in metadata]
-        self.embeddings = normalize(embeddings) if len(texts) else embeddings
+        self.embeddings = _unit_rows(embeddings)
         self.index_type = self._resolve_index_type(index_type, len(texts))
         self.ef_search = int(ef_search or self.HNSW_EF_SEARCH)
         self.encoder_name = encoder_name

@@ -33,7 +33,9 @@ class VisionTower(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def forward(self, pixel_values: torch.Tensor, **vision_kwargs: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, pixel_values: torch.Tensor, **vision_kwargs: torch.Tensor
+    ) -> list[torch.Tensor]:
         # `vision_kwargs` carries e.g. SigLIP2's `pixel_attention_mask` / `spatial_shapes`.
         out = self.model(
             pixel_values=pixel_values.to(self.dtype),

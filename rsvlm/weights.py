@@ -475,7 +475,12 @@ class TextEncoder:
     def __init__(self, model: Any, name: str = "") -> None:
         self.model = model
         self.name = name
-        self.dim = int(model.get_sentence_embedding_dimension())
+        # sentence-transformers 6 renamed the method; keep working with both.
+        get_dim = (
+            getattr(model, "get_embedding_dimension", None)
+            or model.get_sentence_embedding_dimension
+        )
+        self.dim = int(get_dim())
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], device: str | None = None) -> TextEncoder:

@@ -38,8 +38,9 @@ class Chip:
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 3 or self.pixels.shape[2] != 3 or self.pixels.dtype != np.uint8:
-            raise ValueError(f"Chip pixels must be (H, W, 3) uint8, got {self.pixels.shape} "
-                             f"{self.pixels.dtype}")
+            raise ValueError(
+                f"Chip pixels must be (H, W, 3) uint8, got {self.pixels.shape} {self.pixels.dtype}"
+            )
 
     @property
     def width(self) -> int:
@@ -56,8 +57,11 @@ class Chip:
     @property
     def bounds(self) -> tuple[float, float, float, float]:
         """``(minx, miny, maxx, maxy)`` in ``crs`` (source pixels for pixel-space chips)."""
-        xs, ys = geometry.px_to_crs(self.transform, np.array([0, self.width, self.width, 0]),
-                                    np.array([0, 0, self.height, self.height]))
+        xs, ys = geometry.px_to_crs(
+            self.transform,
+            np.array([0, self.width, self.width, 0]),
+            np.array([0, 0, self.height, self.height]),
+        )
         return (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
 
     @property
@@ -93,8 +97,9 @@ class Chip:
             return None
         return geometry.box_px_to_polygon(box_px, self.transform, self.crs, crs)
 
-    def obb_to_polygon(self, cx: float, cy: float, w: float, h: float, angle_deg: float,
-                       crs: Any = geometry.LONLAT) -> Polygon | None:
+    def obb_to_polygon(
+        self, cx: float, cy: float, w: float, h: float, angle_deg: float, crs: Any = geometry.LONLAT
+    ) -> Polygon | None:
         """Oriented pixel box (centre, size, clockwise angle) -> polygon in ``crs``."""
         if self.crs is None:
             return None
@@ -112,8 +117,9 @@ class Chip:
             return None
         return geometry.polygon_crs_to_px(geom, self.transform, self.crs, crs)
 
-    def bbox_lonlat_to_box_px(self, w: float, s: float, e: float, n: float
-                              ) -> tuple[float, float, float, float] | None:
+    def bbox_lonlat_to_box_px(
+        self, w: float, s: float, e: float, n: float
+    ) -> tuple[float, float, float, float] | None:
         """A lon/lat rectangle (e.g. drawn on the map) -> enclosing chip pixel box."""
         if self.crs is None:
             return None

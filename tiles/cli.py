@@ -1,8 +1,8 @@
 """``python -m tiles`` / ``rsvlm-tiles``: inspect imagery and cut chips.
 
-    python -m tiles info SRC
-    python -m tiles chip SRC --bbox W,S,E,N [--crs EPSG:4326] [--out-crs EPSG:32636]
-                             [--size 512] [--bands 4,3,2] --out chip.tif|chip.png
+python -m tiles info SRC
+python -m tiles chip SRC --bbox W,S,E,N [--crs EPSG:4326] [--out-crs EPSG:32636]
+                         [--size 512] [--bands 4,3,2] --out chip.tif|chip.png
 """
 
 from __future__ import annotations
@@ -46,15 +46,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     chip = sub.add_parser("chip", help="write a georeferenced chip (GeoTIFF) or a PNG")
     chip.add_argument("src")
-    chip.add_argument("--bbox", type=_numbers, default=None,
-                      help="W,S,E,N in --crs (pixels x1,y1,x2,y2 for images without a CRS); "
-                           "default: the whole source")
+    chip.add_argument(
+        "--bbox",
+        type=_numbers,
+        default=None,
+        help="W,S,E,N in --crs (pixels x1,y1,x2,y2 for images without a CRS); "
+        "default: the whole source",
+    )
     chip.add_argument("--crs", default="EPSG:4326", help="CRS of --bbox (default EPSG:4326)")
     chip.add_argument("--out-crs", default=None, help="reproject the chip (default: source CRS)")
-    chip.add_argument("--size", type=_size, default=512,
-                      help="longest side in px (the whole bbox is kept), or WxH")
-    chip.add_argument("--bands", type=lambda t: _numbers(t, int), default=None,
-                      help="band numbers for R,G,B, e.g. 4,3,2")
+    chip.add_argument(
+        "--size",
+        type=_size,
+        default=512,
+        help="longest side in px (the whole bbox is kept), or WxH",
+    )
+    chip.add_argument(
+        "--bands",
+        type=lambda t: _numbers(t, int),
+        default=None,
+        help="band numbers for R,G,B, e.g. 4,3,2",
+    )
     chip.add_argument("--out", required=True, help="output .tif/.tiff (GeoTIFF) or .png/.jpg")
     chip.add_argument("--allow-network", action="store_true", help="download missing tiles")
     return parser
@@ -68,10 +80,17 @@ def write_chip(chip: Chip, out: str | Path) -> Path:
         import rasterio
         from rasterio.crs import CRS as RioCRS
 
-        profile = dict(driver="GTiff", width=chip.width, height=chip.height, count=3,
-                       dtype="uint8", transform=chip.transform, photometric="RGB",
-                       compress="deflate", crs=RioCRS.from_wkt(chip.crs.to_wkt())
-                       if chip.crs is not None else None)
+        profile = dict(
+            driver="GTiff",
+            width=chip.width,
+            height=chip.height,
+            count=3,
+            dtype="uint8",
+            transform=chip.transform,
+            photometric="RGB",
+            compress="deflate",
+            crs=RioCRS.from_wkt(chip.crs.to_wkt()) if chip.crs is not None else None,
+        )
         with rasterio.open(out, "w", **profile) as dst:
             dst.write(np.moveaxis(chip.pixels, -1, 0))
             if chip.mask is not None:
@@ -83,8 +102,10 @@ def write_chip(chip: Chip, out: str | Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         if args.command == "info":
             with open_source(args.src, allow_network=args.allow_network) as src:
@@ -94,12 +115,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             chip = src.chip(args.bbox, crs=args.crs, size=args.size, out_crs=args.out_crs)
         path = write_chip(chip, args.out)
         if not chip.georeferenced:
-            print("note: the source has no coordinate reference system; the chip is in pixel "
-                  "space only.", file=sys.stderr)
-        print(json.dumps({"out": str(path), "width": chip.width, "height": chip.height,
-                          "crs": chip.crs.to_string() if chip.crs else None,
-                          "bounds": list(chip.bounds), "bounds_lonlat": chip.bounds_lonlat,
-                          **chip.meta}, default=str))
+            print(
+                "note: the source has no coordinate reference system; the chip is in pixel "
+                "space only.",
+                file=sys.stderr,
+            )
+        print(
+            json.dumps(
+                {
+                    "out": str(path),
+                    "width": chip.width,
+                    "height": chip.height,
+                    "crs": chip.crs.to_string() if chip.crs else None,
+                    "bounds": list(chip.bounds),
+                    "bounds_lonlat": chip.bounds_lonlat,
+                    **chip.meta,
+                },
+                default=str,
+            )
+        )
         return 0
     except ImageryError as exc:
         print(f"error: {exc}", file=sys.stderr)

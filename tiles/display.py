@@ -15,8 +15,17 @@ import numpy as np
 from tiles.errors import ImageryError
 
 SUPPORTED_DTYPES = {
-    "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
-    "float16", "float32", "float64",
+    "uint8",
+    "int8",
+    "uint16",
+    "int16",
+    "uint32",
+    "int32",
+    "uint64",
+    "int64",
+    "float16",
+    "float32",
+    "float64",
 }
 Stretch = list[tuple[float, float]]
 
@@ -48,12 +57,16 @@ def pick_bands(
     band descriptions (``red``, ``B04``...); a single grey band; the first three non-alpha bands.
     """
     if count < 1:
-        raise ImageryError("The raster has no bands (it may be a container of sub-datasets; "
-                           "open one of them instead).")
+        raise ImageryError(
+            "The raster has no bands (it may be a container of sub-datasets; "
+            "open one of them instead)."
+        )
     if bands is not None:
         if len(bands) not in (1, 3) or any(not 1 <= int(b) <= count for b in bands):
-            raise ImageryError(f"Band mapping {list(bands)} is invalid for a raster with {count} "
-                               "band(s): give 1 or 3 band numbers between 1 and the band count.")
+            raise ImageryError(
+                f"Band mapping {list(bands)} is invalid for a raster with {count} "
+                "band(s): give 1 or 3 band numbers between 1 and the band count."
+            )
         chosen = tuple(int(b) for b in bands)
         return (chosen * 3 if len(chosen) == 1 else chosen), "requested"
     ci = [str(c).lower() for c in colorinterp]
@@ -79,8 +92,9 @@ def alpha_band(colorinterp: Sequence[str]) -> int | None:
     return ci.index("alpha") + 1 if "alpha" in ci else None
 
 
-def compute_stretch(data: np.ndarray, valid: np.ndarray | None, lo_pct: float = 2.0,
-                    hi_pct: float = 98.0) -> Stretch:
+def compute_stretch(
+    data: np.ndarray, valid: np.ndarray | None, lo_pct: float = 2.0, hi_pct: float = 98.0
+) -> Stretch:
     """Per-band ``(low, high)`` percentiles of the valid, finite pixels of ``data`` (H, W, B)."""
     out: Stretch = []
     for band in np.moveaxis(data, -1, 0):

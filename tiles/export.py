@@ -47,16 +47,23 @@ def _checked_geometry(det: Detection, i: int) -> Any:
         raise ImageryError(f"Detection {i} ({det.label!r}) has no geometry to export.")
     w, s, e, n = geom.bounds
     if not all(math.isfinite(v) for v in (w, s, e, n)) or w < -180 or e > 180 or s < -90 or n > 90:
-        raise ImageryError(f"Detection {i} ({det.label!r}) has coordinates outside lon/lat range "
-                           f"{[w, s, e, n]}; exports take EPSG:4326 (lon, lat) geometries.")
+        raise ImageryError(
+            f"Detection {i} ({det.label!r}) has coordinates outside lon/lat range "
+            f"{[w, s, e, n]}; exports take EPSG:4326 (lon, lat) geometries."
+        )
     # RFC 7946 section 3.1.6: exterior rings counter-clockwise, holes clockwise.
     return shapely.orient_polygons(geom, exterior_cw=False)
 
 
 def _properties(det: Detection) -> dict[str, Any]:
     score = None if det.score is None else float(det.score)
-    return {"label": str(det.label), "score": score, "source": str(det.source),
-            "question": str(det.question), "time": str(det.time)}
+    return {
+        "label": str(det.label),
+        "score": score,
+        "source": str(det.source),
+        "question": str(det.question),
+        "time": str(det.time),
+    }
 
 
 def to_feature_collection(detections: Iterable[Detection]) -> dict[str, Any]:
@@ -66,8 +73,9 @@ def to_feature_collection(detections: Iterable[Detection]) -> dict[str, Any]:
     features = []
     for i, det in enumerate(detections):
         geom = _checked_geometry(det, i)
-        features.append({"type": "Feature", "geometry": mapping(geom),
-                         "properties": _properties(det)})
+        features.append(
+            {"type": "Feature", "geometry": mapping(geom), "properties": _properties(det)}
+        )
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -75,8 +83,9 @@ def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place."""
     path = Path(path)
     if path.parent and not path.parent.is_dir():
-        raise ImageryError(f"Cannot export to {str(path)!r}: folder {str(path.parent)!r} does "
-                           "not exist.")
+        raise ImageryError(
+            f"Cannot export to {str(path)!r}: folder {str(path.parent)!r} does not exist."
+        )
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -100,8 +109,9 @@ def write_geojson(detections: Iterable[Detection], path: str | Path) -> Path:
     return _atomic(path, _write)
 
 
-def write_gpkg(detections: Iterable[Detection], path: str | Path, layer: str = "detections"
-               ) -> Path:
+def write_gpkg(
+    detections: Iterable[Detection], path: str | Path, layer: str = "detections"
+) -> Path:
     """Write detections as a GeoPackage layer (EPSG:4326); returns the path."""
     import geopandas as gpd
 

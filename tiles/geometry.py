@@ -127,7 +127,7 @@ def lonlat_to_px(transform: Affine, crs: Any, lon: Any, lat: Any) -> tuple[Any, 
 
 
 def norm_to_px(box: Sequence[float], width: int, height: int, scale: float = 1000) -> Box:
-    """Normalized ``(x1, y1, x2, y2)`` in ``0..scale`` -> pixels of a ``width`` x ``height`` chip."""
+    """Normalized ``(x1, y1, x2, y2)`` in ``0..scale`` -> pixels of a width x height chip."""
     x1, y1, x2, y2 = (float(v) for v in box[:4])
     return (x1 * width / scale, y1 * height / scale, x2 * width / scale, y2 * height / scale)
 

@@ -43,7 +43,10 @@ class Overlay:
 
 
 def overlay_from_chip(chip: Chip) -> Overlay:
-    alpha = (np.full(chip.pixels.shape[:2], 255, np.uint8) if chip.mask is None
-             else chip.mask.astype(np.uint8) * 255)
+    alpha = (
+        np.full(chip.pixels.shape[:2], 255, np.uint8)
+        if chip.mask is None
+        else chip.mask.astype(np.uint8) * 255
+    )
     rgba = np.dstack([chip.pixels, alpha])
     return Overlay(rgba=rgba, bounds_lonlat=chip.bounds_lonlat)

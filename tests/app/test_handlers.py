@@ -132,6 +132,10 @@ def test_plain_picture_is_answered_in_pixel_space(ctx: AppContext, tmp_path: Pat
     text, geojson = h.api_ask(ctx, str(png), "", "Find all trees")
     features = json.loads(geojson)["features"]
     assert len(features) == len(FAKE_BOXES) and all(f["geometry"] is None for f in features)
+    # box_px is in pixels of the uploaded 400x300 picture, whatever the chip size.
+    x1, y1, x2, y2 = features[0]["properties"]["box_px"]
+    fx1, fy1, fx2, fy2 = FAKE_BOXES[0]
+    assert np.allclose((x1, y1, x2, y2), (fx1 * 0.4, fy1 * 0.3, fx2 * 0.4, fy2 * 0.3), atol=1)
 
 
 def test_api_ask_with_bbox(ctx: AppContext) -> None:

@@ -57,8 +57,14 @@ def test_forward_loss_and_gradients(connector, experts):
     assert out.image_hidden_states.shape == (2, model.config.num_image_tokens, 32)
     out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("connector."))
-    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("vision_tower."))
+    assert any(
+        g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("connector.")
+    )
+    assert any(
+        g is not None and g.abs().sum() > 0
+        for n, g in grads.items()
+        if n.startswith("vision_tower.")
+    )
     expert_grads = [g for n, g in grads.items() if ".experts." in n]
     if experts:
         assert expert_grads and all(g is not None and g.abs().sum() > 0 for g in expert_grads)
@@ -91,7 +97,9 @@ def test_prompter_uses_semantics_and_query_and_works_without_them():
     batch = make_batch(model.config)
     with torch.no_grad():
         ref = model(**batch).logits
-        other_sem = model(**{**batch, "semantic_input_ids": batch["semantic_input_ids"].flip(1)}).logits
+        other_sem = model(
+            **{**batch, "semantic_input_ids": batch["semantic_input_ids"].flip(1)}
+        ).logits
         other_query = model(**{**batch, "query_input_ids": batch["query_input_ids"] + 1}).logits
         bare = {k: v for k, v in batch.items() if not k.startswith(("semantic_", "query_"))}
         no_extra = model(**bare).logits
@@ -100,7 +108,9 @@ def test_prompter_uses_semantics_and_query_and_works_without_them():
             semantic_input_ids=torch.zeros(2, 0, dtype=torch.long),
             semantic_attention_mask=torch.zeros(2, 0, dtype=torch.long),
         ).logits
-        all_masked = model(**{**batch, "semantic_attention_mask": torch.zeros(2, 6, dtype=torch.long)}).logits
+        all_masked = model(
+            **{**batch, "semantic_attention_mask": torch.zeros(2, 6, dtype=torch.long)}
+        ).logits
     assert not torch.allclose(ref, other_sem)
     assert not torch.allclose(ref, other_query)
     assert torch.isfinite(no_extra).all() and torch.isfinite(all_masked).all()
@@ -116,8 +126,12 @@ def test_placeholder_mismatch_raises():
     batch = make_batch(model.config)
     with pytest.raises(ValueError, match="no pixel_values"):
         model(input_ids=batch["input_ids"])
+    prompter = tiny_model(connector_type="semantic_prompter")
+    batch = make_batch(prompter.config)
     with pytest.raises(ValueError, match="one row per image"):
-        model(**{**batch, "semantic_input_ids": batch["semantic_input_ids"][:1]})
+        prompter(**{**batch, "semantic_input_ids": batch["semantic_input_ids"][:1]})
+    with pytest.raises(ValueError, match="token_types cover"):
+        prompter(**batch, token_types=torch.zeros(2, 3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("connector", CONNECTORS)
@@ -182,7 +196,9 @@ def test_save_and_load_roundtrip(tmp_path, connector):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
         px = batch["pixel_values"]
-        assert torch.equal(model.embed_image_for_retrieval(px), loaded.embed_image_for_retrieval(px))
+        assert torch.equal(
+            model.embed_image_for_retrieval(px), loaded.embed_image_for_retrieval(px)
+        )
 
 
 def test_auto_classes(tmp_path):
@@ -222,10 +238,58 @@ def test_other_backbones(vision, text):
     assert out.image_hidden_states.shape[1] == model.config.num_image_tokens == 4 + 2 * 3
 
 
+def test_siglip2_naflex_vision_tower():
+    from transformers import Siglip2ImageProcessorPil
+
+    from rsvlm.processing import RSVLMProcessor
+    from rsvlm.testing import tiny_tokenizer
+
+    vision = dict(
+        model_type="siglip2_vision_model",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_patches=4,
+        patch_size=14,
+    )
+    model = tiny_model(vision_config=vision, connector_type="semantic_prompter")
+    assert model.config.num_patches == 4
+    processor = RSVLMProcessor(
+        Siglip2ImageProcessorPil(max_num_patches=4, patch_size=14),
+        tiny_tokenizer(),
+        num_image_tokens=model.config.num_image_tokens,
+    )
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8))
+    batch = processor(text="<image> describe", images=[image], queries="describe")
+    assert "spatial_shapes" in batch and "pixel_attention_mask" in batch
+    out = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 2
+
+
+def test_gradient_checkpointing_keeps_routing():
+    model = tiny_model(connector_type="semantic_prompter").train()
+    batch = make_batch(model.config)
+    model(**batch).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(**batch).loss.backward()
+    for name, p in model.named_parameters():
+        if name in ref:
+            assert torch.allclose(p.grad, ref[name], atol=1e-6), name
+
+
 def test_set_trainable_is_structural():
     model = tiny_model(connector_type="semantic_prompter").train()
     counts = model.set_trainable(
-        vision_tower=False, connector=True, language_model=False, experts=True,
+        vision_tower=False,
+        connector=True,
+        language_model=False,
+        experts=True,
         retrieval_projection=False,
     )
     assert counts["vision_tower"] == counts["language_model"] == counts["retrieval_projection"] == 0
@@ -252,15 +316,39 @@ def test_from_parts_keeps_pretrained_weights_and_adds_image_token():
     lm_w = lm.model.layers[0].self_attn.q_proj.weight.clone()
     tokenizer = tiny_tokenizer()
     model = RSVLMForConditionalGeneration.from_parts(
-        vision, lm, tokenizer=tokenizer, vision_feature_layers=[1, 2], connector_type="mlp",
-        experts_every_k_layers=1, experts_rank=4, retrieval_embed_dim=16,
+        vision,
+        lm,
+        tokenizer=tokenizer,
+        vision_feature_layers=[1, 2],
+        connector_type="mlp",
+        experts_every_k_layers=1,
+        experts_rank=4,
+        retrieval_embed_dim=16,
     )
     assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>") == 109
     assert model.get_input_embeddings().num_embeddings == 110
-    assert torch.equal(model.vision_tower.model.embeddings.patch_embeddings.projection.weight, vision_w)
+    assert torch.equal(
+        model.vision_tower.model.embeddings.patch_embeddings.projection.weight, vision_w
+    )
     assert torch.equal(model.language_model.model.layers[0].self_attn.q_proj.weight, lm_w)
     assert all((w.experts[0].expand.weight == 0).all() for w in model.semantic_experts())
+    # Wrapping the parts' configs must not reset their attention implementation.
+    assert model.vision_tower.model.config._attn_implementation == "sdpa"
+    assert model.language_model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="image_token_id"):
         RSVLMForConditionalGeneration.from_parts(
             vision, lm, connector_type="mlp", vision_feature_layers=[1, 2], experts_enabled=False
         )
+
+
+def test_bfloat16_forward_generate_and_retrieval():
+    model = tiny_model(connector_type="semantic_prompter").to(torch.bfloat16)
+    batch = make_batch(model.config, batch=1)
+    with torch.no_grad():
+        out = model(**batch)
+        vecs = model.embed_image_for_retrieval(batch["pixel_values"])
+    assert torch.isfinite(out.loss) and out.logits.dtype == torch.bfloat16
+    assert vecs.dtype == torch.float32  # ready for the faiss index
+    del batch["labels"]
+    gen = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert gen.shape[1] == batch["input_ids"].shape[1] + 2

@@ -28,7 +28,12 @@ def test_default_is_the_embedded_preset_shape():
 def test_num_image_tokens_per_connector(connector, expected):
     config = tiny_config(connector_type=connector)
     assert config.num_image_tokens == expected
-    assert tiny_config(connector_type="semantic_prompter", prompter_include_patch_tokens=False).num_image_tokens == 6
+    assert (
+        tiny_config(
+            connector_type="semantic_prompter", prompter_include_patch_tokens=False
+        ).num_image_tokens
+        == 6
+    )
 
 
 def test_experts_every_k_layers():
@@ -71,7 +76,7 @@ def test_json_roundtrip_and_autoconfig(tmp_path):
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, RSVLMConfig)
-    assert loaded.to_dict() == config.to_dict()
+    assert loaded.to_diff_dict() == config.to_diff_dict()
     assert loaded.vision_config.model_type == "siglip_vision_model"
     assert loaded.text_config.model_type == "qwen2"
     assert loaded.num_image_tokens == config.num_image_tokens

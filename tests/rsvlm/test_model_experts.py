@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from rsvlm.experts import (
     TOKEN_TYPE_IMAGE,
@@ -39,8 +39,16 @@ def _wrapper(levels: int = 3, dim: int = 8, rank: int = 2) -> SemanticExpertsMLP
 def test_masks_and_gates_follow_the_paper():
     wrapper = _wrapper(levels=3)
     types = torch.tensor(
-        [[TOKEN_TYPE_TEXT, TOKEN_TYPE_IMAGE, TOKEN_TYPE_SEMANTIC, TOKEN_TYPE_SEMANTIC + 1,
-          TOKEN_TYPE_SEMANTIC + 2, TOKEN_TYPE_TEXT]]
+        [
+            [
+                TOKEN_TYPE_TEXT,
+                TOKEN_TYPE_IMAGE,
+                TOKEN_TYPE_SEMANTIC,
+                TOKEN_TYPE_SEMANTIC + 1,
+                TOKEN_TYPE_SEMANTIC + 2,
+                TOKEN_TYPE_TEXT,
+            ]
+        ]
     )
     wrapper.token_types = types
     hidden = torch.randn(1, 6, 8)
@@ -65,7 +73,9 @@ def test_expert_inputs_are_masked_per_level():
         expert.reduce.register_forward_hook(
             lambda mod, args, out, level=level: seen.__setitem__(level, args[0].detach())
         )
-    types = torch.tensor([[TOKEN_TYPE_IMAGE, TOKEN_TYPE_SEMANTIC, TOKEN_TYPE_SEMANTIC + 1, TOKEN_TYPE_TEXT]])
+    types = torch.tensor(
+        [[TOKEN_TYPE_IMAGE, TOKEN_TYPE_SEMANTIC, TOKEN_TYPE_SEMANTIC + 1, TOKEN_TYPE_TEXT]]
+    )
     wrapper.token_types = types
     hidden = torch.randn(1, 4, 8)
     wrapper(hidden)
@@ -87,7 +97,9 @@ def test_output_is_ffn_plus_gated_experts():
     out = wrapper(hidden)
     base = wrapper.base_layer(hidden)
     gates = torch.softmax(wrapper.router(hidden), dim=-1)
-    text = base[0, 0] + sum(gates[0, 0, lvl] * wrapper.experts[lvl](hidden[0, 0]) for lvl in range(2))
+    text = base[0, 0] + sum(
+        gates[0, 0, lvl] * wrapper.experts[lvl](hidden[0, 0]) for lvl in range(2)
+    )
     assert torch.allclose(out[0, 0], text, atol=1e-6)
     # The level-1 semantic token goes through expert 1 only.
     assert torch.allclose(out[0, 1], base[0, 1] + wrapper.experts[1](hidden[0, 1]), atol=1e-6)
@@ -126,9 +138,12 @@ def test_injection_into_stock_decoder(model_type):
     assert len(wrappers) == 1 and isinstance(lm.model.layers[1].mlp, SemanticExpertsMLP)
     assert not isinstance(lm.model.layers[0].mlp, SemanticExpertsMLP)
     # Idempotent, and zero-initialised expansions leave the pretrained model unchanged.
-    assert inject_semantic_experts(
-        lm, layer_indices=[1], num_layers=2, hidden_size=32, num_levels=3, rank=4
-    ) == wrappers
+    assert (
+        inject_semantic_experts(
+            lm, layer_indices=[1], num_layers=2, hidden_size=32, num_levels=3, rank=4
+        )
+        == wrappers
+    )
     with torch.no_grad():
         assert torch.allclose(lm(input_ids=ids).logits, ref, atol=1e-6)
         nn.init.normal_(wrappers[0].experts[2].expand.weight, std=0.5)
@@ -147,6 +162,10 @@ def test_injection_into_stock_decoder(model_type):
 def test_injection_needs_a_decoder():
     with pytest.raises(ValueError, match="decoder layers"):
         inject_semantic_experts(
-            nn.Sequential(nn.Linear(4, 4)), layer_indices=[0], num_layers=2, hidden_size=4,
-            num_levels=2, rank=2,
+            nn.Sequential(nn.Linear(4, 4)),
+            layer_indices=[0],
+            num_layers=2,
+            hidden_size=4,
+            num_levels=2,
+            rank=2,
         )

@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 
 from rsvlm.processing import RSVLMProcessor
-from rsvlm.testing import TINY_IMAGE_TOKEN_ID, tiny_config, tiny_model, tiny_processor, tiny_tokenizer
+from rsvlm.testing import (
+    TINY_IMAGE_TOKEN_ID,
+    tiny_config,
+    tiny_model,
+    tiny_processor,
+    tiny_tokenizer,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -43,7 +49,9 @@ def test_chat_template_and_fallback():
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = None
     plain = RSVLMProcessor(processor.image_processor, tokenizer, num_image_tokens=3)
-    assert plain.build_prompt(MESSAGES) == "User: <image>\nhow many buildings are there ?\nAssistant:"
+    assert (
+        plain.build_prompt(MESSAGES) == "User: <image>\nhow many buildings are there ?\nAssistant:"
+    )
     with pytest.raises(ValueError, match="role"):
         processor.build_prompt([{"content": "x"}])
 
@@ -60,7 +68,9 @@ def test_semantic_texts_and_queries():
     assert batch["semantic_attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 0, 0]]
     assert batch["query_attention_mask"].tolist() == [[1], [0]]
     vocab = processor.tokenizer.get_vocab()
-    assert batch["semantic_input_ids"][0].tolist() == [vocab[w] for w in ("dense", "residential", "area", "a")]
+    assert batch["semantic_input_ids"][0].tolist() == [
+        vocab[w] for w in ("dense", "residential", "area", "a")
+    ]
 
 
 def test_mismatched_inputs_raise():
@@ -96,14 +106,16 @@ def test_save_and_load_roundtrip(tmp_path):
 
 def test_from_config_checks_token_id():
     config = tiny_config()
-    processor = RSVLMProcessor.from_config(config, tiny_processor().image_processor, tiny_tokenizer())
+    processor = RSVLMProcessor.from_config(
+        config, tiny_processor().image_processor, tiny_tokenizer()
+    )
     assert processor.num_image_tokens == config.num_image_tokens
     bad = tiny_config(image_token_id=5)
     with pytest.raises(ValueError, match="image_token_id|model config"):
         RSVLMProcessor.from_config(bad, processor.image_processor, tiny_tokenizer())
 
 
-@pytest.mark.parametrize("vision", ["dinov2", "siglip"])
+@pytest.mark.parametrize("vision", ["dinov2", pytest.param("siglip", marks=pytest.mark.slow)])
 def test_processor_output_feeds_the_model(vision):
     model = tiny_model(vision=vision, connector_type="semantic_prompter")
     processor = tiny_processor(model.config, vision=vision)

@@ -147,10 +147,7 @@ def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
     return normalize(centres[labels] + 0.6 * normalize(rng.standard_normal((n, dim))))
 
 
-def test_large_database_switches_to_hnsw(tmp_path: Path) -> None:
-    """Above EXACT_MAX the index is HNSW; its answers agree with exact search (low dim keeps
-    the build to a few seconds)."""
-    n, dim = SemanticDatabase.EXACT_MAX + 10_000, 16
+def _check_hnsw(n: int, dim: int, tmp_path: Path) -> None:
     vectors = _clustered(n, dim, seed=1)
     db = SemanticDatabase([f"d{i}" for i in range(n)], vectors)
     assert db.index_type == "hnsw"
@@ -163,6 +160,18 @@ def test_large_database_switches_to_hnsw(tmp_path: Path) -> None:
     loaded = SemanticDatabase.from_pretrained(tmp_path / "hnsw")
     assert loaded.index_type == "hnsw" and loaded.index.hnsw.efSearch == db.ef_search
     assert [[h.index for h in hits] for hits in loaded.search(queries[:20], 5)] == found[:20]
+
+
+def test_large_database_switches_to_hnsw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above EXACT_MAX the index is HNSW and agrees with exact search (threshold lowered here
+    to keep the build short; the real threshold is exercised by the slow test below)."""
+    monkeypatch.setattr(SemanticDatabase, "EXACT_MAX", 3000)
+    _check_hnsw(4000, 32, tmp_path)
+
+
+@pytest.mark.slow
+def test_hnsw_at_real_threshold(tmp_path: Path) -> None:
+    _check_hnsw(SemanticDatabase.EXACT_MAX + 10_000, 64, tmp_path)
 
 
 def test_forced_flat_on_large_input() -> None:

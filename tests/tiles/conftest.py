@@ -44,8 +44,9 @@ def write_raster(
     from rasterio.transform import from_origin
 
     count, height, width = data.shape
-    profile: dict[str, Any] = dict(driver=driver, width=width, height=height, count=count,
-                                   dtype=data.dtype.name, **extra)
+    profile: dict[str, Any] = dict(
+        driver=driver, width=width, height=height, count=count, dtype=data.dtype.name, **extra
+    )
     if crs is not None:
         default_res, x0, y0 = CRS_PARAMS.get(crs, (1.0, 0.0, 0.0))
         res = res or default_res
@@ -67,8 +68,9 @@ def write_raster(
     return path
 
 
-def gradient(count: int, height: int, width: int, dtype: str = "uint8", scale: float = 1.0
-             ) -> np.ndarray:
+def gradient(
+    count: int, height: int, width: int, dtype: str = "uint8", scale: float = 1.0
+) -> np.ndarray:
     """Bands that differ and vary smoothly, so resampling and band order are visible."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     bands = [(xx * (i + 1) + yy * (count - i)) % 251 for i in range(count)]
@@ -107,28 +109,40 @@ def demo_tiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = root / "tiles"
     mbtiles = root / "demo.mbtiles"
     db = sqlite3.connect(mbtiles)
-    db.executescript("CREATE TABLE metadata (name TEXT, value TEXT);"
-                     "CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, "
-                     "tile_row INTEGER, tile_data BLOB);")
+    db.executescript(
+        "CREATE TABLE metadata (name TEXT, value TEXT);"
+        "CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, "
+        "tile_row INTEGER, tile_data BLOB);"
+    )
     with tiles.open_source(DEMO) as src:
         w, s, e, n = src.bounds_lonlat
-        db.executemany("INSERT INTO metadata VALUES (?, ?)",
-                       [("name", "demo"), ("format", "png"), ("bounds", f"{w},{s},{e},{n}")])
+        db.executemany(
+            "INSERT INTO metadata VALUES (?, ?)",
+            [("name", "demo"), ("format", "png"), ("bounds", f"{w},{s},{e},{n}")],
+        )
         zooms = (17, 18, 19)
         for t in mercantile.tiles(w, s, e, n, zooms):
             tb = mercantile.xy_bounds(t)
-            chip = src.chip((tb.left, tb.bottom, tb.right, tb.top), crs="EPSG:3857",
-                            size=(256, 256))
-            rgba = np.dstack([chip.pixels, (chip.mask if chip.mask is not None else
-                                            np.ones(chip.pixels.shape[:2], bool)) * 255])
+            chip = src.chip(
+                (tb.left, tb.bottom, tb.right, tb.top), crs="EPSG:3857", size=(256, 256)
+            )
+            rgba = np.dstack(
+                [
+                    chip.pixels,
+                    (chip.mask if chip.mask is not None else np.ones(chip.pixels.shape[:2], bool))
+                    * 255,
+                ]
+            )
             from PIL import Image
 
             out = folder / str(t.z) / str(t.x) / f"{t.y}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rgba.astype(np.uint8), "RGBA").save(out)
             # MBTiles rows are TMS: counted from the south.
-            db.execute("INSERT INTO tiles VALUES (?, ?, ?, ?)",
-                       (t.z, t.x, (1 << t.z) - 1 - t.y, out.read_bytes()))
+            db.execute(
+                "INSERT INTO tiles VALUES (?, ?, ?, ?)",
+                (t.z, t.x, (1 << t.z) - 1 - t.y, out.read_bytes()),
+            )
     db.commit()
     db.close()
     return {"folder": folder, "mbtiles": mbtiles, "bounds_lonlat": (w, s, e, n)}

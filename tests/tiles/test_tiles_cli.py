@@ -28,8 +28,21 @@ def test_chip_geotiff_is_georeferenced(demo_raster, tmp_path, capsys):
 
     out = tmp_path / "chip.tif"
     bbox = (32.594, 0.3505, 32.595, 0.351)
-    assert main(["chip", str(demo_raster), "--bbox", ",".join(map(str, bbox)), "--size", "256",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "chip",
+                str(demo_raster),
+                "--bbox",
+                ",".join(map(str, bbox)),
+                "--size",
+                "256",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["width"] == 256
     with rasterio.open(out) as ds:
@@ -43,8 +56,21 @@ def test_chip_png_and_reprojection(demo_raster, tmp_path, capsys):
     from PIL import Image
 
     out = tmp_path / "chip.png"
-    assert main(["chip", str(demo_raster), "--out-crs", "EPSG:32636", "--size", "128x100",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "chip",
+                str(demo_raster),
+                "--out-crs",
+                "EPSG:32636",
+                "--size",
+                "128x100",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["crs"] == "EPSG:32636"
     assert Image.open(out).size == (128, 100)
     assert np.asarray(Image.open(out)).mean() > 20
@@ -62,7 +88,11 @@ def test_errors_exit_cleanly(tmp_path, capsys):
 
 
 def test_python_dash_m(demo_raster):
-    proc = subprocess.run([sys.executable, "-m", "tiles", "info", str(demo_raster)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tiles", "info", str(demo_raster)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["count"] == 3

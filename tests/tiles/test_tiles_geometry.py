@@ -54,8 +54,9 @@ def test_axis_aligned_box_round_trip(grid):
     lon_w, lat_s, lon_e, lat_n = poly.bounds
     assert lon_w < lon_e and lat_s < lat_n and 32 < lon_w < 33
     back = geometry.polygon_crs_to_px(poly, t, crs)
-    np.testing.assert_allclose(np.asarray(back.exterior.coords)[:4],
-                               geometry.box_corners(box), atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(back.exterior.coords)[:4], geometry.box_corners(box), atol=1e-4
+    )
     assert geometry.bounds_to_box_px(poly.bounds, t, crs) == pytest.approx(box, abs=0.5)
 
 
@@ -80,8 +81,9 @@ def test_polygon_round_trip_through_every_crs(grid):
     for other in GRIDS:
         geo = geometry.polygon_px_to_crs(poly_px, t, crs, other)
         back = geometry.polygon_crs_to_px(geo, t, crs, other)
-        np.testing.assert_allclose(np.asarray(back.exterior.coords), poly_px.exterior.coords,
-                                   atol=1e-3)
+        np.testing.assert_allclose(
+            np.asarray(back.exterior.coords), poly_px.exterior.coords, atol=1e-3
+        )
 
 
 def test_bounds_round_trip(grid):

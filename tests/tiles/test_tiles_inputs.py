@@ -22,8 +22,12 @@ def _png_with_header(path: Path, width: int, height: int) -> Path:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-                     + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -71,7 +75,9 @@ def test_geotiff_without_crs_is_pixel_space(raster_factory, make_data):
         assert info["crs"] is None and "pixel space" in info["note"]
         chip = src.chip((10, 10, 60, 60), size=50)
     assert chip.crs is None and chip.box_to_polygon((0, 0, 5, 5)) is None
-    np.testing.assert_array_equal(chip.pixels, np.moveaxis(make_data(3, 100, 150), 0, -1)[10:60, 10:60])
+    np.testing.assert_array_equal(
+        chip.pixels, np.moveaxis(make_data(3, 100, 150), 0, -1)[10:60, 10:60]
+    )
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -100,8 +106,10 @@ def test_truncated_geotiff(raster_factory, make_data):
     path = raster_factory(make_data(3, 512, 512), tiled=True)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ImageryError, match="truncated|not an image"), \
-            tiles.open_source(path) as src:
+    with (
+        pytest.raises(ImageryError, match="truncated|not an image"),
+        tiles.open_source(path) as src,
+    ):
         src.chip(None, size=512)
 
 
@@ -114,8 +122,10 @@ def test_truncated_jpeg(tmp_path, make_data):
         src.chip(None)
 
 
-@pytest.mark.parametrize("bbox", [(0, 0, 0, 1), (1, 1, 0, 2), (5, 5, 5, 5), (0, 2, 1, 1),
-                                  (float("nan"), 0, 1, 1), (1, 2, 3)])
+@pytest.mark.parametrize(
+    "bbox",
+    [(0, 0, 0, 1), (1, 1, 0, 2), (5, 5, 5, 5), (0, 2, 1, 1), (float("nan"), 0, 1, 1), (1, 2, 3)],
+)
 def test_zero_area_or_malformed_bbox(demo_raster, bbox):
     with tiles.open_source(demo_raster) as src, pytest.raises(ImageryError, match="bbox"):
         src.chip(bbox)
@@ -136,7 +146,23 @@ def test_pixel_space_bbox_outside(tmp_path):
         src.chip((100, 100, 200, 200))
 
 
-@pytest.mark.parametrize("size", [0, -5, 100_000, (0, 10), (20000, 20000), "big", 2.5, True])
+@pytest.mark.parametrize(
+    "size",
+    [
+        0,
+        -5,
+        100_000,
+        (0, 10),
+        (20000, 20000),
+        "big",
+        2.5,
+        True,
+        float("nan"),
+        float("inf"),
+        (float("inf"), 5),
+        (1, 2, 3),
+    ],
+)
 def test_absurd_chip_sizes(demo_raster, size):
     with tiles.open_source(demo_raster) as src, pytest.raises(ImageryError, match="size|Size"):
         src.chip(None, size=size)
@@ -147,10 +173,22 @@ def test_huge_geotiff_header_does_not_allocate(tmp_path):
     from rasterio.transform import from_origin
 
     path = tmp_path / "huge.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=100_000, height=100_000, count=3,
-                       dtype="uint8", crs="EPSG:3857", transform=from_origin(0, 0, 1, 1),
-                       tiled=True, blockxsize=512, blockysize=512, SPARSE_OK=True,
-                       BIGTIFF="YES"):
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=100_000,
+        height=100_000,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:3857",
+        transform=from_origin(0, 0, 1, 1),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        SPARSE_OK=True,
+        BIGTIFF="YES",
+    ):
         pass
     assert path.stat().st_size < 2_000_000
     with tiles.open_source(path) as src:

@@ -32,7 +32,9 @@ def test_chip_bounds_equal_request_within_one_pixel(raster_factory, make_data, c
     # ... and in lon/lat, which is what the app compares against.
     gw, gs, ge, gn = chip.bounds_lonlat
     deg_px = (e - w) / 800
-    assert gw == pytest.approx(req[0], abs=2 * deg_px) and ge == pytest.approx(req[2], abs=2 * deg_px)
+    assert gw == pytest.approx(req[0], abs=2 * deg_px) and ge == pytest.approx(
+        req[2], abs=2 * deg_px
+    )
 
 
 def test_square_size_keeps_the_whole_bbox(raster_factory, make_data):
@@ -93,10 +95,20 @@ def test_windowed_reads_on_large_tiled_raster(tmp_path, monkeypatch):
     from rasterio.windows import Window
 
     path = tmp_path / "large.tif"
-    profile = dict(driver="GTiff", width=20000, height=20000, count=3, dtype="uint8",
-                   crs="EPSG:3857", transform=from_origin(3620000, 45000, 0.5, 0.5),
-                   tiled=True, blockxsize=512, blockysize=512, compress="deflate",
-                   SPARSE_OK=True)
+    profile = dict(
+        driver="GTiff",
+        width=20000,
+        height=20000,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:3857",
+        transform=from_origin(3620000, 45000, 0.5, 0.5),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        SPARSE_OK=True,
+    )
     patch = np.full((3, 512, 512), 200, np.uint8)
     patch[0] = np.arange(512, dtype=np.uint8)[None, :]
     with rasterio.open(path, "w", **profile) as dst:
@@ -108,14 +120,14 @@ def test_windowed_reads_on_large_tiled_raster(tmp_path, monkeypatch):
     real_read = src._reader.read
 
     def spy(*args, **kwargs):
-        reads.append((kwargs["window"], kwargs["out_shape"]))
+        reads.append((kwargs["window"], kwargs["out"].shape))
         return real_read(*args, **kwargs)
 
     monkeypatch.setattr(src._reader, "read", spy)
     x0, y1 = src._reader.transform @ (10240, 10240)
     x1, y0 = src._reader.transform @ (10752, 10752)
     chip = src.chip((x0, y0, x1, y1), crs="EPSG:3857", size=512)
-    (window, out_shape), = reads
+    ((window, out_shape),) = reads
     assert (round(window.width), round(window.height)) == (512, 512)
     assert out_shape == (3, 512, 512)
     np.testing.assert_array_equal(chip.pixels, np.moveaxis(patch, 0, -1))
@@ -126,8 +138,9 @@ def test_windowed_reads_on_large_tiled_raster(tmp_path, monkeypatch):
 
 
 def test_overviews_are_used(raster_factory, make_data, monkeypatch):
-    path = raster_factory(make_data(3, 2048, 2048), crs="EPSG:3857", tiled=True,
-                          overviews=(2, 4, 8))
+    path = raster_factory(
+        make_data(3, 2048, 2048), crs="EPSG:3857", tiled=True, overviews=(2, 4, 8)
+    )
     with tiles.open_source(path) as src:
         assert src.info()["overviews"] == [2, 4, 8]
         whole = src.chip(None, size=256)
@@ -195,8 +208,18 @@ def test_single_band_is_grey_and_rgba_alpha_is_a_mask(raster_factory, make_data)
 def test_info_fields(demo_raster):
     with RasterSource(demo_raster) as src:
         info = src.info()
-    for key in ("driver", "width", "height", "count", "dtype", "crs", "bounds", "bounds_lonlat",
-                "resolution", "overviews"):
+    for key in (
+        "driver",
+        "width",
+        "height",
+        "count",
+        "dtype",
+        "crs",
+        "bounds",
+        "bounds_lonlat",
+        "resolution",
+        "overviews",
+    ):
         assert key in info
     assert info["crs"] == "EPSG:3857" and (info["width"], info["height"]) == (1536, 1024)
     w, s, e, n = info["bounds_lonlat"]
@@ -228,3 +251,87 @@ def test_chip_geometry_methods(demo_raster):
     assert obb.area == pytest.approx(poly.area * (100 * 20) / (chip.width * chip.height), rel=1e-3)
     image = chip.to_image()
     assert image.size == (chip.width, chip.height)
+
+
+def test_palette_raster_uses_its_colour_table(raster_factory):
+    import rasterio
+
+    data = np.zeros((1, 40, 40), np.uint8)
+    data[0, :, 20:] = 1
+    path = raster_factory(data)
+    with rasterio.open(path, "r+") as ds:
+        ds.write_colormap(1, {0: (255, 0, 0, 255), 1: (0, 0, 255, 255)})
+    with tiles.open_source(path) as src:
+        chip = src.chip(None, size=20)
+    assert (chip.pixels[:, :9] == (255, 0, 0)).all() and (chip.pixels[:, 11:] == (0, 0, 255)).all()
+
+
+def test_rotated_grid_is_read_north_up(tmp_path, make_data):
+    import rasterio
+    from affine import Affine
+
+    path = tmp_path / "rotated.tif"
+    transform = Affine.translation(3628300, 39100) * Affine.rotation(20) * Affine.scale(1, -1)
+    data = make_data(3, 100, 100)
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=100,
+        height=100,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:3857",
+        transform=transform,
+    ) as dst:
+        dst.write(data)
+    with tiles.open_source(path) as src:
+        chip = src.chip(None, size=128)
+        w, s, e, n = src.bounds
+    assert chip.transform.b == 0 and chip.transform.e < 0
+    assert (e - w) == pytest.approx(
+        100 * (np.cos(np.radians(20)) + np.sin(np.radians(20))), rel=0.02
+    )
+    assert chip.mask is not None and chip.mask.mean() > 0.5  # rotated square inside its bounds
+
+
+def test_internal_mask_band(tmp_path, make_data):
+    import rasterio
+
+    path = tmp_path / "masked.tif"
+    data = make_data(3, 64, 64)
+    with (
+        rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True),
+        rasterio.open(
+            path,
+            "w",
+            driver="GTiff",
+            width=64,
+            height=64,
+            count=3,
+            dtype="uint8",
+            crs="EPSG:3857",
+            transform=rasterio.transform.from_origin(3628300, 39100, 1, 1),
+        ) as dst,
+    ):
+        dst.write(data)
+        mask = np.full((64, 64), 255, np.uint8)
+        mask[:32] = 0
+        dst.write_mask(mask)
+    with tiles.open_source(path) as src:
+        chip = src.chip(None, size=32)
+    assert chip.mask is not None and not chip.mask[:15].any() and chip.mask[17:].all()
+
+
+def test_chips_from_several_threads(demo_raster):
+    """The UI serves sessions from threads; one source must give the same chips concurrently."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with tiles.open_source(demo_raster) as src:
+        w, s, e, n = src.bounds_lonlat
+        boxes = [(w + i * (e - w) / 10, s, w + (i + 3) * (e - w) / 10, n) for i in range(6)]
+        serial = [src.chip(b, size=128).pixels for b in boxes]
+        with ThreadPoolExecutor(4) as pool:
+            parallel = list(pool.map(lambda b: src.chip(b, size=128).pixels, boxes * 3))
+    for i, pixels in enumerate(parallel):
+        np.testing.assert_array_equal(pixels, serial[i % len(boxes)])

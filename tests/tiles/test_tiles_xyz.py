@@ -69,7 +69,15 @@ def test_url_template_offline_uses_only_the_cache(demo_tiles, tmp_path):
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(png, dest)
         chip = src.chip(bbox, size=256)
-    assert chip.meta["zoom"] == 18 and chip.mask is None
+        assert chip.meta["zoom"] == 18 and chip.mask is None
+        # Half of zoom 19 cached too: the chip uses it and fills the holes from zoom 18.
+        z19 = sorted((demo_tiles["folder"] / "19").rglob("*.png"))
+        for png in z19[::2]:
+            dest = cache / "19" / png.parent.name / f"{png.stem}.tile"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(png, dest)
+        patchy = src.chip(bbox, size=256)
+    assert patchy.meta["zooms"] == [19, 18] and patchy.mask is None
 
 
 def test_provider_name_is_recognised_but_offline(tmp_path, demo_tiles):
@@ -92,6 +100,41 @@ def test_bad_tile_inputs(tmp_path):
 
 
 def test_bbox_outside_tiles(demo_tiles):
-    with tiles.open_source(demo_tiles["mbtiles"]) as src, pytest.raises(ImageryError,
-                                                                         match="overlap"):
+    with (
+        tiles.open_source(demo_tiles["mbtiles"]) as src,
+        pytest.raises(ImageryError, match="overlap"),
+    ):
         src.chip((10.0, 10.0, 10.01, 10.01))
+
+
+def test_downloads_fill_the_cache_when_allowed(demo_tiles, tmp_path, monkeypatch):
+    """With allow_network=True missing tiles are fetched (here from a fake session) and cached;
+    the same request then works offline."""
+    import requests
+
+    calls = []
+
+    class FakeResponse:
+        def __init__(self, content: bytes | None) -> None:
+            self.status_code = 200 if content else 404
+            self.content = content or b""
+
+    def fake_get(self, url, timeout=None):
+        calls.append(url)
+        z, x, y = url.rsplit("/", 3)[1:]
+        tile = demo_tiles["folder"] / z / x / y
+        return FakeResponse(tile.read_bytes() if tile.is_file() else None)
+
+    monkeypatch.setattr(requests.Session, "get", fake_get)
+    url = "https://tiles.example.invalid/{z}/{x}/{y}.png"
+    bbox = _inner_bbox(demo_tiles["bounds_lonlat"])
+    with tiles.open_source(url, allow_network=True, cache_dir=tmp_path) as src:
+        online = src.chip(bbox, size=256)
+    assert calls and online.meta["zoom"] == 19
+    assert len(list(tmp_path.rglob("*.tile"))) == len(calls)
+    assert not list(tmp_path.rglob("*.part"))
+    calls.clear()
+    with tiles.open_source(url, cache_dir=tmp_path) as src:
+        offline = src.chip(bbox, size=256)
+    assert not calls
+    np.testing.assert_array_equal(offline.pixels, online.pixels)

@@ -30,10 +30,14 @@ log = logging.getLogger(__name__)
 PICTURE_DRIVERS = {"PNG", "JPEG", "GIF", "BMP", "WEBP"}
 
 
-def open_source(src: str | Path | Any, *, allow_network: bool = False,
-                bands: Sequence[int] | None = None,
-                stretch: Sequence[tuple[float, float]] | None = None,
-                cache_dir: str | Path | None = None) -> Source:
+def open_source(
+    src: str | Path | Any,
+    *,
+    allow_network: bool = False,
+    bands: Sequence[int] | None = None,
+    stretch: Sequence[tuple[float, float]] | None = None,
+    cache_dir: str | Path | None = None,
+) -> Source:
     """Open imagery: a raster file, a plain picture, or XYZ tiles.
 
     ``src`` may be a path (GeoTIFF/COG or anything GDAL reads, PNG/JPEG), an MBTiles file, a
@@ -51,9 +55,11 @@ def open_source(src: str | Path | Any, *, allow_network: bool = False,
         return xyz
     path = Path(text)
     if not path.exists():
-        raise ImageryError(f"{text!r} was not found: give an image or raster file, an MBTiles "
-                           "file, a z/x/y tile folder, a tile URL template or a tile provider "
-                           "name such as 'Esri.WorldImagery'.")
+        raise ImageryError(
+            f"{text!r} was not found: give an image or raster file, an MBTiles "
+            "file, a z/x/y tile folder, a tile URL template or a tile provider "
+            "name such as 'Esri.WorldImagery'."
+        )
     if path.is_file() and path.stat().st_size == 0:
         raise ImageryError(f"{path.name!r} is an empty file.")
     try:

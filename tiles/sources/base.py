@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,20 +35,25 @@ def output_shape(extent_w: float, extent_h: float, size: Size) -> tuple[int, int
     """
     if isinstance(size, bool):
         raise ImageryError(f"Chip size must be a number of pixels, got {size!r}.")
-    if isinstance(size, int | float):
+    if not (extent_w > 0 and extent_h > 0):
+        raise ImageryError("The requested area has zero width or height.")
+    if isinstance(size, numbers.Real):  # numpy integers too
+        if not math.isfinite(size) or int(size) != size:
+            raise ImageryError(f"Chip size must be a whole number of pixels, got {size!r}.")
         side = int(size)
-        if side != size or not 1 <= side <= MAX_CHIP_SIDE:
+        if not 1 <= side <= MAX_CHIP_SIDE:
             raise ImageryError(f"Chip size {size!r} is out of range: use 1..{MAX_CHIP_SIDE} px.")
         if extent_w >= extent_h:
             return side, max(1, round(side * extent_h / extent_w))
         return max(1, round(side * extent_w / extent_h)), side
     try:
         width, height = (int(v) for v in size)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ImageryError(f"Chip size must be an int or (width, height), got {size!r}.") from exc
     if not (1 <= width <= MAX_CHIP_SIDE and 1 <= height <= MAX_CHIP_SIDE):
-        raise ImageryError(f"Chip size {width}x{height} is out of range: each side must be "
-                           f"1..{MAX_CHIP_SIDE} px.")
+        raise ImageryError(
+            f"Chip size {width}x{height} is out of range: each side must be 1..{MAX_CHIP_SIDE} px."
+        )
     return width, height
 
 
@@ -86,8 +92,16 @@ class WindowSplit:
     height: float
 
 
-def split_window(col: float, row: float, width: float, height: float, src_w: int, src_h: int,
-                 out_w: int, out_h: int) -> WindowSplit | None:
+def split_window(
+    col: float,
+    row: float,
+    width: float,
+    height: float,
+    src_w: int,
+    src_h: int,
+    out_w: int,
+    out_h: int,
+) -> WindowSplit | None:
     """Clip a (float) source window to the source extent and map the clip to output pixels.
 
     The output grid keeps the requested extent; only the part that overlaps the source is read
@@ -128,8 +142,14 @@ class Source(ABC):
         """JSON-ready description (what ``python -m tiles info`` prints)."""
 
     @abstractmethod
-    def chip(self, bbox: Sequence[float] | None = None, *, crs: Any = geometry.LONLAT,
-             size: Size = 512, out_crs: Any = None) -> Chip:
+    def chip(
+        self,
+        bbox: Sequence[float] | None = None,
+        *,
+        crs: Any = geometry.LONLAT,
+        size: Size = 512,
+        out_crs: Any = None,
+    ) -> Chip:
         """RGB chip of ``bbox`` (W, S, E, N in ``crs``; the whole source when None).
 
         The chip is in the source's CRS unless ``out_crs`` asks for another (then it is
@@ -151,8 +171,10 @@ class Source(ABC):
         box = check_bbox(bbox)
         req_crs = geometry.as_crs(crs if crs is not None else self.crs)
         if req_crs.is_geographic and (box[1] < -90 or box[3] > 90):
-            raise ImageryError(f"The bbox {list(box)} has latitudes outside -90..90: is it in "
-                               f"{req_crs.to_string()}, and in W,S,E,N order?")
+            raise ImageryError(
+                f"The bbox {list(box)} has latitudes outside -90..90: is it in "
+                f"{req_crs.to_string()}, and in W,S,E,N order?"
+            )
         target = geometry.transform_bounds(box, req_crs, target_crs)
         if not intersects(target, src_in_target):
             where = self.bounds_lonlat

@@ -45,18 +45,21 @@ class PlainImageSource(Source):
                 if width * height > MAX_PLAIN_PIXELS:
                     raise ImageryError(
                         f"{self.name!r} is {width}x{height} px, too large to open as a plain "
-                        "image; convert it to a tiled GeoTIFF (e.g. `gdal_translate -of COG`).")
+                        "image; convert it to a tiled GeoTIFF (e.g. `gdal_translate -of COG`)."
+                    )
                 self.format = img.format or "array"
                 img = ImageOps.exif_transpose(img)
                 self._rgb, self._valid = _pil_to_rgb(img, self.name)
             except ImageryError:
                 raise
             except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-                raise ImageryError(f"{self.name!r} is not an image this program can read "
-                                   f"({exc}).") from exc
+                raise ImageryError(
+                    f"{self.name!r} is not an image this program can read ({exc})."
+                ) from exc
             except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
-                raise ImageryError(f"Could not decode {self.name!r}: the file may be "
-                                   f"truncated or corrupt ({exc}).") from exc
+                raise ImageryError(
+                    f"Could not decode {self.name!r}: the file may be truncated or corrupt ({exc})."
+                ) from exc
         self.format = getattr(self, "format", "array")
         h, w = self._rgb.shape[:2]
         self.bounds = (0.0, 0.0, float(w), float(h))
@@ -85,15 +88,23 @@ class PlainImageSource(Source):
             "note": "Plain image without georeference: pixel space only, no map location.",
         }
 
-    def chip(self, bbox: Sequence[float] | None = None, *, crs: Any = geometry.LONLAT,
-             size: Size = 512, out_crs: Any = None) -> Chip:
+    def chip(
+        self,
+        bbox: Sequence[float] | None = None,
+        *,
+        crs: Any = geometry.LONLAT,
+        size: Size = 512,
+        out_crs: Any = None,
+    ) -> Chip:
         from PIL import Image
 
         x1, y1, x2, y2 = self.bounds if bbox is None else check_bbox(bbox)
         if not intersects((x1, y1, x2, y2), self.bounds):
-            raise ImageryError(f"The pixel box {[x1, y1, x2, y2]} is outside the image "
-                               f"{self.name!r} ({int(self.bounds[2])}x{int(self.bounds[3])} px; "
-                               "it has no map location, so boxes are in pixels).")
+            raise ImageryError(
+                f"The pixel box {[x1, y1, x2, y2]} is outside the image "
+                f"{self.name!r} ({int(self.bounds[2])}x{int(self.bounds[3])} px; "
+                "it has no map location, so boxes are in pixels)."
+            )
         out_w, out_h = output_shape(x2 - x1, y2 - y1, size)
         h, w = self._rgb.shape[:2]
         part = split_window(x1, y1, x2 - x1, y2 - y1, w, h, out_w, out_h)
@@ -103,18 +114,27 @@ class PlainImageSource(Source):
         size_part = (part.c1 - part.c0, part.r1 - part.r0)
         pixels = np.zeros((out_h, out_w, 3), dtype=np.uint8)
         pixels[part.r0 : part.r1, part.c0 : part.c1] = np.asarray(
-            Image.fromarray(self._rgb).resize(size_part, Image.Resampling.BILINEAR, box=box,
-                                              reducing_gap=3.0))
+            Image.fromarray(self._rgb).resize(
+                size_part, Image.Resampling.BILINEAR, box=box, reducing_gap=3.0
+            )
+        )
         valid = np.zeros((out_h, out_w), dtype=bool)
         if self._valid is None:
             valid[part.r0 : part.r1, part.c0 : part.c1] = True
         else:
             valid[part.r0 : part.r1, part.c0 : part.c1] = np.asarray(
-                Image.fromarray(self._valid).resize(size_part, Image.Resampling.NEAREST, box=box))
+                Image.fromarray(self._valid).resize(size_part, Image.Resampling.NEAREST, box=box)
+            )
             pixels[~valid] = 0
         transform = Affine((x2 - x1) / out_w, 0, x1, 0, (y2 - y1) / out_h, y1)
-        return Chip(pixels=pixels, crs=None, transform=transform, source=self.name,
-                    mask=None if valid.all() else valid, meta={"pixel_space": True})
+        return Chip(
+            pixels=pixels,
+            crs=None,
+            transform=transform,
+            source=self.name,
+            mask=None if valid.all() else valid,
+            meta={"pixel_space": True},
+        )
 
 
 def _pil_to_rgb(img: Any, name: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -131,8 +151,9 @@ def _array_to_rgb(arr: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | 
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or min(arr.shape[:2]) < 1:
-        raise ImageryError(f"{name!r} has shape {arr.shape}; expected an image of 1, 3 or 4 "
-                           "channels.")
+        raise ImageryError(
+            f"{name!r} has shape {arr.shape}; expected an image of 1, 3 or 4 channels."
+        )
     display.check_dtype(str(arr.dtype))
     valid = None
     if arr.shape[2] in (2, 4):  # last channel is alpha

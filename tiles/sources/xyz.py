@@ -15,6 +15,7 @@ import os
 import re
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ class MBTilesStore(TileStore):
     """An MBTiles file (SQLite). Rows are TMS: y counts from the south, so it is flipped."""
 
     def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
             meta = dict(self._db.execute("SELECT name, value FROM metadata").fetchall())
@@ -81,11 +83,15 @@ class MBTilesStore(TileStore):
         self.format = meta.get("format", "png")
 
     def get(self, z: int, x: int, y: int) -> bytes | None:
-        row = self._db.execute(
+        with self._lock:  # one sqlite connection, possibly used from several UI threads
+            row = self._fetch(z, x, y)
+        return bytes(row[0]) if row else None
+
+    def _fetch(self, z: int, x: int, y: int) -> Any:
+        return self._db.execute(
             "SELECT tile_data FROM tiles WHERE zoom_level=? AND tile_column=? AND tile_row=?",
             (z, x, (1 << z) - 1 - y),
         ).fetchone()
-        return bytes(row[0]) if row else None
 
     def close(self) -> None:
         self._db.close()
@@ -133,9 +139,18 @@ class FolderStore(TileStore):
 class HTTPStore(TileStore):
     """A URL template behind a disk cache; the network is used only when allowed."""
 
-    def __init__(self, url: str, *, name: str, cache_dir: Path, allow_network: bool,
-                 max_zoom: int = 19, min_zoom: int = 0, attribution: str = "",
-                 bounds_lonlat: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        cache_dir: Path,
+        allow_network: bool,
+        max_zoom: int = 19,
+        min_zoom: int = 0,
+        attribution: str = "",
+        bounds_lonlat: Sequence[float] | None = None,
+    ) -> None:
         self.url = url
         self.allow_network = allow_network
         self.cache = Path(cache_dir) / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
@@ -232,30 +247,60 @@ class XYZSource(Source):
             z -= 1
         return z
 
-    def chip(self, bbox: Sequence[float] | None = None, *, crs: Any = geometry.LONLAT,
-             size: Size = 512, out_crs: Any = None) -> Chip:
+    def chip(
+        self,
+        bbox: Sequence[float] | None = None,
+        *,
+        crs: Any = geometry.LONLAT,
+        size: Size = 512,
+        out_crs: Any = None,
+    ) -> Chip:
         target = self.crs if out_crs is None else geometry.as_crs(out_crs)
         box = self.resolve_bbox(bbox, crs, target)
         out_w, out_h = output_shape(box[2] - box[0], box[3] - box[1], size)
-        transform = Affine((box[2] - box[0]) / out_w, 0, box[0], 0, -(box[3] - box[1]) / out_h,
-                           box[3])
+        transform = Affine(
+            (box[2] - box[0]) / out_w, 0, box[0], 0, -(box[3] - box[1]) / out_h, box[3]
+        )
         merc_box = geometry.transform_bounds(box, target, self.crs)
         # The chip covers about the same ground across as merc_box, so out_w sets the zoom.
         z = self.zoom_for(merc_box, out_w)
+        pixels = mask = None
+        used: list[int] = []
+        # Coarser zooms fill what the chosen zoom lacks (offline caches are often patchy).
         for zoom in range(z, max(self.store.min_zoom, z - FALLBACK_ZOOMS) - 1, -1):
             mosaic = self._mosaic(merc_box, zoom)
-            if mosaic is not None:
+            if mosaic is None:
+                continue
+            px, m = _warp(*mosaic, self.crs, transform, target, out_w, out_h)
+            if pixels is None:
+                pixels, mask = px, m
+            else:
+                fill = m & ~mask
+                pixels[fill] = px[fill]
+                mask |= m
+            used.append(zoom)
+            if mask.all():
                 break
-        else:
+        if pixels is None:
             network = getattr(self.store, "allow_network", None)
-            hint = (" Downloading is off: pass allow_network=True (or --allow-network) or use a "
-                    "local MBTiles file." if network is False else "")
-            raise ImageryError(f"No tiles of {self.name!r} are available for this area "
-                               f"(zoom {z} and {FALLBACK_ZOOMS} coarser levels).{hint}")
-        data, valid, mosaic_t = mosaic
-        pixels, mask = _warp(data, valid, mosaic_t, self.crs, transform, target, out_w, out_h)
-        return Chip(pixels=pixels, crs=target, transform=transform, source=self.name,
-                    mask=None if mask.all() else mask, meta={"zoom": zoom})
+            hint = (
+                " Downloading is off: pass allow_network=True (or --allow-network) or use a "
+                "local MBTiles file."
+                if network is False
+                else ""
+            )
+            raise ImageryError(
+                f"No tiles of {self.name!r} are available for this area "
+                f"(zoom {z} and {FALLBACK_ZOOMS} coarser levels).{hint}"
+            )
+        return Chip(
+            pixels=pixels,
+            crs=target,
+            transform=transform,
+            source=self.name,
+            mask=None if mask.all() else mask,
+            meta={"zoom": used[0], "zooms": used},
+        )
 
     def _mosaic(self, box: Sequence[float], z: int):
         """Tiles covering ``box`` at zoom ``z`` as (3, H, W) uint8 + valid mask + transform."""
@@ -304,25 +349,42 @@ def _tile_range(box: Sequence[float], z: int, mercantile: Any) -> tuple[int, int
     return (max(nw.x, 0), max(nw.y, 0), min(se.x, top), min(se.y, top))
 
 
-def _warp(data: np.ndarray, valid: np.ndarray, src_t: Affine, src_crs: Any, dst_t: Affine,
-          dst_crs: Any, out_w: int, out_h: int) -> tuple[np.ndarray, np.ndarray]:
+def _warp(
+    data: np.ndarray,
+    valid: np.ndarray,
+    src_t: Affine,
+    src_crs: Any,
+    dst_t: Affine,
+    dst_crs: Any,
+    out_w: int,
+    out_h: int,
+) -> tuple[np.ndarray, np.ndarray]:
     from rasterio.crs import CRS as RioCRS
+    from rasterio.errors import RasterioError
     from rasterio.warp import Resampling, reproject
 
-    common = dict(src_transform=src_t, src_crs=RioCRS.from_wkt(geometry.as_crs(src_crs).to_wkt()),
-                  dst_transform=dst_t, dst_crs=RioCRS.from_wkt(geometry.as_crs(dst_crs).to_wkt()))
+    common = dict(
+        src_transform=src_t,
+        src_crs=RioCRS.from_wkt(geometry.as_crs(src_crs).to_wkt()),
+        dst_transform=dst_t,
+        dst_crs=RioCRS.from_wkt(geometry.as_crs(dst_crs).to_wkt()),
+    )
     out = np.zeros((3, out_h, out_w), dtype=np.uint8)
     mask = np.zeros((out_h, out_w), dtype=np.uint8)
-    reproject(data, out, resampling=Resampling.bilinear, **common)
-    reproject(valid.astype(np.uint8), mask, resampling=Resampling.nearest, **common)
+    try:
+        reproject(data, out, resampling=Resampling.bilinear, **common)
+        reproject(valid.astype(np.uint8), mask, resampling=Resampling.nearest, **common)
+    except (RasterioError, ValueError) as exc:
+        raise ImageryError(f"Could not warp tiles to the requested chip: {exc}") from exc
     pixels = np.ascontiguousarray(np.moveaxis(out, 0, -1))
     mask_b = mask.astype(bool)
     pixels[~mask_b] = 0
     return pixels, mask_b
 
 
-def open_xyz(src: str, *, allow_network: bool = False, cache_dir: str | Path | None = None
-             ) -> XYZSource | None:
+def open_xyz(
+    src: str, *, allow_network: bool = False, cache_dir: str | Path | None = None
+) -> XYZSource | None:
     """An `XYZSource` if ``src`` names tiles (MBTiles, folder, template, provider), else None."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     path = Path(src)
@@ -337,8 +399,15 @@ def open_xyz(src: str, *, allow_network: bool = False, cache_dir: str | Path | N
     if re.match(r"^https?://", src):
         if not all(k in src for k in ("{z}", "{x}", "{y}")):
             raise ImageryError(f"A tile URL needs {{z}}, {{x}} and {{y}} placeholders: {src!r}.")
-        return XYZSource(HTTPStore(src, name=src.split("//", 1)[1].split("/")[0], cache_dir=cache,
-                                   allow_network=allow_network), name=src)
+        return XYZSource(
+            HTTPStore(
+                src,
+                name=src.split("//", 1)[1].split("/")[0],
+                cache_dir=cache,
+                allow_network=allow_network,
+            ),
+            name=src,
+        )
     if path.exists() or not re.fullmatch(r"[A-Za-z][\w-]*(\.[\w-]+)*", src):
         return None
     import xyzservices
@@ -348,14 +417,23 @@ def open_xyz(src: str, *, allow_network: bool = False, cache_dir: str | Path | N
     except ValueError:
         return None
     if provider.requires_token():
-        raise ImageryError(f"The tile provider {src!r} needs an API key; use one that does not, "
-                           "or a URL template that includes your key.")
-    return XYZSource(HTTPStore(provider.build_url(scale_factor=""), name=provider.name,
-                               cache_dir=cache, allow_network=allow_network,
-                               max_zoom=int(provider.get("max_zoom", 19)),
-                               min_zoom=int(provider.get("min_zoom", 0)),
-                               attribution=provider.get("attribution", ""),
-                               bounds_lonlat=_provider_bounds(provider)), name=provider.name)
+        raise ImageryError(
+            f"The tile provider {src!r} needs an API key; use one that does not, "
+            "or a URL template that includes your key."
+        )
+    return XYZSource(
+        HTTPStore(
+            provider.build_url(scale_factor=""),
+            name=provider.name,
+            cache_dir=cache,
+            allow_network=allow_network,
+            max_zoom=int(provider.get("max_zoom", 19)),
+            min_zoom=int(provider.get("min_zoom", 0)),
+            attribution=provider.get("attribution", ""),
+            bounds_lonlat=_provider_bounds(provider),
+        ),
+        name=provider.name,
+    )
 
 
 def _provider_bounds(provider: Any) -> tuple[float, float, float, float] | None:

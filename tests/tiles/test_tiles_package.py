@@ -1,0 +1,34 @@
+"""Package boundaries: `tiles` depends on none of the project's other packages."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+TILES = Path(__file__).resolve().parents[2] / "tiles"
+
+
+def test_tiles_imports_no_other_project_package():
+    for path in TILES.rglob("*.py"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in {"rsvlm", "training", "app"}, (path, name)
+
+
+def test_import_is_light():
+    code = (
+        "import sys, tiles; heavy = [m for m in ('rasterio', 'geopandas', 'requests', "
+        "'torch') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.strip()
+    assert out == "[]"

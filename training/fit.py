@@ -1,0 +1,567 @@
+"""Curriculum training (`rsvlm-train fit --config FILE`).
+
+Reads top to bottom: parse the config; build the model (a preset, or `tiny` for tests); cache
+the frozen vision tower's features; run the stages; export the trained parts in the layout
+`rsvlm.loading` reads (`trained.json`, `trained.safetensors`, `adapter/`, `semantic_db/`).
+
+Stages (LHRS-Bot's curriculum, seed 003's retriever):
+
+- `retrieval`: the retriever's image projection, InfoNCE against the frozen text encoder's
+  embeddings of each chip's scene description (CLIP-style, learnable temperature);
+- `lm` stages: next-token loss on answers. Stage 1 aligns the connector on captions; stage 2
+  tunes connector + LoRA + semantic experts on every task; an optional stage 3 repeats that on
+  the analyst's own data (`data:` per stage). `semantic: retrieved` feeds each image the top-k
+  descriptions the trained retriever finds (never the image's own), as at inference.
+
+Checkpoints (`accelerate` save_state/load_state: trainable weights, optimizer, scheduler, RNG)
+are written every `save_every` optimizer steps and at the end of every epoch, with
+`trainer_state.json` (stage, epoch, batches done) and the resolved config; `--resume latest`
+continues mid-epoch with `skip_first_batches` over the same seeded order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.features import FeatureCache, cached_vision
+from training.lm_data import EpochSampler, LMCollator, read_examples
+
+log = logging.getLogger(__name__)
+
+PARTS = ("connector", "lora", "experts", "retrieval_projection")
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage."""
+
+    name: str
+    kind: str = "lm"  # "lm" (next-token loss) or "retrieval" (InfoNCE)
+    tasks: list[str] | None = None  # dataset tasks to train on; None: all
+    train: list[str] = field(default_factory=lambda: ["connector"])  # parts, see PARTS
+    epochs: float = 1.0  # fractions stop early (e.g. 0.5)
+    lr: float = 1e-4
+    warmup_ratio: float = 0.03
+    semantic: str = "none"  # "none" or "retrieved" (needs a trained retrieval projection)
+    data: str | None = None  # another dataset folder (stage 3: the analyst's own data)
+
+    def __post_init__(self) -> None:
+        if self.kind not in {"lm", "retrieval"}:
+            raise ValueError(f"stage {self.name}: kind must be 'lm' or 'retrieval'")
+        bad = set(self.train) - set(PARTS)
+        if bad:
+            raise ValueError(f"stage {self.name}: unknown parts {sorted(bad)}; choose from {PARTS}")
+        if self.semantic not in {"none", "retrieved"}:
+            raise ValueError(f"stage {self.name}: semantic must be 'none' or 'retrieved'")
+        if self.epochs <= 0 or self.lr <= 0:
+            raise ValueError(f"stage {self.name}: epochs and lr must be positive")
+
+
+def default_stages() -> list[StageConfig]:
+    return [
+        StageConfig("retriever", kind="retrieval", train=["retrieval_projection"], epochs=3,
+                    lr=1e-3),
+        StageConfig("align", tasks=["caption"], train=["connector"], epochs=1, lr=1e-3),
+        StageConfig("instruct", tasks=None, train=["connector", "lora", "experts"], epochs=1,
+                    lr=2e-4, semantic="retrieved"),
+    ]
+
+
+@dataclass
+class FitConfig:
+    """Training arguments (the model's architecture lives in its preset / config)."""
+
+    data: str  # a `build-data` folder
+    output_dir: str
+    model: str = "embedded"  # preset name, or "tiny" (random tiny model, for tests)
+    init: str = "base"  # "base": untrained connector; "trained": the preset's shipped parts
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # tiny model config fields
+    stages: list[StageConfig] = field(default_factory=default_stages)
+    seed: int = 0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 1024
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    save_every: int = 200  # optimizer steps between checkpoints
+    keep_checkpoints: int = 2
+    cache_features: bool = True  # vision tower output cached on disk (frozen tower)
+    mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
+    device: str | None = None  # None: accelerate's choice (CUDA when available)
+    retrieval_top_k: int = 3
+    log_every: int = 10
+    text_encoder: str | None = None  # sentence-transformers folder (default: the embedded one)
+
+    def __post_init__(self) -> None:
+        self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+        if not self.stages:
+            raise ValueError("the config has no stages")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path) -> FitConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping")
+    known = {f.name for f in dataclasses.fields(FitConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    # Relative paths are relative to the config file.
+    for key in ("data", "output_dir"):
+        if key in data and not Path(data[key]).is_absolute():
+            data[key] = str((path.parent / data[key]).resolve())
+    for stage in data.get("stages", []) or []:
+        if stage.get("data") and not Path(stage["data"]).is_absolute():
+            stage["data"] = str((path.parent / stage["data"]).resolve())
+    return FitConfig(**data)
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def build_model(cfg: FitConfig) -> tuple[Any, Any, str, dict[str, Any]]:
+    """(model, processor, base preset name, architecture overrides)."""
+    if cfg.model == "tiny":
+        from rsvlm.testing import tiny_model, tiny_processor
+
+        model = tiny_model(seed=cfg.seed, **cfg.model_overrides)
+        processor = tiny_processor(model.config)
+        return model, processor, "tiny", dict(cfg.model_overrides)
+    from rsvlm.loading import load
+
+    trained: Any = cfg.init == "trained" or (cfg.init not in {"base", "trained"} and cfg.init)
+    loaded = load(cfg.model, device="cpu", trained=trained)
+    return loaded.model, loaded.processor, loaded.info.get("preset", cfg.model), {}
+
+
+def _base(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def configure_parts(model: Any, parts: list[str], cfg: FitConfig) -> Any:
+    """Freeze everything but `parts`; wraps the model with LoRA the first time it is asked for."""
+    if "lora" in parts and not hasattr(model, "peft_config"):
+        import peft
+
+        from rsvlm.modeling import lora_target_modules
+
+        lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                               lora_dropout=cfg.lora_dropout,
+                               target_modules=lora_target_modules(tuple(cfg.lora_targets)))
+        model = peft.get_peft_model(model, lora)
+    base = _base(model)
+    base.set_trainable(vision_tower=False, connector="connector" in parts, language_model=False,
+                       experts="experts" in parts,
+                       retrieval_projection="retrieval_projection" in parts)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_("lora" in parts)
+    return model
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_parts(model: Any, folder: Path, base_preset: str, architecture: dict[str, Any],
+               database: Any = None) -> Path:
+    """Every non-frozen-base part (connector, experts, retrieval projection, LoRA adapter)."""
+    from rsvlm.loading import save_trained_parts
+
+    parts = ["connector", "experts"]
+    if _base(model).retrieval_projection is not None:
+        parts.append("retrieval_projection")
+    return save_trained_parts(model, folder, base_preset=base_preset, architecture=architecture,
+                              parts=parts, database=database)
+
+
+def load_parts(model: Any, folder: Path, cfg: FitConfig) -> Any:
+    """Load a stage's exported parts (LoRA stays a trainable adapter, not merged)."""
+    from safetensors.torch import load_file
+
+    from rsvlm.loading import ADAPTER_DIR, TRAINED_TENSORS
+
+    state = load_file(str(folder / TRAINED_TENSORS))
+    _base(model).load_state_dict(state, strict=False)
+    adapter = folder / ADAPTER_DIR
+    if adapter.is_dir() and not hasattr(model, "peft_config"):
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def _scene_texts(data_dir: Path, split: str = "train") -> dict[str, str]:
+    """image -> its scene description (texts.jsonl, level 'scene')."""
+    path = data_dir / "texts.jsonl"
+    out: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            if r.get("level") == "scene" and r.get("split", "train") == split:
+                out.setdefault(r["image"], r["text"])
+    return out
+
+
+def _database_rows(data_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    texts, meta = [], []
+    path = data_dir / "texts.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            if r.get("split", "train") != "train":
+                continue  # validation chips stay unseen, their texts too
+            texts.append(r["text"])
+            meta.append({k: v for k, v in r.items() if k != "text"})
+    return texts, meta
+
+
+def _text_encoder(cfg: FitConfig) -> Any:
+    from rsvlm.weights import text_encoder
+
+    return text_encoder(cfg.text_encoder)
+
+
+def _retrieved_texts(model: Any, cache: FeatureCache, images: list[str], database: Any,
+                     k: int) -> dict[str, list[str]]:
+    """Top-k database texts per image, leaving out the image's own descriptions."""
+    base = _base(model)
+    out: dict[str, list[str]] = {}
+    with torch.inference_mode():
+        for start in range(0, len(images), 64):
+            names = images[start:start + 64]
+            rows = torch.tensor([cache.rows[n] for n in names])
+            levels = cache.levels(rows, torch.float32, "cpu")
+            vec = base.retrieval_projection.to("cpu", torch.float32)(levels)
+            vec = torch.nn.functional.normalize(vec, dim=-1).numpy()
+            hits = database.search(vec, k + 8)
+            for name, hs in zip(names, hits, strict=True):
+                out[name] = [h.text for h in hs if h.metadata.get("image") != name][:k]
+    return out
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainerState:
+    stage: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # batches of the current epoch already consumed
+    global_step: int = 0  # optimizer steps over all stages
+
+    def save(self, folder: Path) -> None:
+        (folder / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def load(cls, folder: Path) -> TrainerState:
+        return cls(**json.loads((folder / "trainer_state.json").read_text()))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    complete = [p for p in ckpts if (p / "trainer_state.json").is_file()]
+    return complete[-1] if complete else None
+
+
+class _Stop(Exception):
+    """max_steps reached (a checkpoint was written)."""
+
+
+def fit(cfg: FitConfig, *, resume: str | None = None, max_steps: int | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Run the curriculum; returns a summary (also written to output_dir/summary.json)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("training").addHandler(handler)
+    try:
+        return _fit(cfg, out, resume, max_steps, progress)
+    finally:
+        logging.getLogger("training").removeHandler(handler)
+        handler.close()
+
+
+def _fit(cfg: FitConfig, out: Path, resume: str | None, max_steps: int | None,
+         progress: bool) -> dict[str, Any]:
+    import yaml
+    from accelerate.utils import set_seed
+
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    state, ckpt = TrainerState(), None
+    if resume:
+        ckpt = latest_checkpoint(out) if resume == "latest" else Path(resume)
+        if ckpt is None or not (ckpt / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from ({resume!r} in {out})")
+        state = TrainerState.load(ckpt)
+        log.info("resuming from %s: %s", ckpt, state)
+    set_seed(cfg.seed)
+    model, processor, preset, arch = build_model(cfg)
+    if state.stage > 0:
+        prev = out / "stages" / f"{state.stage - 1}-{cfg.stages[state.stage - 1].name}"
+        model = load_parts(model, prev, cfg)
+
+    # Vision features of every image any stage will read, computed once.
+    data_dirs = {Path(s.data or cfg.data) for s in cfg.stages}
+    cache = None
+    if cfg.cache_features:
+        images: list[str] = []
+        for d in sorted(data_dirs):
+            images += [str((d / ex.image).resolve()) for ex in read_examples(d, "train", None)]
+        cache = FeatureCache.build(out / "feature_cache", images, Path("/"),
+                                   _base(model).vision_tower, processor.image_processor,
+                                   progress=progress)
+    summary: dict[str, Any] = {"output_dir": str(out), "stages": []}
+    t0 = time.perf_counter()
+    try:
+        for i in range(state.stage, len(cfg.stages)):
+            stage = cfg.stages[i]
+            stage_state = state if i == state.stage else TrainerState(i, 0, 0, state.global_step)
+            model, stats = _run_stage(cfg, i, stage, model, processor, cache, stage_state,
+                                      ckpt if i == state.stage else None, max_steps, progress)
+            state = TrainerState(i + 1, 0, 0, stats["global_step"])
+            save_parts(model, out / "stages" / f"{i}-{stage.name}", preset, arch)
+            summary["stages"].append(stats)
+            ckpt = None
+    except _Stop as stop:
+        summary["stopped"] = str(stop)
+        summary["resumable"] = True
+        return summary
+    database = _final_database(cfg)
+    final = save_parts(model, out / "final", preset, arch, database)
+    summary.update({"final": str(final), "train_s": round(time.perf_counter() - t0, 1),
+                    "global_step": state.global_step})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _final_database(cfg: FitConfig) -> Any:
+    texts, meta = _database_rows(Path(cfg.data))
+    if not texts:
+        return None
+    from rsvlm.retrieval import SemanticDatabase
+
+    return SemanticDatabase.from_texts(texts, meta, _text_encoder(cfg))
+
+
+def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, processor: Any,
+                   cache: FeatureCache | None) -> tuple[Any, Any]:
+    """(dataset, collate_fn) for a stage."""
+    data_dir = Path(stage.data or cfg.data)
+    if stage.kind == "retrieval":
+        if cache is None:
+            raise ValueError("the retrieval stage needs cache_features: true")
+        scenes = _scene_texts(data_dir)
+        if not scenes:
+            raise ValueError(f"{data_dir} has no scene descriptions (texts.jsonl) to align with")
+        names = sorted(scenes)
+        vectors = torch.from_numpy(_text_encoder(cfg).encode([scenes[n] for n in names]))
+        rows = [cache.rows[str((data_dir / n).resolve())] for n in names]
+        dataset = list(zip(rows, vectors, strict=True))
+
+        def collate(items: list[tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+            return {"rows": torch.tensor([r for r, _ in items]),
+                    "text": torch.stack([v for _, v in items])}
+
+        return dataset, collate
+    examples = read_examples(data_dir, "train", stage.tasks)
+    if not examples:
+        raise ValueError(f"stage {stage.name}: no training examples for tasks {stage.tasks}")
+    # Absolute image keys, so one feature cache serves several datasets.
+    examples = [dataclasses.replace(ex, image=str((data_dir / ex.image).resolve()))
+                for ex in examples]
+    semantic = None
+    if stage.semantic == "retrieved":
+        texts, meta = _database_rows(data_dir)
+        if texts and cache is not None and _base(model).retrieval_projection is not None:
+            from rsvlm.retrieval import SemanticDatabase
+
+            for m in meta:
+                m["image"] = str((data_dir / m["image"]).resolve())
+            db = SemanticDatabase.from_texts(texts, meta, _text_encoder(cfg))
+            semantic = _retrieved_texts(model, cache, sorted({e.image for e in examples}), db,
+                                        cfg.retrieval_top_k)
+        else:
+            log.warning("stage %s: no database or retriever; training without semantic texts",
+                        stage.name)
+    collate = LMCollator(processor, cfg.max_length, rows=cache.rows if cache else None,
+                         image_root=Path("/"), semantic=semantic)
+    return examples, collate
+
+
+def _run_stage(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, processor: Any,
+               cache: FeatureCache | None, state: TrainerState, ckpt: Path | None,
+               max_steps: int | None, progress: bool) -> tuple[Any, dict[str, Any]]:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from accelerate.utils import set_seed
+
+    out = Path(cfg.output_dir)
+    # Each stage starts from its own seed, so a resumed run initialises LoRA exactly as the
+    # uninterrupted one did, whatever happened to the RNG before.
+    set_seed(cfg.seed + 1000 * (idx + 1))
+    model = configure_parts(model, stage.train, cfg)
+    model.train()
+    dataset, collate = _stage_batches(cfg, idx, stage, model, processor, cache)
+    sampler = EpochSampler(len(dataset), cfg.seed + 17 * idx)
+    # Its own generator: creating an iterator (also the one skip_first_batches makes) then
+    # draws no number from the global RNG, whose state the checkpoints restore.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                                         collate_fn=collate, num_workers=0,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                              mixed_precision=cfg.mixed_precision,
+                              cpu=cfg.device == "cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"stage {stage.name}: nothing to train (parts {stage.train})")
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=cfg.weight_decay)
+    batches_per_epoch = len(loader)
+    epochs = math.ceil(stage.epochs)
+    total_batches = int(round(stage.epochs * batches_per_epoch))
+    total_steps = max(1, math.ceil(total_batches / cfg.grad_accum))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total_steps),
+                                                total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    # Checkpoints hold the trainable weights only (the frozen base comes from the preset).
+    def save_hook(models: list[Any], weights: list[dict], _dir: str) -> None:
+        for i, m in enumerate(models):
+            keep = {n for n, p in m.named_parameters() if p.requires_grad}
+            weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt), strict=False)
+    stats: dict[str, Any] = {"stage": stage.name, "kind": stage.kind, "examples": len(dataset),
+                             "losses": []}
+    global_step = state.global_step
+    done_batches = state.epoch * batches_per_epoch + state.batches_done
+    bar = tqdm(total=total_batches, initial=done_batches, desc=f"stage {idx} {stage.name}",
+               disable=not progress or not accelerator.is_local_main_process, unit="batch")
+    metrics = (out / "metrics.jsonl").open("a")
+    running: list[float] = []
+    with cached_vision(_base(accelerator.unwrap_model(model)), cache):
+        for epoch in range(state.epoch, epochs):
+            sampler.use_epoch(epoch)
+            start = state.batches_done if epoch == state.epoch else 0
+            epoch_loader = accelerator.skip_first_batches(loader, start) if start else loader
+            batch_index = start
+            for batch in epoch_loader:
+                if epoch * batches_per_epoch + batch_index >= total_batches:
+                    break
+                with accelerator.accumulate(model):
+                    loss = _loss(model, stage, batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                batch_index += 1
+                bar.update(1)
+                running.append(float(loss.detach()))
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                if global_step % cfg.log_every == 0 or global_step == 1:
+                    mean = sum(running) / len(running)
+                    metrics.write(json.dumps({"stage": stage.name, "step": global_step,
+                                              "epoch": epoch, "loss": round(mean, 5),
+                                              "lr": scheduler.get_last_lr()[0]}) + "\n")
+                    metrics.flush()
+                    stats["losses"].append(round(mean, 5))
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                    running.clear()
+                stop = max_steps is not None and global_step >= max_steps
+                if global_step % cfg.save_every == 0 or stop:
+                    _checkpoint(accelerator, cfg, TrainerState(idx, epoch, batch_index,
+                                                               global_step))
+                if stop:
+                    bar.close()
+                    metrics.close()
+                    raise _Stop(f"max_steps={max_steps} reached in stage {stage.name}")
+            state = TrainerState(idx, epoch + 1, 0, global_step)
+            _checkpoint(accelerator, cfg, state)
+    bar.close()
+    metrics.close()
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    stats["global_step"] = global_step
+    stats["final_loss"] = stats["losses"][-1] if stats["losses"] else (
+        round(sum(running) / len(running), 5) if running else None)
+    accelerator.free_memory()
+    return model, stats
+
+
+def _loss(model: Any, stage: StageConfig, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if stage.kind == "retrieval":
+        base = _base(model.module if hasattr(model, "module") else model)
+        # Rows of the feature cache stand in for pixels (see training.features).
+        image = base.embed_image_for_retrieval(batch["rows"])
+        text = torch.nn.functional.normalize(batch["text"].to(image.dtype), dim=-1)
+        scale = base.retrieval_projection.logit_scale.exp().clamp(max=100)
+        logits = scale * image @ text.T
+        # Identical descriptions are not negatives of each other.
+        same = (text @ text.T) > 0.999
+        target = same.float() / same.float().sum(1, keepdim=True)
+        loss_i = torch.nn.functional.cross_entropy(logits, target)
+        loss_t = torch.nn.functional.cross_entropy(logits.T, target)
+        return (loss_i + loss_t) / 2
+    return model(**batch).loss
+
+
+def _checkpoint(accelerator: Any, cfg: FitConfig, state: TrainerState) -> Path:
+    out = Path(cfg.output_dir) / "checkpoints" / f"step-{state.global_step:07d}"
+    if accelerator.is_main_process and out.exists():
+        shutil.rmtree(out)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(out))
+    if accelerator.is_main_process:
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        state.save(out)  # written last: a checkpoint without it is incomplete
+        ckpts = sorted((out.parent).glob("step-*"))
+        for old in ckpts[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def fit_from_config(path: str | Path, *, resume: str | None = None,
+                    max_steps: int | None = None) -> dict[str, Any]:
+    return fit(load_config(path), resume=resume, max_steps=max_steps)
