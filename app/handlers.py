@@ -151,7 +151,9 @@ def _semantics(ctx: AppContext, state: SessionState) -> str:
     retrieved = state.last_answer.retrieved if state.last_answer is not None else []
     parts = ["<h4>Retrieved descriptions</h4>",
              table(["description", "score"], [(t, f"{s:.3f}") for t, s in retrieved],
-                   empty="ask a question to see what the model retrieved")]
+                   empty=("ask a question to see what the model retrieved"
+                          if state.last_answer is None else
+                          "nothing: this model has no semantic database"))]
     bounds = state.chip.bounds_lonlat if state.chip is not None else None
     feats = ctx.region.osm_in(bounds) if ctx.region is not None else None
     n = 0 if feats is None else len(feats)

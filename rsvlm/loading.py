@@ -41,6 +41,52 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class GPUMemoryError(RuntimeError):
+    """The GPU has too little free memory for the chosen model; the message says what to do."""
+
+
+def _cuda_free_gb(device: str) -> float | None:
+    """Free memory of ``device`` in GiB (None when it cannot be asked)."""
+    try:
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0] / 2**30
+    except Exception:  # no driver / no device: the load itself will say what is wrong
+        return None
+
+
+def _oom_message(preset: str, device: str, *, quantized: bool, doing: str) -> str:
+    """What a user can do when ``preset`` does not fit on ``device``."""
+    options = ["`--model embedded` (the small model, runs on the CPU)"]
+    if not quantized:
+        options.append("`--quantize` (4-bit NF4 language model, about a quarter of the memory)")
+    options.append("closing other programs that hold GPU memory (see `nvidia-smi`)")
+    return (
+        f"The GPU ({device}) ran out of memory while {doing} the '{preset}' model. "
+        f"Options: {'; '.join(options)}."
+    )
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """True for CUDA out-of-memory errors (torch's own type, or the text bitsandbytes raises)."""
+    import torch
+
+    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom_type) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def _attention(device: str) -> str:
+    """FlashAttention-2 when installed on CUDA, else PyTorch SDPA (fused kernels on GPUs)."""
+    if device.startswith("cuda"):
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
 def _device(device: str | None) -> str:
     if device:
         return device
@@ -56,6 +102,7 @@ def load(
     quantize: bool | None = None,
     trained: str | Path | None | bool = True,
     progress: Callable[[str], None] | None = None,
+    fallback: str | None = None,
 ) -> LoadedModel:
     """Load a model for chat.
 
@@ -67,6 +114,8 @@ def load(
         trained: True loads the preset's shipped trained parts when present, a path loads those,
             False/None loads the bare assembled model (connector untrained).
         progress: called with human-readable progress messages (the app shows them).
+        fallback: a preset to load instead when the GPU lacks memory for ``model`` (e.g.
+            ``"embedded"``); without it a `GPUMemoryError` says what the user can do.
     """
     say = progress or (lambda msg: logger.info("%s", msg))
     t0 = time.perf_counter()
@@ -84,7 +133,16 @@ def load(
         if device is None and "cuda" not in preset.devices:
             device = "cpu"
         trained_dir = preset.trained_weights_dir if trained is True else (Path(trained) if trained else None)
-        loaded = _load_preset(preset, device=_device(device), quantize=quantize, trained_dir=trained_dir, say=say)
+        try:
+            loaded = _load_preset(preset, device=_device(device), quantize=quantize, trained_dir=trained_dir, say=say)
+        except GPUMemoryError as exc:
+            if not fallback or fallback == name:
+                raise
+            say(f"{exc} Loading the '{fallback}' model instead, as asked.")
+            _release_cuda()
+            loaded = load(fallback, trained=trained, progress=progress)
+            loaded.info["why"] = f"fallback: {exc}"
+            return loaded
     loaded.info["why"] = why
     loaded.info["load_s"] = round(time.perf_counter() - t0, 2)
     loaded.info["summary"] = (
@@ -98,15 +156,61 @@ def load(
 
 def _load_preset(preset: Any, *, device: str, quantize: bool | None, trained_dir: Path | None,
                  say: Callable[[str], None]) -> LoadedModel:
+    on_cuda = device.startswith("cuda")
+    # The preset's memory figure is for its 4-bit form; unquantized loads rely on the OOM check.
+    quantized = quantize is not False and preset.quantization is not None
+    need = float(getattr(preset, "min_gpu_memory_gb", None) or 0) if quantized else 0.0
+    free = _cuda_free_gb(device) if on_cuda and need else None
+    if free is not None and free < need:  # say so before a 17 GB download, not after
+        raise GPUMemoryError(
+            f"{_oom_message(preset.name, device, quantized=quantized, doing='loading')} "
+            f"It needs about {need:.0f} GiB in 4-bit; {free:.1f} GiB are free."
+        )
+    say(f"Preparing the weights of the '{preset.name}' preset (converted once into the cache) ...")
+    plan = with_attention(preset.plan(device, quantize=quantize), device)
+    say(f"Loading {plan.describe()} ...")
+    try:
+        return _assemble(plan, preset, device, trained_dir, say)
+    except Exception as exc:
+        if on_cuda and is_cuda_oom(exc):
+            _release_cuda()
+            raise GPUMemoryError(
+                _oom_message(preset.name, device, quantized=plan.quantized, doing="loading")
+            ) from exc
+        raise
+
+
+def with_attention(plan: Any, device: str) -> Any:
+    """``plan`` with an attention kernel for the vision tower and language model (see `_attention`)."""
+    from dataclasses import replace
+
+    attn = _attention(device)
+    components = dict(plan.components)
+    for role in ("vision", "language"):
+        if role in components:
+            comp = components[role]
+            components[role] = replace(comp, kwargs={**comp.kwargs, "attn_implementation": attn})
+    return replace(plan, components=components)
+
+
+def _release_cuda() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _assemble(plan: Any, preset: Any, device: str, trained_dir: Path | None,
+              say: Callable[[str], None]) -> LoadedModel:
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from rsvlm.modeling import RSVLMForConditionalGeneration
     from rsvlm.processing import RSVLMProcessor
 
-    say(f"Preparing the weights of the '{preset.name}' preset (converted once into the cache) ...")
-    plan = preset.plan(device, quantize=quantize)
-    say(f"Loading {plan.describe()} ...")
     vision = plan.components["vision"].load()
     language = plan.components["language"].load()
     tokenizer = AutoTokenizer.from_pretrained(plan.components["language"].location)
@@ -137,6 +241,7 @@ def _load_preset(preset: Any, *, device: str, quantize: bool | None, trained_dir
         "preset": preset.name,
         "device": device,
         "precision": "4-bit NF4 LM" if plan.quantized else plan.dtype,
+        "attention": plan.components["language"].kwargs.get("attn_implementation"),
         "trained": is_trained,
         "trained_dir": str(trained_dir) if trained_dir else None,
         "connector": model.config.connector_type,

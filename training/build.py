@@ -136,6 +136,12 @@ class RegionBuilder:
                 for rec in recs:
                     bar.update(1)
                     chip = src.chip(rec.cell.bounds, crs=rec.info.crs, size=self.spec.chip_size)
+                    if (chip.width, chip.height) != (rec.ctx.width, rec.ctx.height):
+                        # Objects were placed on the grid's pixel frame; a different chip
+                        # shape would misplace every box.
+                        raise RuntimeError(f"{path}: chip {rec.ctx.chip_id} came back "
+                                           f"{chip.width}x{chip.height}, expected "
+                                           f"{rec.ctx.width}x{rec.ctx.height}")
                     if chip.mask is not None and chip.mask.mean() < self.spec.min_valid:
                         continue
                     yield rec, chip
@@ -207,6 +213,11 @@ def build_dataset(out_dir: str | Path, regions: Sequence[RegionSpec] = (),
     chip_rows: list[dict[str, Any]] = []
     class_counts: Counter[str] = Counter()
     skipped = 0
+    names = [r.name for r in regions] + [Path(f).name for f in image_folders]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"two inputs share the name {dupes[0]!r} (their images would collide); "
+                         "give regions a `name:` in a spec file")
     for spec in regions:
         builder = RegionBuilder(spec, cfg)
         builder.contexts(progress)

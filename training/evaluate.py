@@ -199,9 +199,15 @@ def engine_answer_fn(model: str | None = None, device: str | None = None,
                      max_new_tokens: int = 64) -> AnswerFn:
     """An answer function backed by the chat engine (one fresh session per question)."""
     from rsvlm.engine import ChatEngine
-    from rsvlm.loading import load
+    from rsvlm.loading import TRAINED_JSON, load
 
-    loaded = load(model, device=device)
+    folder = Path(model) if model else None
+    if folder is not None and (folder / TRAINED_JSON).is_file():
+        # A `fit` output (trained parts only): its base preset plus those parts.
+        base = json.loads((folder / TRAINED_JSON).read_text())["base_preset"]
+        loaded = load(base, device=device, trained=folder)
+    else:
+        loaded = load(model, device=device)
     log.info("evaluating %s", getattr(loaded, "info", {}))
     engine = ChatEngine(loaded, max_cached_sessions=1)
 

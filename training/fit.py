@@ -105,6 +105,7 @@ class FitConfig:
     retrieval_top_k: int = 3
     log_every: int = 10
     text_encoder: str | None = None  # sentence-transformers folder (default: the embedded one)
+    database: bool = True  # ship the semantic database (texts.jsonl, train split) with the parts
 
     def __post_init__(self) -> None:
         self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
@@ -359,7 +360,7 @@ def _fit(cfg: FitConfig, out: Path, resume: str | None, max_steps: int | None,
         summary["stopped"] = str(stop)
         summary["resumable"] = True
         return summary
-    database = _final_database(cfg)
+    database = _final_database(cfg) if cfg.database else None
     final = save_parts(model, out / "final", preset, arch, database)
     summary.update({"final": str(final), "train_s": round(time.perf_counter() - t0, 1),
                     "global_step": state.global_step})
@@ -425,10 +426,9 @@ def _run_stage(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, process
                cache: FeatureCache | None, state: TrainerState, ckpt: Path | None,
                max_steps: int | None, progress: bool) -> tuple[Any, dict[str, Any]]:
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
-
-    from accelerate.utils import set_seed
 
     out = Path(cfg.output_dir)
     # Each stage starts from its own seed, so a resumed run initialises LoRA exactly as the

@@ -269,3 +269,26 @@ def test_quick_actions_and_view(ctx: AppContext) -> None:
     assert "Tick" in (h.on_map_click(ctx, state, json.dumps({"lon": 10, "lat": 10, "zoom": 12}),
                                      allow_network=False).notice or "")
     assert h.on_draw(ctx, state, "{not json").notice
+
+
+def test_click_outside_imagery_fetches_the_tile_chip(ctx: AppContext, tmp_path: Path) -> None:
+    """With tiles allowed, a click where there is no local imagery makes that tile the chip.
+    A local z/x/y folder stands in for the tile service (tests never touch the network)."""
+    import mercantile
+
+    lon, lat, z = 10.0005, 10.0005, 16
+    tile = mercantile.tile(lon, lat, z)
+    folder = tmp_path / "tiles" / str(z) / str(tile.x)
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((256, 256, 3), 200, np.uint8)).save(folder / f"{tile.y}.png")
+    local = AppContext(backend=FakeBackend(), region=ctx.region, export_dir=ctx.export_dir,
+                       tile_provider=str(tmp_path / "tiles" / "{z}" / "{x}" / "{y}.png"))
+    state, _ = h.start_session(local)
+    click = json.dumps({"lon": lon, "lat": lat, "zoom": z, "t": 1})
+    update = h.on_map_click(local, state, click, allow_network=True)
+    assert update.notice is None, update.notice
+    b = mercantile.bounds(tile)
+    assert np.allclose(state.chip.bounds_lonlat, (b.west, b.south, b.east, b.north), atol=1e-4)
+    assert int(state.chip.pixels.mean()) == 200
+    last(h.ask(local, state, "Find all buildings"))
+    assert all(b.west <= d.geometry.centroid.x <= b.east for d in state.detections)

@@ -166,3 +166,9 @@ def test_kampala_demo_region_builds(tmp_path: Path) -> None:
     assert 90 <= n_buildings <= 140  # 108 footprints, a few cut by chip borders
     chips = list(builder.chips())
     assert len(chips) == 6 and chips[0][1].pixels.shape == (512, 512, 3)
+
+
+def test_inputs_with_one_name_are_refused(small_region: Path, tmp_path: Path) -> None:
+    spec = load_region(small_region, chip_size=256)
+    with pytest.raises(ValueError, match="share the name"):
+        build_dataset(tmp_path / "x", [spec, spec], [], BuildConfig(), progress=False)

