@@ -23,6 +23,7 @@ chromium:
 
 lint: setup
 	$(BIN)/ruff check rsvlm tiles training app tests scripts
+	$(BIN)/hadolint Dockerfile
 
 test: setup chromium lint
 	$(BIN)/python -m pytest -q

@@ -232,7 +232,7 @@ class EngineBackend:
         from rsvlm.engine import ChatEngine
 
         self.loaded = loaded
-        self.engine = ChatEngine(loaded)
+        self.engine = ChatEngine(loaded, max_new_tokens=160)  # bounded answers on CPU
 
     @property
     def info(self) -> dict[str, Any]:

@@ -77,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # accelerate logs every file of every checkpoint at INFO.
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     from tiles import ImageryError
     from training.classification import DatasetError
     from training.region import RegionError

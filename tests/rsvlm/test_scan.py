@@ -202,7 +202,12 @@ def tiny_engine():
         database = None
         info = {"preset": "tiny"}
 
-    return ChatEngine(Loaded(), max_new_tokens=5, generation={"repetition_penalty": 1.0})
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread beats fighting over shared cores
+    yield ChatEngine(Loaded(), max_new_tokens=5, generation={"repetition_penalty": 1.0})
+    torch.set_num_threads(threads)
 
 
 def test_tiny_model_batched_answers_match_one_at_a_time(tmp_path: Path, tiny_engine) -> None:
