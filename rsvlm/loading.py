@@ -59,7 +59,7 @@ def _oom_message(preset: str, device: str, *, quantized: bool, doing: str) -> st
     """What a user can do when ``preset`` does not fit on ``device``."""
     options = ["`--model embedded` (the small model, runs on the CPU)"]
     if not quantized:
-        options.append("`--quantize` (4-bit NF4 language model, about a quarter of the memory)")
+        options.append("`--quantize 4bit` (4-bit NF4 language model, about a quarter of the memory)")
     options.append("closing other programs that hold GPU memory (see `nvidia-smi`)")
     return (
         f"The GPU ({device}) ran out of memory while {doing} the '{preset}' model. "

@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ef-search", default="32,64,96,128,192")
     parser.add_argument("--threads", type=int, default=0, help="faiss threads (0: faiss default)")
     parser.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw"])
+    parser.add_argument("--m", type=int, default=SemanticDatabase.HNSW_M, help="HNSW degree")
+    parser.add_argument(
+        "--ef-construction", type=int, default=SemanticDatabase.HNSW_EF_CONSTRUCTION
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -115,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     del exact
     log.info("exact search (batched): %.2f ms/query", exact_ms)
 
+    # Index settings are class attributes of the database; override them for this run.
+    SemanticDatabase.HNSW_M = args.m
+    SemanticDatabase.HNSW_EF_CONSTRUCTION = args.ef_construction
     texts = [f"description {i}" for i in range(args.n)]
     t0 = time.perf_counter()
     db = SemanticDatabase(texts, base, index_type=args.index)
@@ -147,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         "n": args.n,
         "dim": args.dim,
         "index": db.index_type,
+        "hnsw_m": args.m,
+        "ef_construction": args.ef_construction,
         "build_s": round(build_s, 1),
         "exact_batched_ms_per_query": round(exact_ms, 3),
         "threads": faiss.omp_get_max_threads(),

@@ -341,6 +341,8 @@ def _fit(cfg: FitConfig, out: Path, resume: str | None, max_steps: int | None,
         images: list[str] = []
         for d in sorted(data_dirs):
             images += [str((d / ex.image).resolve()) for ex in read_examples(d, "train", None)]
+        if cfg.device != "cpu" and torch.cuda.is_available():
+            _base(model).vision_tower.to("cuda")  # the rest follows in accelerator.prepare
         cache = FeatureCache.build(out / "feature_cache", images, Path("/"),
                                    _base(model).vision_tower, processor.image_processor,
                                    progress=progress)

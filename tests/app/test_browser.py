@@ -102,8 +102,9 @@ def test_draw_ask_export_and_escaping(app_url: str, tmp_path: Path) -> None:
             assert fl.locator("path.rsvlm-det").count() == 3
             page.locator("#rsvlm-detections").get_by_text("3 detections").wait_for(timeout=10_000)
             assert page.locator("#rsvlm-chat").get_by_text("I found 3 building").count() >= 1
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+
             shot = _README_SHOT if os.environ.get("RSVLM_SCREENSHOT") == "1" else tmp_path / "app.png"
+            shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
 

@@ -172,3 +172,22 @@ def test_inputs_with_one_name_are_refused(small_region: Path, tmp_path: Path) ->
     spec = load_region(small_region, chip_size=256)
     with pytest.raises(ValueError, match="share the name"):
         build_dataset(tmp_path / "x", [spec, spec], [], BuildConfig(), progress=False)
+
+
+def test_caption_rewrite_hook(small_region: Path) -> None:
+    from training.rewrite import keeps_numbers
+
+    spec = load_region(small_region, chip_size=256, val_fraction=0.0)
+    seen: list[dict] = []
+
+    def rewrite(caption: str, facts: dict) -> str:
+        seen.append(facts)
+        return "" if facts["chip_id"].endswith("0000") else f"Seen from above: {caption}"
+
+    builder = RegionBuilder(spec, BuildConfig(tasks=("caption",), rewrite=rewrite))
+    samples = [s for r in builder.contexts() for s in builder.samples_for(r.ctx)]
+    assert seen and len(seen) == len(samples)
+    assert all(s.answer.startswith("Seen from above: ") == s.meta["rewritten"] for s in samples)
+    assert any(not s.meta["rewritten"] for s in samples)  # empty rewrites keep the template
+    assert keeps_numbers("Three buildings, 120 m² and 4 roads.", "4 roads; 120 m² of roofs")
+    assert not keeps_numbers("It covers 120 m².", "It covers about 100 m².")
