@@ -75,6 +75,10 @@ class RSVLMConfig(PretrainedConfig):
         connector_num_heads: attention heads of the perceiver / prompter attention blocks.
         prompter_num_tokens: aggregation tokens ``A`` of the semantic prompter (per level).
         prompter_include_patch_tokens: also give the LLM the projected patch tokens (seed 003).
+        patch_pool: average-pool the square patch grid by this stride before the MLP projector
+            (and the prompter's patch tokens): 2 turns DINOv2's 16x16 grid into 8x8 = 64 LLM
+            tokens. Prefill cost is linear in the image tokens, which on a CPU decides the
+            first-token latency; the perceiver and prompter still attend to every patch.
         experts_enabled: inject seed 003's semantic experts into the decoder.
         experts_every_k_layers: experts sit next to the FFN of decoder layers ``k-1, 2k-1, ...``
             (0-based), i.e. every k-th layer.
@@ -109,6 +113,7 @@ class RSVLMConfig(PretrainedConfig):
     connector_num_heads: int = 8
     prompter_num_tokens: int = 16
     prompter_include_patch_tokens: bool = True
+    patch_pool: int = 1
     experts_enabled: bool = True
     experts_every_k_layers: int = 4
     experts_rank: int = 64
@@ -204,6 +209,20 @@ class RSVLMConfig(PretrainedConfig):
                 f"RSVLMConfig: the prompter attends in the LM width {tc.hidden_size}, which "
                 f"connector_num_heads={self.connector_num_heads} does not divide."
             )
+        if self.patch_pool <= 0:
+            raise ValueError("RSVLMConfig: patch_pool must be a positive stride.")
+        if self.patch_pool > 1:
+            if vc.model_type in _NAFLEX_VISION_TYPES:
+                raise ValueError(
+                    f"RSVLMConfig: patch_pool needs a square patch grid; {vc.model_type} has a "
+                    "variable one."
+                )
+            side = int(vc.image_size) // int(vc.patch_size)
+            if side % self.patch_pool:
+                raise ValueError(
+                    f"RSVLMConfig: patch_pool={self.patch_pool} does not divide the {side}x{side} "
+                    "patch grid."
+                )
         if self.prompter_num_tokens <= 0:
             raise ValueError("RSVLMConfig: prompter_num_tokens must be positive.")
         if self.experts_every_k_layers <= 0 or self.experts_rank <= 0:
@@ -263,7 +282,7 @@ class RSVLMConfig(PretrainedConfig):
             return sum(self.perceiver_queries_per_level)
         if self.connector_type == "semantic_prompter" and not self.prompter_include_patch_tokens:
             return 0
-        return self.num_patches
+        return self.num_patches // (self.patch_pool * self.patch_pool)
 
     @property
     def num_image_tokens(self) -> int:

@@ -27,6 +27,7 @@ class MLPConnector(nn.Module):
         super().__init__()
         d_v, d_t = config.vision_config.hidden_size, config.text_config.hidden_size
         self.level = config.mlp_level
+        self.pool = config.patch_pool
         self.linear_1 = nn.Linear(d_v, d_t)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(d_t, d_t)
@@ -35,7 +36,13 @@ class MLPConnector(nn.Module):
         return self.linear_2(self.act(self.linear_1(patches)))
 
     def forward(self, levels: list[torch.Tensor], **_: torch.Tensor | None) -> torch.Tensor:
-        return self.project(levels[self.level])
+        patches = levels[self.level]
+        if self.pool > 1:  # (B, N, D) square grid -> average-pooled (B, N / pool^2, D)
+            b, n, d = patches.shape
+            side = int(round(n**0.5))
+            grid = patches.transpose(1, 2).reshape(b, d, side, side)
+            patches = nn.functional.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)
+        return self.project(patches)
 
 
 class _CrossAttentionBlock(nn.Module):

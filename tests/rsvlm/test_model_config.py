@@ -81,3 +81,23 @@ def test_json_roundtrip_and_autoconfig(tmp_path):
     assert loaded.text_config.model_type == "qwen2"
     assert loaded.num_image_tokens == config.num_image_tokens
     assert RSVLMConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("connector", ["mlp", "semantic_prompter"])
+def test_patch_pool_reduces_image_tokens_and_runs(connector):
+    import torch
+
+    from rsvlm.testing import tiny_model
+
+    # A 56 px image with 14 px patches: a 4x4 grid, pooled by 2 into 2x2 = 4 patch tokens.
+    vision = dict(TINY_VISION["dinov2"], image_size=56)
+    model = tiny_model(connector_type=connector, vision_config=vision, patch_pool=2)
+    unpooled = tiny_config(connector_type=connector, vision_config=vision)
+    assert model.config.num_patch_tokens == 4 == unpooled.num_patch_tokens // 4
+    features = model.get_image_features(torch.randn(1, 3, 56, 56))
+    assert features.shape[1] == model.config.num_image_tokens
+
+
+def test_patch_pool_must_divide_the_grid():
+    with pytest.raises(ValueError, match="patch_pool"):
+        tiny_config(patch_pool=3)  # 2x2 grid
