@@ -141,10 +141,17 @@ def test_read_descriptions_formats(tmp_path: Path) -> None:
 
 
 def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors around 200 centres, varying along 8 shared directions: like sentence
+    embeddings, low intrinsic dimension (isotropic noise in all dims would make neighbours
+    near-ties, which no approximate index ranks exactly)."""
     rng = np.random.default_rng(seed)
     centres = normalize(rng.standard_normal((200, dim)))
+    directions = np.random.default_rng(0).standard_normal((8, dim))
     labels = rng.integers(0, 200, n)
-    return normalize(centres[labels] + 0.6 * normalize(rng.standard_normal((n, dim))))
+    local = normalize(rng.standard_normal((n, 8)) @ directions)
+    return normalize(
+        centres[labels] + 0.6 * local + 0.05 * normalize(rng.standard_normal((n, dim)))
+    )
 
 
 def _check_hnsw(n: int, dim: int, tmp_path: Path) -> None:
