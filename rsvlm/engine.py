@@ -240,7 +240,16 @@ class ChatSession:
                 thread.join()
             if "error" in result:
                 self._drop_cache()  # a half-extended cache must not be reused
-                raise RuntimeError(f"Generation failed: {result['error']}") from result["error"]
+                error = result["error"]
+                from rsvlm.loading import is_cuda_oom
+
+                if is_cuda_oom(error):
+                    torch.cuda.empty_cache()
+                    raise RuntimeError(
+                        "The GPU ran out of memory while answering: ask for fewer new tokens, "
+                        "close other GPU programs, or run the smaller model (--model embedded)."
+                    ) from error
+                raise RuntimeError(f"Generation failed: {error}") from error
             out = result["out"]
             t_end = time.perf_counter()
             self._ids = out.sequences

@@ -110,3 +110,16 @@ def test_cancel_stops_generation() -> None:
     session.cancel()
     list(stream)
     assert session.last.timing["new_tokens"] < 200
+
+
+def test_generation_out_of_memory_is_a_readable_error(monkeypatch) -> None:
+    engine = _engine()
+    session = engine.session(_chip())
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine.model, "generate", oom)
+    with pytest.raises(RuntimeError, match="ran out of memory.*--model embedded"):
+        list(session.ask("describe the image"))
+    assert session._cache is None and session.turns == []
