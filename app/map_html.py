@@ -129,6 +129,21 @@ _APP_JS = """
   }
   L.control.layers(bases, overlays, {collapsed: false}).addTo(map);
   if (D.fit) { map.fitBounds(ll(D.fit)); }
+  // The iframe can be laid out after this script runs (Gradio re-renders the component): a map
+  // fitted while its container had no size shows the wrong place, so refit once it has one.
+  var sized = map.getSize().x > 0 && map.getSize().y > 0;
+  function refit() {
+    var size = map.getSize(), el = map.getContainer();
+    if (el.clientWidth === size.x && el.clientHeight === size.y && sized) { return; }
+    map.invalidateSize(false);
+    if (!sized && el.clientWidth > 0 && el.clientHeight > 0) {
+      sized = true;
+      if (D.fit) { map.fitBounds(ll(D.fit)); }
+    }
+  }
+  if (window.ResizeObserver) { new ResizeObserver(refit).observe(map.getContainer()); }
+  window.addEventListener("resize", refit);
+  window.addEventListener("load", refit);
   map.on("draw:drawstart", function () { drawn.clearLayers(); });
   map.on("draw:created", function (e) {
     post("rsvlm-draw", {geojson: e.layer.toGeoJSON(), t: Date.now()});
