@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from affine import Affine
 from pyproj import CRS
 
 from tiles import geometry
@@ -24,6 +25,13 @@ MAX_SOURCE_PIXELS = 150_000_000
 
 Size = int | tuple[int, int] | Sequence[int]
 Bounds = tuple[float, float, float, float]
+
+
+def chip_grid(box: Sequence[float], size: Size) -> tuple[int, int, Affine]:
+    """``(width, height, transform)`` of a north-up chip covering ``box`` (minx, miny, maxx, maxy)."""
+    out_w, out_h = output_shape(box[2] - box[0], box[3] - box[1], size)
+    transform = Affine((box[2] - box[0]) / out_w, 0, box[0], 0, -(box[3] - box[1]) / out_h, box[3])
+    return out_w, out_h, transform
 
 
 def output_shape(extent_w: float, extent_h: float, size: Size) -> tuple[int, int]:

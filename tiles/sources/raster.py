@@ -28,6 +28,7 @@ from tiles.sources.base import (
     Size,
     Source,
     check_bbox,
+    chip_grid,
     intersects,
     output_shape,
     split_window,
@@ -220,10 +221,7 @@ class RasterSource(Source):
             return self._chip_pixel_space(bbox, size)
         target = self.crs if out_crs is None else geometry.as_crs(out_crs)
         box = self.resolve_bbox(bbox, crs, target)
-        out_w, out_h = output_shape(box[2] - box[0], box[3] - box[1], size)
-        transform = Affine(
-            (box[2] - box[0]) / out_w, 0, box[0], 0, -(box[3] - box[1]) / out_h, box[3]
-        )
+        out_w, out_h, transform = chip_grid(box, size)
         if geometry.same_crs(target, self.crs):
             data, valid, meta = self._read_bounds(box, out_w, out_h)
         else:

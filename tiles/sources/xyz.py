@@ -26,7 +26,7 @@ from affine import Affine
 from tiles import geometry
 from tiles.chip import Chip
 from tiles.errors import ImageryError
-from tiles.sources.base import Size, Source, output_shape
+from tiles.sources.base import Size, Source, chip_grid
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +257,7 @@ class XYZSource(Source):
     ) -> Chip:
         target = self.crs if out_crs is None else geometry.as_crs(out_crs)
         box = self.resolve_bbox(bbox, crs, target)
-        out_w, out_h = output_shape(box[2] - box[0], box[3] - box[1], size)
-        transform = Affine(
-            (box[2] - box[0]) / out_w, 0, box[0], 0, -(box[3] - box[1]) / out_h, box[3]
-        )
+        out_w, out_h, transform = chip_grid(box, size)
         merc_box = geometry.transform_bounds(box, target, self.crs)
         # The chip covers about the same ground across as merc_box, so out_w sets the zoom.
         z = self.zoom_for(merc_box, out_w)
