@@ -21,6 +21,8 @@ from training.captions import RegionStats, Rewriter, caption_samples, descriptio
 from training.classification import (
     classification_sample,
     scan_image_folder,
+    scene_caption,
+    scene_caption_sample,
     split_of_item,
 )
 from training.grounding import grounding_samples, region_samples
@@ -251,11 +253,22 @@ def build_dataset(out_dir: str | Path, regions: Sequence[RegionSpec] = (),
             image = f"images/{name}/{item.folder}/{item.path.stem}.png"
             with Image.open(item.path) as im:
                 _write_png(np.asarray(im.convert("RGB")), out / image, cfg.png_compress)
+            split = split_of_item(item, cfg.seed, folder_val_fraction)
             s = classification_sample(item, classes)
-            s.meta["split"] = split_of_item(item, cfg.seed, folder_val_fraction)
+            s.meta["split"] = split
             s.meta["dataset"] = name
             ids.append(f"{name}/{item.folder}/{item.path.stem}/classification/0")
             pairs.append((image, s))
+            rng = rng_for(cfg.seed, name, item.folder, item.path.stem, "scene")
+            if "caption" in cfg.tasks:
+                cap = scene_caption_sample(item, rng)
+                cap.meta.update({"split": split, "dataset": name})
+                ids.append(f"{name}/{item.folder}/{item.path.stem}/caption/0")
+                pairs.append((image, cap))
+            if cfg.descriptions:
+                texts.append({"text": scene_caption(item.label, rng), "level": "scene",
+                              "cls": item.label, "classes": [item.label], "image": image,
+                              "region": name, "split": split})
     keyed = [(sid, (image, s)) for sid, (image, s) in zip(ids, pairs, strict=True)]
     if cfg.balance:
         kept = balance_answers(((sid, s) for sid, (_, s) in keyed), cfg.seed)

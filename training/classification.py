@@ -3,11 +3,16 @@
 `root/<ClassName>/<image>` becomes "Choose the best category from: a, b, c." -> "b". Class
 folder names are turned into words ("BareLand" -> "bare land", "dense_residential" ->
 "dense residential"), and the answer matcher in `training.metrics` maps free text back.
+
+Each image also gets a scene caption ("An aerial image of a baseball field.") for the alignment
+stage and a scene description for the semantic database: stage 1 then teaches the connector
+the folder's scene vocabulary on short sequences, before the long multiple-choice prompts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,3 +75,28 @@ def split_of_item(item: FolderItem, seed: int, val_fraction: float) -> str:
         return "train"
     digest = hashlib.sha256(f"{seed}:{item.folder}/{item.path.name}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+_SCENE_TEMPLATES = (
+    "An aerial image of {a} {label}.",
+    "This remote sensing image shows {a} {label}.",
+    "A satellite view of {a} {label} scene.",
+    "The scene is {a} {label}, seen from above.",
+    "Overhead imagery of {a} {label}.",
+)
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def scene_caption(label: str, rng: random.Random) -> str:
+    """One templated sentence naming the scene class."""
+    return rng.choice(_SCENE_TEMPLATES).format(a=_article(label), label=label)
+
+
+def scene_caption_sample(item: FolderItem, rng: random.Random) -> Sample:
+    from training.captions import CAPTION_PROMPTS
+
+    return Sample("caption", rng.choice(CAPTION_PROMPTS), scene_caption(item.label, rng),
+                  {"cls": item.label, "source": item.path.name, "classes": [item.label]})

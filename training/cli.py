@@ -51,7 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="preset name or model folder (default model)")
     e.add_argument("--task", required=True,
                    choices=["classification", "vqa", "grounding", "captioning"])
-    e.add_argument("--data", required=True, help="ImageFolder (classification) or region")
+    e.add_argument("--data", required=True,
+                   help="a build-data folder (scores its --split), an ImageFolder "
+                        "(classification) or a region")
+    e.add_argument("--ablate", default="", metavar="PARTS",
+                   help="switch trained parts off at inference: experts, retrieval (comma list)")
+    e.add_argument("--split", default="val", choices=("val", "train"),
+                   help="split of a build-data folder to score (val)")
     e.add_argument("--out", default=None, help="report JSON path")
     e.add_argument("--limit", type=int, default=None, help="evaluate at most N items")
     e.add_argument("--device", default=None)

@@ -36,8 +36,6 @@ def _bar(total: int, desc: str, progress: bool) -> Any:
 def eval_classification(folder: str | Path, answer: AnswerFn, *, limit: int | None = None,
                         progress: bool = False) -> dict[str, Any]:
     """Accuracy over an ImageFolder, asked as "choose the best category from: ..."."""
-    from PIL import Image
-
     classes, items = scan_image_folder(folder)
     if limit is not None:
         # Every class gets a share of the limit: the first items per class, round-robin.
@@ -46,21 +44,34 @@ def eval_classification(folder: str | Path, answer: AnswerFn, *, limit: int | No
             by_cls[it.label].append(it)
         queue = [by_cls[c] for c in classes]
         items = [q[i] for i in range(max(map(len, queue))) for q in queue if i < len(q)][:limit]
+    return score_classification([(it.path, it.label) for it in items], classes, answer,
+                                progress)
+
+
+def _rgb(path: Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def score_classification(items: list[tuple[Path, str]], classes: list[str], answer: AnswerFn,
+                         progress: bool = False) -> dict[str, Any]:
+    """(image path, true class) -> accuracy, per-class accuracy and unmatched answers."""
     prompt = classification_prompt(classes)
     correct: Counter[str] = Counter()
     total: Counter[str] = Counter()
     unmatched = 0
     examples = []
     bar = _bar(len(items), "classification", progress)
-    for it in items:
-        with Image.open(it.path) as im:
-            text = answer(im.convert("RGB"), prompt)
+    for path, label in items:
+        text = answer(_rgb(path), prompt)
         pred = match_choice(text, classes)
         unmatched += pred is None
-        total[it.label] += 1
-        correct[it.label] += pred == it.label
+        total[label] += 1
+        correct[label] += pred == label
         if len(examples) < 5:
-            examples.append({"image": it.path.name, "truth": it.label, "answer": text,
+            examples.append({"image": Path(path).name, "truth": label, "answer": text,
                              "matched": pred})
         bar.update(1)
     bar.close()
@@ -93,18 +104,25 @@ def eval_vqa(spec: RegionSpec, answer: AnswerFn, *, seed: int = 0, limit: int | 
              progress: bool = False) -> dict[str, Any]:
     """Accuracy overall and per question type (presence, counting, comparison, area, ...)."""
     _, items = _region_items(spec, "vqa", seed, limit, progress)
+    return score_vqa([(chip, s.question, s.answer, s.meta) for _, chip, s in items], answer,
+                     progress)
+
+
+def score_vqa(items: list[tuple[Any, str, str, dict[str, Any]]], answer: AnswerFn,
+              progress: bool = False) -> dict[str, Any]:
+    """(image or chip, question, true answer, meta with "type") -> the VQA report."""
     correct: Counter[str] = Counter()
     total: Counter[str] = Counter()
     examples = []
     bar = _bar(len(items), "vqa", progress)
-    for _, chip, s in items:
-        text = answer(chip, s.question)
-        qtype = s.meta["type"]
-        ok = vqa_correct(text, s.answer, qtype)
+    for image, question, truth, meta in items:
+        text = answer(image, question)
+        qtype = meta["type"]
+        ok = vqa_correct(text, truth, qtype)
         total[qtype] += 1
         correct[qtype] += ok
         if len(examples) < 5:
-            examples.append({"question": s.question, "truth": s.answer, "answer": text, "ok": ok})
+            examples.append({"question": question, "truth": truth, "answer": text, "ok": ok})
         bar.update(1)
     bar.close()
     n = sum(total.values())
@@ -128,23 +146,30 @@ def eval_grounding(spec: RegionSpec, answer: AnswerFn, *, seed: int = 0,
     "Find all" questions are scored separately as precision / recall / F1 at IoU 0.5.
     """
     _, items = _region_items(spec, "grounding", seed, limit, progress)
+    return score_grounding([(chip, s.question, s.meta, (chip.width, chip.height))
+                            for _, chip, s in items], answer, progress)
+
+
+def score_grounding(items: list[tuple[Any, str, dict[str, Any], tuple[int, int]]],
+                    answer: AnswerFn, progress: bool = False) -> dict[str, Any]:
+    """(image or chip, question, meta with "type"/"boxes_px", (width, height)) -> report."""
     ious: list[float] = []
     per_rule: dict[str, list[float]] = defaultdict(list)
     tp = n_pred = n_true = 0
     no_box = 0
     examples = []
     bar = _bar(len(items), "grounding", progress)
-    for _, chip, s in items:
-        text = answer(chip, s.question)
-        boxes = _pred_boxes(text, chip.width, chip.height)
-        truth = [tuple(b) for b in s.meta["boxes_px"]]
-        if s.meta["type"] == "refer":
+    for image, question, meta, (width, height) in items:
+        text = answer(image, question)
+        boxes = _pred_boxes(text, width, height)
+        truth = [tuple(b) for b in meta["boxes_px"]]
+        if meta["type"] == "refer":
             iou = box_iou(boxes[0], truth[0]) if boxes else 0.0
             no_box += not boxes
             ious.append(iou)
-            per_rule[s.meta["rule"]].append(iou)
+            per_rule[meta["rule"]].append(iou)
             if len(examples) < 5:
-                examples.append({"question": s.question, "truth_px": truth[0], "answer": text,
+                examples.append({"question": question, "truth_px": truth[0], "answer": text,
                                  "iou": round(iou, 4)})
         else:
             tp += match_boxes(boxes, truth)
@@ -177,26 +202,127 @@ def eval_captioning(spec: RegionSpec, answer: AnswerFn, *, seed: int = 0,
     chips = list(builder.chips(progress))
     if limit is not None:
         chips = chips[:limit]
+    items = []
+    for rec, chip in chips:
+        key = rec.ctx.chip_id
+        refs = [make_caption(rec.ctx, builder.stats, rng_for(seed, spec.name, key, "ref", k))
+                for k in range(n_refs)]
+        items.append((key, chip, refs))
+    report = score_captions(items, answer, progress, meteor)
+    report["references_per_chip"] = n_refs
+    return report
+
+
+def score_captions(items: list[tuple[str, Any, list[str]]], answer: AnswerFn,
+                   progress: bool = False, meteor: bool = True) -> dict[str, Any]:
+    """(key, image or chip, reference captions) -> BLEU, METEOR, ROUGE-L, CIDEr."""
     preds: dict[str, str] = {}
     refs: dict[str, list[str]] = {}
     examples = []
-    bar = _bar(len(chips), "captioning", progress)
-    for rec, chip in chips:
-        key = rec.ctx.chip_id
-        refs[key] = [make_caption(rec.ctx, builder.stats, rng_for(seed, spec.name, key, "ref", k))
-                     for k in range(n_refs)]
-        preds[key] = answer(chip, CAPTION_QUESTION)
+    bar = _bar(len(items), "captioning", progress)
+    for key, image, references in items:
+        refs[key] = list(references)
+        preds[key] = answer(image, CAPTION_QUESTION)
         if len(examples) < 3:
             examples.append({"chip": key, "answer": preds[key], "reference": refs[key][0]})
         bar.update(1)
     bar.close()
     scores = caption_scores(preds, refs, meteor=meteor)
-    return {"task": "captioning", "n": len(preds), **scores, "references_per_chip": n_refs,
-            "examples": examples}
+    return {"task": "captioning", "n": len(preds), **scores, "examples": examples}
+
+
+# ------------------------------------------------------------------ a build-data split
+
+
+def is_dataset(path: str | Path) -> bool:
+    """A `build-data` output folder (rather than a region or an ImageFolder)."""
+    return (Path(path) / "dataset_card.json").is_file() and (Path(path) / "train.jsonl").is_file()
+
+
+def _records(data_dir: Path, split: str, task: str) -> list[dict[str, Any]]:
+    path = data_dir / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: build the dataset with `rsvlm-train build-data`")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [r for r in rows if r["task"] == task]
+
+
+def _question(record: dict[str, Any]) -> str:
+    return record["conversations"][0]["value"].replace("<image>", "").strip()
+
+
+def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, split: str = "val",
+                       seed: int = 0, limit: int | None = None,
+                       progress: bool = False) -> dict[str, Any]:
+    """Score a held-back split of a `build-data` folder: exactly the questions, chips and
+    answers training never saw (spatially blocked region chips, hashed ImageFolder images)."""
+    data_dir = Path(data_dir)
+    source = "classification" if task == "classification" else (
+        "caption" if task == "captioning" else task)
+    if source not in {"classification", "vqa", "grounding", "caption"}:
+        raise ValueError(f"unknown eval task {task!r}")
+    rows = _records(data_dir, split, source)
+    if not rows:
+        raise ValueError(f"{data_dir}/{split}.jsonl has no {source} samples")
+    if limit is not None and limit < len(rows):
+        rng = rng_for(seed, "eval", str(data_dir.name), task, split)
+        rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), limit))]
+    if source == "classification":
+        # The class list of the whole dataset (both splits), as the training prompts named it.
+        classes = sorted({r["meta"]["cls"] for s in ("train", "val")
+                          if (data_dir / f"{s}.jsonl").is_file()
+                          for r in _records(data_dir, s, "classification")})
+        report = score_classification([(data_dir / r["image"], r["meta"]["cls"]) for r in rows],
+                                      classes, answer, progress)
+    elif source == "vqa":
+        report = score_vqa([(_rgb(data_dir / r["image"]), _question(r),
+                             r["conversations"][1]["value"], r["meta"]) for r in rows],
+                           answer, progress)
+    elif source == "grounding":
+        items = []
+        for r in rows:
+            image = _rgb(data_dir / r["image"])
+            items.append((image, _question(r), r["meta"], image.size))
+        report = score_grounding(items, answer, progress)
+    else:
+        refs: dict[str, list[str]] = defaultdict(list)
+        for r in rows:
+            refs[r["image"]].append(r["conversations"][1]["value"])
+        report = score_captions([(k, _rgb(data_dir / k), v) for k, v in refs.items()], answer,
+                                progress)
+    report.update({"data": str(data_dir), "split": split})
+    return report
+
+
+ABLATIONS = ("experts", "retrieval")
+
+
+def ablate(loaded: Any, parts: set[str] | frozenset[str]) -> None:
+    """Switch trained mechanisms off in a loaded model, for inference-time ablations:
+    ``experts`` (every expert's output projection zeroed: the FFNs run alone, as before
+    training) and ``retrieval`` (no semantic database: no retrieved texts reach the prompter)."""
+    unknown = set(parts) - set(ABLATIONS)
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {sorted(unknown)}; choose from {ABLATIONS}")
+    if "experts" in parts:
+        import torch
+
+        from rsvlm.experts import expert_modules
+
+        wrappers = expert_modules(loaded.model)
+        if not wrappers:
+            raise ValueError("this model has no semantic experts to switch off")
+        with torch.no_grad():
+            for wrapper in wrappers:
+                for expert in wrapper.experts:
+                    expert.expand.weight.zero_()
+    if "retrieval" in parts:
+        loaded.database = None
 
 
 def engine_answer_fn(model: str | None = None, device: str | None = None,
-                     max_new_tokens: int = 64) -> AnswerFn:
+                     max_new_tokens: int = 64,
+                     ablations: set[str] | frozenset[str] = frozenset()) -> AnswerFn:
     """An answer function backed by the chat engine (one fresh session per question)."""
     from rsvlm.engine import ChatEngine
     from rsvlm.loading import TRAINED_JSON, load
@@ -208,7 +334,9 @@ def engine_answer_fn(model: str | None = None, device: str | None = None,
         loaded = load(base, device=device, trained=folder)
     else:
         loaded = load(model, device=device)
-    log.info("evaluating %s", getattr(loaded, "info", {}))
+    ablate(loaded, ablations)
+    log.info("evaluating %s (ablated: %s)", getattr(loaded, "info", {}),
+             ", ".join(sorted(ablations)) or "nothing")
     engine = ChatEngine(loaded, max_cached_sessions=1)
 
     def answer(chip: Any, question: str) -> str:
@@ -219,8 +347,11 @@ def engine_answer_fn(model: str | None = None, device: str | None = None,
 
 
 def run_eval(task: str, data: str | Path, answer: AnswerFn, *, seed: int = 0,
-             limit: int | None = None, progress: bool = True,
+             limit: int | None = None, progress: bool = True, split: str = "val",
              region_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    if is_dataset(data):
+        return eval_dataset_split(task, data, answer, split=split, seed=seed, limit=limit,
+                                  progress=progress)
     if task == "classification":
         return eval_classification(data, answer, limit=limit, progress=progress)
     overrides = {"val_fraction": 0.0, **(region_overrides or {})}
@@ -233,12 +364,15 @@ def run_eval(task: str, data: str | Path, answer: AnswerFn, *, seed: int = 0,
 
 def evaluate_cli(args: Any) -> dict[str, Any]:
     """`rsvlm-train eval`: load the model, run the task, write the report."""
-    answer = engine_answer_fn(args.model, args.device, args.max_new_tokens)
+    ablations = frozenset(a.strip() for a in (getattr(args, "ablate", None) or "").split(",")
+                          if a.strip())
+    answer = engine_answer_fn(args.model, args.device, args.max_new_tokens, ablations)
     overrides = {"chip_size": args.chip_size, "overlap": args.overlap,
                  "resolution": args.resolution}
     report = run_eval(args.task, args.data, answer, seed=args.seed, limit=args.limit,
-                      region_overrides=overrides)
+                      split=getattr(args, "split", "val"), region_overrides=overrides)
     report["model"] = args.model or "default"
+    report["ablated"] = sorted(ablations)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -2,7 +2,9 @@
 
 The classification baseline of the design: pool the patch tokens (mean) and the CLS token of
 several encoder layers, concatenate, standardise, and fit scikit-learn's logistic regression on
-`train_per_class` images per class; the rest of each class is the test set.
+`train_per_class` images per class; the rest of each class is the test set. Given a
+`build-data` folder instead, it trains on that folder's training split and tests on its
+held-back split, the images `rsvlm-train eval --data DIR` scores the chat model on.
 """
 
 from __future__ import annotations
@@ -83,25 +85,60 @@ def run_probe(folder: str | Path, *, model: str | None = None, layers: list[int]
         layers = layers or default_layers
     if not layers:
         raise ValueError("give the vision layers to pool (e.g. 7,9,11)")
-    classes, items = scan_image_folder(folder)
-    train_idx, test_idx = [], []
-    seen: dict[str, int] = {}
-    for i, it in enumerate(items):  # items are sorted per class: the first k train
-        seen[it.label] = seen.get(it.label, 0) + 1
-        (train_idx if seen[it.label] <= train_per_class else test_idx).append(i)
-    if not test_idx:
-        raise ValueError(f"no test images left: every class has <= {train_per_class} images")
+    from training.evaluate import is_dataset
+
+    split_from = None
+    if is_dataset(folder):
+        # The build-data split itself: the probe sees the same training images as `fit` and
+        # is scored on the same held-back ones as `eval --data DIR`.
+        paths, labels, is_train = _dataset_split(Path(folder))
+        classes = sorted(set(labels))
+        split_from = str(folder)
+    else:
+        classes, items = scan_image_folder(folder)
+        paths, labels = [it.path for it in items], [it.label for it in items]
+        seen: dict[str, int] = {}
+        is_train = []
+        for it in items:  # items are sorted per class: the first k train
+            seen[it.label] = seen.get(it.label, 0) + 1
+            is_train.append(seen[it.label] <= train_per_class)
+    train_idx = [i for i, t in enumerate(is_train) if t]
+    test_idx = [i for i, t in enumerate(is_train) if not t]
+    if not test_idx or not train_idx:
+        raise ValueError("the probe needs both training and test images "
+                         f"(every class has <= {train_per_class} images?)")
     t0 = time.perf_counter()
     images = []
-    for it in items:
-        with Image.open(it.path) as im:
+    for path in paths:
+        with Image.open(path) as im:
             images.append(im.convert("RGB"))
     feats = pooled_features(images, vision, image_processor, layers)
     t_feat = time.perf_counter() - t0
-    labels = [it.label for it in items]
     report = fit_probe(feats[train_idx], [labels[i] for i in train_idx], feats[test_idx],
                        [labels[i] for i in test_idx], seed)
     report.update({"task": "classification_probe", "model": name, "layers": list(layers),
-                   "classes": len(classes), "train_per_class": train_per_class,
+                   "classes": len(classes),
+                   "train_per_class": None if split_from else train_per_class,
+                   "split_from": split_from,
                    "feature_dim": int(feats.shape[1]), "features_s": round(t_feat, 1)})
     return report
+
+
+def _dataset_split(data_dir: Path) -> tuple[list[Path], list[str], list[bool]]:
+    """Classification images of a build-data folder: (paths, labels, is-train flags)."""
+    import json
+
+    paths, labels, is_train = [], [], []
+    for split in ("train", "val"):
+        path = data_dir / f"{split}.jsonl"
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            if r["task"] == "classification":
+                paths.append(data_dir / r["image"])
+                labels.append(r["meta"]["cls"])
+                is_train.append(split == "train")
+    if not paths:
+        raise ValueError(f"{data_dir} has no classification samples")
+    return paths, labels, is_train

@@ -69,6 +69,22 @@ def test_llava_records_and_images(built) -> None:
     assert {t["level"] for t in texts} == {"scene", "object"}
 
 
+def test_image_folders_get_scene_captions_and_database_texts(built) -> None:
+    """Each classification image also gets a caption naming its class (for the alignment
+    stage) in the same split, and a scene text for the semantic database."""
+    _, out = built
+    rows = _rows(out / "train.jsonl") + _rows(out / "val.jsonl")
+    cls = {r["image"]: r for r in rows if r["task"] == "classification"}
+    caps = {r["image"]: r for r in rows if r["task"] == "caption" and r["meta"].get("dataset")}
+    assert set(caps) == set(cls) and len(cls) == 12
+    for image, r in caps.items():
+        assert r["meta"]["cls"] in r["conversations"][1]["value"]
+        assert r["meta"]["split"] == cls[image]["meta"]["split"]
+    texts = [t for t in _rows(out / "texts.jsonl") if t.get("cls")]
+    assert {t["image"] for t in texts} == set(cls)
+    assert all(t["cls"] in t["text"] and t["level"] == "scene" for t in texts)
+
+
 def test_answers_are_balanced_and_boxes_match_meta(built) -> None:
     _, out = built
     rows = _rows(out / "train.jsonl")

@@ -157,3 +157,84 @@ def test_meteor_through_java() -> None:
                            "b": "a road crosses farmland"}, refs)
     bad = caption_scores({"a": "a ship in a harbor", "b": "snow on a mountain"}, refs)
     assert isinstance(good["METEOR"], float) and good["METEOR"] > 0.9 > bad["METEOR"]
+
+
+@pytest.fixture(scope="module")
+def split_dataset(small_region: Path, image_folder: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("split")
+    spec = load_region(small_region, chip_size=128, val_fraction=0.3, block_chips=1)
+    build_dataset(out, [spec], [image_folder], BuildConfig(seed=0, balance=False),
+                  folder_val_fraction=0.4, progress=False)
+    return out
+
+
+def _split_table(data: Path, split: str) -> dict:
+    """(image pixels, question) -> the dataset's own answer."""
+    from PIL import Image
+
+    table = {}
+    for line in (data / f"{split}.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        with Image.open(data / r["image"]) as im:
+            key = im.convert("RGB").tobytes()
+        table[(key, r["conversations"][0]["value"].removeprefix("<image>\n"))] = (
+            r["conversations"][1]["value"])
+        if r["task"] == "caption":
+            table.setdefault(("caption", key), r["conversations"][1]["value"])
+    return table
+
+
+def test_eval_scores_exactly_the_held_back_split(split_dataset: Path) -> None:
+    val = _split_table(split_dataset, "val")
+    train = _split_table(split_dataset, "train")
+
+    def oracle(image, question: str) -> str:
+        return val[(image.tobytes(), question)]  # a KeyError if a training item were asked
+
+    for task in ("classification", "vqa", "grounding"):
+        report = run_eval(task, split_dataset, oracle, progress=False)
+        assert report["split"] == "val" and report["n"] > 0, task
+        score = report["acc@0.5"] if task == "grounding" else report["accuracy"]
+        assert score == 1.0, task
+    cls = run_eval("classification", split_dataset, lambda im, q: "forest", progress=False)
+    assert 0 < cls["accuracy"] < 1 and set(cls["classes"]) == {
+        "bare land", "dense residential", "forest"}
+    caps = run_eval("captioning", split_dataset, oracle_caption(val), progress=False)
+    assert caps["n"] > 0 and caps["CIDEr"] > 1.0
+    on_train = run_eval("vqa", split_dataset, lambda im, q: train[(im.tobytes(), q)],
+                        split="train", progress=False)
+    assert on_train["accuracy"] == 1.0
+    limited = run_eval("vqa", split_dataset, oracle, limit=3, progress=False)
+    assert limited["n"] == 3
+
+
+def oracle_caption(table: dict):
+    return lambda image, q: table[("caption", image.tobytes())]
+
+
+def test_inference_time_ablations_switch_parts_off() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from rsvlm.experts import expert_modules
+    from rsvlm.testing import tiny_model
+    from training.evaluate import ablate
+
+    model = tiny_model(seed=0, experts_enabled=True)
+    for wrapper in expert_modules(model):
+        for expert in wrapper.experts:
+            torch.nn.init.normal_(expert.expand.weight)  # as if trained
+    loaded = SimpleNamespace(model=model, database=object())
+    wrapper = expert_modules(model)[0]
+    h = torch.randn(1, 5, model.config.text_config.hidden_size)
+    assert not torch.allclose(wrapper(h), wrapper.base_layer(h))
+    ablate(loaded, {"experts", "retrieval"})
+    torch.testing.assert_close(wrapper(h), wrapper.base_layer(h))
+    assert loaded.database is None
+    with pytest.raises(ValueError, match="unknown ablation"):
+        ablate(loaded, {"connector"})
+    with pytest.raises(ValueError, match="no semantic experts"):
+        ablate(SimpleNamespace(model=tiny_model(seed=0, experts_enabled=False), database=None),
+               {"experts"})

@@ -141,3 +141,20 @@ def test_config_file_round_trip(tmp_path: Path) -> None:
         load_config(cfg)
     with pytest.raises(ValueError, match="unknown parts"):
         StageConfig("x", train=["everything"])
+
+
+def test_answer_only_loss_equals_the_models_own_loss(dataset: Path) -> None:
+    """lm_loss projects only answer positions onto the vocabulary; the value must not change."""
+    from rsvlm.testing import tiny_model, tiny_processor
+    from training.fit import lm_loss
+    from training.lm_data import LMCollator, read_examples
+
+    model = tiny_model(seed=0)
+    collate = LMCollator(tiny_processor(model.config), 200, image_root=dataset)
+    batch = collate(read_examples(dataset, "train", None)[:3])
+    assert (batch["labels"] != -100).sum() > 0
+    reference = model(**batch).loss
+    trimmed = lm_loss(model, batch)
+    torch.testing.assert_close(trimmed, reference, rtol=1e-5, atol=1e-6)
+    trimmed.backward()  # and it trains
+    assert any(p.grad is not None for p in model.parameters())
