@@ -103,6 +103,7 @@ def load(
     trained: str | Path | None | bool = True,
     progress: Callable[[str], None] | None = None,
     fallback: str | None = None,
+    architecture: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a model for chat.
 
@@ -116,6 +117,8 @@ def load(
         progress: called with human-readable progress messages (the app shows them).
         fallback: a preset to load instead when the GPU lacks memory for ``model`` (e.g.
             ``"embedded"``); without it a `GPUMemoryError` says what the user can do.
+        architecture: `RSVLMConfig` fields replacing the preset's (e.g. ``{"connector_type":
+            "mlp"}`` for an ablation); the trained parts' own ``trained.json`` wins over both.
     """
     say = progress or (lambda msg: logger.info("%s", msg))
     t0 = time.perf_counter()
@@ -134,7 +137,8 @@ def load(
             device = "cpu"
         trained_dir = preset.trained_weights_dir if trained is True else (Path(trained) if trained else None)
         try:
-            loaded = _load_preset(preset, device=_device(device), quantize=quantize, trained_dir=trained_dir, say=say)
+            loaded = _load_preset(preset, device=_device(device), quantize=quantize,
+                                  trained_dir=trained_dir, say=say, architecture=architecture)
         except GPUMemoryError as exc:
             if not fallback or fallback == name:
                 raise
@@ -155,7 +159,8 @@ def load(
 
 
 def _load_preset(preset: Any, *, device: str, quantize: bool | None, trained_dir: Path | None,
-                 say: Callable[[str], None]) -> LoadedModel:
+                 say: Callable[[str], None],
+                 architecture: dict[str, Any] | None = None) -> LoadedModel:
     on_cuda = device.startswith("cuda")
     # The preset's memory figure is for its 4-bit form; unquantized loads rely on the OOM check.
     quantized = quantize is not False and preset.quantization is not None
@@ -170,7 +175,7 @@ def _load_preset(preset: Any, *, device: str, quantize: bool | None, trained_dir
     plan = with_attention(preset.plan(device, quantize=quantize), device)
     say(f"Loading {plan.describe()} ...")
     try:
-        return _assemble(plan, preset, device, trained_dir, say)
+        return _assemble(plan, preset, device, trained_dir, say, architecture)
     except Exception as exc:
         if on_cuda and is_cuda_oom(exc):
             _release_cuda()
@@ -204,7 +209,8 @@ def _release_cuda() -> None:
 
 
 def _assemble(plan: Any, preset: Any, device: str, trained_dir: Path | None,
-              say: Callable[[str], None]) -> LoadedModel:
+              say: Callable[[str], None],
+              architecture: dict[str, Any] | None = None) -> LoadedModel:
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -215,10 +221,10 @@ def _assemble(plan: Any, preset: Any, device: str, trained_dir: Path | None,
     language = plan.components["language"].load()
     tokenizer = AutoTokenizer.from_pretrained(plan.components["language"].location)
     image_processor = AutoImageProcessor.from_pretrained(plan.components["vision"].location)
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(architecture or {})
     manifest = _read_manifest(trained_dir)
     if manifest:
-        overrides = dict(manifest.get("architecture", {}))
+        overrides.update(manifest.get("architecture", {}))
     config = preset.to_config(vision_config=vision.config, text_config=language.config, **overrides)
     model = RSVLMForConditionalGeneration.from_parts(vision, language, config, tokenizer=tokenizer)
     dtype = getattr(torch, plan.dtype)

@@ -85,7 +85,9 @@ class FitConfig:
     output_dir: str
     model: str = "embedded"  # preset name, or "tiny" (random tiny model, for tests)
     init: str = "base"  # "base": untrained connector; "trained": the preset's shipped parts
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # tiny model config fields
+    # RSVLMConfig fields replacing the preset's (or the tiny model's): ablations such as
+    # {connector_type: mlp} or {experts_enabled: false}
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     stages: list[StageConfig] = field(default_factory=default_stages)
     seed: int = 0
     batch_size: int = 4
@@ -159,11 +161,13 @@ def build_model(cfg: FitConfig) -> tuple[Any, Any, str, dict[str, Any]]:
     from rsvlm.loading import load
 
     trained: Any = cfg.init == "trained" or (cfg.init not in {"base", "trained"} and cfg.init)
-    loaded = load(cfg.model, device="cpu", trained=trained)
+    loaded = load(cfg.model, device="cpu", trained=trained,
+                  architecture=dict(cfg.model_overrides) or None)
     preset = loaded.info.get("preset", cfg.model)
     # The whole architecture goes into trained.json, so the parts keep loading into the shape
     # they were trained in even if the preset's defaults change later.
-    return loaded.model, loaded.processor, preset, _preset_architecture(preset)
+    return (loaded.model, loaded.processor, preset,
+            {**_preset_architecture(preset), **cfg.model_overrides})
 
 
 def _preset_architecture(name: str) -> dict[str, Any]:
