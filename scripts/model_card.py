@@ -42,7 +42,8 @@ def _rel(path: Path) -> str:
 
 
 def run_reports(model: Path, data: Path, out: Path, limit: int | None,
-                ablation_limit: int | None) -> dict[str, Any]:
+                ablation_limit: int | None, caption_limit: int | None,
+                parts: tuple[str, ...] = ("main", "ablations")) -> dict[str, Any]:
     from training.evaluate import engine_answer_fn, run_eval
     from training.probe import run_probe
 
@@ -57,18 +58,21 @@ def run_reports(model: Path, data: Path, out: Path, limit: int | None,
                                          if isinstance(v, int | float)}), flush=True)
 
     t0 = time.perf_counter()
-    save("probe", run_probe(data))
-    answer = engine_answer_fn(str(model))
-    for task in TASKS:
+    if "main" in parts:
+        save("probe", run_probe(data))
+    answer = engine_answer_fn(str(model)) if "main" in parts else None
+    for task in TASKS if "main" in parts else ():
         start = time.perf_counter()
-        report = run_eval(task, data, answer, limit=limit, progress=False)
+        cap = caption_limit if task == "captioning" else None
+        n = min(v for v in (limit, cap) if v is not None) if (limit or cap) else None
+        report = run_eval(task, data, answer, limit=n, progress=False)
         report["seconds"] = round(time.perf_counter() - start, 1)
         save(task, report)
-    for name, parts in ABLATIONS.items():
-        answer = engine_answer_fn(str(model), ablations=frozenset(parts))
+    for name, switched_off in ABLATIONS.items() if "ablations" in parts else ():
+        answer = engine_answer_fn(str(model), ablations=frozenset(switched_off))
         for task in ("classification", "vqa", "grounding"):
             report = run_eval(task, data, answer, limit=ablation_limit, progress=False)
-            report["ablated"] = sorted(parts)
+            report["ablated"] = sorted(switched_off)
             save(f"{task}-{name}", report)
     reports["_seconds"] = round(time.perf_counter() - t0, 1)
     return reports
@@ -216,6 +220,13 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         for qa in ex["qa"]:
             lines.append(f"- **Q:** {qa['question']}  \n  **A:** {qa['answer']}")
         lines.append("")
+    from collections import Counter
+
+    finds = Counter(ex["qa"][-1]["answer"] for ex in examples).most_common(1)
+    if finds and finds[0][1] >= 3:
+        lines += [f"{finds[0][1]} of the {len(examples)} chips above got the same \"find all\" "
+                  f"answer ({finds[0][0]!r}) whatever they show: this model has not learned to "
+                  "localise objects.", ""]
     for e in cls.get("examples", [])[:5]:
         lines.append(f"- AID `{e['image']}` (truth *{e['truth']}*): \"{e['answer']}\"")
     lines += [
@@ -231,8 +242,8 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         "",
         f"Fit config:\n\n```yaml\n{fit_config.strip()}\n```" if fit_config else "",
         "",
-        f"Evaluated on {platform.machine()} with {platform.python_version()}; evaluation took "
-        f"{_f(reports.get('_seconds'), 0)} s. Raw reports: `eval/*.json`.",
+        f"Evaluated on {platform.machine()} with Python {platform.python_version()}. Raw reports: "
+        "`eval/*.json`.",
         "",
         "## Limits",
         "",
@@ -256,21 +267,31 @@ def main() -> None:
     parser.add_argument("--fit-config", type=Path,
                         default=REPO / "training" / "configs" / "embedded.yaml")
     parser.add_argument("--limit", type=int, default=None, help="questions per task")
-    parser.add_argument("--ablation-limit", type=int, default=None)
+    parser.add_argument("--ablation-limit", type=int, default=100,
+                        help="questions per task for each ablation (a seeded sample)")
+    parser.add_argument("--caption-limit", type=int, default=80,
+                        help="captioned chips (a seeded sample of the split)")
     parser.add_argument("--examples", type=int, default=5)
+    parser.add_argument("--only", default="all", choices=("all", "main", "ablations", "examples"),
+                        help="run one share (e.g. in parallel processes), then --render-only")
     parser.add_argument("--render-only", action="store_true",
                         help="re-render MODEL_CARD.md from existing eval/*.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = args.out or args.model
-    if args.render_only:
-        reports = {p.stem: json.loads(p.read_text()) for p in (out / "eval").glob("*.json")}
-        examples = reports.pop("examples", [])
-    else:
-        reports = run_reports(args.model, args.data, out, args.limit, args.ablation_limit)
-        examples = run_examples(args.model, args.data, out, args.examples)
-        (out / "eval" / "_meta.json").write_text(json.dumps({"_seconds": reports["_seconds"]}))
-    reports.update(reports.pop("_meta", {}))
+    if not args.render_only:
+        parts = ("main", "ablations", "examples") if args.only == "all" else (args.only,)
+        reports = run_reports(args.model, args.data, out, args.limit, args.ablation_limit,
+                              args.caption_limit, parts)
+        if "examples" in parts:
+            run_examples(args.model, args.data, out, args.examples)
+        if args.only == "all":
+            (out / "eval" / "_meta.json").write_text(
+                json.dumps({"_seconds": reports["_seconds"]}))
+        if args.only != "all":
+            return  # a share of the work: render once every share has run
+    reports = {p.stem: json.loads(p.read_text()) for p in (out / "eval").glob("*.json")}
+    examples = reports.pop("examples", [])
     fit_config = args.fit_config.read_text() if args.fit_config.is_file() else None
     (out / "MODEL_CARD.md").write_text(render(out, args.model, args.data, reports, examples,
                                               fit_config))
