@@ -58,10 +58,12 @@ def main() -> None:
                 timeout=args.timeout_s * 1000)
             # Streaming: wait until the answer stops changing.
             last, stable = "", 0
-            while stable < 4:
+            waited = 0
+            while stable < 4 and waited < args.timeout_s:
                 page.wait_for_timeout(1000)
-                text = bot.last.inner_text()
-                stable = stable + 1 if text == last else 0
+                waited += 1
+                text = bot.last.inner_text().strip()
+                stable = stable + 1 if text and text == last else 0
                 last = text
             page.wait_for_timeout(1500)  # boxes drawn onto the map
             args.out.parent.mkdir(parents=True, exist_ok=True)
