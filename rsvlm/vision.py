@@ -16,6 +16,10 @@ class VisionTower(nn.Module):
     of ``config.vision_feature_layers`` (indices into the encoder's ``hidden_states`` tuple), with
     the CLS and register tokens dropped: whatever precedes the last ``num_patches`` tokens is a
     prefix token (DINOv2: CLS + registers, CLIP: CLS, SigLIP: none).
+
+    Under `torch.inference_mode` the last result is kept for identical pixels: a chat turn
+    embeds the chip for retrieval and then again inside `generate()`, and the tower is a fifth
+    of the first-token time on a CPU. Training (autograd on) never reuses anything.
     """
 
     def __init__(self, config: RSVLMConfig, model: PreTrainedModel | None = None) -> None:
@@ -24,6 +28,7 @@ class VisionTower(nn.Module):
         self.num_patches = config.num_patches
         self.num_prefix_tokens = _num_prefix_tokens(config.vision_config)
         self.model = model if model is not None else AutoModel.from_config(config.vision_config)
+        self._memo: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -34,6 +39,24 @@ class VisionTower(nn.Module):
         return next(self.model.parameters()).dtype
 
     def forward(
+        self, pixel_values: torch.Tensor, **vision_kwargs: torch.Tensor
+    ) -> list[torch.Tensor]:
+        reuse = torch.is_inference_mode_enabled() and not vision_kwargs
+        memo = self._memo if reuse else None
+        if (memo is not None and memo[0].shape == pixel_values.shape
+                and memo[0].device == pixel_values.device
+                and memo[0].dtype == pixel_values.dtype and torch.equal(memo[0], pixel_values)):
+            return list(memo[1])
+        levels = self._levels(pixel_values, **vision_kwargs)
+        if reuse:
+            self._memo = (pixel_values.clone(), tuple(levels))
+        return levels
+
+    def train(self, mode: bool = True) -> VisionTower:
+        self._memo = None  # weights may change from here on
+        return super().train(mode)
+
+    def _levels(
         self, pixel_values: torch.Tensor, **vision_kwargs: torch.Tensor
     ) -> list[torch.Tensor]:
         # `vision_kwargs` carries e.g. SigLIP2's `pixel_attention_mask` / `spatial_shapes`.

@@ -352,3 +352,27 @@ def test_bfloat16_forward_generate_and_retrieval():
     del batch["labels"]
     gen = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     assert gen.shape[1] == batch["input_ids"].shape[1] + 2
+
+
+def test_vision_tower_reuses_identical_pixels_only_at_inference() -> None:
+    """Retrieval and generate() embed the same chip: the tower runs once per chip at inference."""
+    from rsvlm.testing import tiny_model
+
+    model = tiny_model(seed=0).eval()
+    tower = model.vision_tower
+    calls = []
+    tower.model.register_forward_hook(lambda *_: calls.append(1))
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size)
+    with torch.inference_mode():
+        first = tower(pixels)
+        again = tower(pixels.clone())
+        assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+        tower(pixels + 1)
+        assert len(calls) == 2
+    tower(pixels + 1)  # autograd on (training, gradients): always computed
+    assert len(calls) == 3
+    model.train()
+    with torch.inference_mode():
+        tower(pixels + 1)
+    assert len(calls) == 4
