@@ -274,10 +274,19 @@ class ChatSession:
             )
 
     def ground(self, text: str) -> list[AnswerBox]:
-        """Boxes in ``text`` -> chip pixels -> EPSG:4326 geometries (when georeferenced)."""
+        """Boxes in ``text`` -> chip pixels -> EPSG:4326 geometries (when georeferenced).
+
+        A box repeated verbatim (same label, coordinates and angle: a small model looping) is
+        kept once; it would otherwise become several identical detections on the map."""
         boxes = []
+        seen: set[tuple[Any, ...]] = set()
         for parsed in parse_boxes(text, image_size=(self.chip_width, self.chip_height)):
             x1, y1, x2, y2 = parsed.to_pixels(self.chip_width, self.chip_height)
+            key = (parsed.label, round(x1, 3), round(y1, 3), round(x2, 3), round(y2, 3),
+                   parsed.angle)
+            if key in seen:
+                continue
+            seen.add(key)
             geometry = None
             if getattr(self.chip, "georeferenced", False):
                 if parsed.angle:

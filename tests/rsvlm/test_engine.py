@@ -94,6 +94,10 @@ def test_grounding_georeferenced_and_pixel_space() -> None:
     plain = _engine().session(_chip(georeferenced=False))
     (box,) = plain.ground(text)
     assert box.geometry is None and box.box_px == pytest.approx((0, 0, 48, 32), abs=0.1)
+    # A looping answer repeats one box: one detection; a different box or label stays.
+    looped = text * 4 + "<ref>building</ref><box>[0,0,400,500]</box>" + text.replace(
+        "building", "road")
+    assert [b.label for b in plain.ground(looped)] == ["building", "building", "road"]
 
 
 def test_empty_question_is_a_clear_error() -> None:
