@@ -367,7 +367,7 @@ def test_vision_tower_reuses_identical_pixels_only_at_inference() -> None:
     with torch.inference_mode():
         first = tower(pixels)
         again = tower(pixels.clone())
-        assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+        assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
         tower(pixels + 1)
         assert len(calls) == 2
     tower(pixels + 1)  # autograd on (training, gradients): always computed
