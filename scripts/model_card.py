@@ -57,7 +57,6 @@ def run_reports(model: Path, data: Path, out: Path, limit: int | None,
         print(f"{name}: " + json.dumps({k: v for k, v in report.items()
                                          if isinstance(v, int | float)}), flush=True)
 
-    t0 = time.perf_counter()
     if "main" in parts:
         save("probe", run_probe(data))
     answer = engine_answer_fn(str(model)) if "main" in parts else None
@@ -74,7 +73,6 @@ def run_reports(model: Path, data: Path, out: Path, limit: int | None,
             report = run_eval(task, data, answer, limit=ablation_limit, progress=False)
             report["ablated"] = sorted(switched_off)
             save(f"{task}-{name}", report)
-    reports["_seconds"] = round(time.perf_counter() - t0, 1)
     return reports
 
 
@@ -87,14 +85,11 @@ def run_examples(model: Path, data: Path, out: Path, n: int) -> list[dict[str, A
 
     manifest = json.loads((model / "trained.json").read_text())
     engine = ChatEngine(load(manifest["base_preset"], trained=model), max_cached_sessions=1)
-    truth: dict[str, list[list[float]]] = {}
-    for line in (data / "val.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["image"].split("/")[1] in DEMO_REGIONS and r["task"] == "grounding" and (
-                r["meta"]["type"] == "find_all"):
-            truth[r["image"]] = r["meta"]["boxes_px"]
-    chips = sorted({json.loads(line)["image"] for line in (data / "val.jsonl").read_text()
-                    .splitlines() if json.loads(line)["image"].split("/")[1] in DEMO_REGIONS})
+    rows = [json.loads(line) for line in (data / "val.jsonl").read_text().splitlines()]
+    demo = [r for r in rows if r["image"].split("/")[1] in DEMO_REGIONS]
+    truth = {r["image"]: r["meta"]["boxes_px"] for r in demo
+             if r["task"] == "grounding" and r["meta"]["type"] == "find_all"}
+    chips = sorted({r["image"] for r in demo})
     # Chips with buildings first (they show grounding), then empty ones; spread over regions.
     with_b = [c for c in chips if c in truth]
     chosen = (with_b[:: max(1, len(with_b) // max(1, n - 1))][: n - 1]
@@ -281,13 +276,10 @@ def main() -> None:
     out = args.out or args.model
     if not args.render_only:
         parts = ("main", "ablations", "examples") if args.only == "all" else (args.only,)
-        reports = run_reports(args.model, args.data, out, args.limit, args.ablation_limit,
+        run_reports(args.model, args.data, out, args.limit, args.ablation_limit,
                               args.caption_limit, parts)
         if "examples" in parts:
             run_examples(args.model, args.data, out, args.examples)
-        if args.only == "all":
-            (out / "eval" / "_meta.json").write_text(
-                json.dumps({"_seconds": reports["_seconds"]}))
         if args.only != "all":
             return  # a share of the work: render once every share has run
     reports = {p.stem: json.loads(p.read_text()) for p in (out / "eval").glob("*.json")}

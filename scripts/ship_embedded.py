@@ -5,7 +5,7 @@
 What ships (the `rsvlm.loading` trained-parts layout):
 
 * `trained.json` with the whole architecture the parts were trained in (not only overrides),
-  so a later change of the preset's defaults cannot load them into the wrong shape;
+  so a later change of the preset's defaults cannot load them into the wrong shape (fit writes it);
 * `trained.safetensors` (connector, experts, retriever projection; stored as float16) and
   `adapter/` (LoRA);
 * `semantic_db/`, rebuilt from the training split's descriptions of the regions named in
@@ -43,11 +43,10 @@ scene-class names ("An aerial image of a port."); no AID image or annotation is 
 """
 
 
-def ship(run: Path, data: Path, dest: Path, regions: tuple[str, ...], preset: str) -> dict:
+def ship(run: Path, data: Path, dest: Path, regions: tuple[str, ...]) -> dict:
     from safetensors.torch import load_file, save_file
 
     from rsvlm.loading import ADAPTER_DIR, SEMANTIC_DB_DIR, TRAINED_JSON, TRAINED_TENSORS
-    from rsvlm.presets import load_preset
     from rsvlm.retrieval import SemanticDatabase
 
     if not (run / TRAINED_TENSORS).is_file():
@@ -67,8 +66,9 @@ def ship(run: Path, data: Path, dest: Path, regions: tuple[str, ...], preset: st
     if (run / ADAPTER_DIR).is_dir():
         shutil.copytree(run / ADAPTER_DIR, dest / ADAPTER_DIR)
     manifest = json.loads((run / TRAINED_JSON).read_text())
-    manifest["architecture"] = {**load_preset(preset).architecture,
-                                **manifest.get("architecture", {})}
+    if not manifest.get("architecture"):
+        raise SystemExit(f"{run / TRAINED_JSON} names no architecture: retrain with this "
+                         "version of `rsvlm-train fit`, which records the whole one")
     texts, meta = [], []
     for line in (data / "texts.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
@@ -91,13 +91,12 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a run's final/ folder")
     parser.add_argument("--data", type=Path, required=True, help="the build-data folder it used")
     parser.add_argument("--dest", type=Path, default=REPO / "assets" / "models" / "embedded")
-    parser.add_argument("--preset", default="embedded")
     parser.add_argument("--database-regions", default=",".join(SHIPPABLE),
                         help="regions whose descriptions may ship (OSM-derived, or our own "
                              "class sentences)")
     args = parser.parse_args()
     regions = tuple(r.strip() for r in args.database_regions.split(",") if r.strip())
-    print(json.dumps(ship(args.run, args.data, args.dest, regions, args.preset), indent=2))
+    print(json.dumps(ship(args.run, args.data, args.dest, regions), indent=2))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.captions import CAPTION_PROMPTS
+from training.osm import article
 from training.samples import Sample
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -86,17 +88,11 @@ _SCENE_TEMPLATES = (
 )
 
 
-def _article(word: str) -> str:
-    return "an" if word[:1] in "aeiou" else "a"
-
-
 def scene_caption(label: str, rng: random.Random) -> str:
     """One templated sentence naming the scene class."""
-    return rng.choice(_SCENE_TEMPLATES).format(a=_article(label), label=label)
+    return rng.choice(_SCENE_TEMPLATES).format(a=article(label), label=label)
 
 
 def scene_caption_sample(item: FolderItem, rng: random.Random) -> Sample:
-    from training.captions import CAPTION_PROMPTS
-
     return Sample("caption", rng.choice(CAPTION_PROMPTS), scene_caption(item.label, rng),
                   {"cls": item.label, "source": item.path.name, "classes": [item.label]})

@@ -239,7 +239,8 @@ def is_dataset(path: str | Path) -> bool:
     return (Path(path) / "dataset_card.json").is_file() and (Path(path) / "train.jsonl").is_file()
 
 
-def _records(data_dir: Path, split: str, task: str) -> list[dict[str, Any]]:
+def split_records(data_dir: Path, split: str, task: str) -> list[dict[str, Any]]:
+    """The records of one task in a `build-data` split (``train`` / ``val``)."""
     path = data_dir / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: build the dataset with `rsvlm-train build-data`")
@@ -261,17 +262,19 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
         "caption" if task == "captioning" else task)
     if source not in {"classification", "vqa", "grounding", "caption"}:
         raise ValueError(f"unknown eval task {task!r}")
-    rows = _records(data_dir, split, source)
+    rows = split_records(data_dir, split, source)
     if not rows:
         raise ValueError(f"{data_dir}/{split}.jsonl has no {source} samples")
+    every_row = rows
     if limit is not None and limit < len(rows):
         rng = rng_for(seed, "eval", str(data_dir.name), task, split)
         rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), limit))]
     if source == "classification":
         # The class list of the whole dataset (both splits), as the training prompts named it.
-        classes = sorted({r["meta"]["cls"] for s in ("train", "val")
-                          if (data_dir / f"{s}.jsonl").is_file()
-                          for r in _records(data_dir, s, "classification")})
+        other = "train" if split == "val" else "val"
+        others = (split_records(data_dir, other, "classification")
+                  if (data_dir / f"{other}.jsonl").is_file() else [])
+        classes = sorted({r["meta"]["cls"] for r in every_row + others})
         report = score_classification([(data_dir / r["image"], r["meta"]["cls"]) for r in rows],
                                       classes, answer, progress)
     elif source == "vqa":

@@ -126,19 +126,16 @@ def run_probe(folder: str | Path, *, model: str | None = None, layers: list[int]
 
 def _dataset_split(data_dir: Path) -> tuple[list[Path], list[str], list[bool]]:
     """Classification images of a build-data folder: (paths, labels, is-train flags)."""
-    import json
+    from training.evaluate import split_records
 
     paths, labels, is_train = [], [], []
     for split in ("train", "val"):
-        path = data_dir / f"{split}.jsonl"
-        if not path.is_file():
+        if not (data_dir / f"{split}.jsonl").is_file():
             continue
-        for line in path.read_text(encoding="utf-8").splitlines():
-            r = json.loads(line)
-            if r["task"] == "classification":
-                paths.append(data_dir / r["image"])
-                labels.append(r["meta"]["cls"])
-                is_train.append(split == "train")
+        for r in split_records(data_dir, split, "classification"):
+            paths.append(data_dir / r["image"])
+            labels.append(r["meta"]["cls"])
+            is_train.append(split == "train")
     if not paths:
         raise ValueError(f"{data_dir} has no classification samples")
     return paths, labels, is_train
