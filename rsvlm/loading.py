@@ -104,6 +104,7 @@ def load(
     progress: Callable[[str], None] | None = None,
     fallback: str | None = None,
     architecture: dict[str, Any] | None = None,
+    merge_lora: bool = True,
 ) -> LoadedModel:
     """Load a model for chat.
 
@@ -119,6 +120,8 @@ def load(
             ``"embedded"``); without it a `GPUMemoryError` says what the user can do.
         architecture: `RSVLMConfig` fields replacing the preset's (e.g. ``{"connector_type":
             "mlp"}`` for an ablation); the trained parts' own ``trained.json`` wins over both.
+        merge_lora: merge the trained LoRA adapter into the LM (faster answers); False keeps a
+            `peft.PeftModel` (to train the adapter further). 4-bit models never merge.
     """
     say = progress or (lambda msg: logger.info("%s", msg))
     t0 = time.perf_counter()
@@ -138,7 +141,8 @@ def load(
         trained_dir = preset.trained_weights_dir if trained is True else (Path(trained) if trained else None)
         try:
             loaded = _load_preset(preset, device=_device(device), quantize=quantize,
-                                  trained_dir=trained_dir, say=say, architecture=architecture)
+                                  trained_dir=trained_dir, say=say, architecture=architecture,
+                                  merge_lora=merge_lora)
         except GPUMemoryError as exc:
             if not fallback or fallback == name:
                 raise
@@ -160,7 +164,8 @@ def load(
 
 def _load_preset(preset: Any, *, device: str, quantize: bool | None, trained_dir: Path | None,
                  say: Callable[[str], None],
-                 architecture: dict[str, Any] | None = None) -> LoadedModel:
+                 architecture: dict[str, Any] | None = None,
+                 merge_lora: bool = True) -> LoadedModel:
     on_cuda = device.startswith("cuda")
     # The preset's memory figure is for its 4-bit form; unquantized loads rely on the OOM check.
     quantized = quantize is not False and preset.quantization is not None
@@ -175,7 +180,7 @@ def _load_preset(preset: Any, *, device: str, quantize: bool | None, trained_dir
     plan = with_attention(preset.plan(device, quantize=quantize), device)
     say(f"Loading {plan.describe()} ...")
     try:
-        return _assemble(plan, preset, device, trained_dir, say, architecture)
+        return _assemble(plan, preset, device, trained_dir, say, architecture, merge_lora)
     except Exception as exc:
         if on_cuda and is_cuda_oom(exc):
             _release_cuda()
@@ -210,7 +215,8 @@ def _release_cuda() -> None:
 
 def _assemble(plan: Any, preset: Any, device: str, trained_dir: Path | None,
               say: Callable[[str], None],
-              architecture: dict[str, Any] | None = None) -> LoadedModel:
+              architecture: dict[str, Any] | None = None,
+              merge_lora: bool = True) -> LoadedModel:
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -238,7 +244,8 @@ def _assemble(plan: Any, preset: Any, device: str, trained_dir: Path | None,
     is_trained = False
     if manifest:
         say(f"Loading trained parts from {trained_dir} ...")
-        model = apply_trained_parts(model, trained_dir, merge_lora=not plan.quantized)
+        model = apply_trained_parts(model, trained_dir,
+                                    merge_lora=merge_lora and not plan.quantized)
         database = _load_database(trained_dir)
         is_trained = True
     model.eval()

@@ -62,11 +62,16 @@ def score_classification(items: list[tuple[Path, str]], classes: list[str], answ
     correct: Counter[str] = Counter()
     total: Counter[str] = Counter()
     unmatched = 0
+    retrieval: Counter[str] = Counter()
     examples = []
     bar = _bar(len(items), "classification", progress)
     for path, label in items:
         text = answer(_rgb(path), prompt)
         pred = match_choice(text, classes)
+        hits = getattr(answer, "retrieved", None)
+        if hits is not None:
+            retrieval["n"] += 1
+            retrieval["top1"] += bool(hits) and hits[0].get("cls") == label
         unmatched += pred is None
         total[label] += 1
         correct[label] += pred == label
@@ -81,6 +86,8 @@ def score_classification(items: list[tuple[Path, str]], classes: list[str], answ
         "accuracy": sum(correct.values()) / n if n else 0.0,
         "per_class": {c: correct[c] / total[c] for c in classes if total[c]},
         "unmatched": unmatched, "classes": classes, "examples": examples,
+        # The retriever alone: share of images whose nearest database text names their class.
+        "retrieval_top1": retrieval["top1"] / retrieval["n"] if retrieval["n"] else None,
     }
 
 
@@ -344,7 +351,10 @@ def engine_answer_fn(model: str | None = None, device: str | None = None,
 
     def answer(chip: Any, question: str) -> str:
         session = engine.session(chip)
-        return "".join(session.ask(question, max_new_tokens=max_new_tokens)).strip()
+        text = "".join(session.ask(question, max_new_tokens=max_new_tokens)).strip()
+        # What the prompter was given, for scores that separate retrieval from the LM.
+        answer.retrieved = session.retrieved if engine.use_retrieval else None  # type: ignore[attr-defined]
+        return text
 
     return answer
 

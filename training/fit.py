@@ -54,6 +54,9 @@ class StageConfig:
     warmup_ratio: float = 0.03
     semantic: str = "none"  # "none" or "retrieved" (needs a trained retrieval projection)
     data: str | None = None  # another dataset folder (stage 3: the analyst's own data)
+    # The run's batch_size unless set: InfoNCE wants large batches (every other image in the
+    # batch is a negative), and the retrieval stage is cheap per sample.
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in {"lm", "retrieval"}:
@@ -65,6 +68,8 @@ class StageConfig:
             raise ValueError(f"stage {self.name}: semantic must be 'none' or 'retrieved'")
         if self.epochs <= 0 or self.lr <= 0:
             raise ValueError(f"stage {self.name}: epochs and lr must be positive")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"stage {self.name}: batch_size must be >= 1")
 
 
 def default_stages() -> list[StageConfig]:
@@ -84,7 +89,8 @@ class FitConfig:
     data: str  # a `build-data` folder
     output_dir: str
     model: str = "embedded"  # preset name, or "tiny" (random tiny model, for tests)
-    init: str = "base"  # "base": untrained connector; "trained": the preset's shipped parts
+    init: str = "base"  # "base": untrained connector; "trained": the preset's shipped parts;
+    # or a folder of trained parts (a `fit` run's final/) to continue from
     # RSVLMConfig fields replacing the preset's (or the tiny model's): ablations such as
     # {connector_type: mlp} or {experts_enabled: false}
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -141,6 +147,9 @@ def load_config(path: str | Path) -> FitConfig:
     for key in ("data", "output_dir"):
         if key in data and not Path(data[key]).is_absolute():
             data[key] = str((path.parent / data[key]).resolve())
+    init = data.get("init")
+    if init and init not in {"base", "trained"} and not Path(init).is_absolute():
+        data["init"] = str((path.parent / init).resolve())
     for stage in data.get("stages", []) or []:
         if stage.get("data") and not Path(stage["data"]).is_absolute():
             stage["data"] = str((path.parent / stage["data"]).resolve())
@@ -157,11 +166,15 @@ def build_model(cfg: FitConfig) -> tuple[Any, Any, str, dict[str, Any]]:
 
         model = tiny_model(seed=cfg.seed, **cfg.model_overrides)
         processor = tiny_processor(model.config)
+        if cfg.init not in {"base", "trained"}:
+            model = load_parts(model, Path(cfg.init), cfg)
         return model, processor, "tiny", dict(cfg.model_overrides)
     from rsvlm.loading import load
 
     trained: Any = cfg.init == "trained" or (cfg.init not in {"base", "trained"} and cfg.init)
-    loaded = load(cfg.model, device="cpu", trained=trained,
+    # The shipped adapter stays an adapter (not merged), so further training continues it and
+    # the exported adapter still applies to the stock LM.
+    loaded = load(cfg.model, device="cpu", trained=trained, merge_lora=False,
                   architecture=dict(cfg.model_overrides) or None)
     preset = loaded.info.get("preset", cfg.model)
     # The whole architecture goes into trained.json, so the parts keep loading into the shape
@@ -458,7 +471,8 @@ def _run_stage(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, process
     sampler = EpochSampler(len(dataset), cfg.seed + 17 * idx)
     # Its own generator: creating an iterator (also the one skip_first_batches makes) then
     # draws no number from the global RNG, whose state the checkpoints restore.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=stage.batch_size or cfg.batch_size,
+                                         sampler=sampler,
                                          collate_fn=collate, num_workers=0,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,

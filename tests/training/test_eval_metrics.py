@@ -80,6 +80,22 @@ def test_classification_eval_with_fake_answers(image_folder: Path) -> None:
     assert const["per_class"] == {"bare land": 1.0, "dense residential": 0.0, "forest": 0.0}
     limited = eval_classification(image_folder, _color_classifier, limit=5)
     assert limited["n"] == 5 and len(limited["per_class"]) == 3
+    assert report["retrieval_top1"] is None  # an answer function that retrieves nothing
+
+
+def test_classification_eval_scores_the_retriever_apart_from_the_answer(
+        image_folder: Path) -> None:
+    """An engine-like answer function exposes what it retrieved; the report scores its top hit."""
+    def answer(image, question: str) -> str:
+        truth = _color_classifier(image, question).removeprefix("The answer is ").rstrip(".")
+        # The retriever is right about forests only; the answer is always right.
+        cls = "forest" if truth == "Forest" else "airport"
+        answer.retrieved = [{"text": f"an aerial image of a {cls}", "cls": cls}]
+        return truth
+
+    report = eval_classification(image_folder, answer)
+    assert report["accuracy"] == 1.0
+    assert report["retrieval_top1"] == pytest.approx(1 / 3)  # 4 of the 12 images are forests
 
 
 @pytest.fixture(scope="module")

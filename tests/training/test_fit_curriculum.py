@@ -132,10 +132,12 @@ def test_align_stage_stop_and_resume_match_an_uninterrupted_run(dataset: Path,
 
 def test_config_file_round_trip(tmp_path: Path) -> None:
     cfg = tmp_path / "fit.yaml"
-    cfg.write_text("data: ds\noutput_dir: run\nmodel: tiny\nstages:\n"
-                   "  - {name: align, tasks: [caption], train: [connector]}\n")
+    cfg.write_text("data: ds\noutput_dir: run\nmodel: tiny\ninit: prev/final\nstages:\n"
+                   "  - {name: align, tasks: [caption], train: [connector], batch_size: 8}\n")
     loaded = load_config(cfg)
     assert loaded.data == str((tmp_path / "ds").resolve()) and loaded.stages[0].name == "align"
+    assert loaded.init == str((tmp_path / "prev" / "final").resolve())
+    assert loaded.stages[0].batch_size == 8
     cfg.write_text("data: ds\noutput_dir: run\nlearning_rate: 3\n")
     with pytest.raises(ValueError, match="unknown config keys: learning_rate"):
         load_config(cfg)
@@ -158,3 +160,33 @@ def test_answer_only_loss_equals_the_models_own_loss(dataset: Path) -> None:
     torch.testing.assert_close(trimmed, reference, rtol=1e-5, atol=1e-6)
     trimmed.backward()  # and it trains
     assert any(p.grad is not None for p in model.parameters())
+
+
+def test_a_run_continues_from_parts_with_its_adapter_and_a_stage_batch_size(
+        dataset: Path, tmp_path: Path) -> None:
+    """`init: FOLDER` starts from another run's parts, LoRA still an adapter (what the shipped
+    model's second round does); a stage's own batch_size replaces the run's."""
+    import math
+
+    common = {"data": str(dataset), "model": "tiny", "batch_size": 2, "max_length": 200,
+              "lora_r": 4, "lora_alpha": 8, "device": "cpu", "database": False,
+              "model_overrides": {"retrieval_embed_dim": 384}}
+    first = fit(FitConfig(output_dir=str(tmp_path / "a"), **common, stages=[
+        StageConfig("instruct", train=["connector", "lora"], epochs=0.05, lr=5e-4)]),
+        progress=False)
+    second = fit(FitConfig(output_dir=str(tmp_path / "b"), init=first["final"], **common,
+                           stages=[StageConfig("retriever", kind="retrieval",
+                                               train=["retrieval_projection"], epochs=1,
+                                               lr=1e-3, batch_size=8)]),
+                 progress=False)
+    stage = second["stages"][0]
+    assert stage["global_step"] == math.ceil(stage["examples"] / 8)
+    before, after = _weights(Path(first["final"])), _weights(Path(second["final"]))
+    assert before.keys() == after.keys()
+    adapter = [k for k in before if k.startswith("adapter.")]
+    assert adapter and "lora" in adapter[0]
+    for key in before:
+        same = torch.equal(before[key], after[key])
+        assert same != key.startswith("retrieval_projection."), key
+    with pytest.raises(ValueError, match="batch_size"):
+        StageConfig("x", batch_size=0)
