@@ -125,7 +125,7 @@ def _f(v: Any, digits: int = 3) -> str:
 
 
 def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
-           examples: list[dict[str, Any]], fit_config: str | None) -> str:
+           examples: list[dict[str, Any]], fit_configs: list[tuple[Path, str]]) -> str:
     card = json.loads((data / "dataset_card.json").read_text())
     trained = json.loads((model / "trained.json").read_text())
     r = reports
@@ -167,7 +167,8 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         f"train/val images): accuracy {_f(probe['accuracy'])} ({probe['n_train']} train, "
         f"{probe['n_test']} test).",
         f"- **Classification** through the chat path: accuracy {_f(cls['accuracy'])}, "
-        f"unmatched answers {cls['unmatched']} of {cls['n']}.",
+        f"unmatched answers {cls['unmatched']} of {cls['n']}; the retriever alone (its nearest "
+        f"database text names the true class): {_f(cls.get('retrieval_top1'))}.",
         f"- **VQA**: accuracy {_f(vqa['accuracy'])} over {vqa['n']} questions; per type "
         + ", ".join(f"{k} {_f(v)} (n={vqa['counts'][k]})" for k, v in vqa["per_type"].items())
         + ".",
@@ -229,13 +230,13 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         "## How it was made",
         "",
         "```bash",
-        "bash scripts/train_embedded.sh   # build-data + fit (see training/configs/embedded.yaml)",
-        f"python scripts/ship_embedded.py --run runs/embedded/final --data {_rel(data)}",
+        "bash scripts/train_embedded.sh   # build-data + the two fit rounds below",
+        f"python scripts/ship_embedded.py --run runs/embedded2/final --data {_rel(data)}",
         f"python scripts/model_card.py --model {_rel(model)} --data {_rel(data)} "
         f"--out {_rel(out)}",
         "```",
         "",
-        f"Fit config:\n\n```yaml\n{fit_config.strip()}\n```" if fit_config else "",
+        *(f"`{_rel(path)}`:\n\n```yaml\n{text.strip()}\n```\n" for path, text in fit_configs),
         "",
         f"Evaluated on {platform.machine()} with Python {platform.python_version()}. Raw reports: "
         "`eval/*.json`.",
@@ -259,8 +260,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REPO / "assets" / "models" / "embedded")
     parser.add_argument("--data", type=Path, required=True, help="the build-data folder")
     parser.add_argument("--out", type=Path, default=None, help="default: the model folder")
-    parser.add_argument("--fit-config", type=Path,
-                        default=REPO / "training" / "configs" / "embedded.yaml")
+    parser.add_argument("--fit-config", type=Path, action="append",
+                        help="the fit configs that made the model, in order (default: the two "
+                             "rounds in training/configs)")
     parser.add_argument("--limit", type=int, default=None, help="questions per task")
     parser.add_argument("--ablation-limit", type=int, default=100,
                         help="questions per task for each ablation (a seeded sample)")
@@ -284,9 +286,11 @@ def main() -> None:
             return  # a share of the work: render once every share has run
     reports = {p.stem: json.loads(p.read_text()) for p in (out / "eval").glob("*.json")}
     examples = reports.pop("examples", [])
-    fit_config = args.fit_config.read_text() if args.fit_config.is_file() else None
+    configs = args.fit_config or [REPO / "training" / "configs" / name
+                                  for name in ("embedded.yaml", "embedded_round2.yaml")]
+    fit_configs = [(path, path.read_text()) for path in configs if path.is_file()]
     (out / "MODEL_CARD.md").write_text(render(out, args.model, args.data, reports, examples,
-                                              fit_config))
+                                              fit_configs))
     print(f"wrote {out / 'MODEL_CARD.md'}")
 
 

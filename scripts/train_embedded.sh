@@ -2,7 +2,7 @@
 # Train the embedded default from ../shared/data (research-only sets are read, never copied),
 # then ship its parts and write its model card. Resumable: run it again after an interruption.
 #   bash scripts/train_embedded.sh            # everything
-#   SKIP_FIT=1 bash scripts/train_embedded.sh # only re-ship and re-evaluate runs/embedded/final
+#   SKIP_FIT=1 bash scripts/train_embedded.sh # only re-ship and re-evaluate runs/embedded2/final
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${SHARED_DATA:-../shared/data}
@@ -20,12 +20,20 @@ if [ ! -f "$DS/dataset_card.json" ]; then
     --region "$DATA/roads/spacenet3_vegas_rgb_apls" \
     --image-folder "$DATA/classification/aid_150px" --out "$DS"
 fi
-if [ -z "${SKIP_FIT:-}" ]; then
-  if ls runs/embedded/checkpoints/step-* >/dev/null 2>&1; then
-    $PY/rsvlm-train fit --config training/configs/embedded.yaml --resume latest
+# Two rounds: embedded.yaml (retriever, caption alignment, instruction tuning), then
+# embedded_round2.yaml, which continues round 1's parts (see the comments in each config).
+fit_round() {  # config, run folder
+  if [ -f "$2/final/trained.json" ]; then
+    return
+  elif ls "$2"/checkpoints/step-* >/dev/null 2>&1; then
+    $PY/rsvlm-train fit --config "$1" --resume latest
   else
-    $PY/rsvlm-train fit --config training/configs/embedded.yaml
+    $PY/rsvlm-train fit --config "$1"
   fi
+}
+if [ -z "${SKIP_FIT:-}" ]; then
+  fit_round training/configs/embedded.yaml runs/embedded
+  fit_round training/configs/embedded_round2.yaml runs/embedded2
 fi
-$PY/python scripts/ship_embedded.py --run runs/embedded/final --data "$DS"
+$PY/python scripts/ship_embedded.py --run runs/embedded2/final --data "$DS"
 $PY/python scripts/model_card.py --model assets/models/embedded --data "$DS"
