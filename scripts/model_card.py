@@ -197,8 +197,8 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
     lines += [
         "",
         "Not run: retraining with the `mlp` or `perceiver` connector, or without experts or "
-        "retrieval from the start. Each is a full training run (about an hour of 2 CPU cores "
-        "each). The harness runs them unchanged: the same fit config with "
+        "retrieval from the start. Each is a full training run (about 90 minutes of 2 CPU "
+        "cores each). The harness runs them unchanged: the same fit config with "
         "`model_overrides: {connector_type: mlp}` (or `perceiver`, or "
         "`{experts_enabled: false}`, or the instruct stage without `semantic: retrieved`), "
         "then the same `eval` commands.",
