@@ -242,10 +242,19 @@ def load_parts(model: Any, folder: Path, cfg: FitConfig) -> Any:
     state = load_file(str(folder / TRAINED_TENSORS))
     _base(model).load_state_dict(state, strict=False)
     adapter = folder / ADAPTER_DIR
-    if adapter.is_dir() and not hasattr(model, "peft_config"):
+    if adapter.is_dir():
         import peft
 
-        model = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        if hasattr(model, "peft_config"):
+            # Already a peft model (a run that started from other parts, `init: FOLDER`):
+            # this export's adapter weights replace the ones it started with.
+            weights = load_file(str(adapter / "adapter_model.safetensors"))
+            result = peft.set_peft_model_state_dict(model, weights)
+            if result.unexpected_keys:
+                raise ValueError(f"{adapter} does not fit this model's LoRA layers "
+                                 f"(e.g. {result.unexpected_keys[:3]})")
+        else:
+            model = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     return model
 
 

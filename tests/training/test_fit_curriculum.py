@@ -190,3 +190,33 @@ def test_a_run_continues_from_parts_with_its_adapter_and_a_stage_batch_size(
         assert same != key.startswith("retrieval_projection."), key
     with pytest.raises(ValueError, match="batch_size"):
         StageConfig("x", batch_size=0)
+
+
+def test_a_continued_run_resumed_after_a_lora_stage_keeps_that_stages_adapter(
+        dataset: Path, tmp_path: Path) -> None:
+    """Resuming a run that started from other parts: the model is already a peft model when the
+    previous stage's export is loaded, and its adapter must still be the one that stage left."""
+    common = {"data": str(dataset), "model": "tiny", "batch_size": 2, "max_length": 200,
+              "lora_r": 4, "lora_alpha": 8, "device": "cpu", "database": False,
+              "save_every": 1, "model_overrides": {"retrieval_embed_dim": 384}}
+    first = fit(FitConfig(output_dir=str(tmp_path / "a"), **common, stages=[
+        StageConfig("instruct", train=["connector", "lora"], epochs=0.05, lr=5e-4)]),
+        progress=False)
+    stages = [StageConfig("instruct", train=["lora"], epochs=0.05, lr=5e-3),
+              StageConfig("retriever", kind="retrieval", train=["retrieval_projection"],
+                          epochs=1, lr=1e-3)]
+
+    def run(out: Path, **kw) -> dict:
+        return fit(FitConfig(output_dir=str(out), init=first["final"], **common,
+                             stages=stages), progress=False, **kw)
+
+    whole = run(tmp_path / "whole")
+    lora_steps = whole["stages"][0]["global_step"]
+    assert run(tmp_path / "cut", max_steps=lora_steps + 1)["resumable"]
+    resumed = run(tmp_path / "cut", resume="latest")
+    expect, got = _weights(Path(whole["final"])), _weights(Path(resumed["final"]))
+    before = _weights(Path(first["final"]))
+    adapter = [k for k in expect if k.startswith("adapter.")]
+    assert any(not torch.equal(expect[k], before[k]) for k in adapter)  # the stage trained it
+    for key in expect:
+        torch.testing.assert_close(got[key], expect[key], msg=key)
