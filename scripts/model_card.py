@@ -204,8 +204,8 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
             "",
             "Trained connector ablation (`bash scripts/ablate_connectors.sh`): the embedded "
             "preset fitted from scratch with each connector at the same small budget "
-            "(`training/configs/ablations/*.yaml`: retriever, 0.15 epoch of caption alignment, "
-            "0.06 epoch of instruction tuning; minutes, not the shipped model's 90), then the "
+            "(`training/configs/ablations/*.yaml`: retriever, 0.5 epoch of caption alignment, "
+            "0.25 epoch of instruction tuning; about a third of the shipped model's), then the "
             "same evals on the same validation split. Compare the rows with each other, not "
             "with the shipped model:",
             "",

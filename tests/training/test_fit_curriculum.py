@@ -220,3 +220,28 @@ def test_a_continued_run_resumed_after_a_lora_stage_keeps_that_stages_adapter(
     assert any(not torch.equal(expect[k], before[k]) for k in adapter)  # the stage trained it
     for key in expect:
         torch.testing.assert_close(got[key], expect[key], msg=key)
+
+
+def test_the_repos_fit_configs_load_and_name_real_architecture_fields() -> None:
+    """The shipped model's two rounds and the connector ablations: valid configs whose
+    overrides are RSVLMConfig fields, with paths inside the repository."""
+    import os
+
+    import yaml
+
+    from rsvlm.configuration import RSVLMConfig
+
+    repo = Path(__file__).resolve().parents[2]
+    paths = sorted((repo / "training" / "configs").rglob("*.yaml"))
+    assert len(paths) >= 5
+    fields = set(RSVLMConfig().to_dict())
+    for path in paths:
+        cfg = load_config(path)
+        assert set(cfg.model_overrides) <= fields, path
+        raw = yaml.safe_load(path.read_text())
+        for key in ("data", "output_dir"):  # as written: runs/ may be a symlink
+            folder = Path(os.path.normpath(path.parent / raw[key]))
+            assert folder.is_relative_to(repo / "runs"), (path, folder)
+    connectors = {load_config(p).model_overrides.get("connector_type")
+                  for p in paths if p.parent.name == "ablations"}
+    assert connectors == {"mlp", "perceiver", "semantic_prompter"}
