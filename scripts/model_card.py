@@ -227,8 +227,10 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         "instruct stage without `semantic: retrieved`), then the same `eval` commands."
         if trained else
         "Not run: retraining with the `mlp` or `perceiver` connector, or without experts or "
-        "retrieval from the start. Each is a full training run (about 90 minutes of 2 CPU "
-        "cores each). The harness runs them unchanged: the same fit config with "
+        "retrieval from the start. `bash scripts/ablate_connectors.sh` fits and scores the "
+        "three connectors at a third of this model's budget (about 30 minutes of 2 CPU cores "
+        "each; its reports then appear here). The harness runs the others unchanged: the fit "
+        "config with "
         "`model_overrides: {connector_type: mlp}` (or `perceiver`, or "
         "`{experts_enabled: false}`, or the instruct stage without `semantic: retrieved`), "
         "then the same `eval` commands.",
