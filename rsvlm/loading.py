@@ -109,7 +109,9 @@ def load(
     """Load a model for chat.
 
     Args:
-        model: preset name, preset JSON path, or a model folder; None picks the default for this
+        model: preset name, preset JSON path, a model folder (``save_pretrained``), or a folder
+            of trained parts (``trained.json``: a `rsvlm-train fit` output such as
+            ``runs/x/final``, loaded on its base preset); None picks the default for this
             machine (`rsvlm.presets.default_preset_choice`).
         device: ``cpu`` / ``cuda`` / ``cuda:N``; default CUDA when available.
         quantize: 4-bit NF4 for the language model (None: as the preset says on this device).
@@ -132,6 +134,9 @@ def load(
     else:
         name, why = str(model), "chosen by the user"
     path = Path(name).expanduser()
+    parts_manifest = _read_manifest(path) if path.is_dir() else None
+    if parts_manifest is not None:
+        name, trained = parts_manifest["base_preset"], path
     if path.is_dir() and (path / "config.json").exists():
         loaded = _load_model_dir(path, device=_device(device), quantize=quantize, say=say)
     else:

@@ -13,21 +13,15 @@ if [ ! -f "$DS/dataset_card.json" ]; then
   echo "no dataset at $DS: run scripts/train_embedded.sh first (it builds it)" >&2
   exit 2
 fi
-for c in "${@:-semantic_prompter mlp perceiver}"; do
-  for connector in $c; do
-    cfg=training/configs/ablations/$connector.yaml
-    run=runs/ablate-$connector
-    if [ ! -f "$run/final/trained.json" ]; then
-      if ls "$run"/checkpoints/step-* >/dev/null 2>&1; then
-        $PY/rsvlm-train fit --config "$cfg" --resume latest
-      else
-        $PY/rsvlm-train fit --config "$cfg"
-      fi
-    fi
-    mkdir -p "$run/eval"
-    for task in classification vqa grounding; do
-      [ -f "$run/eval/$task.json" ] || $PY/rsvlm-train eval --model "$run/final" --task "$task" \
-        --data "$DS" --limit "$LIMIT" --out "$run/eval/$task.json" >/dev/null
-    done
+connectors=("$@")
+[ ${#connectors[@]} -gt 0 ] || connectors=(semantic_prompter mlp perceiver)
+for connector in "${connectors[@]}"; do
+  run=runs/ablate-$connector
+  [ -f "$run/final/trained.json" ] ||
+    $PY/rsvlm-train fit --config "training/configs/ablations/$connector.yaml" --resume auto
+  mkdir -p "$run/eval"
+  for task in classification vqa grounding; do
+    [ -f "$run/eval/$task.json" ] || $PY/rsvlm-train eval --model "$run/final" --task "$task" \
+      --data "$DS" --limit "$LIMIT" --out "$run/eval/$task.json" >/dev/null
   done
 done

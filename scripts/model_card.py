@@ -86,8 +86,7 @@ def run_examples(model: Path, data: Path, out: Path, n: int) -> list[dict[str, A
     from rsvlm.engine import ChatEngine
     from rsvlm.loading import load
 
-    manifest = json.loads((model / "trained.json").read_text())
-    engine = ChatEngine(load(manifest["base_preset"], trained=model), max_cached_sessions=1)
+    engine = ChatEngine(load(str(model)), max_cached_sessions=1)
     rows = [json.loads(line) for line in (data / "val.jsonl").read_text().splitlines()]
     demo = [r for r in rows if r["image"].split("/")[1] in DEMO_REGIONS]
     truth = {r["image"]: r["meta"]["boxes_px"] for r in demo

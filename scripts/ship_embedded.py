@@ -48,6 +48,7 @@ def ship(run: Path, data: Path, dest: Path, regions: tuple[str, ...]) -> dict:
 
     from rsvlm.loading import ADAPTER_DIR, SEMANTIC_DB_DIR, TRAINED_JSON, TRAINED_TENSORS
     from rsvlm.retrieval import SemanticDatabase
+    from training.fit import database_rows
 
     if not (run / TRAINED_TENSORS).is_file():
         raise SystemExit(f"{run} holds no {TRAINED_TENSORS}: is it a run's final/ folder?")
@@ -70,10 +71,9 @@ def ship(run: Path, data: Path, dest: Path, regions: tuple[str, ...]) -> dict:
         raise SystemExit(f"{run / TRAINED_JSON} names no architecture: retrain with this "
                          "version of `rsvlm-train fit`, which records the whole one")
     texts, meta = [], []
-    for line in (data / "texts.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if row.get("split", "train") == "train" and row.get("region") in regions:
-            texts.append(row["text"])
+    for text, row in zip(*database_rows(data), strict=True):  # what `fit` builds its own from
+        if row.get("region") in regions:
+            texts.append(text)
             meta.append({k: row[k] for k in KEEP_META if k in row})
     if not texts:
         raise SystemExit(f"no training descriptions of {regions} in {data / 'texts.jsonl'}")

@@ -23,13 +23,7 @@ fi
 # Two rounds: embedded.yaml (retriever, caption alignment, instruction tuning), then
 # embedded_round2.yaml, which continues round 1's parts (see the comments in each config).
 fit_round() {  # config, run folder
-  if [ -f "$2/final/trained.json" ]; then
-    return
-  elif ls "$2"/checkpoints/step-* >/dev/null 2>&1; then
-    $PY/rsvlm-train fit --config "$1" --resume latest
-  else
-    $PY/rsvlm-train fit --config "$1"
-  fi
+  [ -f "$2/final/trained.json" ] || $PY/rsvlm-train fit --config "$1" --resume auto
 }
 if [ -z "${SKIP_FIT:-}" ]; then
   fit_round training/configs/embedded.yaml runs/embedded

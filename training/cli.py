@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="curriculum training from a YAML/JSON config")
     f.add_argument("--config", required=True)
-    f.add_argument("--resume", default=None, help="checkpoint folder, or 'latest'")
+    f.add_argument("--resume", default=None, help="checkpoint folder, 'latest', or 'auto' (latest if any, else start)")
     f.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     return parser
 

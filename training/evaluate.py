@@ -335,15 +335,9 @@ def engine_answer_fn(model: str | None = None, device: str | None = None,
                      ablations: set[str] | frozenset[str] = frozenset()) -> AnswerFn:
     """An answer function backed by the chat engine (one fresh session per question)."""
     from rsvlm.engine import ChatEngine
-    from rsvlm.loading import TRAINED_JSON, load
+    from rsvlm.loading import load
 
-    folder = Path(model) if model else None
-    if folder is not None and (folder / TRAINED_JSON).is_file():
-        # A `fit` output (trained parts only): its base preset plus those parts.
-        base = json.loads((folder / TRAINED_JSON).read_text())["base_preset"]
-        loaded = load(base, device=device, trained=folder)
-    else:
-        loaded = load(model, device=device)
+    loaded = load(model, device=device)  # a preset, or a `fit` output on its base preset
     ablate(loaded, ablations)
     log.info("evaluating %s (ablated: %s)", getattr(loaded, "info", {}),
              ", ".join(sorted(ablations)) or "nothing")

@@ -16,7 +16,8 @@ Stages (LHRS-Bot's curriculum, seed 003's retriever):
 Checkpoints (`accelerate` save_state/load_state: trainable weights, optimizer, scheduler, RNG)
 are written every `save_every` optimizer steps and at the end of every epoch, with
 `trainer_state.json` (stage, epoch, batches done) and the resolved config; `--resume latest`
-continues mid-epoch with `skip_first_batches` over the same seeded order.
+continues mid-epoch with `skip_first_batches` over the same seeded order (`--resume auto`: the
+same when a checkpoint exists, a fresh start otherwise).
 """
 
 from __future__ import annotations
@@ -273,7 +274,8 @@ def _scene_texts(data_dir: Path, split: str = "train") -> dict[str, str]:
     return out
 
 
-def _database_rows(data_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+def database_rows(data_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """(texts, metadata) of a build-data folder's training-split descriptions."""
     texts, meta = [], []
     path = data_dir / "texts.jsonl"
     if path.is_file():
@@ -360,6 +362,8 @@ def _fit(cfg: FitConfig, out: Path, resume: str | None, max_steps: int | None,
 
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     state, ckpt = TrainerState(), None
+    if resume == "auto":  # scripts: continue a run if it has a checkpoint, else start it
+        resume = "latest" if latest_checkpoint(out) is not None else None
     if resume:
         ckpt = latest_checkpoint(out) if resume == "latest" else Path(resume)
         if ckpt is None or not (ckpt / "trainer_state.json").is_file():
@@ -409,7 +413,7 @@ def _fit(cfg: FitConfig, out: Path, resume: str | None, max_steps: int | None,
 
 
 def _final_database(cfg: FitConfig) -> Any:
-    texts, meta = _database_rows(Path(cfg.data))
+    texts, meta = database_rows(Path(cfg.data))
     if not texts:
         return None
     from rsvlm.retrieval import SemanticDatabase
@@ -445,7 +449,7 @@ def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, pro
                 for ex in examples]
     semantic = None
     if stage.semantic == "retrieved":
-        texts, meta = _database_rows(data_dir)
+        texts, meta = database_rows(data_dir)
         if texts and cache is not None and _base(model).retrieval_projection is not None:
             from rsvlm.retrieval import SemanticDatabase
 

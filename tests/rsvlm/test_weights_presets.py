@@ -146,3 +146,24 @@ def test_hub_cache_detection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert not hub_repo_cached("org/tiny")
     (snapshot / "model-00002-of-00002.safetensors").write_bytes(b"x")
     assert hub_repo_cached("org/tiny")
+
+
+def test_a_folder_of_trained_parts_loads_on_its_base_preset(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load("runs/x/final")` (a `fit` output: trained.json, no config.json) assembles the
+    base preset it names with those parts, as eval, the app and `rsvlm ask --model` expect."""
+    from rsvlm import loading
+
+    (tmp_path / loading.TRAINED_JSON).write_text(json.dumps(
+        {"base_preset": "embedded", "architecture": {}, "parts": ["connector"]}))
+    seen: dict = {}
+
+    def assemble(preset, **kwargs):
+        seen.update(preset=preset.name, **kwargs)
+        return loading.LoadedModel(None, None, None, {"preset": preset.name, "device": "cpu",
+                                                      "precision": "float32", "trained": True})
+
+    monkeypatch.setattr(loading, "_load_preset", assemble)
+    loaded = loading.load(str(tmp_path), device="cpu")
+    assert seen["preset"] == "embedded" and seen["trained_dir"] == tmp_path
+    assert loaded.info["trained"]

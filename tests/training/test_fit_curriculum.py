@@ -212,8 +212,10 @@ def test_a_continued_run_resumed_after_a_lora_stage_keeps_that_stages_adapter(
 
     whole = run(tmp_path / "whole")
     lora_steps = whole["stages"][0]["global_step"]
-    assert run(tmp_path / "cut", max_steps=lora_steps + 1)["resumable"]
-    resumed = run(tmp_path / "cut", resume="latest")
+    # resume="auto" (what the scripts pass): a fresh start first, then the continuation.
+    assert run(tmp_path / "cut", max_steps=lora_steps + 1, resume="auto")["resumable"]
+    resumed = run(tmp_path / "cut", resume="auto")
+    assert resumed["stages"][0]["stage"] == "retriever"  # continued, not started again
     expect, got = _weights(Path(whole["final"])), _weights(Path(resumed["final"]))
     before = _weights(Path(first["final"]))
     adapter = [k for k in expect if k.startswith("adapter.")]
