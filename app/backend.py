@@ -228,11 +228,12 @@ class EngineSession:
 class EngineBackend:
     """The real model through `rsvlm.engine.ChatEngine`."""
 
-    def __init__(self, loaded: Any) -> None:
+    def __init__(self, loaded: Any, decode: str | None = "auto") -> None:
         from rsvlm.engine import ChatEngine
 
         self.loaded = loaded
-        self.engine = ChatEngine(loaded, max_new_tokens=160)  # bounded answers on CPU
+        # Bounded answers on CPU; the first start with new weights exports the CPU decoder.
+        self.engine = ChatEngine(loaded, max_new_tokens=160, decode_backend=decode)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -244,10 +245,15 @@ class EngineBackend:
     @classmethod
     def load(cls, model: str | None = None, *, device: str | None = None,
              quantize: bool | None = None,
-             progress: Callable[[str], None] | None = None) -> EngineBackend:
+             progress: Callable[[str], None] | None = None,
+             decode: str | None = "auto") -> EngineBackend:
         from rsvlm.loading import load
 
-        return cls(load(model, device=device, quantize=quantize, progress=progress))
+        loaded = load(model, device=device, quantize=quantize, progress=progress)
+        if progress is not None:
+            progress("Preparing the decoder (the first start with new weights exports it "
+                     "to ONNX Runtime, about 30 s) ...")
+        return cls(loaded, decode=decode)
 
 
 class LoadingBackend:

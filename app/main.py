@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["4bit", "none"], default=None,
                    help="force 4-bit or full precision (default: the preset's choice)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--decode", choices=["auto", "torch", "onnx", "onnx-int8"], default="auto",
+                   help="who runs decode steps on the CPU (default: ONNX Runtime where it can)")
     p.add_argument("--region", default=str(DEMO_REGION),
                    help="folder with one imagery file and its OSM GeoJSON/GPKG")
     p.add_argument("--auth", default=None, metavar="USER:PASS",
@@ -55,7 +57,8 @@ def make_backend(args: argparse.Namespace) -> Backend:
         return FakeBackend()
     quantize = {"4bit": True, "none": False}.get(args.quantize)
     return LoadingBackend(lambda progress: EngineBackend.load(
-        args.model, device=args.device, quantize=quantize, progress=progress),
+        args.model, device=args.device, quantize=quantize, progress=progress,
+        decode=args.decode),
         name=args.model or "default")
 
 

@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", default=None, help="preset name (embedded, large) or a model dir")
     ask.add_argument("--max-new-tokens", type=int, default=256)
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ask.add_argument(
+        "--decode",
+        choices=["auto", "torch", "onnx", "onnx-int8"],
+        default="auto",
+        help="who runs decode steps on the CPU (default: ONNX Runtime where it can, see "
+        "rsvlm.onnx_decode; onnx-int8 is faster and slightly less faithful)",
+    )
 
     scan = sub.add_parser("scan", help="find objects over a whole raster by sliding chips")
     scan.add_argument("raster", help="georeferenced raster (GeoTIFF/COG)")
@@ -62,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--batch-size", type=int, default=4, help="chips per generate call")
     scan.add_argument("--iou", type=float, default=0.5, help="IoU for merging/NMS")
     scan.add_argument("--max-new-tokens", type=int, default=256)
+    scan.add_argument(
+        "--decode",
+        choices=["auto", "torch", "onnx", "onnx-int8"],
+        default="auto",
+        help="who runs decode steps on the CPU (default: ONNX Runtime where it can, see "
+        "rsvlm.onnx_decode; onnx-int8 is faster and slightly less faithful)",
+    )
 
     sub.add_parser("weights", help="convert the embedded preset's offline weights into the cache")
     sub.add_parser("which", help="say which model runs by default here, and why")
@@ -81,7 +95,9 @@ def _ask(args: argparse.Namespace) -> int:
         chip = source.chip(args.bbox, crs=args.crs, size=args.size)
     loaded = load(args.model)
     logger.info("model: %s", loaded.info.get("summary", loaded.info))
-    session = ChatEngine(loaded, max_new_tokens=args.max_new_tokens).session(chip)
+    session = ChatEngine(
+        loaded, max_new_tokens=args.max_new_tokens, decode_backend=args.decode
+    ).session(chip)
     stream = session.ask(args.question, region_box_px=args.region_box)
     if args.json:
         for _ in stream:
@@ -108,7 +124,9 @@ def _scan(args: argparse.Namespace) -> int:
     with tiles.open_source(args.raster) as source:
         loaded = loading.load(args.model)
         logger.info("model: %s", loaded.info.get("summary", loaded.info))
-        engine = ChatEngine(loaded, max_new_tokens=args.max_new_tokens)
+        engine = ChatEngine(
+            loaded, max_new_tokens=args.max_new_tokens, decode_backend=args.decode
+        )
 
         def progress(done: int, total: int) -> None:
             sys.stderr.write(f"\rscan: {done}/{total} chips")

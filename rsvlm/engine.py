@@ -27,6 +27,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, T
 
 from rsvlm import prompting
 from rsvlm.boxes import format_region_box, parse_boxes
+from rsvlm.onnx_decode import attached, decoder_for
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ class ChatEngine:
         max_cached_sessions: sessions that keep their KV cache; older ones are evicted (LRU) and
             recompute their prefix on the next question, so memory stays bounded.
         generation: defaults for ``generate()`` (greedy by default).
+        decode_backend: ``auto`` (``$RSVLM_DECODE``, else ``onnx`` where ONNX Runtime can run
+            this model, i.e. fp32 on the CPU, else PyTorch), ``torch``, ``onnx`` or ``onnx-int8``:
+            who runs the one-token decode steps (`rsvlm.onnx_decode`).
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class ChatEngine:
         max_cached_sessions: int = 8,
         max_new_tokens: int = 256,
         generation: dict[str, Any] | None = None,
+        decode_backend: str | None = "auto",
     ) -> None:
         self.model = loaded.model
         self.processor = loaded.processor
@@ -124,6 +129,8 @@ class ChatEngine:
         self._lock = threading.Lock()
         self._max_cached = max(1, max_cached_sessions)
         self._cached: OrderedDict[int, weakref.ref[ChatSession]] = OrderedDict()
+        self.decoder = decoder_for(self.model, decode_backend)
+        self.info["decode"] = "torch" if self.decoder is None else self.decoder.mode
 
     @property
     def device(self) -> torch.device:
@@ -212,7 +219,7 @@ class ChatSession:
 
             def run() -> None:
                 try:
-                    with torch.inference_mode():
+                    with torch.inference_mode(), attached(engine.model, engine.decoder):
                         result["out"] = engine.model.generate(
                             **kwargs,
                             streamer=streamer,

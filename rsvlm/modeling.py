@@ -146,6 +146,10 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
     (a stock `AutoModelForCausalLM`, possibly with semantic experts wrapped around some FFNs)
     and ``retrieval_projection``."""
 
+    # While a chat engine generates on the CPU, one-token decode steps run in this ONNX Runtime
+    # graph of the same decoder (`rsvlm.onnx_decode.attached`); not part of the model's state.
+    onnx_decode_step: Any = None
+
     def __init__(
         self,
         config: RSVLMConfig,
@@ -219,8 +223,23 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
         config.text_config = language_model.config
         if tokenizer is not None:
             config.image_token_id = add_image_token(tokenizer, config.image_token)
-            if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
-                language_model.resize_token_embeddings(len(tokenizer))
+            known = language_model.get_input_embeddings().num_embeddings
+            if len(tokenizer) > known:
+                language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+                # The new rows (the image placeholder: its input row is replaced by image features,
+                # its output is suppressed) are the mean of the pretrained rows, not a random
+                # draw, so the same parts give the same weights on every load.
+                with torch.no_grad():
+                    tables = {
+                        id(m.weight): m.weight
+                        for m in (
+                            language_model.get_input_embeddings(),
+                            language_model.get_output_embeddings(),
+                        )
+                        if m is not None and m.weight.shape[0] > known
+                    }
+                    for weight in tables.values():
+                        weight[known:] = weight[:known].mean(dim=0)
         if config.image_token_id is None:
             raise ValueError(
                 "from_parts: config.image_token_id is not set; pass the LLM tokenizer so the "
@@ -396,6 +415,17 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
     ) -> RSVLMCausalLMOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        fast = self.onnx_decode_step
+        if (
+            fast is not None
+            and labels is None
+            and pixel_values is None
+            and not torch.is_grad_enabled()
+            and fast.can_step(input_ids, attention_mask, past_key_values)
+        ):
+            return RSVLMCausalLMOutput(
+                logits=fast.step(input_ids, past_key_values), past_key_values=past_key_values
+            )
         vision_kwargs = {
             k: v
             for k, v in (

@@ -7,3 +7,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Engines decode in PyTorch unless a test asks for ONNX Runtime (tests/rsvlm/test_onnx_decode.py):
+# exporting a decoder per test model would only slow the suite down.
+os.environ.setdefault("RSVLM_DECODE", "torch")

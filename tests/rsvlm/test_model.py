@@ -327,6 +327,10 @@ def test_from_parts_keeps_pretrained_weights_and_adds_image_token():
     )
     assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>") == 109
     assert model.get_input_embeddings().num_embeddings == 110
+    # The image token's new row is the mean of the pretrained rows (no random draw): the same
+    # parts give the same weights on every load, which the ONNX decoder cache relies on.
+    table = model.get_input_embeddings().weight
+    assert torch.allclose(table[109], table[:109].mean(dim=0))
     assert torch.equal(
         model.vision_tower.model.embeddings.patch_embeddings.projection.weight, vision_w
     )

@@ -1,0 +1,148 @@
+"""The ONNX Runtime decode step: same answers as PyTorch, cached by weights, used only where it can
+run, and never during training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rsvlm import onnx_decode
+from rsvlm.engine import ChatEngine
+from rsvlm.onnx_decode import OnnxDecodeStep, attached, decoder_for, resolve_mode
+from rsvlm.testing import TINY_IMAGE_TOKEN_ID, tiny_model, tiny_processor
+
+pytest.importorskip("onnxruntime")
+
+
+class _Loaded:
+    def __init__(self, model) -> None:
+        self.model = model
+        self.processor = tiny_processor(model.config)
+        self.database = None
+        self.info = {"preset": "tiny"}
+
+
+def _model(**overrides):
+    return tiny_model(image_token_id=TINY_IMAGE_TOKEN_ID, **overrides)
+
+
+def _image():
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSVLM_CACHE", str(tmp_path))
+    return tmp_path / "onnx-decoders"
+
+
+def _conversation(engine: ChatEngine) -> list[str]:
+    session = engine.session(_image())
+    answers = []
+    for question in ("describe the image", "is there a road ?", "how many buildings are there ?"):
+        list(session.ask(question))
+        answers.append(session.last.text)
+    return answers
+
+
+@pytest.mark.parametrize("connector", ["semantic_prompter", "mlp"])
+def test_onnx_decode_gives_the_pytorch_answers_with_follow_ups(cache, connector) -> None:
+    loaded = _Loaded(_model(connector_type=connector))
+    settings = {"max_new_tokens": 8, "generation": {"repetition_penalty": 1.05}}
+    torch_engine = ChatEngine(loaded, decode_backend="torch", **settings)
+    onnx_engine = ChatEngine(loaded, decode_backend="onnx", **settings)
+    assert torch_engine.decoder is None and torch_engine.info["decode"] == "torch"
+    assert onnx_engine.info["decode"] == "onnx"
+    expected = _conversation(torch_engine)
+    got = _conversation(onnx_engine)
+    assert got == expected
+    # The graph really ran the decode steps (the first token of each answer comes from the
+    # PyTorch prefill, the rest from ONNX Runtime).
+    assert onnx_engine.decoder.steps >= 3
+    assert all(len(a.split()) >= 2 for a in expected)  # answers long enough to need decode steps
+
+
+def test_the_graph_includes_the_semantic_experts(cache) -> None:
+    model = _model()
+    decoder = OnnxDecodeStep.for_model(model)
+    assert decoder.compare(model.language_model) < 1e-3
+    with torch.no_grad():  # experts changed: the cached graph no longer matches this model
+        for wrapper in model.semantic_experts():
+            wrapper.experts[0].expand.weight.mul_(3.0)
+    with pytest.raises(RuntimeError, match="disagrees"):
+        decoder.compare(model.language_model)
+
+
+def test_export_is_cached_under_a_hash_of_the_weights(cache, monkeypatch) -> None:
+    model = _model()
+    exports = []
+    real_export = onnx_decode.export
+    monkeypatch.setattr(
+        onnx_decode, "export", lambda *a, **k: exports.append(1) or real_export(*a, **k)
+    )
+    first = OnnxDecodeStep.for_model(model)
+    again = OnnxDecodeStep.for_model(_model())  # same seed, same weights: no second export
+    assert len(exports) == 1 and again.path == first.path
+    with torch.no_grad():
+        model.language_model.get_input_embeddings().weight[5, 0] += 1.0
+    changed = OnnxDecodeStep.for_model(model)
+    assert len(exports) == 2 and changed.path != first.path
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        {first.path.parent.name, changed.path.parent.name}
+    )
+
+
+def test_int8_decoder_runs_and_says_so(cache) -> None:
+    loaded = _Loaded(_model())
+    engine = ChatEngine(loaded, decode_backend="onnx-int8", max_new_tokens=6)
+    assert engine.info["decode"] == "onnx-int8"
+    session = engine.session(_image())
+    list(session.ask("describe the image"))
+    assert session.last.timing["new_tokens"] >= 1 and engine.decoder.steps >= 1
+
+
+def test_auto_falls_back_to_pytorch_where_onnx_cannot_run(cache, monkeypatch) -> None:
+    monkeypatch.delenv("RSVLM_DECODE", raising=False)
+    model = _model().to(torch.bfloat16)
+    assert onnx_decode.unsupported_reason(model) is not None
+    assert decoder_for(model, "auto") is None  # with a log line, no error
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        decoder_for(model, "onnx")
+    assert not cache.exists()
+
+
+def test_decode_backend_names(monkeypatch) -> None:
+    monkeypatch.setenv("RSVLM_DECODE", "torch")
+    assert resolve_mode("auto") == "torch" and resolve_mode("onnx-int8") == "onnx-int8"
+    monkeypatch.delenv("RSVLM_DECODE")
+    assert resolve_mode(None) == "onnx"
+    with pytest.raises(ValueError, match="Unknown decode backend 'gguf'"):
+        resolve_mode("gguf")
+
+
+def test_attached_decoder_is_bypassed_with_gradients_and_for_prompts(cache) -> None:
+    model = _model()
+    decoder = OnnxDecodeStep.for_model(model)
+    from transformers import DynamicCache
+
+    ids = torch.tensor([[4, 5, 6, 7]])
+    with attached(model, decoder):
+        cache_kv = DynamicCache(config=model.config.text_config)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache_kv, use_cache=True)  # a prompt: PyTorch
+        assert decoder.steps == 0
+        model(input_ids=ids[:, :1], past_key_values=cache_kv, use_cache=True)  # grad: PyTorch
+        assert decoder.steps == 0
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :1], past_key_values=cache_kv, use_cache=True)
+        assert decoder.steps == 1 and out.logits.shape == (
+            1,
+            1,
+            model.config.text_config.vocab_size,
+        )
+        assert cache_kv.get_seq_length() == 6
+    assert model.onnx_decode_step is None
