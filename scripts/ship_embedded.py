@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # templates around a class name ("An aerial image of a port."), nothing taken from AID itself.
 SHIPPABLE = ("kampala_ug", "zanzibar_tz", "banepa_np", "catanduanes_ph",
              "labelmaker_portugal_z17", "aid_150px")
-KEEP_META = ("level", "region", "chip_id", "classes", "scene", "cls")
+KEEP_META = ("level", "region", "chip_id", "classes", "scene", "cls", "sources")
 
 DATABASE_ATTRIBUTION = """# Semantic database — attribution and licence
 
@@ -71,10 +71,10 @@ def ship(run: Path, data: Path, dest: Path, regions: tuple[str, ...]) -> dict:
         raise SystemExit(f"{run / TRAINED_JSON} names no architecture: retrain with this "
                          "version of `rsvlm-train fit`, which records the whole one")
     texts, meta = [], []
-    for text, row in zip(*database_rows(data), strict=True):  # what `fit` builds its own from
-        if row.get("region") in regions:
-            texts.append(text)
-            meta.append({k: row[k] for k in KEEP_META if k in row})
+    # What `fit` builds its own database from, each text once, of the shippable regions only.
+    for text, row in zip(*database_rows(data, regions), strict=True):
+        texts.append(text)
+        meta.append({k: row[k] for k in KEEP_META if k in row})
     if not texts:
         raise SystemExit(f"no training descriptions of {regions} in {data / 'texts.jsonl'}")
     database = SemanticDatabase.from_texts(texts, meta)

@@ -28,6 +28,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,17 +275,32 @@ def _scene_texts(data_dir: Path, split: str = "train") -> dict[str, str]:
     return out
 
 
-def database_rows(data_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """(texts, metadata) of a build-data folder's training-split descriptions."""
-    texts, meta = [], []
+def database_rows(data_dir: Path, regions: Collection[str] | None = None,
+                  ) -> tuple[list[str], list[dict[str, Any]]]:
+    """(texts, metadata) of a build-data folder's training-split descriptions (of ``regions``
+    only, when given), each text once.
+
+    Templated sentences repeat (a scene-class sentence per image of the class, "an open area
+    without buildings" per empty chip): kept as separate rows they fill all top-k slots of a
+    retrieval with one text. A text keeps its first row's metadata and ``sources``, the number of
+    rows it stood for."""
+    texts: list[str] = []
+    meta: list[dict[str, Any]] = []
+    first: dict[str, int] = {}
     path = data_dir / "texts.jsonl"
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
             if r.get("split", "train") != "train":
                 continue  # validation chips stay unseen, their texts too
+            if regions is not None and r.get("region") not in regions:
+                continue
+            if r["text"] in first:
+                meta[first[r["text"]]]["sources"] += 1
+                continue
+            first[r["text"]] = len(texts)
             texts.append(r["text"])
-            meta.append({k: v for k, v in r.items() if k != "text"})
+            meta.append({**{k: v for k, v in r.items() if k != "text"}, "sources": 1})
     return texts, meta
 
 
@@ -296,7 +312,8 @@ def _text_encoder(cfg: FitConfig) -> Any:
 
 def _retrieved_texts(model: Any, cache: FeatureCache, images: list[str], database: Any,
                      k: int) -> dict[str, list[str]]:
-    """Top-k database texts per image, leaving out the image's own descriptions."""
+    """Top-k database texts per image, leaving out the descriptions only this image has (a text
+    that other images share, e.g. a scene-class sentence, says nothing private about it)."""
     base = _base(model)
     out: dict[str, list[str]] = {}
     with torch.inference_mode():
@@ -308,7 +325,10 @@ def _retrieved_texts(model: Any, cache: FeatureCache, images: list[str], databas
             vec = torch.nn.functional.normalize(vec, dim=-1).numpy()
             hits = database.search(vec, k + 8)
             for name, hs in zip(names, hits, strict=True):
-                out[name] = [h.text for h in hs if h.metadata.get("image") != name][:k]
+                out[name] = [
+                    h.text for h in hs
+                    if h.metadata.get("image") != name or h.metadata.get("sources", 1) > 1
+                ][:k]
     return out
 
 

@@ -247,3 +247,28 @@ def test_the_repos_fit_configs_load_and_name_real_architecture_fields() -> None:
     connectors = {load_config(p).model_overrides.get("connector_type")
                   for p in paths if p.parent.name == "ablations"}
     assert connectors == {"mlp", "perceiver", "semantic_prompter"}
+
+
+def test_database_rows_hold_each_training_text_once(tmp_path) -> None:
+    from training.fit import database_rows
+
+    rows = [
+        {"text": "An aerial image of a port.", "split": "train", "cls": "port", "image": "a.png"},
+        {"text": "An aerial image of a port.", "split": "train", "cls": "port", "image": "b.png"},
+        {"text": "A building in the top left.", "split": "train", "image": "c.png"},
+        {"text": "A held-back chip.", "split": "val", "image": "d.png"},
+        {"text": "An aerial image of a port.", "split": "val", "cls": "port", "image": "e.png"},
+    ]
+    (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    texts, meta = database_rows(tmp_path)
+    assert texts == ["An aerial image of a port.", "A building in the top left."]
+    assert [m["sources"] for m in meta] == [2, 1]  # validation rows are not counted
+    assert meta[0]["image"] == "a.png" and meta[0]["cls"] == "port"
+    # Regions are chosen before texts are merged: a text first seen in a region left out still
+    # comes from the regions kept.
+    for row, region in zip(rows, ["aid", "kept", "kept", "kept", "kept"], strict=True):
+        row["region"] = region
+    (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    texts, meta = database_rows(tmp_path, regions={"kept"})
+    assert texts == ["An aerial image of a port.", "A building in the top left."]
+    assert meta[0]["image"] == "b.png" and [m["sources"] for m in meta] == [1, 1]
