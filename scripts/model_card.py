@@ -21,6 +21,7 @@ import json
 import logging
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,22 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
             cells = [f"{_f(cl.get('accuracy'))} (n={cl.get('n', 0)})", _f(v.get("accuracy")),
                      _f(v.get("per_type", {}).get("presence")), _f(g.get("acc@0.5"))]
             lines.append(f"| `{c}` | {IMAGE_TOKENS.get(c, '?')} | " + " | ".join(cells) + " |")
+        missing = [c for c in ("semantic_prompter", "mlp", "perceiver") if c not in trained]
+        if missing:
+            lines += ["", "Not fitted yet: " + ", ".join(f"`{c}`" for c in missing) + " (the "
+                      "script is resumable: `bash scripts/ablate_connectors.sh "
+                      + " ".join(missing) + "`)."]
+        for c in trained:
+            cl = r.get(f"trained-{c}-classification", {})
+            answers = Counter(e.get("answer") for e in cl.get("examples", []))
+            if cl.get("accuracy", 1) < 0.2 and answers:
+                top, count = answers.most_common(1)[0]
+                lines += ["", f"At this budget a run can still collapse onto a few answers: the "
+                          f"`{c}` run answers \"{top}\" for {count} of the {sum(answers.values())} "
+                          f"example scenes its report keeps, and {_f(cl.get('accuracy'))} of all "
+                          f"correctly, although its retriever's top hit names the right class "
+                          f"for {_f(cl.get('retrieval_top1'))}. A floor, not a verdict on the "
+                          "connector."]
     lines += [
         "",
         "Not retrained: without experts or without retrieval from the start (the inference "
@@ -247,7 +264,6 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         for qa in ex["qa"]:
             lines.append(f"- **Q:** {qa['question']}  \n  **A:** {qa['answer']}")
         lines.append("")
-    from collections import Counter
 
     finds = Counter(ex["qa"][-1]["answer"] for ex in examples).most_common(1)
     if finds and finds[0][1] >= 3:
