@@ -237,7 +237,8 @@ class EngineBackend:
 
     @property
     def info(self) -> dict[str, Any]:
-        return {**dict(self.loaded.info), "state": "ready"}
+        return {**dict(self.loaded.info), "decode": self.engine.info.get("decode"),
+                "state": "ready"}
 
     def new_session(self, chip: Chip) -> EngineSession:
         return EngineSession(self.engine.session(chip), chip)

@@ -503,6 +503,8 @@ def status_markdown(ctx: AppContext) -> str:
               f"device {markdown_text(str(info.get('device', '?')))}",
               f"precision {markdown_text(str(info.get('precision', '?')))}",
               f"loaded in {load}"]
+    if info.get("decode"):  # who runs the decode steps (ONNX Runtime on a CPU by default)
+        fields.insert(3, f"decode {markdown_text(str(info['decode']))}")
     if info.get("trained") is False:  # say it plainly: an untrained connector answers noise
         fields.append("**untrained connector: answers are noise**")
     why = info.get("why")

@@ -292,3 +292,15 @@ def test_click_outside_imagery_fetches_the_tile_chip(ctx: AppContext, tmp_path: 
     assert int(state.chip.pixels.mean()) == 200
     last(h.ask(local, state, "Find all buildings"))
     assert all(b.west <= d.geometry.centroid.x <= b.east for d in state.detections)
+
+
+def test_status_line_says_who_decodes(ctx: AppContext) -> None:
+    class Decoding(FakeBackend):
+        @property
+        def info(self) -> dict:
+            return {"preset": "embedded", "device": "cpu", "precision": "float32",
+                    "load_s": 9.0, "decode": "onnx", "state": "ready"}
+
+    line = h.status_markdown(AppContext(backend=Decoding(), region=ctx.region,
+                                        export_dir=ctx.export_dir))
+    assert "precision float32 · decode onnx · loaded in 9.0 s" in line
