@@ -251,7 +251,7 @@ class EngineBackend:
         from rsvlm.loading import load
 
         loaded = load(model, device=device, quantize=quantize, progress=progress)
-        if progress is not None:
+        if progress is not None and loaded.info.get("device") == "cpu":
             progress("Preparing the decoder (the first start with new weights exports it "
                      "to ONNX Runtime, about 30 s) ...")
         return cls(loaded, decode=decode)

@@ -50,13 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", default=None, help="preset name (embedded, large) or a model dir")
     ask.add_argument("--max-new-tokens", type=int, default=256)
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    ask.add_argument(
-        "--decode",
-        choices=["auto", "torch", "onnx", "onnx-int8"],
-        default="auto",
-        help="who runs decode steps on the CPU (default: ONNX Runtime where it can, see "
-        "rsvlm.onnx_decode; onnx-int8 is faster and slightly less faithful)",
-    )
 
     scan = sub.add_parser("scan", help="find objects over a whole raster by sliding chips")
     scan.add_argument("raster", help="georeferenced raster (GeoTIFF/COG)")
@@ -69,13 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--batch-size", type=int, default=4, help="chips per generate call")
     scan.add_argument("--iou", type=float, default=0.5, help="IoU for merging/NMS")
     scan.add_argument("--max-new-tokens", type=int, default=256)
-    scan.add_argument(
-        "--decode",
-        choices=["auto", "torch", "onnx", "onnx-int8"],
-        default="auto",
-        help="who runs decode steps on the CPU (default: ONNX Runtime where it can, see "
-        "rsvlm.onnx_decode; onnx-int8 is faster and slightly less faithful)",
-    )
+
+    for command in (ask, scan):
+        command.add_argument(
+            "--decode",
+            choices=["auto", "torch", "onnx", "onnx-int8"],  # rsvlm.onnx_decode.MODES + auto
+            default="auto",
+            help="who runs decode steps on the CPU (default: ONNX Runtime where it can, see "
+            "rsvlm.onnx_decode; onnx-int8 is faster and slightly less faithful)",
+        )
 
     sub.add_parser("weights", help="convert the embedded preset's offline weights into the cache")
     sub.add_parser("which", help="say which model runs by default here, and why")
