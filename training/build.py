@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.augment import augment_choices, dihedral_context, dihedral_pixels
 from training.captions import RegionStats, Rewriter, caption_samples, descriptions
 from training.classification import (
     classification_sample,
@@ -60,9 +61,12 @@ class BuildConfig:
     balance: bool = True  # even out yes/no and rural/urban answers per split
     descriptions: bool = True  # scene/object texts for the semantic database
     png_compress: int = 3  # zlib level of chip PNGs: 3 is ~3x faster than 6 for ~5% more bytes
+    augment: int = 0  # rotated/mirrored copies per training chip (0-7; training.augment)
     rewrite: Rewriter | None = field(default=None, repr=False)  # optional caption paraphraser
 
     def __post_init__(self) -> None:
+        if not 0 <= self.augment <= 7:
+            raise ValueError(f"augment={self.augment}: a chip has 7 other dihedral views (0-7)")
         unknown = set(self.tasks) - set(ALL_TASKS)
         if unknown:
             raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {list(ALL_TASKS)}")
@@ -215,6 +219,7 @@ def build_dataset(out_dir: str | Path, regions: Sequence[RegionSpec] = (),
     chip_rows: list[dict[str, Any]] = []
     class_counts: Counter[str] = Counter()
     skipped = 0
+    augmented = 0
     names = [r.name for r in regions] + [Path(f).name for f in image_folders]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -240,6 +245,23 @@ def build_dataset(out_dir: str | Path, regions: Sequence[RegionSpec] = (),
                 ids.append(f"{spec.name}/{ctx.chip_id}/{s.task}/{per_task[s.task]}")
                 per_task[s.task] += 1
                 pairs.append((image, s))
+            if cfg.augment and ctx.split == "train":
+                # Views of a training chip: instruction samples only (no database texts, which
+                # would repeat the chip's own), each remembering its origin for retrieval.
+                for k in augment_choices(cfg.augment, cfg.seed, spec.name, ctx.chip_id):
+                    actx = dihedral_context(ctx, k)
+                    aimage = f"images/{spec.name}/{actx.chip_id}.png"
+                    _write_png(dihedral_pixels(chip.pixels, k), out / aimage, cfg.png_compress)
+                    chip_rows.append({"id": f"{spec.name}/{actx.chip_id}", "image": aimage,
+                                      "split": "train", "classes": actx.classes,
+                                      "n_objects": len(actx.objects), "origin": image,
+                                      **actx.meta})
+                    augmented += 1
+                    per_task = Counter()
+                    for s in builder.samples_for(actx):
+                        ids.append(f"{spec.name}/{actx.chip_id}/{s.task}/{per_task[s.task]}")
+                        per_task[s.task] += 1
+                        pairs.append((aimage, s))
             if cfg.descriptions:
                 rng = rng_for(cfg.seed, spec.name, ctx.chip_id, "descriptions")
                 for row in descriptions(ctx, builder.stats, rng):
@@ -281,7 +303,8 @@ def build_dataset(out_dir: str | Path, regions: Sequence[RegionSpec] = (),
         _write_jsonl(out / f"{split}.jsonl", rows)
     _write_jsonl(out / "texts.jsonl", texts)
     _write_jsonl(out / "chips.jsonl", chip_rows)
-    card = dataset_card(records, class_counts, cfg, regions, image_folders, skipped, len(texts))
+    card = dataset_card(records, class_counts, cfg, regions, image_folders, skipped, len(texts),
+                        augmented)
     (out / "dataset_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     (out / "dataset_card.md").write_text(card_markdown(card))
     log.info("wrote %d train / %d val samples to %s", len(records["train"]),
@@ -299,7 +322,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def dataset_card(records: dict[str, list[dict]], class_counts: Counter[str], cfg: BuildConfig,
                  regions: Sequence[RegionSpec], folders: Sequence[str | Path], skipped: int,
-                 n_texts: int) -> dict[str, Any]:
+                 n_texts: int, augmented: int = 0) -> dict[str, Any]:
     """Counts per split, task, question type, class and answer (no timestamps: reproducible)."""
     per_split: dict[str, Any] = {}
     for split, rows in records.items():
@@ -331,6 +354,7 @@ def dataset_card(records: dict[str, list[dict]], class_counts: Counter[str], cfg
                     for r in regions],
         "image_folders": [Path(f).name for f in folders],
         "chips_skipped_empty": skipped,
+        "augmented_chips": augmented,
         "objects_per_class": dict(sorted(class_counts.items())),
         "texts": n_texts,
         "splits": per_split,
@@ -356,5 +380,6 @@ def card_markdown(card: dict[str, Any]) -> str:
     for key, answers in card["splits"].get("train", {}).get("answers", {}).items():
         lines.append(f"- {key}: " + ", ".join(f"{a!r} {n}" for a, n in list(answers.items())[:12]))
     lines += ["", f"Semantic-database texts: {card['texts']}; chips skipped as empty: "
-              f"{card['chips_skipped_empty']}.", ""]
+              f"{card['chips_skipped_empty']}; rotated/mirrored training chips: "
+              f"{card.get('augmented_chips', 0)}.", ""]
     return "\n".join(lines)

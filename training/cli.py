@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tasks", default="caption,vqa,grounding,region",
                    help="comma-separated region tasks")
     b.add_argument("--no-balance", action="store_true", help="keep unbalanced VQA answers")
+    b.add_argument("--augment", type=int, default=0, metavar="N",
+                   help="also write N rotated/mirrored views of every training chip (0-7), "
+                        "boxes and positions moved along (0)")
     b.add_argument("--rewrite-model", default=None, metavar="DIR",
                    help="local causal LM folder to paraphrase captions (slow; optional)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -115,6 +118,7 @@ def _build_data(args: argparse.Namespace) -> int:
         rewrite = LLMRewriter(args.rewrite_model)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     config = BuildConfig(seed=args.seed, tasks=tasks, balance=not args.no_balance,
+                         augment=args.augment,
                          rewrite=rewrite)
     result = build_dataset(args.out, regions, args.image_folder, config,
                            folder_val_fraction=args.val_fraction or 0.1,

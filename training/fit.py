@@ -59,6 +59,9 @@ class StageConfig:
     # The run's batch_size unless set: InfoNCE wants large batches (every other image in the
     # batch is a negative), and the retrieval stage is cheap per sample.
     batch_size: int | None = None
+    # Also train on the rotated/mirrored views of `build-data --augment`; false keeps the
+    # original chips only (e.g. a stage that should see tasks in their built proportions).
+    augmented: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in {"lm", "retrieval"}:
@@ -174,6 +177,17 @@ def build_model(cfg: FitConfig) -> tuple[Any, Any, str, dict[str, Any]]:
     from rsvlm.loading import load
 
     trained: Any = cfg.init == "trained" or (cfg.init not in {"base", "trained"} and cfg.init)
+    if isinstance(trained, str) and cfg.model_overrides:
+        # Parts load in the shape their trained.json records, whatever the overrides say; a
+        # disagreement would train one architecture and export another's description.
+        manifest = Path(trained) / "trained.json"
+        arch = json.loads(manifest.read_text()).get("architecture", {}) if manifest.is_file() else {}
+        clash = {k: (arch[k], v) for k, v in cfg.model_overrides.items()
+                 if k in arch and arch[k] != v}
+        if clash:
+            raise ValueError(f"model_overrides {clash} (init's value, override) disagree with "
+                             f"init {trained}: start from parts of that shape (copy the folder "
+                             "and edit its trained.json if the change keeps the weights' shapes)")
     # The shipped adapter stays an adapter (not merged), so further training continues it and
     # the exported adapter still applies to the stock LM.
     loaded = load(cfg.model, device="cpu", trained=trained, merge_lora=False,
@@ -263,15 +277,19 @@ def load_parts(model: Any, folder: Path, cfg: FitConfig) -> Any:
 # ----------------------------------------------------------------------------------- data
 
 
-def _scene_texts(data_dir: Path, split: str = "train") -> dict[str, str]:
-    """image -> its scene description (texts.jsonl, level 'scene')."""
+def _scene_texts(data_dir: Path, split: str = "train") -> dict[str, tuple[str, str | None]]:
+    """image -> (its scene description, its scene class or None) from texts.jsonl.
+
+    The class (ImageFolder rows carry ``cls``) makes two images of one class positives of each
+    other in the retrieval loss even when their sentences come from different templates."""
     path = data_dir / "texts.jsonl"
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, str | None]] = {}
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
             if r.get("level") == "scene" and r.get("split", "train") == split:
-                out.setdefault(r["image"], r["text"])
+                group = f"{r.get('region')}:{r['cls']}" if r.get("cls") else None
+                out.setdefault(r["image"], (r["text"], group))
     return out
 
 
@@ -310,10 +328,24 @@ def _text_encoder(cfg: FitConfig) -> Any:
     return text_encoder(cfg.text_encoder)
 
 
+def _origins(data_dir: Path) -> dict[str, str]:
+    """Absolute path of each rotated/mirrored training chip -> that of the chip it shows."""
+    path = data_dir / "chips.jsonl"
+    out: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            if r.get("origin"):
+                out[str((data_dir / r["image"]).resolve())] = str((data_dir / r["origin"]).resolve())
+    return out
+
+
 def _retrieved_texts(model: Any, cache: FeatureCache, images: list[str], database: Any,
-                     k: int) -> dict[str, list[str]]:
+                     k: int, origins: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Top-k database texts per image, leaving out the descriptions only this image has (a text
-    that other images share, e.g. a scene-class sentence, says nothing private about it)."""
+    that other images share, e.g. a scene-class sentence, says nothing private about it). A
+    rotated view of a chip leaves out its origin's descriptions the same way."""
+    origins = origins or {}
     base = _base(model)
     out: dict[str, list[str]] = {}
     with torch.inference_mode():
@@ -327,7 +359,8 @@ def _retrieved_texts(model: Any, cache: FeatureCache, images: list[str], databas
             for name, hs in zip(names, hits, strict=True):
                 out[name] = [
                     h.text for h in hs
-                    if h.metadata.get("image") != name or h.metadata.get("sources", 1) > 1
+                    if h.metadata.get("image") != origins.get(name, name)
+                    or h.metadata.get("sources", 1) > 1
                 ][:k]
     return out
 
@@ -452,13 +485,18 @@ def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, pro
         if not scenes:
             raise ValueError(f"{data_dir} has no scene descriptions (texts.jsonl) to align with")
         names = sorted(scenes)
-        vectors = torch.from_numpy(_text_encoder(cfg).encode([scenes[n] for n in names]))
+        vectors = torch.from_numpy(_text_encoder(cfg).encode([scenes[n][0] for n in names]))
         rows = [cache.rows[str((data_dir / n).resolve())] for n in names]
-        dataset = list(zip(rows, vectors, strict=True))
+        # Images without a class get a group of their own: only identical text pairs them.
+        group_ids: dict[str, int] = {}
+        groups = [group_ids.setdefault(scenes[n][1] or f"image:{n}", len(group_ids))
+                  for n in names]
+        dataset = list(zip(rows, vectors, groups, strict=True))
 
-        def collate(items: list[tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
-            return {"rows": torch.tensor([r for r, _ in items]),
-                    "text": torch.stack([v for _, v in items])}
+        def collate(items: list[tuple[int, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+            return {"rows": torch.tensor([r for r, _, _ in items]),
+                    "text": torch.stack([v for _, v, _ in items]),
+                    "group": torch.tensor([g for _, _, g in items])}
 
         return dataset, collate
     examples = read_examples(data_dir, "train", stage.tasks)
@@ -467,6 +505,9 @@ def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, pro
     # Absolute image keys, so one feature cache serves several datasets.
     examples = [dataclasses.replace(ex, image=str((data_dir / ex.image).resolve()))
                 for ex in examples]
+    origins = _origins(data_dir)
+    if not stage.augmented and origins:
+        examples = [ex for ex in examples if ex.image not in origins]
     semantic = None
     if stage.semantic == "retrieved":
         texts, meta = database_rows(data_dir)
@@ -477,7 +518,7 @@ def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, pro
                 m["image"] = str((data_dir / m["image"]).resolve())
             db = SemanticDatabase.from_texts(texts, meta, _text_encoder(cfg))
             semantic = _retrieved_texts(model, cache, sorted({e.image for e in examples}), db,
-                                        cfg.retrieval_top_k)
+                                        cfg.retrieval_top_k, origins)
         else:
             log.warning("stage %s: no database or retriever; training without semantic texts",
                         stage.name)
@@ -601,8 +642,9 @@ def _loss(model: Any, stage: StageConfig, batch: dict[str, torch.Tensor]) -> tor
         text = torch.nn.functional.normalize(batch["text"].to(image.dtype), dim=-1)
         scale = base.retrieval_projection.logit_scale.exp().clamp(max=100)
         logits = scale * image @ text.T
-        # Identical descriptions are not negatives of each other.
-        same = (text @ text.T) > 0.999
+        # Identical descriptions, and images of one scene class, are not negatives of each
+        # other (a class's sentences come from several templates).
+        same = ((text @ text.T) > 0.999) | (batch["group"][:, None] == batch["group"][None, :])
         target = same.float() / same.float().sum(1, keepdim=True)
         loss_i = torch.nn.functional.cross_entropy(logits, target)
         loss_t = torch.nn.functional.cross_entropy(logits.T, target)

@@ -272,3 +272,53 @@ def test_database_rows_hold_each_training_text_once(tmp_path) -> None:
     texts, meta = database_rows(tmp_path, regions={"kept"})
     assert texts == ["An aerial image of a port.", "A building in the top left."]
     assert meta[0]["image"] == "b.png" and [m["sources"] for m in meta] == [1, 1]
+
+
+def test_augmented_views_origins_and_stage_filter(small_region: Path, tmp_path: Path) -> None:
+    from rsvlm.testing import tiny_model, tiny_processor
+    from training.fit import _origins, _stage_batches
+
+    spec = load_region(small_region, chip_size=128, val_fraction=0.2, block_chips=2)
+    data = tmp_path / "aug"
+    build_dataset(data, [spec], [], BuildConfig(seed=0, tasks=("grounding",), augment=1),
+                  progress=False)
+    origins = _origins(data)
+    assert origins and all("_d" in Path(k).name and "_d" not in Path(v).name
+                           for k, v in origins.items())
+    cfg = _config(data, tmp_path / "run")
+    model = tiny_model(retrieval_embed_dim=384)
+    processor = tiny_processor(model.config)
+    everything, _ = _stage_batches(cfg, 1, StageConfig("g"), model, processor, None)
+    originals, _ = _stage_batches(cfg, 1, StageConfig("g", augmented=False), model, processor,
+                                  None)
+    assert {e.image for e in everything} - {e.image for e in originals} == set(origins)
+    assert not {e.image for e in originals} & set(origins)
+
+
+def test_scene_classes_group_retrieval_positives(tmp_path: Path) -> None:
+    from training.fit import _scene_texts
+
+    rows = [{"text": "This image shows a park.", "level": "scene", "cls": "park",
+             "image": "a.png", "region": "aid", "split": "train"},
+            {"text": "A park seen from above.", "level": "scene", "cls": "park",
+             "image": "b.png", "region": "aid", "split": "train"},
+            {"text": "Four buildings.", "level": "scene", "image": "c.png", "region": "r",
+             "split": "train"},
+            {"text": "held back", "level": "scene", "image": "d.png", "split": "val"}]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scenes = _scene_texts(tmp_path)
+    assert scenes == {"a.png": ("This image shows a park.", "aid:park"),
+                      "b.png": ("A park seen from above.", "aid:park"),
+                      "c.png": ("Four buildings.", None)}
+
+
+def test_overrides_that_disagree_with_init_parts_are_refused(tmp_path: Path) -> None:
+    from training.fit import build_model
+
+    init = tmp_path / "parts"
+    init.mkdir()
+    (init / "trained.json").write_text(json.dumps({"architecture": {"patch_pool": 4}}))
+    cfg = FitConfig(data=str(tmp_path), output_dir=str(tmp_path / "o"), model="embedded",
+                    init=str(init), model_overrides={"patch_pool": 2})
+    with pytest.raises(ValueError, match="patch_pool"):
+        build_model(cfg)
