@@ -62,7 +62,13 @@ def run_reports(model: Path, data: Path, out: Path, limit: int | None,
                                          if isinstance(v, int | float)}), flush=True)
 
     if "main" in parts:
-        save("probe", run_probe(data))
+        old = eval_dir / "probe.json"
+        # The probe reads the frozen vision tower only: a re-shipped model keeps its number.
+        if old.is_file() and json.loads(old.read_text()).get("split_from") == str(data):
+            reports["probe"] = json.loads(old.read_text())
+            print(f"probe: reusing {old}", flush=True)
+        else:
+            save("probe", run_probe(data))
     answer = engine_answer_fn(str(model)) if "main" in parts else None
     for task in TASKS if "main" in parts else ():
         start = time.perf_counter()
@@ -277,8 +283,8 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         "## How it was made",
         "",
         "```bash",
-        "bash scripts/train_embedded.sh   # build-data + the two fit rounds below",
-        f"python scripts/ship_embedded.py --run runs/embedded2/final --data {_rel(data)}",
+        "bash scripts/train_embedded.sh   # build-data (plain and --augment 7) + the fit rounds below",
+        f"python scripts/ship_embedded.py --run runs/embedded3/final --data {_rel(data)}",
         f"python scripts/model_card.py --model {_rel(model)} --data {_rel(data)} "
         f"--out {_rel(out)}",
         "```",
@@ -308,7 +314,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="the build-data folder")
     parser.add_argument("--out", type=Path, default=None, help="default: the model folder")
     parser.add_argument("--fit-config", type=Path, action="append",
-                        help="the fit configs that made the model, in order (default: the two "
+                        help="the fit configs that made the model, in order (default: the three "
                              "rounds in training/configs)")
     parser.add_argument("--limit", type=int, default=None, help="questions per task")
     parser.add_argument("--ablation-limit", type=int, default=100,
@@ -338,7 +344,8 @@ def main() -> None:
     reports = {p.stem: json.loads(p.read_text()) for p in (out / "eval").glob("*.json")}
     examples = reports.pop("examples", [])
     configs = args.fit_config or [REPO / "training" / "configs" / name
-                                  for name in ("embedded.yaml", "embedded_round2.yaml")]
+                                  for name in ("embedded.yaml", "embedded_round2.yaml",
+                                               "embedded_round3.yaml")]
     fit_configs = [(path, path.read_text()) for path in configs if path.is_file()]
     (out / "MODEL_CARD.md").write_text(render(out, args.model, args.data, reports, examples,
                                               fit_configs))
