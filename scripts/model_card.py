@@ -283,8 +283,8 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         "## How it was made",
         "",
         "```bash",
-        "bash scripts/train_embedded.sh   # build-data (plain and --augment 7) + the fit rounds below",
-        f"python scripts/ship_embedded.py --run runs/embedded3/final --data {_rel(data)}",
+        "bash scripts/train_embedded.sh   # build-data + the two fit rounds below",
+        f"python scripts/ship_embedded.py --run runs/embedded2/final --data {_rel(data)}",
         f"python scripts/model_card.py --model {_rel(model)} --data {_rel(data)} "
         f"--out {_rel(out)}",
         "```",
@@ -314,7 +314,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="the build-data folder")
     parser.add_argument("--out", type=Path, default=None, help="default: the model folder")
     parser.add_argument("--fit-config", type=Path, action="append",
-                        help="the fit configs that made the model, in order (default: the three "
+                        help="the fit configs that made the model, in order (default: the two "
                              "rounds in training/configs)")
     parser.add_argument("--limit", type=int, default=None, help="questions per task")
     parser.add_argument("--ablation-limit", type=int, default=100,
@@ -344,8 +344,7 @@ def main() -> None:
     reports = {p.stem: json.loads(p.read_text()) for p in (out / "eval").glob("*.json")}
     examples = reports.pop("examples", [])
     configs = args.fit_config or [REPO / "training" / "configs" / name
-                                  for name in ("embedded.yaml", "embedded_round2.yaml",
-                                               "embedded_round3.yaml")]
+                                  for name in ("embedded.yaml", "embedded_round2.yaml")]
     fit_configs = [(path, path.read_text()) for path in configs if path.is_file()]
     (out / "MODEL_CARD.md").write_text(render(out, args.model, args.data, reports, examples,
                                               fit_configs))

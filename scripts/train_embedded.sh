@@ -2,7 +2,7 @@
 # Train the embedded default from ../shared/data (research-only sets are read, never copied),
 # then ship its parts and write its model card. Resumable: run it again after an interruption.
 #   bash scripts/train_embedded.sh            # everything
-#   SKIP_FIT=1 bash scripts/train_embedded.sh # only re-ship and re-evaluate runs/embedded3/final
+#   SKIP_FIT=1 bash scripts/train_embedded.sh # only re-ship and re-evaluate runs/embedded2/final
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${SHARED_DATA:-../shared/data}
@@ -20,40 +20,14 @@ if [ ! -f "$DS/dataset_card.json" ]; then
     --region "$DATA/roads/spacenet3_vegas_rgb_apls" \
     --image-folder "$DATA/classification/aid_150px" --out "$DS"
 fi
-# Round 3 reads the same build with 7 rotated/mirrored views of every training chip (the
-# validation split is byte-identical, so all rounds are scored on the same questions).
-AUG=runs/embedded_ds_aug
-if [ ! -f "$AUG/dataset_card.json" ]; then
-  $PY/rsvlm-train build-data --quiet --chip-size 256 --val-fraction 0.15 --seed 0 --augment 7 \
-    --region "$DATA/demo_region/zanzibar_tz" --region "$DATA/demo_region/catanduanes_ph" \
-    --region "$DATA/demo_region/banepa_np" --region "$DATA/demo_region/kampala_ug" \
-    --region "$DATA/osm_tiles/labelmaker_portugal_z17" \
-    --region "$DATA/roads/spacenet3_vegas_rgb_apls" \
-    --image-folder "$DATA/classification/aid_150px" --out "$AUG"
-fi
-# Three rounds: embedded.yaml (retriever, caption alignment, instruction tuning), then
-# embedded_round2.yaml and embedded_round3.yaml, each continuing the previous round's parts
-# (see the comments in each config).
+# Two rounds: embedded.yaml (retriever, caption alignment, instruction tuning), then
+# embedded_round2.yaml, which continues round 1's parts (see the comments in each config).
 fit_round() {  # config, run folder
   [ -f "$2/final/trained.json" ] || $PY/rsvlm-train fit --config "$1" --resume auto
 }
 if [ -z "${SKIP_FIT:-}" ]; then
   fit_round training/configs/embedded.yaml runs/embedded
   fit_round training/configs/embedded_round2.yaml runs/embedded2
-  # Round 3 pools patches 2x2 instead of 4x4: the same weights, so it starts from a copy of
-  # round 2's parts that records the new pooling (fit refuses a silent disagreement).
-  if [ ! -f runs/embedded3_init/trained.json ]; then
-    mkdir -p runs/embedded3_init && cp -r runs/embedded2/final/. runs/embedded3_init/
-    $PY/python - <<'PY'
-import json
-from pathlib import Path
-p = Path("runs/embedded3_init/trained.json")
-m = json.loads(p.read_text())
-m["architecture"]["patch_pool"] = 2
-p.write_text(json.dumps(m, indent=2) + "\n")
-PY
-  fi
-  fit_round training/configs/embedded_round3.yaml runs/embedded3
 fi
-$PY/python scripts/ship_embedded.py --run runs/embedded3/final --data "$DS"
+$PY/python scripts/ship_embedded.py --run runs/embedded2/final --data "$DS"
 $PY/python scripts/model_card.py --model assets/models/embedded --data "$DS"
