@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from training.region import ChipContext, ChipObject
+from training.region import ChipContext, ChipObject, object_order
 from training.samples import rng_for
 
 NAMES = {1: "rot90", 2: "rot180", 3: "rot270", 4: "flip", 5: "flip-rot90", 6: "flip-rot180",
@@ -64,7 +64,7 @@ def dihedral_context(ctx: ChipContext, k: int) -> ChipContext:
         box = affinity.affine_transform(shapely.box(*o.box), m).bounds
         objects.append(dataclasses.replace(o, geom=affinity.affine_transform(o.geom, m),
                                            box=tuple(float(v) for v in box)))
-    objects.sort(key=lambda o: (o.cls, round(o.box[1], 3), round(o.box[0], 3), -o.area_m2))
+    objects.sort(key=object_order)
     meta = {**ctx.meta, "augment": NAMES[k], "origin_chip": ctx.chip_id}
     return dataclasses.replace(ctx, chip_id=f"{ctx.chip_id}_d{k}", objects=objects, meta=meta)
 

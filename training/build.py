@@ -225,6 +225,18 @@ def build_dataset(out_dir: str | Path, regions: Sequence[RegionSpec] = (),
     if dupes:
         raise ValueError(f"two inputs share the name {dupes[0]!r} (their images would collide); "
                          "give regions a `name:` in a spec file")
+    def add_chip(region: str, builder: RegionBuilder, ctx: ChipContext, image: str,
+                 **extra: str) -> None:
+        """A chip's metadata row and its instruction samples."""
+        chip_rows.append({"id": f"{region}/{ctx.chip_id}", "image": image, "split": ctx.split,
+                          "classes": ctx.classes, "n_objects": len(ctx.objects), **extra,
+                          **ctx.meta})
+        per_task: Counter[str] = Counter()
+        for s in builder.samples_for(ctx):
+            ids.append(f"{region}/{ctx.chip_id}/{s.task}/{per_task[s.task]}")
+            per_task[s.task] += 1
+            pairs.append((image, s))
+
     for spec in regions:
         builder = RegionBuilder(spec, cfg)
         builder.contexts(progress)
@@ -237,31 +249,17 @@ def build_dataset(out_dir: str | Path, regions: Sequence[RegionSpec] = (),
             _write_png(chip.pixels, out / image, cfg.png_compress)
             for o in ctx.objects:
                 class_counts[o.cls] += 1
-            chip_rows.append({"id": f"{spec.name}/{ctx.chip_id}", "image": image,
-                              "split": ctx.split, "classes": ctx.classes,
-                              "n_objects": len(ctx.objects), **ctx.meta})
-            per_task: Counter[str] = Counter()
-            for s in builder.samples_for(ctx):
-                ids.append(f"{spec.name}/{ctx.chip_id}/{s.task}/{per_task[s.task]}")
-                per_task[s.task] += 1
-                pairs.append((image, s))
+            add_chip(spec.name, builder, ctx, image)
             if cfg.augment and ctx.split == "train":
                 # Views of a training chip: instruction samples only (no database texts, which
                 # would repeat the chip's own), each remembering its origin for retrieval.
                 for k in augment_choices(cfg.augment, cfg.seed, spec.name, ctx.chip_id):
-                    actx = dihedral_context(ctx, k)
-                    aimage = f"images/{spec.name}/{actx.chip_id}.png"
-                    _write_png(dihedral_pixels(chip.pixels, k), out / aimage, cfg.png_compress)
-                    chip_rows.append({"id": f"{spec.name}/{actx.chip_id}", "image": aimage,
-                                      "split": "train", "classes": actx.classes,
-                                      "n_objects": len(actx.objects), "origin": image,
-                                      **actx.meta})
+                    view = dihedral_context(ctx, k)
+                    view_image = f"images/{spec.name}/{view.chip_id}.png"
+                    _write_png(dihedral_pixels(chip.pixels, k), out / view_image,
+                               cfg.png_compress)
+                    add_chip(spec.name, builder, view, view_image, origin=image)
                     augmented += 1
-                    per_task = Counter()
-                    for s in builder.samples_for(actx):
-                        ids.append(f"{spec.name}/{actx.chip_id}/{s.task}/{per_task[s.task]}")
-                        per_task[s.task] += 1
-                        pairs.append((aimage, s))
             if cfg.descriptions:
                 rng = rng_for(cfg.seed, spec.name, ctx.chip_id, "descriptions")
                 for row in descriptions(ctx, builder.stats, rng):

@@ -180,7 +180,9 @@ def build_model(cfg: FitConfig) -> tuple[Any, Any, str, dict[str, Any]]:
     if isinstance(trained, str) and cfg.model_overrides:
         # Parts load in the shape their trained.json records, whatever the overrides say; a
         # disagreement would train one architecture and export another's description.
-        manifest = Path(trained) / "trained.json"
+        from rsvlm.loading import TRAINED_JSON
+
+        manifest = Path(trained) / TRAINED_JSON
         arch = json.loads(manifest.read_text()).get("architecture", {}) if manifest.is_file() else {}
         clash = {k: (arch[k], v) for k, v in cfg.model_overrides.items()
                  if k in arch and arch[k] != v}
@@ -487,9 +489,9 @@ def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, pro
         names = sorted(scenes)
         vectors = torch.from_numpy(_text_encoder(cfg).encode([scenes[n][0] for n in names]))
         rows = [cache.rows[str((data_dir / n).resolve())] for n in names]
-        # Images without a class get a group of their own: only identical text pairs them.
+        # Positives of each other: images of one class, and images with one description.
         group_ids: dict[str, int] = {}
-        groups = [group_ids.setdefault(scenes[n][1] or f"image:{n}", len(group_ids))
+        groups = [group_ids.setdefault(scenes[n][1] or f"text:{scenes[n][0]}", len(group_ids))
                   for n in names]
         dataset = list(zip(rows, vectors, groups, strict=True))
 
@@ -643,8 +645,8 @@ def _loss(model: Any, stage: StageConfig, batch: dict[str, torch.Tensor]) -> tor
         scale = base.retrieval_projection.logit_scale.exp().clamp(max=100)
         logits = scale * image @ text.T
         # Identical descriptions, and images of one scene class, are not negatives of each
-        # other (a class's sentences come from several templates).
-        same = ((text @ text.T) > 0.999) | (batch["group"][:, None] == batch["group"][None, :])
+        # other (a class's sentences come from several templates): see _stage_batches.
+        same = batch["group"][:, None] == batch["group"][None, :]
         target = same.float() / same.float().sum(1, keepdim=True)
         loss_i = torch.nn.functional.cross_entropy(logits, target)
         loss_t = torch.nn.functional.cross_entropy(logits.T, target)

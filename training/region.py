@@ -371,6 +371,12 @@ class ChipContext:
         return sorted({o.cls for o in self.objects})
 
 
+def object_order(o: ChipObject) -> tuple[str, float, float, float]:
+    """A stable order that does not depend on file order: class, then top-to-bottom,
+    left-to-right."""
+    return (o.cls, round(o.box[1], 3), round(o.box[0], 3), -o.area_m2)
+
+
 def ground_resolution(bounds_lonlat: tuple[float, float, float, float] | None,
                       width_px: int, fallback: float) -> float:
     """Metres on the ground per chip pixel, measured geodesically across the chip's middle."""
@@ -439,6 +445,5 @@ def chip_objects(features: Any, bounds: tuple[float, float, float, float], width
             tags=dict(rec.tags), kind=kind, geom=px, box=box, area_m2=area_px * gsd * gsd,
             length_m=length_px * gsd, visible=visible, osm_id=rec.osm_id,
         ))
-    # A stable order that does not depend on file order: class, then top-to-bottom, left-to-right.
-    out.sort(key=lambda o: (o.cls, round(o.box[1], 3), round(o.box[0], 3), -o.area_m2))
+    out.sort(key=object_order)
     return out
