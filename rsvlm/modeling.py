@@ -422,6 +422,7 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
             and pixel_values is None
             and not torch.is_grad_enabled()
             and fast.can_step(input_ids, attention_mask, past_key_values)
+            and not self._has_non_text_tokens(input_ids, token_types)
         ):
             return RSVLMCausalLMOutput(
                 logits=fast.step(input_ids, past_key_values), past_key_values=past_key_values
@@ -489,6 +490,18 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
             image_hidden_states=features,
             token_types=types,
         )
+
+    def _has_non_text_tokens(
+        self, input_ids: torch.Tensor, token_types: torch.Tensor | None
+    ) -> bool:
+        """Whether new tokens need image/semantic routing (the ONNX graph routes all as text)."""
+        if self.config.image_token_id is not None and bool(
+            (input_ids == self.config.image_token_id).any()
+        ):
+            return True
+        if token_types is None:
+            return False
+        return bool((token_types[:, -input_ids.shape[1]:] != TOKEN_TYPE_TEXT).any())
 
     def prepare_inputs_for_generation(
         self,

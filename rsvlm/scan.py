@@ -197,7 +197,7 @@ def engine_answer_fn(engine: Any, *, max_new_tokens: int = 256) -> AnswerFn:
                     **kwargs,
                     max_new_tokens=max_new_tokens,
                     pad_token_id=pad_id,
-                    **engine.generation,
+                    **engine.generate_kwargs(kwargs["input_ids"].shape[1]),
                 )
         except Exception as exc:
             from rsvlm.loading import is_cuda_oom

@@ -127,3 +127,35 @@ def test_generation_out_of_memory_is_a_readable_error(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="ran out of memory.*--model embedded"):
         list(session.ask("describe the image"))
     assert session._cache is None and session.turns == []
+
+
+def test_suppressed_tokens_match_transformers_processors() -> None:
+    """The engine's cheap `_SuppressTokens` does what generate()'s ``suppress_tokens`` and
+    ``min_new_tokens`` processors do, at every length around the minimum."""
+    from transformers import MinNewTokensLengthLogitsProcessor, SuppressTokensLogitsProcessor
+
+    from rsvlm.engine import _SuppressTokens
+
+    generator = torch.Generator().manual_seed(0)
+    suppress, eos, prompt, min_new = [7, 3], [2, 11], 5, 3
+    ours = _SuppressTokens(suppress, eos, prompt + min_new)
+    theirs = [
+        SuppressTokensLogitsProcessor(suppress),
+        MinNewTokensLengthLogitsProcessor(prompt, min_new, eos),
+    ]
+    for length in range(prompt, prompt + min_new + 2):
+        ids = torch.randint(0, 20, (2, length), generator=generator)
+        scores = torch.randn(2, 20, generator=generator)
+        want = scores.clone()
+        for processor in theirs:
+            want = processor(ids, want)
+        torch.testing.assert_close(ours(ids, scores.clone()), want)
+
+
+def test_generate_kwargs_hand_suppression_to_the_cheap_processor() -> None:
+    engine = ChatEngine(_Loaded(), generation={"min_new_tokens": 4})
+    kwargs = engine.generate_kwargs(10)
+    assert "suppress_tokens" not in kwargs and "min_new_tokens" not in kwargs
+    (processor,) = kwargs["logits_processor"]
+    assert processor.eos_from == 14 and TINY_IMAGE_TOKEN_ID in processor.always.tolist()
+    assert engine.generation["suppress_tokens"] == [TINY_IMAGE_TOKEN_ID]  # settings unchanged

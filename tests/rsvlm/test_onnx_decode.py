@@ -3,6 +3,8 @@ run, and never during training."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -58,11 +60,15 @@ def test_onnx_decode_gives_the_pytorch_answers_with_follow_ups(cache, connector)
     assert torch_engine.decoder is None and torch_engine.info["decode"] == "torch"
     assert onnx_engine.info["decode"] == "onnx"
     expected = _conversation(torch_engine)
+    lengths = []
+    run = onnx_engine.decoder.run
+    onnx_engine.decoder.run = lambda ids, *a: lengths.append(ids.shape[1]) or run(ids, *a)
     got = _conversation(onnx_engine)
     assert got == expected
-    # The graph really ran the decode steps (the first token of each answer comes from the
-    # PyTorch prefill, the rest from ONNX Runtime).
-    assert onnx_engine.decoder.steps >= 3
+    # The graph really ran the decode steps (the first answer's first token comes from the
+    # PyTorch prefill) and both follow-up prompts (several new tokens each).
+    assert lengths.count(1) >= 3
+    assert len([n for n in lengths if n > 1]) == 2
     assert all(len(a.split()) >= 2 for a in expected)  # answers long enough to need decode steps
 
 
@@ -145,4 +151,52 @@ def test_attached_decoder_is_bypassed_with_gradients_and_for_prompts(cache) -> N
             model.config.text_config.vocab_size,
         )
         assert cache_kv.get_seq_length() == 6
+        # A text continuation of several tokens (a follow-up prompt) runs in the graph too, with
+        # the causal mask over the cache and the new tokens: same logits and cache as PyTorch.
+        reference = copy.deepcopy(cache_kv)
+        more = torch.tensor([[9, 10, 11]])
+        with torch.no_grad():
+            out = model(input_ids=more, past_key_values=cache_kv, use_cache=True)
+        assert decoder.steps == 2 and cache_kv.get_seq_length() == 9
+        model.onnx_decode_step = None
+        with torch.no_grad():
+            want = model(input_ids=more, past_key_values=reference, use_cache=True)
+        model.onnx_decode_step = decoder
+        torch.testing.assert_close(out.logits[:, -1], want.logits[:, -1], atol=1e-4, rtol=1e-4)
+        for got_layer, want_layer in zip(cache_kv.layers, reference.layers, strict=True):
+            torch.testing.assert_close(got_layer.keys, want_layer.keys, atol=1e-4, rtol=1e-4)
+        # Image or semantic tokens need their routing: PyTorch.
+        with torch.no_grad():
+            model(
+                input_ids=more,
+                past_key_values=cache_kv,
+                token_types=torch.ones_like(more),
+                use_cache=True,
+            )
+        assert decoder.steps == 2 and cache_kv.get_seq_length() == 12
     assert model.onnx_decode_step is None
+
+
+def test_shape_folding_keeps_the_graph_exact_and_drops_shape_nodes(
+    cache, tmp_path, monkeypatch
+) -> None:
+    """The traced graph re-computes its reshape sizes from the new-token count at every step;
+    folding replaces that with constants (one unknown dimension becomes -1), same outputs."""
+    import onnx
+
+    from rsvlm.onnx_shapes import fold_shapes
+
+    model = _model()
+    lm = model.language_model
+    raw = tmp_path / "raw.onnx"
+    monkeypatch.setattr(onnx_decode, "_fold", lambda path: None)
+    onnx_decode.export(lm, raw)
+    changed = fold_shapes(raw, tmp_path / "folded.onnx")
+
+    def count(path, op):
+        return sum(n.op_type == op for n in onnx.load(str(path)).graph.node)
+
+    assert changed["removed"] > 0
+    assert count(tmp_path / "folded.onnx", "Shape") < count(raw, "Shape") / 2
+    folded = OnnxDecodeStep(tmp_path / "folded.onnx", num_layers=lm.config.num_hidden_layers)
+    assert folded.compare(lm) < 1e-4  # one and five new tokens, logits and keys/values

@@ -296,6 +296,7 @@ def test_gpu_out_of_memory_in_a_batch_says_to_lower_the_batch_size(
 
     class Engine:
         processor, generation, use_retrieval = tiny_engine.processor, {}, False
+        generate_kwargs = staticmethod(lambda prompt_length: {})
         model, device, _lock = OOMModel(), torch.device("cpu"), threading.Lock()
 
     answer = engine_answer_fn(Engine())
