@@ -108,7 +108,7 @@ class ChatEngine:
         generation: defaults for ``generate()`` (greedy by default).
         decode_backend: ``auto`` (``$RSVLM_DECODE``, else ``onnx`` where ONNX Runtime can run
             this model, i.e. fp32 on the CPU, else PyTorch), ``torch``, ``onnx`` or ``onnx-int8``:
-            who runs the one-token decode steps (`rsvlm.onnx_decode`).
+            who runs the decode steps and follow-up prompts (`rsvlm.onnx_decode`).
     """
 
     def __init__(

@@ -146,8 +146,9 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
     (a stock `AutoModelForCausalLM`, possibly with semantic experts wrapped around some FFNs)
     and ``retrieval_projection``."""
 
-    # While a chat engine generates on the CPU, one-token decode steps run in this ONNX Runtime
-    # graph of the same decoder (`rsvlm.onnx_decode.attached`); not part of the model's state.
+    # While a chat engine generates on the CPU, decode steps and follow-up prompts run in this
+    # ONNX Runtime graph of the same decoder (`rsvlm.onnx_decode.attached`); not part of the
+    # model's state.
     onnx_decode_step: Any = None
 
     def __init__(
