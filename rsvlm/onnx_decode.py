@@ -225,7 +225,7 @@ def _fold(path: Path) -> None:
 
 
 class OnnxDecodeStep:
-    """An ONNX Runtime session for one decoder's one-token step (see the module docstring)."""
+    """An ONNX Runtime session for one decoder's text step (see the module docstring)."""
 
     def __init__(self, path: str | Path, *, num_layers: int, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -448,7 +448,7 @@ def _grouped_query_attention(language_model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def attached(model: nn.Module, decoder: OnnxDecodeStep | None) -> Iterator[None]:
-    """Route ``model``'s one-token decode steps through ``decoder`` inside the block."""
+    """Route ``model``'s decode steps and follow-up prompts through ``decoder`` inside the block."""
     previous = getattr(model, "onnx_decode_step", None)
     model.onnx_decode_step = decoder
     try:
