@@ -152,7 +152,9 @@ class ChatEngine:
         if always or min_new:
             eos = sorted(_eos_ids(self)) if min_new else []
             processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-            processors.append(_SuppressTokens(always, eos, prompt_length + min_new))
+            processors.append(
+                _SuppressTokens(always, eos, prompt_length + min_new, device=self.device)
+            )
             kwargs["logits_processor"] = processors
         return kwargs
 
@@ -402,16 +404,18 @@ class _SuppressTokens(LogitsProcessor):
     transformers' processors run `torch.isin` over the whole vocabulary at every token (about
     1 ms each on two CPU cores, several percent of a decode step)."""
 
-    def __init__(self, always: list[int], eos: list[int], eos_from: int) -> None:
-        self.always = torch.tensor(always, dtype=torch.long)
-        self.both = torch.tensor(sorted({*always, *eos}), dtype=torch.long)
+    def __init__(
+        self, always: list[int], eos: list[int], eos_from: int, device: Any = "cpu"
+    ) -> None:
+        self.always = torch.tensor(always, dtype=torch.long, device=device)
+        self.both = torch.tensor(sorted({*always, *eos}), dtype=torch.long, device=device)
         self.eos_from = eos_from
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         ids = self.both if input_ids.shape[1] < self.eos_from else self.always
         if not len(ids):
             return scores
-        return scores.index_fill(1, ids.to(scores.device), float("-inf"))
+        return scores.index_fill(1, ids, float("-inf"))
 
 
 def _eos_ids(engine: ChatEngine) -> set[int]:

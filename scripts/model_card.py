@@ -63,9 +63,10 @@ def run_reports(model: Path, data: Path, out: Path, limit: int | None,
 
     if "main" in parts:
         old = eval_dir / "probe.json"
+        kept = json.loads(old.read_text()) if old.is_file() else {}
         # The probe reads the frozen vision tower only: a re-shipped model keeps its number.
-        if old.is_file() and json.loads(old.read_text()).get("split_from") == str(data):
-            reports["probe"] = json.loads(old.read_text())
+        if kept.get("split_from") == str(data):
+            reports["probe"] = kept
             print(f"probe: reusing {old}", flush=True)
         else:
             save("probe", run_probe(data))
