@@ -58,6 +58,17 @@ class FeatureCache:
         block = block.to(device=device, dtype=dtype)
         return [block[:, level] for level in range(block.shape[1])]
 
+    def pooled(self, chunk: int = 256) -> FeatureCache:
+        """A copy in memory whose rows are each level's mean patch, ``(levels, 1, hidden)``
+        float32: all the retrieval projection reads (it mean-pools), at 1/patches of the I/O
+        per batch."""
+        out = object.__new__(type(self))
+        out.folder, out.images, out.rows = self.folder, self.images, self.rows
+        out.array = np.concatenate([
+            self.array[i:i + chunk].astype(np.float32).mean(axis=2, keepdims=True)
+            for i in range(0, len(self.images), chunk)]) if self.images else self.array
+        return out
+
     @classmethod
     def build(cls, root: str | Path, images: Sequence[str], image_root: Path, vision_tower: Any,
               image_processor: Any, *, batch_size: int = 16, progress: bool = True) -> FeatureCache:

@@ -7,7 +7,9 @@ the frozen vision tower's features; run the stages; export the trained parts in 
 Stages (LHRS-Bot's curriculum, seed 003's retriever):
 
 - `retrieval`: the retriever's image projection, InfoNCE against the frozen text encoder's
-  embeddings of each chip's scene description (CLIP-style, learnable temperature);
+  embeddings of each chip's scene description (CLIP-style, learnable temperature). With
+  `negatives: database` every text of the semantic database is a candidate, as at inference:
+  the positives are the image's own descriptions and every sentence of its scene class;
 - `lm` stages: next-token loss on answers. Stage 1 aligns the connector on captions; stage 2
   tunes connector + LoRA + semantic experts on every task; an optional stage 3 repeats that on
   the analyst's own data (`data:` per stage). `semantic: retrieved` feeds each image the top-k
@@ -62,6 +64,12 @@ class StageConfig:
     # Also train on the rotated/mirrored views of `build-data --augment`; false keeps the
     # original chips only (e.g. a stage that should see tasks in their built proportions).
     augmented: bool = True
+    # Retrieval stages: "batch" (CLIP: the other images' descriptions in the batch are the
+    # negatives) or "database" (a softmax over every text the shipped database will hold).
+    negatives: str = "batch"
+    # Retrieval stages: start the projection from fresh weights instead of the init's parts.
+    reinit: bool = False
+    weight_decay: float | None = None  # the run's weight_decay unless set
 
     def __post_init__(self) -> None:
         if self.kind not in {"lm", "retrieval"}:
@@ -75,6 +83,14 @@ class StageConfig:
             raise ValueError(f"stage {self.name}: epochs and lr must be positive")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"stage {self.name}: batch_size must be >= 1")
+        if self.negatives not in {"batch", "database"}:
+            raise ValueError(f"stage {self.name}: negatives must be 'batch' or 'database'")
+        if self.kind != "retrieval" and (self.negatives != "batch" or self.reinit):
+            raise ValueError(f"stage {self.name}: negatives and reinit apply to retrieval "
+                             "stages only")
+        if self.reinit and self.train != ["retrieval_projection"]:
+            raise ValueError(f"stage {self.name}: reinit resets the retrieval projection; "
+                             "train: [retrieval_projection] only")
 
 
 def default_stages() -> list[StageConfig]:
@@ -324,6 +340,28 @@ def database_rows(data_dir: Path, regions: Collection[str] | None = None,
     return texts, meta
 
 
+def database_positives(data_dir: Path, texts: list[str]) -> dict[str, list[int]]:
+    """image -> indices into ``texts`` (`database_rows`) that are right answers for it: every
+    description written for the image, and every sentence of its scene class (ImageFolder
+    images; another image's class sentence is as right as its own)."""
+    index = {t: i for i, t in enumerate(texts)}
+    own: dict[str, set[int]] = {}
+    by_class: dict[str, set[int]] = {}
+    image_class: dict[str, str] = {}
+    for line in (data_dir / "texts.jsonl").read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if r.get("split", "train") != "train" or r["text"] not in index:
+            continue
+        i = index[r["text"]]
+        own.setdefault(r["image"], set()).add(i)
+        if r.get("cls"):
+            group = f"{r.get('region')}:{r['cls']}"
+            by_class.setdefault(group, set()).add(i)
+            image_class[r["image"]] = group
+    return {img: sorted(ids | by_class.get(image_class.get(img, ""), set()))
+            for img, ids in own.items()}
+
+
 def _text_encoder(cfg: FitConfig) -> Any:
     from rsvlm.weights import text_encoder
 
@@ -487,6 +525,8 @@ def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, pro
         if not scenes:
             raise ValueError(f"{data_dir} has no scene descriptions (texts.jsonl) to align with")
         names = sorted(scenes)
+        if stage.negatives == "database":
+            return _database_batches(cfg, data_dir, names, cache)
         vectors = torch.from_numpy(_text_encoder(cfg).encode([scenes[n][0] for n in names]))
         rows = [cache.rows[str((data_dir / n).resolve())] for n in names]
         # Positives of each other: images of one class, and images with one description.
@@ -529,6 +569,37 @@ def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, pro
     return examples, collate
 
 
+def _database_batches(cfg: FitConfig, data_dir: Path, names: list[str],
+                      cache: FeatureCache) -> tuple[Any, Any]:
+    """Rows + positives over the whole database (`negatives: database`)."""
+    texts, _ = database_rows(data_dir)
+    positives = database_positives(data_dir, texts)
+    names = [n for n in names if positives.get(n)]
+    database = torch.nn.functional.normalize(
+        torch.from_numpy(_text_encoder(cfg).encode(texts)).float(), dim=-1)
+    dataset = [(cache.rows[str((data_dir / n).resolve())], positives[n]) for n in names]
+
+    def collate(items: list[tuple[int, list[int]]]) -> dict[str, torch.Tensor]:
+        pos = torch.zeros(len(items), len(texts))
+        for row, (_, ids) in enumerate(items):
+            pos[row, ids] = 1.0
+        return {"rows": torch.tensor([r for r, _ in items]), "positives": pos,
+                "database": database}
+
+    return dataset, collate
+
+
+def _reinit_retrieval_projection(model: Any) -> None:
+    proj = _base(model).retrieval_projection
+    if proj is None:
+        raise ValueError("reinit: this model has no retrieval projection")
+    for module in proj.modules():
+        if module is not proj and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    with torch.no_grad():
+        proj.logit_scale.fill_(math.log(1 / 0.07))  # CLIP's initial temperature
+
+
 def _run_stage(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, processor: Any,
                cache: FeatureCache | None, state: TrainerState, ckpt: Path | None,
                max_steps: int | None, progress: bool) -> tuple[Any, dict[str, Any]]:
@@ -542,6 +613,10 @@ def _run_stage(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, process
     # uninterrupted one did, whatever happened to the RNG before.
     set_seed(cfg.seed + 1000 * (idx + 1))
     model = configure_parts(model, stage.train, cfg)
+    if stage.kind == "retrieval" and cache is not None:
+        cache = cache.pooled()  # the projection reads level means only
+    if stage.reinit:  # a resumed stage then loads its checkpoint's weights over these
+        _reinit_retrieval_projection(model)
     model.train()
     dataset, collate = _stage_batches(cfg, idx, stage, model, processor, cache)
     sampler = EpochSampler(len(dataset), cfg.seed + 17 * idx)
@@ -557,7 +632,8 @@ def _run_stage(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, process
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"stage {stage.name}: nothing to train (parts {stage.train})")
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=cfg.weight_decay)
+    weight_decay = cfg.weight_decay if stage.weight_decay is None else stage.weight_decay
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=weight_decay)
     batches_per_epoch = len(loader)
     epochs = math.ceil(stage.epochs)
     total_batches = int(round(stage.epochs * batches_per_epoch))
@@ -641,8 +717,12 @@ def _loss(model: Any, stage: StageConfig, batch: dict[str, torch.Tensor]) -> tor
         base = _base(model.module if hasattr(model, "module") else model)
         # Rows of the feature cache stand in for pixels (see training.features).
         image = base.embed_image_for_retrieval(batch["rows"])
-        text = torch.nn.functional.normalize(batch["text"].to(image.dtype), dim=-1)
         scale = base.retrieval_projection.logit_scale.exp().clamp(max=100)
+        if "database" in batch:  # negatives: database; soft target spread over the positives
+            logits = scale * image @ batch["database"].to(image.dtype).T
+            pos = batch["positives"].to(image.dtype)
+            return torch.nn.functional.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
+        text = torch.nn.functional.normalize(batch["text"].to(image.dtype), dim=-1)
         logits = scale * image @ text.T
         # Identical descriptions, and images of one scene class, are not negatives of each
         # other (a class's sentences come from several templates): see _stage_batches.

@@ -322,3 +322,75 @@ def test_overrides_that_disagree_with_init_parts_are_refused(tmp_path: Path) -> 
                     init=str(init), model_overrides={"patch_pool": 2})
     with pytest.raises(ValueError, match="patch_pool"):
         build_model(cfg)
+
+
+def test_database_positives_are_own_texts_and_the_scene_class(tmp_path: Path) -> None:
+    from training.fit import database_positives, database_rows
+
+    rows = [{"text": "This image shows a park.", "level": "scene", "cls": "park",
+             "image": "a.png", "region": "aid", "split": "train"},
+            {"text": "A park seen from above.", "level": "scene", "cls": "park",
+             "image": "b.png", "region": "aid", "split": "train"},
+            {"text": "This image shows a port.", "level": "scene", "cls": "port",
+             "image": "p.png", "region": "aid", "split": "train"},
+            {"text": "An open area.", "level": "scene", "image": "c.png", "region": "r",
+             "split": "train"},
+            {"text": "A building in the top left.", "level": "object", "image": "c.png",
+             "region": "r", "split": "train"},
+            {"text": "An open area.", "level": "scene", "image": "e.png", "region": "r",
+             "split": "train"},
+            {"text": "held back", "level": "scene", "image": "d.png", "split": "val"}]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts, _ = database_rows(tmp_path)
+    pos = {img: [texts[i] for i in ids]
+           for img, ids in database_positives(tmp_path, texts).items()}
+    park = ["This image shows a park.", "A park seen from above."]
+    assert pos == {"a.png": park, "b.png": park, "p.png": ["This image shows a port."],
+                   "c.png": ["An open area.", "A building in the top left."],
+                   "e.png": ["An open area."]}  # a shared text is a positive of every owner
+
+
+def test_a_retriever_reinitialised_and_trained_against_the_whole_database(
+        dataset: Path, tmp_path: Path) -> None:
+    """`negatives: database` + `reinit`: fresh projection weights, and the loss (a softmax over
+    every database text) falls as it trains."""
+    from rsvlm.loading import apply_trained_parts
+    from rsvlm.testing import tiny_model
+    from training.features import FeatureCache, cached_vision
+    from training.fit import _database_batches, _reinit_retrieval_projection, _scene_texts
+
+    trained = tiny_model(retrieval_embed_dim=384)
+    proj = trained.retrieval_projection
+    with torch.no_grad():
+        proj.fc1.weight.fill_(1.0)
+        proj.logit_scale.fill_(4.0)
+    _reinit_retrieval_projection(trained)
+    assert proj.fc1.weight.std() > 0 and float(proj.logit_scale) == pytest.approx(2.6592, 1e-4)
+
+    cfg = _config(dataset, tmp_path / "run")
+    stage = StageConfig("retriever", kind="retrieval", train=["retrieval_projection"],
+                        epochs=40, lr=3e-3, negatives="database", reinit=True, batch_size=64,
+                        weight_decay=0.01)
+    cfg.stages = [stage]
+    result = fit(cfg, progress=False)
+    losses = result["stages"][0]["losses"]
+    assert losses[-1] < 0.8 * losses[0]
+    # The fitted projection ranks a positive first for most training images (the run's own
+    # feature cache stands in for the vision tower).
+    model = apply_trained_parts(tiny_model(retrieval_embed_dim=384), Path(result["final"]))
+    (cache_dir,) = (tmp_path / "run" / "feature_cache").iterdir()
+    cache = FeatureCache(cache_dir)
+    data, collate = _database_batches(cfg, dataset, sorted(_scene_texts(dataset)), cache)
+    with torch.inference_mode(), cached_vision(model, cache):
+        batch = collate(data)
+        full = model.embed_image_for_retrieval(batch["rows"])
+    best = (full @ batch["database"].T).argmax(1)
+    assert batch["positives"][torch.arange(len(best)), best].mean() > 0.5
+    # The stage trains on the level means only; they give the same image vectors.
+    with torch.inference_mode(), cached_vision(model, cache.pooled(chunk=3)):
+        pooled = model.embed_image_for_retrieval(batch["rows"])
+    torch.testing.assert_close(pooled, full, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="retrieval stages only"):
+        StageConfig("x", negatives="database")
+    with pytest.raises(ValueError, match="reinit"):
+        StageConfig("x", kind="retrieval", train=["connector"], reinit=True)
