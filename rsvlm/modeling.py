@@ -97,6 +97,8 @@ class RSVLMCausalLMOutput(ModelOutput):
 class RetrievalProjection(nn.Module):
     """Pooled multi-level vision features -> the retriever's text-embedding space (CLIP-style)."""
 
+    INITIAL_LOGIT_SCALE = 2.6592  # log(1 / 0.07), CLIP's initial temperature
+
     def __init__(self, config: RSVLMConfig) -> None:
         super().__init__()
         d_in = config.vision_config.hidden_size * config.num_levels
@@ -106,7 +108,7 @@ class RetrievalProjection(nn.Module):
         self.act = ACT2FN["gelu"]
         self.fc2 = nn.Linear(2 * d_out, d_out)
         # CLIP's learnable temperature, stored with the projection for contrastive training.
-        self.logit_scale = nn.Parameter(torch.tensor(2.6592))
+        self.logit_scale = nn.Parameter(torch.tensor(self.INITIAL_LOGIT_SCALE))
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
         pooled = torch.cat([level.mean(dim=1) for level in levels], dim=-1)
@@ -136,7 +138,7 @@ class RSVLMPreTrainedModel(PreTrainedModel):
             init.normal_(module.aggregation, mean=0.0, std=std)
             init.zeros_(module.null_semantic)
         elif isinstance(module, RetrievalProjection):
-            init.constant_(module.logit_scale, 2.6592)
+            init.constant_(module.logit_scale, module.INITIAL_LOGIT_SCALE)
         elif isinstance(module, LowRankExpert):
             init.zeros_(module.expand.weight)
 

@@ -9,6 +9,7 @@ key covers the encoder config, the feature layers, the image processor and the i
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -62,8 +63,7 @@ class FeatureCache:
         """A copy in memory whose rows are each level's mean patch, ``(levels, 1, hidden)``
         float32: all the retrieval projection reads (it mean-pools), at 1/patches of the I/O
         per batch."""
-        out = object.__new__(type(self))
-        out.folder, out.images, out.rows = self.folder, self.images, self.rows
+        out = copy.copy(self)
         out.array = np.concatenate([
             self.array[i:i + chunk].astype(np.float32).mean(axis=2, keepdims=True)
             for i in range(0, len(self.images), chunk)]) if self.images else self.array

@@ -597,7 +597,7 @@ def _reinit_retrieval_projection(model: Any) -> None:
         if module is not proj and hasattr(module, "reset_parameters"):
             module.reset_parameters()
     with torch.no_grad():
-        proj.logit_scale.fill_(math.log(1 / 0.07))  # CLIP's initial temperature
+        proj.logit_scale.fill_(proj.INITIAL_LOGIT_SCALE)
 
 
 def _run_stage(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, processor: Any,
