@@ -387,6 +387,25 @@ def strip_boxes(text: str, image_size: tuple[float, float] | None = None) -> str
     return "".join(pieces)
 
 
+# A box the model began but did not finish before its token budget ran out.
+_UNFINISHED_TAIL = re.compile(r"(?:<ref>[^<]*(?:</ref>)?)?(?:<box>[^<]*)?$")
+
+
+def replace_boxes(text: str, boxes: Sequence[tuple[str | None, Sequence[float]]],
+                  image_size: tuple[float, float] | None = None) -> str:
+    """``text`` with its boxes replaced by ``boxes`` (``(label, box_norm 0-1000)``, canonical
+    form): they take the place of the first box, the other boxes and an unfinished box at the
+    end go. Text between boxes stays. A text without boxes comes back unchanged."""
+    found = parse_boxes(text, image_size)
+    if not found:
+        return text
+    pieces = [text[: found[0].span[0]], "".join(format_box(lb, b) for lb, b in boxes)]
+    for box, following in zip(found, [*found[1:], None], strict=True):
+        between = text[box.span[1] : following.span[0] if following else len(text)]
+        pieces.append(between if following else _UNFINISHED_TAIL.sub("", between, count=1))
+    return "".join(pieces)
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
@@ -437,6 +456,7 @@ __all__ = [
     "format_region_box",
     "obb_iou",
     "parse_boxes",
+    "replace_boxes",
     "pixels_to_norm",
     "strip_boxes",
 ]

@@ -99,10 +99,15 @@ def _ask(args: argparse.Namespace) -> int:
             pass
         print(json.dumps(session.last.to_dict(), indent=2))
     else:
+        pieces = []
         for piece in stream:
+            pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        streamed = "".join(pieces)
+        if session.last.text != streamed.strip():  # the box head moved the LM's boxes
+            print(f"with the box head's boxes: {session.last.text}")
         for box in session.last.boxes:
             where = box.geometry["coordinates"][0][:4] if box.geometry else "pixel space"
             print(f"  [{box.label or 'object'}] px={tuple(round(v) for v in box.box_px)} {where}")

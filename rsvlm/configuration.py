@@ -89,6 +89,11 @@ class RSVLMConfig(PretrainedConfig):
             ``None`` disables the projection.
         retrieval_top_k: how many descriptions the retriever passes to the model.
         max_semantic_tokens: the tokenized retrieved descriptions are cut to this many tokens.
+        box_head_dim: width of the box head (`rsvlm.box_head`: question tokens and patch
+            features -> boxes, which replace the coordinates the LM writes); ``None`` (default)
+            leaves boxes to the language model. Needs a square patch grid.
+        box_head_layers: transformer encoder layers of the box head.
+        box_head_heads: attention heads of the box head.
         image_token: the placeholder string in prompts.
         image_token_id: its id in the LLM tokenizer (the processor adds it as a special token).
     """
@@ -121,6 +126,9 @@ class RSVLMConfig(PretrainedConfig):
     retrieval_embed_dim: int | None = 384
     retrieval_top_k: int = 3
     max_semantic_tokens: int = 256
+    box_head_dim: int | None = None
+    box_head_layers: int = 3
+    box_head_heads: int = 4
     image_token: str = "<image>"
     image_token_id: int | None = None
     tie_word_embeddings: bool = False
@@ -240,6 +248,19 @@ class RSVLMConfig(PretrainedConfig):
             raise ValueError(
                 "RSVLMConfig: retrieval_top_k must be >= 0 and max_semantic_tokens positive."
             )
+        if self.box_head_dim is not None:
+            if self.box_head_dim <= 0 or self.box_head_dim % 4 or self.box_head_layers <= 0 \
+                    or self.box_head_heads <= 0 or self.box_head_dim % self.box_head_heads:
+                raise ValueError(
+                    f"RSVLMConfig: box_head_dim ({self.box_head_dim}) must be a positive multiple "
+                    f"of 4 and of box_head_heads ({self.box_head_heads}), with box_head_layers "
+                    "> 0."
+                )
+            if vc.model_type in _NAFLEX_VISION_TYPES:
+                raise ValueError(
+                    f"RSVLMConfig: the box head needs a square patch grid; {vc.model_type} has a "
+                    "variable one."
+                )
         if self.image_token_id is not None and not 0 <= self.image_token_id < tc.vocab_size:
             raise ValueError(
                 f"RSVLMConfig: image_token_id {self.image_token_id} is outside the language "
@@ -267,6 +288,11 @@ class RSVLMConfig(PretrainedConfig):
             return int(vc.num_patches)
         side = int(vc.image_size) // int(vc.patch_size)
         return side * side
+
+    @property
+    def patch_grid(self) -> int:
+        """Side of the square patch grid (fixed-resolution encoders)."""
+        return int(self.vision_config.image_size) // int(self.vision_config.patch_size)
 
     @property
     def num_semantic_tokens(self) -> int:

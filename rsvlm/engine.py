@@ -33,7 +33,8 @@ from transformers import (
 )
 
 from rsvlm import prompting
-from rsvlm.boxes import format_region_box, parse_boxes
+from rsvlm.box_head import select_boxes
+from rsvlm.boxes import SCALE, format_region_box, parse_boxes, replace_boxes
 from rsvlm.onnx_decode import attached, decoder_for
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ class ChatEngine:
             **(generation or {}),
         }
         self.use_retrieval = self.database is not None and len(self.database) > 0
+        # Boxes in answers are placed by the model's box head when it has one (`rsvlm.box_head`).
+        self.use_box_head = getattr(self.model, "box_head", None) is not None
         self._lock = threading.Lock()
         self._max_cached = max(1, max_cached_sessions)
         self._cached: OrderedDict[int, weakref.ref[ChatSession]] = OrderedDict()
@@ -199,6 +202,7 @@ class ChatSession:
         self.retrieved: list[dict[str, Any]] | None = None
         self.last: Answer | None = None
         self._first_inputs: dict[str, torch.Tensor] = {}
+        self._pixels: torch.Tensor | None = None  # the image processor's output, made once
         self._ids: torch.Tensor | None = None  # every token the cache has seen (+ the last one)
         self._cache: DynamicCache | None = None
         self._ended_with_eos = False
@@ -287,6 +291,12 @@ class ChatSession:
             self._ended_with_eos = bool(out.sequences.shape[1]) and int(out.sequences[0, -1]) in eos_ids
             engine._touch(self)
             text = "".join(pieces).strip()
+            placed = self._place_boxes(text, question)
+            if placed != text:
+                # The cache holds the coordinates the LM wrote; the conversation now holds the
+                # head's, so the next turn encodes it afresh.
+                text = placed
+                self._drop_cache()
             self.turns.append((user_text, text))
             first = streamer.first_token_at
             self.last = Answer(
@@ -330,6 +340,34 @@ class ChatSession:
                     geometry = mapping(poly)
             boxes.append(AnswerBox(parsed.label, (x1, y1, x2, y2), parsed.angle, geometry))
         return boxes
+
+    def _place_boxes(self, text: str, question: str) -> str:
+        """The LM's boxes replaced by the box head's: one box when the LM wrote one (a referring
+        question), else every object the head finds, under the LM's first label."""
+        engine = self.engine
+        if not engine.use_box_head:
+            return text
+        size = (self.chip_width, self.chip_height)
+        written = parse_boxes(text, image_size=size)
+        if not written:
+            return text
+        model = engine.model
+        ids, mask = engine.processor.encode_queries([question])
+        pixels = self._pixel_values()
+        with torch.inference_mode():
+            logits, boxes = model.predict_boxes(pixels.to(engine.device, model.dtype),
+                                                ids.to(engine.device), mask.to(engine.device))
+        found = select_boxes(logits[0], boxes[0], single=len(written) == 1)
+        label = next((b.label for b in written if b.label), None)
+        return replace_boxes(text, [(label, [v * SCALE for v in box]) for _, box in found],
+                             image_size=size).strip()
+
+    def _pixel_values(self) -> torch.Tensor:
+        if self._pixels is None:
+            processor = self.engine.processor
+            self._pixels = processor.image_processor([self.image], return_tensors="pt")[
+                "pixel_values"]
+        return self._pixels
 
     @property
     def chip_width(self) -> int:
@@ -376,8 +414,7 @@ class ChatSession:
 
         # First turn, or a follow-up whose cache was evicted: encode the whole conversation.
         if self.retrieved is None:
-            pixel_values = processor.image_processor([self.image], return_tensors="pt")["pixel_values"]
-            self.retrieved = engine.retrieve(pixel_values)
+            self.retrieved = engine.retrieve(self._pixel_values())
         first_question = question if not self.turns else self._first_query
         self._first_query = first_question
         prompt_text = prompting.render(processor, messages, add_generation_prompt=True)

@@ -309,6 +309,8 @@ def _unquantized_parts(model: Any) -> list[Any]:
     parts = [model.vision_tower, model.connector]
     if model.retrieval_projection is not None:
         parts.append(model.retrieval_projection)
+    if model.box_head is not None:
+        parts.append(model.box_head)
     for wrapper in model.semantic_experts():
         parts += [wrapper.experts, wrapper.router]
     return parts

@@ -46,6 +46,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from rsvlm.box_head import BoxHead, patch_centres, sincos_2d
 from rsvlm.configuration import RSVLMConfig
 from rsvlm.connectors import PerceiverConnector, SemanticPrompter, build_connector
 from rsvlm.experts import (
@@ -75,6 +76,7 @@ NON_QUANTIZED_MODULES = [
     "vision_tower",
     "connector",
     "retrieval_projection",
+    "box_head",
     "lm_head",
     r".*\.experts",
     "router",
@@ -141,12 +143,20 @@ class RSVLMPreTrainedModel(PreTrainedModel):
             init.constant_(module.logit_scale, module.INITIAL_LOGIT_SCALE)
         elif isinstance(module, LowRankExpert):
             init.zeros_(module.expand.weight)
+        elif isinstance(module, BoxHead):
+            init.zeros_(module.kind)
+            init.copy_(module.position, sincos_2d(module.grid, module.position.shape[1]))
+            init.copy_(module.centres, patch_centres(module.grid))
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            # A fused projection is a bare Parameter the base init does not know.
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
 
 
 class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
     """The whole model in one state dict: ``vision_tower``, ``connector``, ``language_model``
-    (a stock `AutoModelForCausalLM`, possibly with semantic experts wrapped around some FFNs)
-    and ``retrieval_projection``."""
+    (a stock `AutoModelForCausalLM`, possibly with semantic experts wrapped around some FFNs),
+    ``retrieval_projection`` and, when configured, ``box_head``."""
 
     # While a chat engine generates on the CPU, decode steps and follow-up prompts run in this
     # ONNX Runtime graph of the same decoder (`rsvlm.onnx_decode.attached`); not part of the
@@ -169,6 +179,12 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
         )
         self.retrieval_projection = (
             RetrievalProjection(config) if config.retrieval_embed_dim is not None else None
+        )
+        self.box_head = (
+            BoxHead(config.vision_config.hidden_size, config.num_levels,
+                    config.text_config.hidden_size, config.patch_grid, config.box_head_dim,
+                    config.box_head_layers, config.box_head_heads)
+            if config.box_head_dim is not None else None
         )
         if config.experts_enabled:
             inject_semantic_experts(
@@ -331,6 +347,21 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
         vectors = self.retrieval_projection([level.to(dtype) for level in levels])
         # float32 for the faiss index, whatever the model's dtype.
         return nn.functional.normalize(vectors.float(), dim=-1)
+
+    def predict_boxes(
+        self,
+        pixel_values: torch.Tensor,
+        query_input_ids: torch.Tensor,
+        query_attention_mask: torch.Tensor,
+        **vision_kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The box head on images and their questions: per-patch logits ``(n, P)`` and boxes
+        ``(n, P, 4)`` (x1, y1, x2, y2 in 0-1 of the image); see `rsvlm.box_head`."""
+        if self.box_head is None:
+            raise ValueError("This model has no box head (box_head_dim=None).")
+        levels = self.vision_tower(pixel_values, **vision_kwargs)
+        embeds = self.get_input_embeddings()(query_input_ids)
+        return self.box_head(levels, embeds, query_attention_mask)
 
     def image_token_types(self, image_mask: torch.Tensor) -> torch.Tensor:
         """Routing types for a placeholder mask ``(batch, seq)``: image / semantic level / text."""
@@ -542,6 +573,7 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
         language_model: bool | None = None,
         experts: bool | None = None,
         retrieval_projection: bool | None = None,
+        box_head: bool | None = None,
     ) -> dict[str, int]:
         """Set ``requires_grad`` per part (None leaves a part as it is); returns trainable counts.
 
@@ -558,6 +590,7 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
             "vision_tower": (self.vision_tower, vision_tower),
             "connector": (self.connector, connector),
             "retrieval_projection": (self.retrieval_projection, retrieval_projection),
+            "box_head": (self.box_head, box_head),
         }
         for module, flag in parts.values():
             if module is not None and flag is not None:
@@ -580,6 +613,7 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
             "vision_tower": 0,
             "connector": 0,
             "retrieval_projection": 0,
+            "box_head": 0,
             "experts": 0,
             "language_model": 0,
         }
@@ -587,6 +621,7 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
             ("vision_tower", self.vision_tower),
             ("connector", self.connector),
             ("retrieval_projection", self.retrieval_projection),
+            ("box_head", self.box_head),
         ):
             if module is not None:
                 counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)

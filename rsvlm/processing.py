@@ -195,6 +195,12 @@ class RSVLMProcessor(ProcessorMixin):
             data["query_input_ids"], data["query_attention_mask"] = ids, mask
         return BatchFeature(data=data, tensor_type=None)
 
+    def encode_queries(self, texts: Sequence[str],
+                       max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Questions as the box head and the prompter read them: ``(ids, mask)``, no special
+        tokens, right-padded."""
+        return self._encode_plain(list(texts), max_len)
+
     def _encode_plain(
         self, texts: list[str], max_len: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:

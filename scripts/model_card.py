@@ -7,7 +7,8 @@ Runs, on the `val` split of the `build-data` folder (never seen in training):
 
 * the linear probe on the frozen vision tower (trained on the same training split);
 * `rsvlm-train eval` for classification, VQA, grounding and captioning;
-* inference-time ablations of the same weights: semantic experts off, retrieval off;
+* inference-time ablations of the same weights: semantic experts off, retrieval off, and the
+  box head off (grounding only: it changes nothing else);
 * example answers on validation chips of the demo regions (their imagery is CC BY 4.0, so the
   chips may ship), with the model's boxes (red) over the OSM truth (green).
 
@@ -31,7 +32,10 @@ TASKS = ("classification", "vqa", "grounding", "captioning")
 # Image tokens per chip of the embedded preset (patch_pool 4, three levels) per connector.
 IMAGE_TOKENS = {"semantic_prompter": "64 (16 pooled patches + 3 x 16)", "mlp": "16",
                 "perceiver": "112 (64 + 32 + 16 queries)"}
-ABLATIONS = {"no-experts": {"experts"}, "no-retrieval": {"retrieval"}}
+ABLATIONS = {"no-experts": {"experts"}, "no-retrieval": {"retrieval"},
+             "no-box-head": {"box_head"}}
+# The box head only moves boxes: answers without boxes (classification, VQA) are the same.
+ABLATION_TASKS = {"no-box-head": ("grounding",)}
 EXAMPLE_QUESTIONS = ("Describe this remote sensing image.",
                      "Are there any buildings? Answer with a single word or number.",
                      "How many buildings are there? Answer with a single word or number.",
@@ -78,9 +82,12 @@ def run_reports(model: Path, data: Path, out: Path, limit: int | None,
         report = run_eval(task, data, answer, limit=n, progress=False)
         report["seconds"] = round(time.perf_counter() - start, 1)
         save(task, report)
+    parts_trained = json.loads((model / "trained.json").read_text()).get("parts", [])
     for name, switched_off in ABLATIONS.items() if "ablations" in parts else ():
+        if "box_head" in switched_off and "box_head" not in parts_trained:
+            continue
         answer = engine_answer_fn(str(model), ablations=frozenset(switched_off))
-        for task in ("classification", "vqa", "grounding"):
+        for task in ABLATION_TASKS.get(name, ("classification", "vqa", "grounding")):
             report = run_eval(task, data, answer, limit=ablation_limit, progress=False)
             report["ablated"] = sorted(switched_off)
             save(f"{task}-{name}", report)
@@ -113,7 +120,9 @@ def run_examples(model: Path, data: Path, out: Path, n: int) -> list[dict[str, A
         qa = []
         for question in EXAMPLE_QUESTIONS:
             session = engine.session(image)
-            text = "".join(session.ask(question, max_new_tokens=96)).strip()
+            for _ in session.ask(question, max_new_tokens=96):
+                pass
+            text = session.last.text
             qa.append({"question": question, "answer": text,
                        "boxes_px": [list(b.box_px) for b in session.last.boxes]})
         drawn = image.copy()
@@ -138,6 +147,7 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
            examples: list[dict[str, Any]], fit_configs: list[tuple[Path, str]]) -> str:
     card = json.loads((data / "dataset_card.json").read_text())
     trained = json.loads((model / "trained.json").read_text())
+    has_box_head = "box_head" in trained["parts"]
     r = reports
     cls, vqa, grd, cap, probe = (r["classification"], r["vqa"], r["grounding"], r["captioning"],
                                  r["probe"])
@@ -148,7 +158,11 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         "The trained parts every fresh install loads on top of the `embedded` preset: DINOv2 "
         "ViT-S/14 (frozen) -> `semantic_prompter` connector -> SmolLM2-135M-Instruct with LoRA "
         "and seed-003 semantic experts, plus an all-MiniLM-L6-v2 semantic database of "
-        "OSM-derived descriptions. Trained on 2 CPU cores; no GPU was available.",
+        "OSM-derived descriptions. Trained on 2 CPU cores; no GPU was available."
+        + (" A box head (`rsvlm/box_head.py`) places the boxes the language model writes: the "
+           "LM decides whether an answer holds boxes, how many (one, or all it finds) and their "
+           "label; the head reads the question and the patch features and says where."
+           if has_box_head else ""),
         "",
         f"Architecture (from `trained.json`): {len(trained['architecture'])} fields; parts "
         f"{', '.join(trained['parts'])} + LoRA adapter; semantic database "
@@ -199,11 +213,17 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         "| variant | classification | VQA | presence | grounding acc@0.5 |",
         "|---|---|---|---|---|",
     ]
-    variants = [("shipped", "")] + [(name, f"-{name}") for name in ABLATIONS]
+    variants = [("shipped", "")] + [(name, f"-{name}") for name in ABLATIONS
+                                    if f"grounding-{name}" in r]
     for name, suffix in variants:
-        c, v, g = (r[f"classification{suffix}"], r[f"vqa{suffix}"], r[f"grounding{suffix}"])
-        lines.append(f"| {name} | {_f(c['accuracy'])} (n={c['n']}) | {_f(v['accuracy'])} | "
-                     f"{_f(v['per_type'].get('presence'))} | {_f(g['acc@0.5'])} |")
+        c, v, g = (r.get(f"classification{suffix}"), r.get(f"vqa{suffix}"),
+                   r[f"grounding{suffix}"])
+        same = "as shipped"  # answers without boxes do not change
+        cells = [f"{_f(c['accuracy'])} (n={c['n']})" if c else same,
+                 _f(v["accuracy"]) if v else same,
+                 _f(v["per_type"].get("presence")) if v else same,
+                 f"{_f(g['acc@0.5'])} (mean IoU {_f(g['mean_iou'])})"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     trained = sorted({k.split("-")[1] for k in r if k.startswith("trained-")},
                      key=lambda c: (c != "semantic_prompter", c))
     if trained:
@@ -288,8 +308,10 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         "## How it was made",
         "",
         "```bash",
-        "bash scripts/train_embedded.sh   # build-data + the two fit rounds below",
-        f"python scripts/ship_embedded.py --run runs/embedded2/final --data {_rel(data)}",
+        "bash scripts/train_embedded.sh   # build-data + the fit rounds below",
+        *([f"python scripts/ship_embedded.py --run runs/embedded_boxes/final --data "
+           f"{_rel(data)} --keep-database"] if has_box_head else
+          [f"python scripts/ship_embedded.py --run runs/embedded2/final --data {_rel(data)}"]),
         f"python scripts/model_card.py --model {_rel(model)} --data {_rel(data)} "
         f"--out {_rel(out)}",
         "```",
@@ -306,8 +328,8 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         "- Training data is small (a few hundred region chips, 50 AID images per class): "
         "expect it to be unreliable outside these scene types; fine-tune on your own region "
         "with `rsvlm-train` (docs/training.md).",
-        "- Counting and grounding are weak on 256 px chips whose buildings are a few pixels "
-        "wide at 224 px input.",
+        "- Counting is weak, and boxes of small buildings are coarse: on 256 px chips a building "
+        "is a few pixels wide at 224 px input, and the box head sees a 16 x 16 patch grid.",
         "",
     ]
     return "\n".join(lines)
@@ -319,8 +341,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="the build-data folder")
     parser.add_argument("--out", type=Path, default=None, help="default: the model folder")
     parser.add_argument("--fit-config", type=Path, action="append",
-                        help="the fit configs that made the model, in order (default: the two "
-                             "rounds in training/configs)")
+                        help="the fit configs that made the model, in order (default: the "
+                             "three rounds in training/configs)")
     parser.add_argument("--limit", type=int, default=None, help="questions per task")
     parser.add_argument("--ablation-limit", type=int, default=100,
                         help="questions per task for each ablation (a seeded sample)")
@@ -349,7 +371,8 @@ def main() -> None:
     reports = {p.stem: json.loads(p.read_text()) for p in (out / "eval").glob("*.json")}
     examples = reports.pop("examples", [])
     configs = args.fit_config or [REPO / "training" / "configs" / name
-                                  for name in ("embedded.yaml", "embedded_round2.yaml")]
+                                  for name in ("embedded.yaml", "embedded_round2.yaml",
+                                               "embedded_boxes.yaml")]
     fit_configs = [(path, path.read_text()) for path in configs if path.is_file()]
     (out / "MODEL_CARD.md").write_text(render(out, args.model, args.data, reports, examples,
                                               fit_configs))

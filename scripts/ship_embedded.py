@@ -6,9 +6,11 @@ What ships (the `rsvlm.loading` trained-parts layout):
 
 * `trained.json` with the whole architecture the parts were trained in (not only overrides),
   so a later change of the preset's defaults cannot load them into the wrong shape (fit writes it);
-* `trained.safetensors` (connector, experts, retriever projection; stored as float16) and
+* `trained.safetensors` (connector, experts, retriever projection, box head; stored as
+  float16) and
   `adapter/` (LoRA);
-* `semantic_db/`, rebuilt from the training split's descriptions of the regions named in
+* `semantic_db/` (kept as it is with `--keep-database`, for a run that did not retrain the
+  language model), else rebuilt from the training split's descriptions of the regions named in
   `--database-regions` only: those whose vector data is OpenStreetMap (ODbL), and the
   templated scene-class sentences of the classification folder, so the database may be
   redistributed. Regions labelled from other sources (e.g. SpaceNet road labels, CC BY-SA) train
@@ -43,7 +45,8 @@ scene-class names ("An aerial image of a port."); no AID image or annotation is 
 """
 
 
-def ship(run: Path, data: Path, dest: Path, regions: tuple[str, ...]) -> dict:
+def ship(run: Path, data: Path, dest: Path, regions: tuple[str, ...],
+         keep_database: bool = False) -> dict:
     from safetensors.torch import load_file, save_file
 
     from rsvlm.loading import ADAPTER_DIR, SEMANTIC_DB_DIR, TRAINED_JSON, TRAINED_TENSORS
@@ -53,7 +56,13 @@ def ship(run: Path, data: Path, dest: Path, regions: tuple[str, ...]) -> dict:
     if not (run / TRAINED_TENSORS).is_file():
         raise SystemExit(f"{run} holds no {TRAINED_TENSORS}: is it a run's final/ folder?")
     dest.mkdir(parents=True, exist_ok=True)
-    for old in (TRAINED_TENSORS, ADAPTER_DIR, SEMANTIC_DB_DIR):
+    kept_db = None
+    if keep_database:
+        old_manifest = dest / TRAINED_JSON
+        if not (dest / SEMANTIC_DB_DIR).is_dir() or not old_manifest.is_file():
+            raise SystemExit(f"--keep-database: {dest} holds no shipped semantic database")
+        kept_db = json.loads(old_manifest.read_text()).get("semantic_db")
+    for old in (TRAINED_TENSORS, ADAPTER_DIR) + (() if keep_database else (SEMANTIC_DB_DIR,)):
         target = dest / old
         if target.is_dir():
             shutil.rmtree(target)
@@ -70,6 +79,12 @@ def ship(run: Path, data: Path, dest: Path, regions: tuple[str, ...]) -> dict:
     if not manifest.get("architecture"):
         raise SystemExit(f"{run / TRAINED_JSON} names no architecture: retrain with this "
                          "version of `rsvlm-train fit`, which records the whole one")
+    if keep_database:
+        manifest["semantic_db"] = kept_db
+        (dest / TRAINED_JSON).write_text(json.dumps(manifest, indent=2) + "\n")
+        size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+        return {"dest": str(dest), "texts": (kept_db or {}).get("texts"), "bytes": size,
+                "database": "kept"}
     texts, meta = [], []
     # What `fit` builds its own database from, each text once, of the shippable regions only.
     for text, row in zip(*database_rows(data, regions), strict=True):
@@ -94,9 +109,13 @@ def main() -> None:
     parser.add_argument("--database-regions", default=",".join(SHIPPABLE),
                         help="regions whose descriptions may ship (OSM-derived, or our own "
                              "class sentences)")
+    parser.add_argument("--keep-database", action="store_true",
+                        help="keep the semantic database already in --dest (the one the "
+                             "language model was trained with) instead of rebuilding it")
     args = parser.parse_args()
     regions = tuple(r.strip() for r in args.database_regions.split(",") if r.strip())
-    print(json.dumps(ship(args.run, args.data, args.dest, regions), indent=2))
+    print(json.dumps(ship(args.run, args.data, args.dest, regions, args.keep_database),
+                     indent=2))
 
 
 if __name__ == "__main__":

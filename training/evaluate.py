@@ -304,13 +304,14 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
     return report
 
 
-ABLATIONS = ("experts", "retrieval")
+ABLATIONS = ("experts", "retrieval", "box_head")
 
 
 def ablate(loaded: Any, parts: set[str] | frozenset[str]) -> None:
     """Switch trained mechanisms off in a loaded model, for inference-time ablations:
     ``experts`` (every expert's output projection zeroed: the FFNs run alone, as before
-    training) and ``retrieval`` (no semantic database: no retrieved texts reach the prompter)."""
+    training), ``retrieval`` (no semantic database: no retrieved texts reach the prompter) and
+    ``box_head`` (the boxes stay where the language model wrote them)."""
     unknown = set(parts) - set(ABLATIONS)
     if unknown:
         raise ValueError(f"unknown ablation(s) {sorted(unknown)}; choose from {ABLATIONS}")
@@ -328,6 +329,10 @@ def ablate(loaded: Any, parts: set[str] | frozenset[str]) -> None:
                     expert.expand.weight.zero_()
     if "retrieval" in parts:
         loaded.database = None
+    if "box_head" in parts:
+        if getattr(loaded.model, "box_head", None) is None:
+            raise ValueError("this model has no box head to switch off")
+        loaded.model.box_head = None
 
 
 def engine_answer_fn(model: str | None = None, device: str | None = None,
@@ -345,7 +350,9 @@ def engine_answer_fn(model: str | None = None, device: str | None = None,
 
     def answer(chip: Any, question: str) -> str:
         session = engine.session(chip)
-        text = "".join(session.ask(question, max_new_tokens=max_new_tokens)).strip()
+        for _ in session.ask(question, max_new_tokens=max_new_tokens):
+            pass
+        text = session.last.text  # as the app shows it: boxes placed by the box head, if any
         # What the prompter was given, for scores that separate retrieval from the LM.
         answer.retrieved = session.retrieved if engine.use_retrieval else None  # type: ignore[attr-defined]
         return text

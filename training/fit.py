@@ -42,7 +42,8 @@ from training.lm_data import EpochSampler, LMCollator, read_examples
 
 log = logging.getLogger(__name__)
 
-PARTS = ("connector", "lora", "experts", "retrieval_projection")
+PARTS = ("connector", "lora", "experts", "retrieval_projection", "box_head")
+STAGE_KINDS = ("lm", "retrieval", "boxes")
 
 
 @dataclass
@@ -50,7 +51,9 @@ class StageConfig:
     """One curriculum stage."""
 
     name: str
-    kind: str = "lm"  # "lm" (next-token loss) or "retrieval" (InfoNCE)
+    # "lm" (next-token loss), "retrieval" (InfoNCE) or "boxes" (the box head on the grounding
+    # samples' boxes; see training.box_targets)
+    kind: str = "lm"
     tasks: list[str] | None = None  # dataset tasks to train on; None: all
     train: list[str] = field(default_factory=lambda: ["connector"])  # parts, see PARTS
     epochs: float = 1.0  # fractions stop early (e.g. 0.5)
@@ -72,8 +75,8 @@ class StageConfig:
     weight_decay: float | None = None  # the run's weight_decay unless set
 
     def __post_init__(self) -> None:
-        if self.kind not in {"lm", "retrieval"}:
-            raise ValueError(f"stage {self.name}: kind must be 'lm' or 'retrieval'")
+        if self.kind not in STAGE_KINDS:
+            raise ValueError(f"stage {self.name}: kind must be one of {STAGE_KINDS}")
         bad = set(self.train) - set(PARTS)
         if bad:
             raise ValueError(f"stage {self.name}: unknown parts {sorted(bad)}; choose from {PARTS}")
@@ -88,6 +91,10 @@ class StageConfig:
         if self.kind != "retrieval" and (self.negatives != "batch" or self.reinit):
             raise ValueError(f"stage {self.name}: negatives and reinit apply to retrieval "
                              "stages only")
+        if (self.kind == "boxes") != ("box_head" in self.train) or (
+                self.kind == "boxes" and self.train != ["box_head"]):
+            raise ValueError(f"stage {self.name}: the box head trains alone, in a 'boxes' "
+                             "stage (train: [box_head])")
         if self.reinit and self.train != ["retrieval_projection"]:
             raise ValueError(f"stage {self.name}: reinit resets the retrieval projection; "
                              "train: [retrieval_projection] only")
@@ -244,7 +251,8 @@ def configure_parts(model: Any, parts: list[str], cfg: FitConfig) -> Any:
     base = _base(model)
     base.set_trainable(vision_tower=False, connector="connector" in parts, language_model=False,
                        experts="experts" in parts,
-                       retrieval_projection="retrieval_projection" in parts)
+                       retrieval_projection="retrieval_projection" in parts,
+                       box_head="box_head" in parts)
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.requires_grad_("lora" in parts)
@@ -257,12 +265,15 @@ def trainable_state(model: Any) -> dict[str, torch.Tensor]:
 
 def save_parts(model: Any, folder: Path, base_preset: str, architecture: dict[str, Any],
                database: Any = None) -> Path:
-    """Every non-frozen-base part (connector, experts, retrieval projection, LoRA adapter)."""
+    """Every non-frozen-base part (connector, experts, retrieval projection, box head, LoRA
+    adapter)."""
     from rsvlm.loading import save_trained_parts
 
     parts = ["connector", "experts"]
     if _base(model).retrieval_projection is not None:
         parts.append("retrieval_projection")
+    if _base(model).box_head is not None:
+        parts.append("box_head")
     return save_trained_parts(model, folder, base_preset=base_preset, architecture=architecture,
                               parts=parts, database=database)
 
@@ -541,6 +552,8 @@ def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, pro
                     "group": torch.tensor([g for _, _, g in items])}
 
         return dataset, collate
+    if stage.kind == "boxes":
+        return _box_batches(data_dir, stage, model, processor, cache)
     examples = read_examples(data_dir, "train", stage.tasks)
     if not examples:
         raise ValueError(f"stage {stage.name}: no training examples for tasks {stage.tasks}")
@@ -585,6 +598,68 @@ def _database_batches(cfg: FitConfig, data_dir: Path, names: list[str],
             pos[row, ids] = 1.0
         return {"rows": torch.tensor([r for r, _ in items]), "positives": pos,
                 "database": database}
+
+    return dataset, collate
+
+
+def grounding_boxes(data_dir: Path, split: str = "train") -> list[tuple[str, str, list]]:
+    """(image, question, boxes in pixels) of every grounding sample of a split: a referring
+    expression's one box, or every box of a "find all" question."""
+    out = []
+    path = data_dir / f"{split}.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        boxes = (r.get("meta") or {}).get("boxes_px")
+        if r["task"] != "grounding" or not boxes:
+            continue
+        question = r["conversations"][0]["value"].replace("<image>", "").strip()
+        out.append((r["image"], question, boxes))
+    return out
+
+
+def _box_batches(data_dir: Path, stage: StageConfig, model: Any, processor: Any,
+                 cache: FeatureCache | None) -> tuple[Any, Any]:
+    """(cache row, question ids, patch assignment, boxes in 0-1) per grounding sample."""
+    from PIL import Image
+
+    from training.box_targets import assign_patches
+
+    if cache is None:
+        raise ValueError(f"stage {stage.name}: the box head trains on cache_features: true")
+    head = _base(model).box_head
+    if head is None:
+        raise ValueError(f"stage {stage.name}: the model has no box head; set "
+                         "model_overrides: {box_head_dim: 192}")
+    origins = _origins(data_dir)
+    samples = [s for s in grounding_boxes(data_dir)
+               if stage.augmented or str((data_dir / s[0]).resolve()) not in origins]
+    if not samples:
+        raise ValueError(f"stage {stage.name}: {data_dir} has no grounding samples with boxes")
+    sizes: dict[str, tuple[int, int]] = {}
+    dataset = []
+    for image, question, boxes_px in samples:
+        key = str((data_dir / image).resolve())
+        if key not in sizes:
+            with Image.open(key) as im:  # the header only
+                sizes[key] = im.size
+        w, h = sizes[key]
+        boxes = torch.tensor(boxes_px, dtype=torch.float32) / torch.tensor([w, h, w, h])
+        ids, _ = processor.encode_queries([question])
+        dataset.append((cache.rows[key], ids[0], assign_patches(boxes, head.grid), boxes))
+
+    def collate(items: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
+                ) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for _, ids, _, _ in items)
+        most = max(len(b) for _, _, _, b in items)
+        ids = torch.zeros(len(items), width, dtype=torch.long)
+        mask = torch.zeros(len(items), width, dtype=torch.long)
+        truth = torch.zeros(len(items), most, 4)
+        for i, (_, q, _, b) in enumerate(items):
+            ids[i, :len(q)], mask[i, :len(q)] = q, 1
+            truth[i, :len(b)] = b
+        return {"rows": torch.tensor([r for r, _, _, _ in items]), "query_input_ids": ids,
+                "query_attention_mask": mask,
+                "assign": torch.stack([a for _, _, a, _ in items]), "truth": truth}
 
     return dataset, collate
 
@@ -713,6 +788,13 @@ def _run_stage(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, process
 
 
 def _loss(model: Any, stage: StageConfig, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if stage.kind == "boxes":
+        from training.box_targets import box_head_loss
+
+        base = _base(model.module if hasattr(model, "module") else model)
+        logits, boxes = base.predict_boxes(batch["rows"], batch["query_input_ids"],
+                                           batch["query_attention_mask"])
+        return box_head_loss(logits, boxes, batch["assign"], batch["truth"])
     if stage.kind == "retrieval":
         base = _base(model.module if hasattr(model, "module") else model)
         # Rows of the feature cache stand in for pixels (see training.features).

@@ -33,7 +33,7 @@ def test_every_shipped_tensor_lands_in_the_preset_model(manifest: dict) -> None:
     with safe_open(str(SHIPPED / TRAINED_TENSORS), "pt") as f:
         shipped = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     assert shipped and all(own.get(k) == s for k, s in shipped.items())
-    trained_prefixes = ("connector.", "retrieval_projection.")
+    trained_prefixes = ("connector.", "retrieval_projection.", "box_head.")
     expected = {k for k in own if k.startswith(trained_prefixes) or ".experts." in k
                 or ".router." in k}
     assert expected == set(shipped), "a trained part is missing from (or extra in) the file"
