@@ -7,6 +7,11 @@ image and semantic tokens are never recomputed. The semantic prompter conditions
 tokens on the *first* question of a session; follow-ups see those same image tokens, as a
 multi-turn LLaVA conversation sees one image encoding.
 
+When the model has a box head (`rsvlm.box_head`), the boxes of a finished answer are placed by
+it: the language model decides that there are boxes, how many (one, or several) and what they
+are called, the head where they are. `Answer.text` and the conversation hold the placed boxes;
+the streamed pieces are the LM's own text.
+
 The model is shared by every session. Its expert routing state lives on the modules, so one
 generation runs at a time (a lock); the app's queue decides who waits.
 """

@@ -349,6 +349,12 @@ def apply_trained_parts(model: Any, folder: Path, *, merge_lora: bool = True) ->
             if own[name].shape != tensor.shape:
                 raise ValueError(f"{tensors_path}: {name} is {tuple(tensor.shape)}, the model "
                                  f"expects {tuple(own[name].shape)}")
+        parts = (_read_manifest(folder) or {}).get("parts", [])
+        missing = sorted(name for name in own if name not in state and _in_parts(name, parts))
+        if missing:
+            # Left out, they would keep their random init and answer noise without a word.
+            raise ValueError(f"{tensors_path} lacks {len(missing)} tensors of its parts "
+                             f"{parts} (e.g. {missing[:3]})")
         model.load_state_dict(state, strict=False)
     adapter = folder / ADAPTER_DIR
     if adapter.is_dir():
@@ -358,6 +364,13 @@ def apply_trained_parts(model: Any, folder: Path, *, merge_lora: bool = True) ->
         if merge_lora:
             model = model.merge_and_unload()
     return model
+
+
+def _in_parts(name: str, parts: list[str]) -> bool:
+    """Whether a state-dict key belongs to one of a trained.json's parts."""
+    if "experts" in parts and (".experts." in name or ".router." in name):
+        return True
+    return any(name.startswith(p + ".") for p in parts if p != "experts")
 
 
 def save_trained_parts(model: Any, folder: str | Path, *, base_preset: str,
@@ -377,9 +390,7 @@ def save_trained_parts(model: Any, folder: str | Path, *, base_preset: str,
     for name, tensor in base.state_dict().items():
         if "lora_" in name:
             continue
-        if any(name.startswith(p + ".") for p in parts if p != "experts") or (
-            "experts" in parts and (".experts." in name or ".router." in name)
-        ):
+        if _in_parts(name, parts):
             keep[name] = tensor.detach().to("cpu").contiguous()
     save_file(keep, str(folder / TRAINED_TENSORS))
     if hasattr(model, "peft_config"):

@@ -655,11 +655,13 @@ def lora_target_modules(names: tuple[str, ...] = ("q_proj", "v_proj")) -> str:
 
 def peft_modules_to_save(model: RSVLMForConditionalGeneration) -> list[str]:
     """peft ``modules_to_save`` for the parts a LoRA adapter should carry besides LoRA itself:
-    the connector, the retrieval projection and the experts' linears (peft cannot wrap the
-    experts' `ModuleList`, so their ``reduce``/``expand``/``router`` layers are named)."""
+    the connector, the retrieval projection, the box head and the experts' linears (peft cannot
+    wrap the experts' `ModuleList`, so their ``reduce``/``expand``/``router`` layers are named)."""
     names = ["connector"]
     if model.retrieval_projection is not None:
         names.append("retrieval_projection")
+    if model.box_head is not None:
+        names.append("box_head")
     if model.config.experts_enabled:
         names += ["router", "reduce", "expand"]
     return names

@@ -155,3 +155,22 @@ def test_a_placed_answer_is_what_the_conversation_and_the_map_keep(monkeypatch) 
     assert session._cache is None
     list(session.ask("And the road?"))
     assert session.last.timing["prefill_tokens"] > session.engine.model.config.num_image_tokens
+
+
+def test_trained_parts_missing_a_parts_tensors_are_refused(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from rsvlm.loading import TRAINED_TENSORS, apply_trained_parts, save_trained_parts
+
+    model = tiny_model(box_head_dim=16, box_head_layers=1, box_head_heads=2)
+    save_trained_parts(model, tmp_path, base_preset="tiny", architecture={},
+                       parts=["connector", "experts", "box_head"])
+    fresh = tiny_model(box_head_dim=16, box_head_layers=1, box_head_heads=2, seed=1)
+    apply_trained_parts(fresh, tmp_path)
+    assert torch.equal(fresh.box_head.score.weight, model.box_head.score.weight)
+    state = load_file(str(tmp_path / TRAINED_TENSORS))
+    save_file({k: v for k, v in state.items() if not k.startswith("box_head.")},
+              str(tmp_path / TRAINED_TENSORS))
+    with pytest.raises(ValueError, match="lacks"):
+        apply_trained_parts(tiny_model(box_head_dim=16, box_head_layers=1, box_head_heads=2),
+                            tmp_path)
