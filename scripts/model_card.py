@@ -201,7 +201,9 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         + ", ".join(f"{k} {_f(v['acc@0.5'])} (n={v['n']})" for k, v in grd["per_rule"].items())
         + f"; find-all ({grd['find_all']['n']} questions) precision "
         f"{_f(grd['find_all']['precision'])}, recall {_f(grd['find_all']['recall'])}, F1 "
-        f"{_f(grd['find_all']['f1'])}.",
+        f"{_f(grd['find_all']['f1'])}."
+        + (" The box head's training varies by seed: docs/benchmarks.md scores a second seed "
+           "of the same config." if has_box_head else ""),
         f"- **Captioning** ({cap['n']} chips, pycocoevalcap): BLEU-4 {_f(cap['BLEU-4'])}, "
         f"METEOR {_f(cap['METEOR'])}, ROUGE-L {_f(cap['ROUGE-L'])}, CIDEr {_f(cap['CIDEr'])}.",
         "",
