@@ -357,11 +357,15 @@ class ChatSession:
         if not written:
             return text
         model = engine.model
-        ids, mask = engine.processor.encode_queries([question])
-        pixels = self._pixel_values()
-        with torch.inference_mode():
-            logits, boxes = model.predict_boxes(pixels.to(engine.device, model.dtype),
-                                                ids.to(engine.device), mask.to(engine.device))
+        try:
+            ids, mask = engine.processor.encode_queries([question])
+            pixels = self._pixel_values()
+            with torch.inference_mode():
+                logits, boxes = model.predict_boxes(pixels.to(engine.device, model.dtype),
+                                                    ids.to(engine.device), mask.to(engine.device))
+        except Exception:  # the answer is already there: keep the LM's boxes rather than lose it
+            logger.exception("the box head failed; keeping the boxes the language model wrote")
+            return text
         found = select_boxes(logits[0], boxes[0], single=len(written) == 1)
         label = next((b.label for b in written if b.label), None)
         return replace_boxes(text, [(label, [v * SCALE for v in box]) for _, box in found],

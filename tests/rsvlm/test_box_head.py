@@ -142,6 +142,17 @@ def test_engine_places_the_lms_boxes_with_the_head() -> None:
     assert plain._place_boxes(lm_text, "Where?") == lm_text
 
 
+def test_a_failing_head_keeps_the_lms_answer(monkeypatch) -> None:
+    session = _session(box_head=True)
+
+    def broken(*_, **__):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(session.engine.model, "predict_boxes", broken)
+    lm_text = "<ref>building</ref><box>[0,0,10,10]</box>"
+    assert session._place_boxes(lm_text, "Where is the building?") == lm_text
+
+
 def test_a_placed_answer_is_what_the_conversation_and_the_map_keep(monkeypatch) -> None:
     session = _session(box_head=True)
     monkeypatch.setattr(type(session), "_place_boxes",
