@@ -34,6 +34,7 @@ if [ -z "${SKIP_FIT:-}" ]; then
   fit_round training/configs/embedded.yaml runs/embedded
   fit_round training/configs/embedded_round2.yaml runs/embedded2
   fit_round training/configs/embedded_boxes.yaml runs/embedded_boxes
+  fit_round training/configs/embedded_retriever_views.yaml runs/embedded_retriever_views
 fi
 # Shipping round 2 builds the semantic database; the box round (which leaves the language model
 # as round 2 made it) ships over it and keeps it. A re-ship without refitting keeps the database
@@ -41,5 +42,6 @@ fi
 if [ -z "${SKIP_FIT:-}" ] || [ ! -d assets/models/embedded/semantic_db ]; then
   $PY/python scripts/ship_embedded.py --run runs/embedded2/final --data "$DS"
 fi
-$PY/python scripts/ship_embedded.py --run runs/embedded_boxes/final --data "$DS" --keep-database
+$PY/python scripts/ship_embedded.py --run runs/embedded_retriever_views/final --data "$DS" \
+  --keep-database
 $PY/python scripts/model_card.py --model assets/models/embedded --data "$DS"

@@ -289,6 +289,25 @@ def build_dataset(out_dir: str | Path, regions: Sequence[RegionSpec] = (),
                 texts.append({"text": scene_caption(item.label, rng), "level": "scene",
                               "cls": item.label, "classes": [item.label], "image": image,
                               "region": name, "split": split})
+            if cfg.augment and split == "train":
+                # A scene class does not depend on which way is up: the views get the image's
+                # class instructions (no database texts), and remember their origin.
+                view_id = f"{item.folder}/{item.path.stem}"
+                pixels = None
+                for k in augment_choices(cfg.augment, cfg.seed, name, view_id):
+                    if pixels is None:
+                        with Image.open(item.path) as im:
+                            pixels = np.asarray(im.convert("RGB"))
+                    view_image = f"images/{name}/{item.folder}/{item.path.stem}_d{k}.png"
+                    _write_png(dihedral_pixels(pixels, k), out / view_image, cfg.png_compress)
+                    chip_rows.append({"id": f"{name}/{view_id}_d{k}", "image": view_image,
+                                      "split": split, "classes": [item.label], "n_objects": 0,
+                                      "origin": image})
+                    view = classification_sample(item, classes)
+                    view.meta.update({"split": split, "dataset": name, "view": k})
+                    ids.append(f"{name}/{view_id}_d{k}/classification/0")
+                    pairs.append((view_image, view))
+                    augmented += 1
     keyed = [(sid, (image, s)) for sid, (image, s) in zip(ids, pairs, strict=True)]
     if cfg.balance:
         kept = balance_answers(((sid, s) for sid, (_, s) in keyed), cfg.seed)
@@ -378,6 +397,6 @@ def card_markdown(card: dict[str, Any]) -> str:
     for key, answers in card["splits"].get("train", {}).get("answers", {}).items():
         lines.append(f"- {key}: " + ", ".join(f"{a!r} {n}" for a, n in list(answers.items())[:12]))
     lines += ["", f"Semantic-database texts: {card['texts']}; chips skipped as empty: "
-              f"{card['chips_skipped_empty']}; rotated/mirrored training chips: "
-              f"{card.get('augmented_chips', 0)}.", ""]
+              f"{card['chips_skipped_empty']}; rotated/mirrored training chips and "
+              f"classification images: {card.get('augmented_chips', 0)}.", ""]
     return "\n".join(lines)

@@ -43,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated region tasks")
     b.add_argument("--no-balance", action="store_true", help="keep unbalanced VQA answers")
     b.add_argument("--augment", type=int, default=0, metavar="N",
-                   help="also write N rotated/mirrored views of every training chip (0-7), "
-                        "boxes and positions moved along (0)")
+                   help="also write N rotated/mirrored views of every training chip and "
+                        "classification image (0-7), boxes and positions moved along (0)")
     b.add_argument("--rewrite-model", default=None, metavar="DIR",
                    help="local causal LM folder to paraphrase captions (slow; optional)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")

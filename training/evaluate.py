@@ -63,21 +63,26 @@ def score_classification(items: list[tuple[Path, str]], classes: list[str], answ
     total: Counter[str] = Counter()
     unmatched = 0
     retrieval: Counter[str] = Counter()
-    examples = []
+    examples, mistakes = [], []
     bar = _bar(len(items), "classification", progress)
     for path, label in items:
         text = answer(_rgb(path), prompt)
         pred = match_choice(text, classes)
         hits = getattr(answer, "retrieved", None)
+        top1 = hits[0].get("cls") if hits else None
         if hits is not None:
             retrieval["n"] += 1
-            retrieval["top1"] += bool(hits) and hits[0].get("cls") == label
+            retrieval["top1"] += top1 == label
+            retrieval["followed"] += pred is not None and pred == top1
         unmatched += pred is None
         total[label] += 1
         correct[label] += pred == label
         if len(examples) < 5:
             examples.append({"image": Path(path).name, "truth": label, "answer": text,
                              "matched": pred})
+        if pred != label:
+            mistakes.append({"image": Path(path).name, "truth": label, "matched": pred,
+                             "retrieved": top1})
         bar.update(1)
     bar.close()
     n = sum(total.values())
@@ -88,6 +93,10 @@ def score_classification(items: list[tuple[Path, str]], classes: list[str], answ
         "unmatched": unmatched, "classes": classes, "examples": examples,
         # The retriever alone: share of images whose nearest database text names their class.
         "retrieval_top1": retrieval["top1"] / retrieval["n"] if retrieval["n"] else None,
+        # How often the answer is the class the top retrieved text names: the chat path's
+        # accuracy is bounded by the retriever's when this is near 1.
+        "followed_retrieval": retrieval["followed"] / retrieval["n"] if retrieval["n"] else None,
+        "mistakes": mistakes,
     }
 
 
@@ -120,7 +129,7 @@ def score_vqa(items: list[tuple[Any, str, str, dict[str, Any]]], answer: AnswerF
     """(image or chip, question, true answer, meta with "type") -> the VQA report."""
     correct: Counter[str] = Counter()
     total: Counter[str] = Counter()
-    examples = []
+    examples, mistakes = [], []
     bar = _bar(len(items), "vqa", progress)
     for image, question, truth, meta in items:
         text = answer(image, question)
@@ -130,6 +139,9 @@ def score_vqa(items: list[tuple[Any, str, str, dict[str, Any]]], answer: AnswerF
         correct[qtype] += ok
         if len(examples) < 5:
             examples.append({"question": question, "truth": truth, "answer": text, "ok": ok})
+        if not ok:
+            mistakes.append({"type": qtype, "question": question, "truth": truth, "answer": text,
+                             "image": meta.get("image") or meta.get("chip")})
         bar.update(1)
     bar.close()
     n = sum(total.values())
@@ -137,7 +149,7 @@ def score_vqa(items: list[tuple[Any, str, str, dict[str, Any]]], answer: AnswerF
     return {"task": "vqa", "n": n, "accuracy": sum(correct.values()) / n if n else 0.0,
             "per_type": per_type, "counts": dict(sorted(total.items())),
             "average_per_type": sum(per_type.values()) / len(per_type) if per_type else 0.0,
-            "examples": examples}
+            "examples": examples, "mistakes": mistakes}
 
 
 def _pred_boxes(text: str, width: int, height: int) -> list[tuple[float, float, float, float]]:
@@ -286,7 +298,8 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
                                       classes, answer, progress)
     elif source == "vqa":
         report = score_vqa([(_rgb(data_dir / r["image"]), _question(r),
-                             r["conversations"][1]["value"], r["meta"]) for r in rows],
+                             r["conversations"][1]["value"], {**r["meta"], "image": r["image"]})
+                            for r in rows],
                            answer, progress)
     elif source == "grounding":
         items = []

@@ -373,6 +373,21 @@ def database_positives(data_dir: Path, texts: list[str]) -> dict[str, list[int]]
             for img, ids in own.items()}
 
 
+def _class_views(data_dir: Path, scenes: dict[str, tuple[str, str | None]]) -> dict[str, str]:
+    """Rotated/mirrored view -> its origin image (paths as in the dataset), for origins with a
+    scene class: their class sentences describe every view, while a region chip's description
+    names positions ("a building in the top right") that a view moves."""
+    path = data_dir / "chips.jsonl"
+    out: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            origin = r.get("origin")
+            if origin and origin in scenes and scenes[origin][1] is not None:
+                out[r["image"]] = origin
+    return out
+
+
 def _text_encoder(cfg: FitConfig) -> Any:
     from rsvlm.weights import text_encoder
 
@@ -481,17 +496,16 @@ def _fit(cfg: FitConfig, out: Path, resume: str | None, max_steps: int | None,
         model = load_parts(model, prev, cfg)
 
     # Vision features of every image any stage will read, computed once.
-    data_dirs = {Path(s.data or cfg.data) for s in cfg.stages}
     cache = None
     if cfg.cache_features:
-        images: list[str] = []
-        for d in sorted(data_dirs):
-            images += [str((d / ex.image).resolve()) for ex in read_examples(d, "train", None)]
+        images = _stage_images(cfg)
         if cfg.device != "cpu" and torch.cuda.is_available():
             _base(model).vision_tower.to("cuda")  # the rest follows in accelerator.prepare
+        # A run of retrieval stages only needs the level means (see RetrievalProjection).
+        pooled = all(s.kind == "retrieval" for s in cfg.stages)
         cache = FeatureCache.build(out / "feature_cache", images, Path("/"),
                                    _base(model).vision_tower, processor.image_processor,
-                                   progress=progress)
+                                   progress=progress, pooled=pooled)
     summary: dict[str, Any] = {"output_dir": str(out), "stages": []}
     t0 = time.perf_counter()
     try:
@@ -516,6 +530,24 @@ def _fit(cfg: FitConfig, out: Path, resume: str | None, max_steps: int | None,
     return summary
 
 
+def _stage_images(cfg: FitConfig) -> list[str]:
+    """Absolute paths of the images the stages read: a box stage its grounding chips only, a
+    retrieval stage the described images (and their views), not every training image."""
+    images: set[str] = set()
+    for stage in cfg.stages:
+        data_dir = Path(stage.data or cfg.data)
+        if stage.kind == "retrieval":
+            scenes = _scene_texts(data_dir)
+            names = set(scenes) | (set(_class_views(data_dir, scenes)) if stage.augmented
+                                   else set())
+        elif stage.kind == "boxes":
+            names = {image for image, _, _ in grounding_boxes(data_dir)}
+        else:
+            names = {ex.image for ex in read_examples(data_dir, "train", stage.tasks)}
+        images |= {str((data_dir / n).resolve()) for n in names}
+    return sorted(images)
+
+
 def _final_database(cfg: FitConfig) -> Any:
     texts, meta = database_rows(Path(cfg.data))
     if not texts:
@@ -535,9 +567,12 @@ def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, pro
         scenes = _scene_texts(data_dir)
         if not scenes:
             raise ValueError(f"{data_dir} has no scene descriptions (texts.jsonl) to align with")
+        views = _class_views(data_dir, scenes) if stage.augmented else {}
         names = sorted(scenes)
         if stage.negatives == "database":
-            return _database_batches(cfg, data_dir, names, cache)
+            return _database_batches(cfg, data_dir, names, cache, views)
+        scenes.update({view: scenes[origin] for view, origin in views.items()})
+        names = sorted(scenes)
         vectors = torch.from_numpy(_text_encoder(cfg).encode([scenes[n][0] for n in names]))
         rows = [cache.rows[str((data_dir / n).resolve())] for n in names]
         # Positives of each other: images of one class, and images with one description.
@@ -583,10 +618,16 @@ def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, pro
 
 
 def _database_batches(cfg: FitConfig, data_dir: Path, names: list[str],
-                      cache: FeatureCache) -> tuple[Any, Any]:
-    """Rows + positives over the whole database (`negatives: database`)."""
+                      cache: FeatureCache, views: dict[str, str] | None = None
+                      ) -> tuple[Any, Any]:
+    """Rows + positives over the whole database (`negatives: database`); a view of a
+    classified image has its origin's positives (`_class_views`)."""
     texts, _ = database_rows(data_dir)
     positives = database_positives(data_dir, texts)
+    for view, origin in (views or {}).items():
+        if positives.get(origin):
+            positives[view] = positives[origin]
+            names = [*names, view]
     names = [n for n in names if positives.get(n)]
     database = torch.nn.functional.normalize(
         torch.from_numpy(_text_encoder(cfg).encode(texts)).float(), dim=-1)

@@ -88,3 +88,35 @@ def test_augmented_build_keeps_validation_and_texts(small_region: Path, tmp_path
             assert (got != moved).mean() < 0.02
             checked += 1
     assert checked, "no find-all question shared by a view and its origin"
+
+
+def test_classification_images_get_views_with_their_class(small_region: Path,
+                                                          image_folder: Path,
+                                                          tmp_path: Path) -> None:
+    from PIL import Image
+
+    spec = load_region(small_region, chip_size=128, val_fraction=0.25, block_chips=2)
+    plain, aug = tmp_path / "plain", tmp_path / "aug"
+    cfg = dict(seed=5, tasks=("caption", "vqa"))
+    build_dataset(plain, [spec], [image_folder], BuildConfig(**cfg), folder_val_fraction=0.25,
+                  progress=False)
+    build_dataset(aug, [spec], [image_folder], BuildConfig(**cfg, augment=2),
+                  folder_val_fraction=0.25, progress=False)
+    for name in ("val.jsonl", "texts.jsonl"):  # nothing held back, no database text added
+        assert (aug / name).read_bytes() == (plain / name).read_bytes(), name
+    rows = {r["image"]: r for r in map(json.loads, (aug / "train.jsonl").read_text().splitlines())
+            if r["task"] == "classification"}
+    plain_train = [r for r in map(json.loads, (plain / "train.jsonl").read_text().splitlines())
+                   if r["task"] == "classification"]
+    chips = [json.loads(x) for x in (aug / "chips.jsonl").read_text().splitlines()]
+    views = [c for c in chips if c.get("origin") and c["image"] in rows]
+    assert plain_train and len(views) == 2 * len(plain_train)
+    for c in views:
+        view, origin = rows[c["image"]], c["origin"]
+        k = int(Path(c["image"]).stem.rsplit("_d", 1)[1])
+        assert view["conversations"][1]["value"] == rows[origin]["conversations"][1]["value"]
+        assert c["classes"] == [rows[origin]["meta"]["cls"]] and c["split"] == "train"
+        with Image.open(aug / origin) as a, Image.open(aug / c["image"]) as b:
+            assert np.array_equal(np.asarray(b), dihedral_pixels(np.asarray(a), k))
+    card = json.loads((aug / "dataset_card.json").read_text())
+    assert card["augmented_chips"] == sum(1 for c in chips if c.get("origin"))

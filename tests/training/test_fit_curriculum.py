@@ -394,3 +394,77 @@ def test_a_retriever_reinitialised_and_trained_against_the_whole_database(
         StageConfig("x", negatives="database")
     with pytest.raises(ValueError, match="reinit"):
         StageConfig("x", kind="retrieval", train=["connector"], reinit=True)
+
+
+def test_retrieval_trains_on_views_of_classified_images_only(small_region: Path,
+                                                            image_folder: Path,
+                                                            tmp_path: Path) -> None:
+    """A rotated scene keeps its class sentences as positives; a rotated region chip is left
+    out (its description names positions the rotation moved). The run caches what its stages
+    read, pooled when they are all retrieval stages."""
+    from training.features import FeatureCache, cached_vision
+    from training.fit import (_class_views, _database_batches, _scene_texts, _stage_images,
+                              database_positives, database_rows)
+
+    spec = load_region(small_region, chip_size=128, val_fraction=0.2, block_chips=2)
+    data = tmp_path / "aug"
+    build_dataset(data, [spec], [image_folder], BuildConfig(seed=0, tasks=("grounding",),
+                                                            augment=1),
+                  folder_val_fraction=0.25, progress=False)
+    scenes = _scene_texts(data)
+    views = _class_views(data, scenes)
+    chips = [json.loads(x) for x in (data / "chips.jsonl").read_text().splitlines()]
+    region_views = {c["image"] for c in chips
+                    if c.get("origin") and c["id"].startswith(f"{spec.name}/")}
+    folder_views = {c["image"] for c in chips if c.get("origin")} - region_views
+    assert region_views and folder_views and set(views) == folder_views
+    assert all(scenes[o][1] is not None for o in views.values())
+
+    cfg = _config(data, tmp_path / "run")
+    cfg.model_overrides = {"retrieval_embed_dim": 384}
+    stage = StageConfig("retriever", kind="retrieval", train=["retrieval_projection"],
+                        epochs=1, lr=1e-3, negatives="database")
+    cfg.stages = [stage]
+    images = _stage_images(cfg)
+    assert {str((data / v).resolve()) for v in views} <= set(images)
+    assert not {str((data / v).resolve()) for v in region_views} & set(images)
+    box_cfg = _config(data, tmp_path / "run2")
+    box_cfg.stages = [StageConfig("b", kind="boxes", train=["box_head"])]
+    assert not {str((data / v).resolve()) for v in folder_views} & set(_stage_images(box_cfg))
+
+    result = fit(cfg, progress=False)
+    (cache_dir,) = (tmp_path / "run" / "feature_cache").iterdir()
+    cache = FeatureCache(cache_dir)
+    assert cache.array.shape[2] == 1  # pooled: one mean per level
+    texts, _ = database_rows(data)
+    positives = database_positives(data, texts)
+    rows, collate = _database_batches(cfg, data, sorted(scenes), cache, views)
+    by_row = dict(rows)
+    for view, origin in views.items():
+        assert by_row[cache.rows[str((data / view).resolve())]] == positives[origin]
+    assert len(result["stages"][0]["losses"]) >= 1
+
+    # The pooled rows give the vectors the full rows give.
+    from rsvlm.loading import apply_trained_parts
+    from rsvlm.testing import tiny_model
+
+    model = apply_trained_parts(tiny_model(retrieval_embed_dim=384), Path(result["final"]))
+    full = FeatureCache.build(tmp_path / "full", images[:6], Path("/"), model.vision_tower,
+                              tiny_processor_for(model).image_processor, progress=False)
+    pooled = FeatureCache.build(tmp_path / "full", images[:6], Path("/"), model.vision_tower,
+                                tiny_processor_for(model).image_processor, progress=False,
+                                pooled=True)
+    assert full.folder != pooled.folder
+    idx = torch.arange(6)
+    with torch.inference_mode():
+        with cached_vision(model, full):
+            a = model.embed_image_for_retrieval(idx)
+        with cached_vision(model, pooled):
+            b = model.embed_image_for_retrieval(idx)
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def tiny_processor_for(model: object) -> object:
+    from rsvlm.testing import tiny_processor
+
+    return tiny_processor(model.config)
