@@ -403,8 +403,14 @@ def test_retrieval_trains_on_views_of_classified_images_only(small_region: Path,
     out (its description names positions the rotation moved). The run caches what its stages
     read, pooled when they are all retrieval stages."""
     from training.features import FeatureCache, cached_vision
-    from training.fit import (_class_views, _database_batches, _scene_texts, _stage_images,
-                              database_positives, database_rows)
+    from training.fit import (
+        _class_views,
+        _database_batches,
+        _scene_texts,
+        _stage_images,
+        database_positives,
+        database_rows,
+    )
 
     spec = load_region(small_region, chip_size=128, val_fraction=0.2, block_chips=2)
     data = tmp_path / "aug"
