@@ -143,6 +143,23 @@ def _f(v: Any, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def _on_items_of(full: dict[str, Any] | None, limited: dict[str, Any] | None,
+                 data: Path) -> tuple[float, int] | None:
+    """The full classification report's accuracy on the images a limited one scored (the
+    seeded sample `rsvlm-train eval --limit` takes), so the two rows compare like with like."""
+    if not full or not limited or limited["n"] >= full["n"] or "mistakes" not in full:
+        return None
+    from training.evaluate import sample_rows, split_records
+
+    rows = split_records(data, "val", "classification")
+    if len(rows) != full["n"]:
+        return None
+    items = {Path(r["image"]).name for r in
+             sample_rows(rows, data, "classification", "val", 0, limited["n"])}
+    wrong = sum(Path(m["image"]).name in items for m in full["mistakes"])
+    return 1 - wrong / len(items), len(items)
+
+
 def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
            examples: list[dict[str, Any]], fit_configs: list[tuple[Path, str]]) -> str:
     card = json.loads((data / "dataset_card.json").read_text())
@@ -192,7 +209,17 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         f"{probe['n_test']} test).",
         f"- **Classification** through the chat path: accuracy {_f(cls['accuracy'])}, "
         f"unmatched answers {cls['unmatched']} of {cls['n']}; the retriever alone (its nearest "
-        f"database text names the true class): {_f(cls.get('retrieval_top1'))}.",
+        f"database text names the true class): {_f(cls.get('retrieval_top1'))}"
+        + (f"; the answer names the top text's class for {_f(cls['followed_retrieval'])} of "
+           "the images" if cls.get("followed_retrieval") is not None else "")
+        + (". The retriever trained on the 8 rotated/mirrored views of every training image "
+           "(`training/configs/embedded_retriever_views.yaml`; docs/benchmarks.md, round 4); "
+           "the probe on the originals"
+           if any(p.name == "embedded_retriever_views.yaml" for p, _ in fit_configs) else "")
+        + (". A last instruction round (`training/configs/embedded_follow.yaml`) trained the "
+           "answers on that retriever's top-3 lists"
+           if any(p.name == "embedded_follow.yaml" for p, _ in fit_configs) else "")
+        + ".",
         f"- **VQA**: accuracy {_f(vqa['accuracy'])} over {vqa['n']} questions; per type "
         + ", ".join(f"{k} {_f(v)} (n={vqa['counts'][k]})" for k, v in vqa["per_type"].items())
         + ".",
@@ -221,7 +248,12 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         c, v, g = (r.get(f"classification{suffix}"), r.get(f"vqa{suffix}"),
                    r[f"grounding{suffix}"])
         same = "as shipped"  # answers without boxes do not change
-        cells = [f"{_f(c['accuracy'])} (n={c['n']})" if c else same,
+        cell = f"{_f(c['accuracy'])} (n={c['n']})" if c else same
+        subset = _on_items_of(r.get("classification"), r.get("classification-no-experts"),
+                              data)
+        if not suffix and subset is not None:  # the ablations score fewer images
+            cell += f"; {_f(subset[0])} on the ablations' {subset[1]}"
+        cells = [cell,
                  _f(v["accuracy"]) if v else same,
                  _f(v["per_type"].get("presence")) if v else same,
                  f"{_f(g['acc@0.5'])} (mean IoU {_f(g['mean_iou'])})"]
@@ -303,16 +335,25 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         lines += [f"{finds[0][1]} of the {len(examples)} chips above got the same \"find all\" "
                   f"answer ({finds[0][0]!r}) whatever they show: this model has not learned to "
                   "localise objects.", ""]
-    for e in cls.get("examples", [])[:5]:
+    shown, mistakes = cls.get("examples", [])[:5], cls.get("mistakes", [])
+    if shown or mistakes:
+        lines += ["AID validation scenes asked through the chat path (\"Choose the best category "
+                  "for this image from: ...\"): the report's first examples"
+                  + (f", then its first {min(5, len(mistakes))} of {len(mistakes)} mistakes "
+                     "with the class of the retriever's top text" if mistakes else "") + ":", ""]
+    for e in shown:
         lines.append(f"- AID `{e['image']}` (truth *{e['truth']}*): \"{e['answer']}\"")
+    for e in mistakes[:5]:
+        lines.append(f"- AID `{e['image']}` (truth *{e['truth']}*): *{e['matched'] or 'no class named'}*"
+                     + (f" (top text: *{e['retrieved']}*)" if e.get("retrieved") else ""))
     lines += [
         "",
         "## How it was made",
         "",
         "```bash",
         "bash scripts/train_embedded.sh   # build-data + the fit rounds below",
-        *([f"python scripts/ship_embedded.py --run runs/embedded_boxes/final --data "
-           f"{_rel(data)} --keep-database"] if has_box_head else
+        *([f"python scripts/ship_embedded.py --run runs/embedded_follow/final "
+           f"--data {_rel(data)} --keep-database"] if has_box_head else
           [f"python scripts/ship_embedded.py --run runs/embedded2/final --data {_rel(data)}"]),
         f"python scripts/model_card.py --model {_rel(model)} --data {_rel(data)} "
         f"--out {_rel(out)}",
@@ -374,7 +415,9 @@ def main() -> None:
     examples = reports.pop("examples", [])
     configs = args.fit_config or [REPO / "training" / "configs" / name
                                   for name in ("embedded.yaml", "embedded_round2.yaml",
-                                               "embedded_boxes.yaml")]
+                                               "embedded_boxes.yaml",
+                                               "embedded_retriever_views.yaml",
+                                               "embedded_follow.yaml")]
     fit_configs = [(path, path.read_text()) for path in configs if path.is_file()]
     (out / "MODEL_CARD.md").write_text(render(out, args.model, args.data, reports, examples,
                                               fit_configs))

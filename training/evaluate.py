@@ -271,6 +271,16 @@ def _question(record: dict[str, Any]) -> str:
     return record["conversations"][0]["value"].replace("<image>", "").strip()
 
 
+def sample_rows(rows: list[dict[str, Any]], data_dir: Path, task: str, split: str, seed: int,
+                limit: int | None) -> list[dict[str, Any]]:
+    """The ``limit`` rows a limited `eval_dataset_split` scores (seeded, in file order), so
+    a full report can be cut to the items of a limited one."""
+    if limit is None or limit >= len(rows):
+        return rows
+    rng = rng_for(seed, "eval", str(data_dir.name), task, split)
+    return [rows[i] for i in sorted(rng.sample(range(len(rows)), limit))]
+
+
 def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, split: str = "val",
                        seed: int = 0, limit: int | None = None,
                        progress: bool = False) -> dict[str, Any]:
@@ -285,9 +295,7 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
     if not rows:
         raise ValueError(f"{data_dir}/{split}.jsonl has no {source} samples")
     every_row = rows
-    if limit is not None and limit < len(rows):
-        rng = rng_for(seed, "eval", str(data_dir.name), task, split)
-        rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), limit))]
+    rows = sample_rows(rows, data_dir, task, split, seed, limit)
     if source == "classification":
         # The class list of the whole dataset (both splits), as the training prompts named it.
         other = "train" if split == "val" else "val"

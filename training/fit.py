@@ -30,6 +30,7 @@ import logging
 import math
 import shutil
 import time
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,14 @@ class StageConfig:
     # Retrieval stages: "batch" (CLIP: the other images' descriptions in the batch are the
     # negatives) or "database" (a softmax over every text the shipped database will hold).
     negatives: str = "batch"
+    # `negatives: database` only: "spread" (the target spread evenly over an image's positives)
+    # or "any" (MIL-NCE, Miech et al. 2020: the probability of any positive, so an image may sit
+    # nearest one of its class's sentences instead of between all of them).
+    positives: str = "spread"
+    # `negatives: database` only: a region chip's positives also hold the scene descriptions of
+    # the other training chips of its region with its rural/urban label, so that an unseen chip
+    # lands on a description of a chip like it rather than on a scene-class sentence.
+    scene_positives: bool = False
     # Retrieval stages: start the projection from fresh weights instead of the init's parts.
     reinit: bool = False
     weight_decay: float | None = None  # the run's weight_decay unless set
@@ -88,6 +97,11 @@ class StageConfig:
             raise ValueError(f"stage {self.name}: batch_size must be >= 1")
         if self.negatives not in {"batch", "database"}:
             raise ValueError(f"stage {self.name}: negatives must be 'batch' or 'database'")
+        if self.positives not in {"spread", "any"}:
+            raise ValueError(f"stage {self.name}: positives must be 'spread' or 'any'")
+        if (self.positives != "spread" or self.scene_positives) and self.negatives != "database":
+            raise ValueError(f"stage {self.name}: positives and scene_positives apply to "
+                             "negatives: database")
         if self.kind != "retrieval" and (self.negatives != "batch" or self.reinit):
             raise ValueError(f"stage {self.name}: negatives and reinit apply to retrieval "
                              "stages only")
@@ -351,10 +365,13 @@ def database_rows(data_dir: Path, regions: Collection[str] | None = None,
     return texts, meta
 
 
-def database_positives(data_dir: Path, texts: list[str]) -> dict[str, list[int]]:
+def database_positives(data_dir: Path, texts: list[str], scene: bool = False
+                       ) -> dict[str, list[int]]:
     """image -> indices into ``texts`` (`database_rows`) that are right answers for it: every
     description written for the image, and every sentence of its scene class (ImageFolder
-    images; another image's class sentence is as right as its own)."""
+    images; another image's class sentence is as right as its own). With ``scene``, a region
+    chip's also include the scene descriptions of its region's chips with its rural/urban
+    label."""
     index = {t: i for i, t in enumerate(texts)}
     own: dict[str, set[int]] = {}
     by_class: dict[str, set[int]] = {}
@@ -367,8 +384,12 @@ def database_positives(data_dir: Path, texts: list[str]) -> dict[str, list[int]]
         own.setdefault(r["image"], set()).add(i)
         if r.get("cls"):
             group = f"{r.get('region')}:{r['cls']}"
-            by_class.setdefault(group, set()).add(i)
-            image_class[r["image"]] = group
+        elif scene and r.get("level") == "scene" and r.get("scene"):
+            group = f"{r.get('region')}:scene:{r['scene']}"
+        else:
+            continue
+        by_class.setdefault(group, set()).add(i)
+        image_class[r["image"]] = group
     return {img: sorted(ids | by_class.get(image_class.get(img, ""), set()))
             for img, ids in own.items()}
 
@@ -570,9 +591,10 @@ def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, pro
         views = _class_views(data_dir, scenes) if stage.augmented else {}
         names = sorted(scenes)
         if stage.negatives == "database":
-            return _database_batches(cfg, data_dir, names, cache, views)
+            return _database_batches(cfg, data_dir, names, cache, views,
+                                     scene=stage.scene_positives)
         scenes.update({view: scenes[origin] for view, origin in views.items()})
-        names = sorted(scenes)
+        names = _with_views(sorted(scenes), views)
         vectors = torch.from_numpy(_text_encoder(cfg).encode([scenes[n][0] for n in names]))
         rows = [cache.rows[str((data_dir / n).resolve())] for n in names]
         # Positives of each other: images of one class, and images with one description.
@@ -617,18 +639,34 @@ def _stage_batches(cfg: FitConfig, idx: int, stage: StageConfig, model: Any, pro
     return examples, collate
 
 
+def _with_views(names: list[str], views: dict[str, str]) -> list[str]:
+    """``names`` plus the views; an image without views is listed as often as one with them
+    (itself + its views), so that the views do not shrink the other images' share of the
+    batches (region chips would otherwise fall from a quarter of the retriever's data to a
+    twentieth, and their retrievals drift)."""
+    if not views:
+        return names
+    per_origin: Counter[str] = Counter(views.values())
+    repeat = 1 + max(per_origin.values())
+    out = []
+    for n in names:
+        if n in views:
+            continue
+        out += [n] if n in per_origin else [n] * repeat
+    return sorted(out + list(views))
+
+
 def _database_batches(cfg: FitConfig, data_dir: Path, names: list[str],
-                      cache: FeatureCache, views: dict[str, str] | None = None
-                      ) -> tuple[Any, Any]:
+                      cache: FeatureCache, views: dict[str, str] | None = None,
+                      scene: bool = False) -> tuple[Any, Any]:
     """Rows + positives over the whole database (`negatives: database`); a view of a
     classified image has its origin's positives (`_class_views`)."""
     texts, _ = database_rows(data_dir)
-    positives = database_positives(data_dir, texts)
-    for view, origin in (views or {}).items():
-        if positives.get(origin):
-            positives[view] = positives[origin]
-            names = [*names, view]
-    names = [n for n in names if positives.get(n)]
+    positives = database_positives(data_dir, texts, scene)
+    views = {v: o for v, o in (views or {}).items() if positives.get(o)}
+    for view, origin in views.items():
+        positives[view] = positives[origin]
+    names = _with_views([n for n in names if positives.get(n)], views)
     database = torch.nn.functional.normalize(
         torch.from_numpy(_text_encoder(cfg).encode(texts)).float(), dim=-1)
     dataset = [(cache.rows[str((data_dir / n).resolve())], positives[n]) for n in names]
@@ -841,9 +879,12 @@ def _loss(model: Any, stage: StageConfig, batch: dict[str, torch.Tensor]) -> tor
         # Rows of the feature cache stand in for pixels (see training.features).
         image = base.embed_image_for_retrieval(batch["rows"])
         scale = base.retrieval_projection.logit_scale.exp().clamp(max=100)
-        if "database" in batch:  # negatives: database; soft target spread over the positives
+        if "database" in batch:  # negatives: database
             logits = scale * image @ batch["database"].to(image.dtype).T
             pos = batch["positives"].to(image.dtype)
+            if stage.positives == "any":
+                log_p = logits.log_softmax(-1).masked_fill(pos == 0, float("-inf"))
+                return -log_p.logsumexp(-1).mean()
             return torch.nn.functional.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
         text = torch.nn.functional.normalize(batch["text"].to(image.dtype), dim=-1)
         logits = scale * image @ text.T

@@ -2,6 +2,7 @@
 curriculum -> stop mid-stage and resume (same weights as an uninterrupted run) -> eval runs."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -339,6 +340,14 @@ def test_database_positives_are_own_texts_and_the_scene_class(tmp_path: Path) ->
              "region": "r", "split": "train"},
             {"text": "An open area.", "level": "scene", "image": "e.png", "region": "r",
              "split": "train"},
+            {"text": "A built-up area.", "level": "scene", "image": "u.png", "region": "r",
+             "scene": "urban", "split": "train"},
+            {"text": "A dense built-up area.", "level": "scene", "image": "v.png", "region": "r",
+             "scene": "urban", "split": "train"},
+            {"text": "Fields.", "level": "scene", "image": "f.png", "region": "r",
+             "scene": "rural", "split": "train"},
+            {"text": "Other town.", "level": "scene", "image": "o.png", "region": "q",
+             "scene": "urban", "split": "train"},
             {"text": "held back", "level": "scene", "image": "d.png", "split": "val"}]
     (tmp_path / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     texts, _ = database_rows(tmp_path)
@@ -347,7 +356,16 @@ def test_database_positives_are_own_texts_and_the_scene_class(tmp_path: Path) ->
     park = ["This image shows a park.", "A park seen from above."]
     assert pos == {"a.png": park, "b.png": park, "p.png": ["This image shows a port."],
                    "c.png": ["An open area.", "A building in the top left."],
-                   "e.png": ["An open area."]}  # a shared text is a positive of every owner
+                   "e.png": ["An open area."],  # a shared text is a positive of every owner
+                   "u.png": ["A built-up area."], "v.png": ["A dense built-up area."],
+                   "f.png": ["Fields."], "o.png": ["Other town."]}
+    # scene_positives: a region's chips of one rural/urban label share their descriptions.
+    pos = {img: [texts[i] for i in ids]
+           for img, ids in database_positives(tmp_path, texts, scene=True).items()}
+    urban = ["A built-up area.", "A dense built-up area."]
+    assert pos["u.png"] == pos["v.png"] == urban
+    assert pos["f.png"] == ["Fields."] and pos["o.png"] == ["Other town."]
+    assert pos["a.png"] == park and pos["e.png"] == ["An open area."]
 
 
 def test_a_retriever_reinitialised_and_trained_against_the_whole_database(
@@ -429,7 +447,7 @@ def test_retrieval_trains_on_views_of_classified_images_only(small_region: Path,
     cfg = _config(data, tmp_path / "run")
     cfg.model_overrides = {"retrieval_embed_dim": 384}
     stage = StageConfig("retriever", kind="retrieval", train=["retrieval_projection"],
-                        epochs=1, lr=1e-3, negatives="database")
+                        epochs=1, lr=1e-3, negatives="database", positives="any")
     cfg.stages = [stage]
     images = _stage_images(cfg)
     assert {str((data / v).resolve()) for v in views} <= set(images)
@@ -448,6 +466,17 @@ def test_retrieval_trains_on_views_of_classified_images_only(small_region: Path,
     by_row = dict(rows)
     for view, origin in views.items():
         assert by_row[cache.rows[str((data / view).resolve())]] == positives[origin]
+    # With one view per classified image, every other image is listed twice (same share).
+    counts = Counter(r for r, _ in rows)
+    for name in scenes:
+        row = cache.rows[str((data / name).resolve())]
+        if positives.get(name):
+            assert counts[row] == (1 if name in views.values() else 2), name
+    with pytest.raises(ValueError, match="positives"):
+        StageConfig("x", kind="retrieval", train=["retrieval_projection"], positives="any")
+    with pytest.raises(ValueError, match="scene_positives"):
+        StageConfig("x", kind="retrieval", train=["retrieval_projection"],
+                    scene_positives=True)
     assert len(result["stages"][0]["losses"]) >= 1
 
     # The pooled rows give the vectors the full rows give.
