@@ -158,13 +158,21 @@ TINY_VISION = {
 }
 
 
+# bitsandbytes (0.50) runs 4-bit linears on a CPU with AVX512-BF16 through weights repacked in
+# blocks of 64 input features, so a language model that gets quantized needs widths of 64 or more.
+QUANTIZABLE_TEXT_WIDTHS = {"hidden_size": 64, "intermediate_size": 128}
+
+
 def tiny_text_config(
-    model_type: str = "llama", vocab_size: int = TINY_VOCAB_SIZE
+    model_type: str = "llama",
+    vocab_size: int = TINY_VOCAB_SIZE,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
 ) -> dict[str, Any]:
     return dict(
         model_type=model_type,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -277,6 +285,7 @@ def tiny_model(seed: int = 0, **config_overrides: Any):
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "QUANTIZABLE_TEXT_WIDTHS",
     "TINY_IMAGE_TOKEN_ID",
     "TINY_VOCAB_SIZE",
     "TINY_VISION",

@@ -88,12 +88,17 @@ QUESTION = "find all buildings"
 
 def bench_config(tiny: bool) -> Any:
     """The large preset's config (or a tiny one of the same architecture for ``--tiny``)."""
-    from rsvlm.testing import TINY_IMAGE_TOKEN_ID, tiny_config
+    from rsvlm.testing import (
+        QUANTIZABLE_TEXT_WIDTHS,
+        TINY_IMAGE_TOKEN_ID,
+        tiny_config,
+        tiny_text_config,
+    )
 
     if tiny:
         return tiny_config(
             vision="siglip",
-            text="qwen2",
+            text_config=tiny_text_config("qwen2", **QUANTIZABLE_TEXT_WIDTHS),
             connector_type="semantic_prompter",
             experts_every_k_layers=2,
         )

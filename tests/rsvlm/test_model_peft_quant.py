@@ -13,7 +13,12 @@ from rsvlm.modeling import (
     lora_target_modules,
     peft_modules_to_save,
 )
-from rsvlm.testing import TINY_IMAGE_TOKEN_ID, tiny_model
+from rsvlm.testing import (
+    QUANTIZABLE_TEXT_WIDTHS,
+    TINY_IMAGE_TOKEN_ID,
+    tiny_model,
+    tiny_text_config,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 peft = pytest.importorskip("peft")
@@ -99,7 +104,8 @@ def test_lora_with_experts_trains_saves_loads_and_merges(tmp_path, connector):
 def _quantized(tmp_path, **overrides):
     from transformers import BitsAndBytesConfig
 
-    model = tiny_model(**overrides)
+    text_config = tiny_text_config(**QUANTIZABLE_TEXT_WIDTHS)
+    model = tiny_model(text_config=text_config, **overrides)
     model.save_pretrained(tmp_path)
     qconfig = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
