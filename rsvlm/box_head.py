@@ -97,7 +97,7 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def select_boxes(logits: torch.Tensor, boxes: torch.Tensor, *, single: bool,
-                 threshold: float = 0.3, nms_iou: float = 0.5,
+                 threshold: float = 0.5, nms_iou: float = 0.5,
                  max_boxes: int = 12) -> list[tuple[float, list[float]]]:
     """One image's head output -> ``[(score, [x1, y1, x2, y2] in 0-1)]``, best first.
 

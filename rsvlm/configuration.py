@@ -94,6 +94,9 @@ class RSVLMConfig(PretrainedConfig):
             leaves boxes to the language model. Needs a square patch grid.
         box_head_layers: transformer encoder layers of the box head.
         box_head_heads: attention heads of the box head.
+        box_head_threshold: the head's score (0-1) a patch needs to count as one more object when
+            an answer holds every object it finds ("find all"); a trained head's own value
+            (`scripts/box_threshold.py` sweeps it on a training split).
         image_token: the placeholder string in prompts.
         image_token_id: its id in the LLM tokenizer (the processor adds it as a special token).
     """
@@ -129,6 +132,7 @@ class RSVLMConfig(PretrainedConfig):
     box_head_dim: int | None = None
     box_head_layers: int = 3
     box_head_heads: int = 4
+    box_head_threshold: float = 0.5
     image_token: str = "<image>"
     image_token_id: int | None = None
     tie_word_embeddings: bool = False
@@ -220,6 +224,9 @@ class RSVLMConfig(PretrainedConfig):
         if self.patch_pool <= 0:
             raise ValueError("RSVLMConfig: patch_pool must be a positive stride.")
         if self.patch_pool > 1:
+            if not 0.0 < self.box_head_threshold < 1.0:
+                raise ValueError(f"RSVLMConfig: box_head_threshold ({self.box_head_threshold}) "
+                                 "must be between 0 and 1.")
             if vc.model_type in _NAFLEX_VISION_TYPES:
                 raise ValueError(
                     f"RSVLMConfig: patch_pool needs a square patch grid; {vc.model_type} has a "
@@ -256,6 +263,9 @@ class RSVLMConfig(PretrainedConfig):
                     f"of 4 and of box_head_heads ({self.box_head_heads}), with box_head_layers "
                     "> 0."
                 )
+            if not 0.0 < self.box_head_threshold < 1.0:
+                raise ValueError(f"RSVLMConfig: box_head_threshold ({self.box_head_threshold}) "
+                                 "must be between 0 and 1.")
             if vc.model_type in _NAFLEX_VISION_TYPES:
                 raise ValueError(
                     f"RSVLMConfig: the box head needs a square patch grid; {vc.model_type} has a "

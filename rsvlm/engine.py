@@ -19,6 +19,7 @@ generation runs at a time (a lock); the app's queue decides who waits.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import weakref
@@ -43,6 +44,10 @@ from rsvlm.boxes import SCALE, format_region_box, parse_boxes, replace_boxes
 from rsvlm.onnx_decode import attached, decoder_for
 
 logger = logging.getLogger(__name__)
+
+# "Find all buildings", "locate every pool", "each ...": a question for every instance, whatever
+# count the language model wrote ("the largest of all" is still one object).
+_ASKS_FOR_EVERY = re.compile(r"(?<!\bof )\b(?:all|every|each)\b", re.IGNORECASE)
 
 
 @dataclass
@@ -347,8 +352,10 @@ class ChatSession:
         return boxes
 
     def _place_boxes(self, text: str, question: str) -> str:
-        """The LM's boxes replaced by the box head's: one box when the LM wrote one (a referring
-        question), else every object the head finds, under the LM's first label."""
+        """The LM's boxes replaced by the box head's: one box when the LM wrote one for a
+        referring question, else every object the head finds, under the LM's first label. A
+        question that asks for every instance gets all the head finds even when the LM wrote one
+        box: a small LM undercounts, and the head's scores say how many there are."""
         engine = self.engine
         if not engine.use_box_head:
             return text
@@ -366,7 +373,9 @@ class ChatSession:
         except Exception:  # the answer is already there: keep the LM's boxes rather than lose it
             logger.exception("the box head failed; keeping the boxes the language model wrote")
             return text
-        found = select_boxes(logits[0], boxes[0], single=len(written) == 1)
+        single = len(written) == 1 and not _ASKS_FOR_EVERY.search(question)
+        found = select_boxes(logits[0], boxes[0], single=single,
+                             threshold=model.config.box_head_threshold)
         label = next((b.label for b in written if b.label), None)
         return replace_boxes(text, [(label, [v * SCALE for v in box]) for _, box in found],
                              image_size=size).strip()

@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+# bitsandbytes 0.50 warns on import, on any CPU, that its optional CPU 4-bit kernel (fetched from
+# the Hugging Face hub by the `kernels` package) is missing. Here 4-bit runs on CUDA only, so the
+# advice only misleads an analyst reading the log.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 TRAINED_JSON = "trained.json"
 TRAINED_TENSORS = "trained.safetensors"

@@ -178,7 +178,10 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         "OSM-derived descriptions. Trained on 2 CPU cores; no GPU was available."
         + (" A box head (`rsvlm/box_head.py`) places the boxes the language model writes: the "
            "LM decides whether an answer holds boxes, how many (one, or all it finds) and their "
-           "label; the head reads the question and the patch features and says where."
+           "label; the head reads the question and the patch features and says where. A "
+           "question for every instance (\"find all\") gets every box the head scores above "
+           "its threshold (`box_head_threshold`, chosen on the training split with "
+           "`scripts/box_threshold.py`)."
            if has_box_head else ""),
         "",
         f"Architecture (from `trained.json`): {len(trained['architecture'])} fields; parts "

@@ -70,7 +70,8 @@ def test_config_validates_the_box_head() -> None:
     assert RSVLMConfig().box_head_dim is None
     assert tiny_config(box_head_dim=16).patch_grid == 2
     for bad in ({"box_head_dim": 18}, {"box_head_dim": 16, "box_head_heads": 3},
-                {"box_head_dim": 16, "box_head_layers": 0}):
+                {"box_head_dim": 16, "box_head_layers": 0},
+                {"box_head_dim": 16, "box_head_threshold": 1.0}):
         with pytest.raises(ValueError, match="box_head"):
             tiny_config(**bad)
 
@@ -136,6 +137,19 @@ def test_engine_places_the_lms_boxes_with_the_head() -> None:
     # Several boxes written: the head's every confident box (at least one), same label.
     many = session._place_boxes(lm_text + "<ref>building</ref><box>[1,1,2,2]</box>", "Find all")
     assert {b.label for b in parse_boxes(many)} == {"building"}
+    # One box written for a question about every instance: the head says how many, at the
+    # model's threshold.
+    every = "Find all buildings in the image."
+    ids, mask = engine.processor.encode_queries([every])
+    with torch.no_grad():
+        logits, boxes = engine.model.predict_boxes(session._pixel_values(), ids, mask)
+    engine.model.config.box_head_threshold = float(logits[0].sigmoid().sort().values[1]) - 1e-6
+    found = select_boxes(logits[0], boxes[0], single=False,
+                         threshold=engine.model.config.box_head_threshold)
+    assert len(found) > 1
+    assert len(parse_boxes(session._place_boxes(lm_text, every))) == len(found)
+    assert len(parse_boxes(session._place_boxes(lm_text, "Find the largest of all "
+                                                         "buildings."))) == 1
     # No box written, or no head: the text stays as the LM wrote it.
     assert session._place_boxes("There are 3 buildings.", "How many?") == "There are 3 buildings."
     plain = _session(box_head=False)
