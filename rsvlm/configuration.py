@@ -224,9 +224,6 @@ class RSVLMConfig(PretrainedConfig):
         if self.patch_pool <= 0:
             raise ValueError("RSVLMConfig: patch_pool must be a positive stride.")
         if self.patch_pool > 1:
-            if not 0.0 < self.box_head_threshold < 1.0:
-                raise ValueError(f"RSVLMConfig: box_head_threshold ({self.box_head_threshold}) "
-                                 "must be between 0 and 1.")
             if vc.model_type in _NAFLEX_VISION_TYPES:
                 raise ValueError(
                     f"RSVLMConfig: patch_pool needs a square patch grid; {vc.model_type} has a "

@@ -28,14 +28,11 @@ THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 def find_all_items(data: Path, split: str) -> list[tuple[Path, str, list[tuple[float, ...]]]]:
     """(image, question, OSM boxes in pixels) of the split's "find all" questions."""
-    items = []
-    for line in (data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        meta = row.get("meta") or {}
-        if row["task"] == "grounding" and meta.get("type") == "find_all":
-            question = row["conversations"][0]["value"].replace("<image>", "").strip()
-            items.append((data / row["image"], question, [tuple(b) for b in meta["boxes_px"]]))
-    return items
+    from training.evaluate import _question, split_records
+
+    return [(data / r["image"], _question(r), [tuple(b) for b in r["meta"]["boxes_px"]])
+            for r in split_records(data, split, "grounding")
+            if (r.get("meta") or {}).get("type") == "find_all"]
 
 
 def sweep(loaded, items, thresholds) -> dict[float, dict[str, float]]:
