@@ -206,11 +206,12 @@ def build_model(cfg: FitConfig) -> tuple[Any, Any, str, dict[str, Any]]:
     if cfg.model == "tiny":
         from rsvlm.testing import tiny_model, tiny_processor
 
-        model = tiny_model(seed=cfg.seed, **cfg.model_overrides)
+        arch = {**init_architecture(cfg, "tiny"), **cfg.model_overrides}
+        model = tiny_model(seed=cfg.seed, **arch)
         processor = tiny_processor(model.config)
         if cfg.init not in {"base", "trained"}:
             model = load_parts(model, Path(cfg.init), cfg)
-        return model, processor, "tiny", dict(cfg.model_overrides)
+        return model, processor, "tiny", arch
     from rsvlm.loading import load
 
     trained: Any = cfg.init == "trained" or (cfg.init not in {"base", "trained"} and cfg.init)
@@ -233,9 +234,34 @@ def build_model(cfg: FitConfig) -> tuple[Any, Any, str, dict[str, Any]]:
                   architecture=dict(cfg.model_overrides) or None)
     preset = loaded.info.get("preset", cfg.model)
     # The whole architecture goes into trained.json, so the parts keep loading into the shape
-    # they were trained in even if the preset's defaults change later.
+    # they were trained in even if the preset's defaults change later. The init parts' own
+    # fields (the shipped box head's box_head_* and its threshold) are not in the preset: without
+    # them the new trained.json describes a model without those tensors, and final/ fails to load.
     return (loaded.model, loaded.processor, preset,
-            {**_preset_architecture(preset), **cfg.model_overrides})
+            {**_preset_architecture(preset), **init_architecture(cfg, preset),
+             **cfg.model_overrides})
+
+
+def init_architecture(cfg: FitConfig, preset: str) -> dict[str, Any]:
+    """The architecture fields recorded by the parts a run starts from (`init: trained`: the
+    preset's shipped parts; `init: FOLDER`: that folder's), or {} for `init: base`."""
+    from rsvlm.loading import TRAINED_JSON
+
+    if cfg.init == "base":
+        return {}
+    if cfg.init == "trained":
+        from rsvlm.presets import PresetError, load_preset
+
+        try:
+            folder = load_preset(preset).trained_weights_dir
+        except PresetError:
+            return {}
+    else:
+        folder = Path(cfg.init)
+    manifest = folder / TRAINED_JSON if folder is not None else None
+    if manifest is None or not manifest.is_file():
+        return {}
+    return dict(json.loads(manifest.read_text()).get("architecture", {}))
 
 
 def _preset_architecture(name: str) -> dict[str, Any]:

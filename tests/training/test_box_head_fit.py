@@ -83,3 +83,37 @@ def test_fit_trains_the_box_head_and_exports_it(grounding_data: Path, tmp_path: 
     fresh = load_parts(fresh, final, cfg).eval()
     assert not torch.equal(before, fresh.box_head.score.weight)
     assert torch.equal(fresh.box_head.score.weight, saved["box_head.score.weight"])
+
+
+def test_a_run_from_parts_with_a_box_head_exports_a_final_that_loads(
+        grounding_data: Path, tmp_path: Path) -> None:
+    """`init` parts carry architecture fields the preset lacks (the shipped box head's
+    box_head_* and threshold); the continued run's trained.json must keep them."""
+    from rsvlm.loading import apply_trained_parts
+    from rsvlm.testing import tiny_model
+
+    head = {"box_head_dim": 16, "box_head_layers": 1, "box_head_heads": 2,
+            "box_head_threshold": 0.4}
+    stage = StageConfig("boxes", kind="boxes", train=["box_head"], epochs=1, lr=3e-3)
+    first = fit(FitConfig(data=str(grounding_data), output_dir=str(tmp_path / "a"), model="tiny",
+                          model_overrides=head, database=False, device="cpu", batch_size=8,
+                          save_every=1000, stages=[stage]), progress=False)
+    second = fit(FitConfig(data=str(grounding_data), output_dir=str(tmp_path / "b"),
+                           model="tiny", init=first["final"], database=False, device="cpu",
+                           batch_size=8, save_every=1000, stages=[stage]), progress=False)
+    final = Path(second["final"])
+    arch = json.loads((final / "trained.json").read_text())["architecture"]
+    assert {k: arch[k] for k in head} == head
+    model = apply_trained_parts(tiny_model(**arch), final)  # refuses tensors it lacks
+    saved = load_file(str(final / "trained.safetensors"))
+    assert torch.equal(model.box_head.score.weight, saved["box_head.score.weight"])
+
+
+def test_init_trained_reads_the_shipped_parts_architecture(tmp_path: Path) -> None:
+    from training.fit import init_architecture
+
+    cfg = FitConfig(data=str(tmp_path), output_dir=str(tmp_path / "o"), init="trained")
+    arch = init_architecture(cfg, "embedded")
+    shipped = json.loads(Path("assets/models/embedded/trained.json").read_text())["architecture"]
+    assert arch == shipped and "box_head_threshold" in arch
+    assert init_architecture(FitConfig(data=str(tmp_path), output_dir=str(tmp_path)), "x") == {}
