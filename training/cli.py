@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                                     "captioning")
     e.add_argument("--model", default=None, help="preset name or model folder (default model)")
     e.add_argument("--task", required=True,
-                   choices=["classification", "vqa", "grounding", "captioning"])
+                   choices=["classification", "vqa", "grounding", "findall", "captioning"],
+                   help="findall: 'find all buildings' on every chip, precision / recall / F1 "
+                        "at IoU 0.5 against the footprints and the box count per chip")
     e.add_argument("--data", required=True,
                    help="a build-data folder (scores its --split), an ImageFolder "
                         "(classification) or a region")

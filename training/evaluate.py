@@ -17,7 +17,16 @@ from typing import Any
 
 from training.build import BuildConfig, RegionBuilder
 from training.classification import classification_prompt, scan_image_folder
-from training.metrics import box_iou, caption_scores, match_boxes, match_choice, vqa_correct
+from training.metrics import (
+    box_iou,
+    caption_scores,
+    count_scores,
+    detection_scores,
+    first_number,
+    match_boxes,
+    match_choice,
+    vqa_correct,
+)
 from training.region import RegionSpec, load_region
 from training.samples import rng_for
 
@@ -130,11 +139,14 @@ def score_vqa(items: list[tuple[Any, str, str, dict[str, Any]]], answer: AnswerF
     correct: Counter[str] = Counter()
     total: Counter[str] = Counter()
     examples, mistakes = [], []
+    counts: list[tuple[int | None, int]] = []
     bar = _bar(len(items), "vqa", progress)
     for image, question, truth, meta in items:
         text = answer(image, question)
         qtype = meta["type"]
         ok = vqa_correct(text, truth, qtype)
+        if qtype in {"counting", "count"}:
+            counts.append((first_number(text), int(truth)))
         total[qtype] += 1
         correct[qtype] += ok
         if len(examples) < 5:
@@ -149,6 +161,8 @@ def score_vqa(items: list[tuple[Any, str, str, dict[str, Any]]], answer: AnswerF
     return {"task": "vqa", "n": n, "accuracy": sum(correct.values()) / n if n else 0.0,
             "per_type": per_type, "counts": dict(sorted(total.items())),
             "average_per_type": sum(per_type.values()) / len(per_type) if per_type else 0.0,
+            # Exact match is harsh for counts of 10+; the bar reads "within 20 %".
+            "counting": count_scores(counts),
             "examples": examples, "mistakes": mistakes}
 
 
@@ -209,6 +223,66 @@ def score_grounding(items: list[tuple[Any, str, dict[str, Any], tuple[int, int]]
                      "f1": 2 * precision * recall / (precision + recall) if tp else 0.0},
         "iou": "pixels, plain (no +1)", "examples": examples,
     }
+
+
+FINDALL_QUESTION = "Find all {plural} in the image."
+
+
+def findall_items(spec: RegionSpec, *, classes: tuple[str, ...] = ("building",),
+                  limit: int | None = None, seed: int = 0,
+                  progress: bool = False) -> list[tuple[Any, str, dict[str, Any], tuple[int, int]]]:
+    """Every chip of a region, each asked to find all instances of each class, against every
+    mapped footprint of that class in the chip (chips without any too: a box there is a false
+    positive)."""
+    from training.osm import plural_of
+
+    builder = RegionBuilder(spec, BuildConfig(seed=seed, tasks=("grounding",), balance=False))
+    items = []
+    for rec, chip in builder.chips(progress):
+        ctx = rec.ctx
+        for cls in classes:
+            truth = [list(o.box) for o in ctx.objects if o.cls == cls and o.kind in {"area", "point"}]
+            items.append((chip, FINDALL_QUESTION.format(plural=plural_of(cls)),
+                          {"type": "find_all", "cls": cls, "boxes_px": truth,
+                           "chip": ctx.chip_id}, (chip.width, chip.height)))
+    if limit is not None and limit < len(items):
+        rng = rng_for(seed, "eval", spec.name, "findall")
+        items = [items[i] for i in sorted(rng.sample(range(len(items)), limit))]
+    return items
+
+
+def score_findall(items: list[tuple[Any, str, dict[str, Any], tuple[int, int]]],
+                  answer: AnswerFn, progress: bool = False) -> dict[str, Any]:
+    """"Find all X" questions: precision / recall / F1 at IoU 0.5 (greedy one-to-one) over
+    every box, and the number of boxes per chip scored as a count."""
+    tp = n_pred = n_true = no_box = 0
+    counts: list[tuple[int | None, int]] = []
+    examples, per_chip = [], []
+    bar = _bar(len(items), "findall", progress)
+    for image, question, meta, (width, height) in items:
+        text = answer(image, question)
+        boxes = _pred_boxes(text, width, height)
+        truth = [tuple(b) for b in meta["boxes_px"]]
+        hit = match_boxes(boxes, truth)
+        tp, n_pred, n_true = tp + hit, n_pred + len(boxes), n_true + len(truth)
+        no_box += not boxes
+        counts.append((len(boxes), len(truth)))
+        per_chip.append({"chip": meta.get("chip"), "true": len(truth), "predicted": len(boxes),
+                         "matched": hit})
+        if len(examples) < 5:
+            examples.append({"question": question, "truth_px": truth, "answer": text})
+        bar.update(1)
+    bar.close()
+    return {"task": "findall", "n": len(items), **detection_scores(tp, n_pred, n_true),
+            "no_box": no_box, "counting": count_scores(counts), "iou": 0.5,
+            "examples": examples, "per_chip": per_chip}
+
+
+def eval_findall(spec: RegionSpec, answer: AnswerFn, *, seed: int = 0, limit: int | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+    """Find all buildings on every chip of a region (see `findall_items`)."""
+    return score_findall(findall_items(spec, limit=limit, seed=seed, progress=progress), answer,
+                         progress)
 
 
 def eval_captioning(spec: RegionSpec, answer: AnswerFn, *, seed: int = 0,
@@ -287,11 +361,13 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
     """Score a held-back split of a `build-data` folder: exactly the questions, chips and
     answers training never saw (spatially blocked region chips, hashed ImageFolder images)."""
     data_dir = Path(data_dir)
-    source = "classification" if task == "classification" else (
-        "caption" if task == "captioning" else task)
+    source = {"classification": "classification", "captioning": "caption",
+              "findall": "grounding"}.get(task, task)
     if source not in {"classification", "vqa", "grounding", "caption"}:
         raise ValueError(f"unknown eval task {task!r}")
     rows = split_records(data_dir, split, source)
+    if task == "findall":
+        rows = [r for r in rows if r["meta"].get("type") == "find_all"]
     if not rows:
         raise ValueError(f"{data_dir}/{split}.jsonl has no {source} samples")
     every_row = rows
@@ -313,8 +389,9 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
         items = []
         for r in rows:
             image = _rgb(data_dir / r["image"])
-            items.append((image, _question(r), r["meta"], image.size))
-        report = score_grounding(items, answer, progress)
+            items.append((image, _question(r), {**r["meta"], "chip": r["image"]}, image.size))
+        score = score_findall if task == "findall" else score_grounding
+        report = score(items, answer, progress)
     else:
         refs: dict[str, list[str]] = defaultdict(list)
         for r in rows:
@@ -391,7 +468,8 @@ def run_eval(task: str, data: str | Path, answer: AnswerFn, *, seed: int = 0,
         return eval_classification(data, answer, limit=limit, progress=progress)
     overrides = {"val_fraction": 0.0, **(region_overrides or {})}
     spec = load_region(data, **overrides)
-    fn = {"vqa": eval_vqa, "grounding": eval_grounding, "captioning": eval_captioning}.get(task)
+    fn = {"vqa": eval_vqa, "grounding": eval_grounding, "captioning": eval_captioning,
+          "findall": eval_findall}.get(task)
     if fn is None:
         raise ValueError(f"unknown eval task {task!r}")
     return fn(spec, answer, seed=seed, limit=limit, progress=progress)

@@ -149,6 +149,30 @@ def match_boxes(
     return n
 
 
+def count_scores(pairs: Sequence[tuple[int | None, int]]) -> dict[str, float | int | None]:
+    """(predicted count or None when the answer names none, true count) -> exact-match share,
+    mean absolute percentage error over true counts > 0 (an answer without a number counts as
+    100 % off) and the share within 20 % of the truth (a true 0 needs a 0)."""
+    if not pairs:
+        return {"n": 0, "exact": None, "mape": None, "within_20pct": None}
+    exact = sum(p == t for p, t in pairs)
+    within = sum(p is not None and abs(p - t) <= 0.2 * t for p, t in pairs)
+    errors = [1.0 if p is None else abs(p - t) / t for p, t in pairs if t > 0]
+    return {"n": len(pairs), "exact": exact / len(pairs),
+            "mape": sum(errors) / len(errors) if errors else None,
+            "within_20pct": within / len(pairs),
+            "no_number": sum(p is None for p, _ in pairs)}
+
+
+def detection_scores(tp: int, n_pred: int, n_true: int) -> dict[str, float | int]:
+    """Precision / recall / F1 from matched, predicted and true box counts."""
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_true if n_true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+    return {"tp": tp, "predicted": n_pred, "true": n_true, "precision": precision,
+            "recall": recall, "f1": f1}
+
+
 # ------------------------------------------------------------------------------- captions
 
 

@@ -254,3 +254,49 @@ def test_inference_time_ablations_switch_parts_off() -> None:
     with pytest.raises(ValueError, match="no semantic experts"):
         ablate(SimpleNamespace(model=tiny_model(seed=0, experts_enabled=False), database=None),
                {"experts"})
+
+
+def test_count_scores_exact_mape_and_within_20_percent() -> None:
+    from training.metrics import count_scores
+
+    s = count_scores([(10, 10), (12, 10), (5, 10), (None, 4), (0, 0), (1, 0)])
+    assert s["n"] == 6 and s["exact"] == pytest.approx(2 / 6)
+    # within 20 %: 10/10, 12/10, 0/0 (a true 0 needs a 0)
+    assert s["within_20pct"] == pytest.approx(3 / 6)
+    # over true counts > 0: 0, 0.2, 0.5, 1.0 (no number)
+    assert s["mape"] == pytest.approx((0 + 0.2 + 0.5 + 1.0) / 4) and s["no_number"] == 1
+    assert count_scores([])["exact"] is None
+
+
+def test_findall_eval_on_a_region_scores_boxes_and_counts(small_region: Path) -> None:
+    from training.evaluate import findall_items, score_findall
+    from training.samples import format_box
+
+    spec = load_region(small_region, chip_size=256, val_fraction=0.0)
+    items = findall_items(spec)
+    assert any(m["boxes_px"] for _, _, m, _ in items) and all(
+        q == "Find all buildings in the image." for _, q, _, _ in items)
+    truth = {id(chip): (m["boxes_px"], size) for chip, _, m, size in items}
+
+    def oracle(chip, q, dx=0.0):
+        boxes, (w, h) = truth[id(chip)]
+        return "".join(format_box("building", (b[0] + dx * (b[2] - b[0]), b[1],
+                                               b[2] + dx * (b[2] - b[0]), b[3]), w, h)
+                       for b in boxes)
+
+    exact = score_findall(items, oracle)
+    assert exact["f1"] == pytest.approx(1.0, abs=0.02) and exact["counting"]["exact"] == 1.0
+    off = score_findall(items, lambda c, q: oracle(c, q, dx=1.0))
+    # (a moved box can land on a neighbour)
+    assert off["precision"] < 0.2 and off["recall"] < 0.2
+    none = run_eval("findall", small_region, lambda c, q: "no idea",
+                    region_overrides={"chip_size": 256}, progress=False)
+    assert none["no_box"] == none["n"] == len(items) and none["recall"] == 0.0
+    assert none["counting"]["within_20pct"] < 1.0
+
+
+def test_findall_eval_on_a_held_back_split(split_dataset: Path) -> None:
+    val = _split_table(split_dataset, "val")
+    report = run_eval("findall", split_dataset, lambda im, q: val[(im.tobytes(), q)],
+                      progress=False)
+    assert report["task"] == "findall" and report["n"] > 0 and report["f1"] == pytest.approx(1.0)
