@@ -1,4 +1,4 @@
-"""`rsvlm-train`: build-data, eval, probe and fit.
+"""`rsvlm-train`: build-data, eval, probe, fit and finetune.
 
 Each subcommand parses its arguments, calls one function of the package and prints a short
 summary. User errors (bad paths, unreadable rasters, bad specs) print one line and exit with 2.
@@ -82,6 +82,20 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--config", required=True)
     f.add_argument("--resume", default=None, help="checkpoint folder, 'latest', or 'auto' (latest if any, else start)")
     f.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    ft = sub.add_parser("finetune", help="fine-tune the shipped model on a region in one "
+                                         "command (data, perception head, the rest, scores)")
+    ft.add_argument("--region", required=True,
+                    help="region folder (raster + OSM vectors), spec .yaml/.json, or a raster")
+    ft.add_argument("--out", required=True, help="run folder (run again to resume)")
+    ft.add_argument("--model", default="embedded", help="preset with shipped parts")
+    ft.add_argument("--chip-size", type=int, default=None)
+    ft.add_argument("--box-epochs", type=float, default=6.0)
+    ft.add_argument("--instruct-epochs", type=float, default=1.0)
+    ft.add_argument("--eval-limit", type=int, default=None,
+                    help="questions per task in the shipped-vs-tuned comparison (all)")
+    ft.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -161,7 +175,23 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"build-data": _build_data, "eval": _eval, "probe": _probe, "fit": _fit}
+def _finetune(args: argparse.Namespace) -> int:
+    from training.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(region=args.region, out=args.out, model=args.model,
+                         chip_size=args.chip_size, box_epochs=args.box_epochs,
+                         instruct_epochs=args.instruct_epochs, eval_limit=args.eval_limit,
+                         seed=args.seed)
+    result = finetune(cfg, progress=not args.quiet, max_steps=args.max_steps,
+                      say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if "compare" in result:
+        print(Path(result["compare"]).read_text())
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+_COMMANDS = {"build-data": _build_data, "eval": _eval, "probe": _probe, "fit": _fit,
+             "finetune": _finetune}
 
 
 if __name__ == "__main__":

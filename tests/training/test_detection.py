@@ -1,0 +1,88 @@
+"""The dense detector's targets, decoding, loss and training on cached features, and the
+labelled sets' box geometry (crops, quarter turns, mirrors, masks)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rsvlm.detector import DenseDetector, decode, detection_loss, detection_targets
+from training.detection import _rot90_boxes, augment_view, score_detections, train_detector
+from training.labelled import LabelledImage, crop_boxes, mask_boxes, tiles
+
+
+def test_targets_decode_back_to_the_boxes() -> None:
+    boxes = torch.tensor([[0.10, 0.20, 0.30, 0.35], [0.55, 0.60, 0.90, 0.95]])
+    heat, target, mask = detection_targets([boxes], [torch.zeros(2, dtype=torch.long)], 16, 1)
+    assert mask.sum() == 2 and heat.max() == 1.0
+    logits = torch.logit(heat.clamp(1e-4, 1 - 1e-4))
+    (dets,) = decode(logits, target, ["building"], threshold=0.99)
+    got = sorted(d.box for d in dets)
+    assert len(got) == 2
+    assert np.allclose(got, boxes.tolist(), atol=1e-3)
+    assert all(d.label == "building" for d in dets)
+
+
+def test_loss_prefers_the_right_heatmap() -> None:
+    boxes = [torch.tensor([[0.1, 0.1, 0.3, 0.3]])]
+    heat, target, mask = detection_targets(boxes, [torch.zeros(1, dtype=torch.long)], 8, 1)
+    good = torch.logit(heat.clamp(1e-3, 1 - 1e-3))
+    assert detection_loss(good, target, heat, target, mask) < detection_loss(
+        -good, target, heat, target, mask)
+
+
+def test_the_head_learns_boxes_from_features() -> None:
+    """Features that mark object patches: the trained head finds those objects."""
+    g, hidden, rng = 8, 16, np.random.default_rng(0)
+    feats, boxes = [], []
+    for _ in range(24):
+        f = torch.randn(2, g * g, hidden) * 0.1
+        n = rng.integers(0, 4)
+        bx = []
+        for _ in range(n):
+            r, c = rng.integers(0, g, size=2)
+            f[:, r * g + c, 0] += 3.0
+            bx.append([(c + 0.1) / g, (r + 0.1) / g, (c + 0.9) / g, (r + 0.9) / g])
+        feats.append(f)
+        boxes.append(torch.tensor(bx, dtype=torch.float32).reshape(-1, 4))
+    x = torch.stack(feats)
+    head = train_detector(x, boxes, hidden=hidden, levels=2, epochs=25, batch_size=8,
+                          lr=1e-2, dim=16)
+    assert isinstance(head, DenseDetector)
+    from training.detection import predict
+
+    preds = predict(head, x, 0.3)
+    report = score_detections(preds, boxes, [(112, 112)] * len(boxes), 0.3)
+    assert report["f1"] > 0.8 and report["presence"] > 0.9, report
+
+
+def test_quarter_turns_and_mirrors_move_boxes_with_the_pixels() -> None:
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[5:15, 10:30] = 255
+    item = LabelledImage("r", "x", img, np.array([[10, 5, 30, 15]], np.float32), ["building"])
+    for k in range(4):
+        rotated = np.rot90(img, k)
+        (box,) = _rot90_boxes(item.boxes, 60, 40, k)
+        assert np.allclose(box, mask_boxes(rotated[..., 0])[0]), k
+    rng = random.Random(0)
+    for i in range(20):  # augmented views: the box still frames the bright pixels
+        v = augment_view(item, rng, 30, f"v{i}")
+        if len(v.boxes):
+            (x1, y1, x2, y2) = v.boxes[0]
+            inside = v.image[int(y1) + 1:int(y2) - 1, int(x1) + 1:int(x2) - 1].mean()
+            assert inside > 150, (i, v.boxes)
+
+
+def test_crops_keep_mostly_visible_boxes_and_tiles_cover_the_image() -> None:
+    boxes = np.array([[0, 0, 10, 10], [8, 8, 30, 30], [45, 45, 55, 55]], np.float32)
+    got = crop_boxes(boxes, 5, 5, 40, 40)
+    assert got.tolist() == [[3, 3, 25, 25]]  # a quarter visible: dropped; outside: dropped
+    item = LabelledImage("r", "x", np.zeros((100, 250, 3), np.uint8), boxes, ["b"] * 3)
+    names = [n for n, _, _ in tiles(item, 50)]
+    assert len(names) == 10
+
+
+@pytest.mark.parametrize("mask, n", [(np.zeros((8, 8)), 0), (np.eye(8) * 255, 0)])
+def test_mask_boxes_drop_specks(mask, n) -> None:
+    assert len(mask_boxes(mask, min_pixels=12)) == n

@@ -1,0 +1,223 @@
+"""Training and scoring the dense detector (`rsvlm.detector`) on cached frozen features.
+
+Views of the labelled sets (`training.labelled`) are augmented for the shift between regions
+(scale, rotation, mirror, colour, contrast, blur, resolution, JPEG), run through the frozen
+vision tower once at the detector's input size, and cached; the head then trains on the cache
+in minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rsvlm.detector import DenseDetector, decode, detection_loss, detection_targets
+from training.labelled import LabelledImage, clip_boxes, crop_boxes
+from training.metrics import count_scores, detection_scores, match_boxes
+
+log = logging.getLogger(__name__)
+
+INPUT_SIZE = 448  # 32 x 32 patches of 14 px on DINOv2
+
+
+@dataclass
+class View:
+    name: str
+    image: np.ndarray  # (H, W, 3) uint8
+    boxes: np.ndarray  # (n, 4) pixels of this view
+
+
+# ------------------------------------------------------------------------ augmentation
+
+
+def _rot90_boxes(boxes: np.ndarray, w: int, h: int, k: int) -> np.ndarray:
+    """Boxes of a (h, w) image after `np.rot90(image, k)` (counter-clockwise)."""
+    b = boxes.copy()
+    for _ in range(k % 4):
+        x1, y1, x2, y2 = b[:, 0].copy(), b[:, 1].copy(), b[:, 2].copy(), b[:, 3].copy()
+        b = np.stack([y1, w - x2, y2, w - x1], axis=1)
+        w, h = h, w
+    return b
+
+
+def augment_view(item: LabelledImage, rng: random.Random, base: int, name: str) -> View:
+    """A random crop (0.7-1.4 x `base` px), quarter turn and mirror, colour, contrast, blur,
+    resolution and JPEG changes; boxes move along."""
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    w, h = item.size
+    side = int(min(base * rng.uniform(0.7, 1.4), w, h))
+    x, y = rng.randint(0, w - side), rng.randint(0, h - side)
+    crop = item.image[y:y + side, x:x + side]
+    boxes = crop_boxes(item.boxes, x, y, side, side)
+    k = rng.randrange(4)
+    crop = np.rot90(crop, k)
+    boxes = _rot90_boxes(boxes, side, side, k) if len(boxes) else boxes
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+        boxes = boxes[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], np.float32) + np.array(
+            [side, 0, side, 0], np.float32)
+    im = Image.fromarray(np.ascontiguousarray(crop))
+    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.7, 1.3))
+    im = ImageEnhance.Contrast(im).enhance(rng.uniform(0.7, 1.3))
+    im = ImageEnhance.Color(im).enhance(rng.uniform(0.5, 1.4))
+    if rng.random() < 0.3:
+        im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
+    if rng.random() < 0.3:  # a coarser sensor
+        f = rng.uniform(0.4, 0.9)
+        small = im.resize((max(8, int(side * f)),) * 2, Image.BILINEAR)
+        im = small.resize((side, side), Image.BILINEAR)
+    if rng.random() < 0.5:
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=rng.randint(30, 90))
+        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    arr = np.asarray(im)
+    return View(name, arr, clip_boxes(boxes.astype(np.float32), side, side))
+
+
+# ------------------------------------------------------------------------ features
+
+
+class FrozenTower:
+    """The preset's vision encoder run at the detector's input size (levels of the config)."""
+
+    def __init__(self, preset: str = "embedded", size: int = INPUT_SIZE,
+                 layers: Sequence[int] | None = None) -> None:
+        from transformers import AutoImageProcessor
+
+        from rsvlm.presets import load_preset
+
+        p = load_preset(preset)
+        plan = p.plan("cpu", quantize=False)
+        self.model = plan.components["vision"].load().eval()
+        proc = AutoImageProcessor.from_pretrained(plan.components["vision"].location)
+        self.mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
+        self.size = size
+        self.layers = list(layers or p.architecture.get("vision_feature_layers", [7, 9, 11]))
+        self.hidden = int(self.model.config.hidden_size)
+
+    def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        from PIL import Image
+
+        arr = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize(
+            (self.size, self.size), Image.BICUBIC)) for im in images])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+        return (x - self.mean) / self.std
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(batch, levels, patches, hidden) float16."""
+        out = self.model(pixel_values=self.pixels(images), output_hidden_states=True)
+        n = (self.size // self.model.config.patch_size) ** 2
+        levels = [out.hidden_states[i][:, -n:] for i in self.layers]
+        return torch.stack(levels, dim=1).half()
+
+
+def cache_views(tower: FrozenTower, views: list[View], path: Path, batch: int = 4) -> dict:
+    """Features and normalised boxes of `views`, saved to `path` (one file per call)."""
+    feats = []
+    for i in range(0, len(views), batch):
+        feats.append(tower([v.image for v in views[i:i + batch]]))
+    data = {
+        "names": [v.name for v in views],
+        "features": torch.cat(feats) if feats else torch.zeros(0),
+        "boxes": [torch.from_numpy(v.boxes / np.array([v.image.shape[1], v.image.shape[0]] * 2,
+                                                       np.float32)) for v in views],
+        "sizes": [(int(v.image.shape[1]), int(v.image.shape[0])) for v in views],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(data, tmp)
+    tmp.replace(path)
+    return data
+
+
+# ------------------------------------------------------------------------ training
+
+
+def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden: int,
+                   levels: int, epochs: int = 15, batch_size: int = 16, lr: float = 2e-3,
+                   seed: int = 0, dim: int = 96, log_every: int = 50) -> DenseDetector:
+    """The head on cached features (all boxes one class), AdamW with a cosine schedule."""
+    torch.manual_seed(seed)
+    head = DenseDetector(hidden, levels, classes=1, dim=dim)
+    n = len(features)
+    grid = int(round(features.shape[2] ** 0.5))
+    steps = epochs * math.ceil(n / batch_size)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    step, t0 = 0, time.perf_counter()
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            x = features[idx].float()
+            heat, box = head([x[:, j] for j in range(levels)])
+            tb = [boxes[j] for j in idx]
+            th, tt, tm = detection_targets(tb, [torch.zeros(len(b), dtype=torch.long)
+                                                for b in tb], grid, 1)
+            loss = detection_loss(heat, box, th, tt, tm)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if step % log_every == 0:
+                log.info("detector step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(),
+                         time.perf_counter() - t0)
+    return head.eval()
+
+
+@torch.inference_mode()
+def predict(head: DenseDetector, features: torch.Tensor, threshold: float,
+            batch_size: int = 32) -> list[list[tuple[float, float, float, float, float]]]:
+    """(x1, y1, x2, y2 in 0-1, score) per image, scores >= threshold."""
+    levels = features.shape[1]
+    out = []
+    for i in range(0, len(features), batch_size):
+        x = features[i:i + batch_size].float()
+        heat, box = head([x[:, j] for j in range(levels)])
+        for dets in decode(heat, box, ["object"], threshold):
+            out.append([(*d.box, d.score) for d in dets])
+    return out
+
+
+def score_detections(preds: list[list[tuple[float, ...]]], truths: list[torch.Tensor],
+                     sizes: list[tuple[int, int]], threshold: float) -> dict[str, Any]:
+    """Find-all precision / recall / F1 at IoU 0.5 (pixels), counts and presence per image."""
+    tp = n_pred = n_true = 0
+    counts, presence = [], []
+    for pred, truth, (w, h) in zip(preds, truths, sizes, strict=True):
+        scale = np.array([w, h, w, h], np.float32)
+        p = [np.array(d[:4]) * scale for d in pred if d[4] >= threshold]
+        t = [np.array(b) * scale for b in truth.tolist()]
+        tp += match_boxes(p, t)
+        n_pred, n_true = n_pred + len(p), n_true + len(t)
+        counts.append((len(p), len(t)))
+        presence.append((len(p) > 0) == (len(t) > 0))
+    return {"n": len(preds), **detection_scores(tp, n_pred, n_true),
+            "counting": count_scores(counts),
+            "presence": sum(presence) / len(presence) if presence else None,
+            "threshold": threshold}
+
+
+def choose_threshold(preds: list[list[tuple[float, ...]]], truths: list[torch.Tensor],
+                     sizes: list[tuple[int, int]],
+                     grid: Sequence[float] = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)) -> float:
+    """The threshold with the best find-all F1 on a selection set (never the scored one)."""
+    return max(grid, key=lambda t: score_detections(preds, truths, sizes, t)["f1"])

@@ -1,0 +1,176 @@
+"""Labelled object sets -> images with pixel boxes, for the dense detector and its
+leave-one-region-out evaluation.
+
+A *set* is one region: a place seen by one sensor (an OpenAerialMap demo area, SpaceNet Rio,
+SpaceNet Atlanta, ...). Each loader returns `LabelledImage`s: an RGB array, the boxes of every
+labelled object in pixels and their classes. Vector footprints are read in the raster's CRS;
+masks become one box per connected component (adjacent buildings can merge: such a set's
+instance counts are a floor). Nothing here is copied into the repo: the sets are read from
+``../shared/data`` at run time (their licences say so).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEMO_AREAS = ("kampala_ug", "zanzibar_tz", "banepa_np", "catanduanes_ph")
+
+
+@dataclass
+class LabelledImage:
+    region: str
+    name: str
+    image: np.ndarray  # (H, W, 3) uint8
+    boxes: np.ndarray  # (n, 4) float32 pixel x1, y1, x2, y2
+    labels: list[str] = field(default_factory=list)
+    gsd: float = 0.15  # metres per pixel, roughly
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.image.shape[1]), int(self.image.shape[0])
+
+
+def _to_uint8(bands: np.ndarray) -> np.ndarray:
+    """(bands, H, W) of any integer depth -> (H, W, 3) uint8 (2-98 % stretch beyond 8 bits)."""
+    if bands.dtype != np.uint8:
+        valid = bands[bands > 0]
+        lo, hi = np.percentile(valid, (2, 98)) if valid.size else (0, 1)
+        bands = np.clip((bands.astype(np.float32) - lo) / max(hi - lo, 1e-6) * 255, 0, 255)
+        bands = bands.astype(np.uint8)
+    if bands.shape[0] == 1:
+        bands = np.repeat(bands, 3, axis=0)
+    return np.ascontiguousarray(bands[:3].transpose(1, 2, 0))
+
+
+def read_vector_set(raster: Path, vectors: Path, region: str, cls: str = "building",
+                    gsd: float | None = None) -> LabelledImage:
+    """A raster and its object footprints (any CRS) -> one image with pixel boxes."""
+    import geopandas as gpd
+    import rasterio
+
+    with rasterio.open(raster) as src:
+        image = _to_uint8(src.read())
+        transform, crs = src.transform, src.crs
+        res = abs(transform.a)
+    shapes = gpd.read_file(vectors).to_crs(crs)
+    inv = ~transform
+    boxes = []
+    for geom in shapes.geometry:
+        if geom is None or geom.is_empty:
+            continue
+        x1, y1, x2, y2 = geom.bounds
+        c1, r1 = inv * (x1, y2)
+        c2, r2 = inv * (x2, y1)
+        boxes.append((min(c1, c2), min(r1, r2), max(c1, c2), max(r1, r2)))
+    h, w = image.shape[:2]
+    arr = clip_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), w, h)
+    return LabelledImage(region, raster.parent.name, image, arr, [cls] * len(arr),
+                         gsd if gsd is not None else res)
+
+
+def mask_boxes(mask: np.ndarray, min_pixels: int = 12) -> np.ndarray:
+    """One box per 8-connected component of a binary mask (specks under `min_pixels` dropped)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3)))
+    out = []
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None or (labels[sl] == i).sum() < min_pixels:
+            continue
+        out.append((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
+    return np.asarray(out, np.float32).reshape(-1, 4)
+
+
+def clip_boxes(boxes: np.ndarray, width: int, height: int, min_side: float = 2.0) -> np.ndarray:
+    """Boxes clipped to the image; those left thinner than `min_side` pixels dropped."""
+    b = boxes.copy()
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, width)
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, height)
+    keep = ((b[:, 2] - b[:, 0]) >= min_side) & ((b[:, 3] - b[:, 1]) >= min_side)
+    return b[keep]
+
+
+def demo_area(root: Path, area: str) -> list[LabelledImage]:
+    folder = root / "demo_region" / area
+    return [read_vector_set(folder / "oam_rgb_epsg3857.tif",
+                            folder / "osm_buildings_epsg4326.geojson", area, gsd=0.15)]
+
+
+def spacenet_rio(root: Path) -> list[LabelledImage]:
+    import rasterio
+
+    folder = root / "labelled_more" / "spacenet1_rio"
+    out = []
+    for img in sorted((folder / "images").glob("*.tif")):
+        with rasterio.open(img) as src:
+            image = _to_uint8(src.read())
+        with rasterio.open(folder / "building_masks" / img.name) as src:
+            mask = src.read(1)
+        boxes = mask_boxes(mask)
+        out.append(LabelledImage("rio", img.stem, image, boxes, ["building"] * len(boxes), 0.5))
+    return out
+
+
+def spacenet_atlanta(root: Path) -> list[LabelledImage]:
+    folder = root / "buildings" / "spacenet4_atlanta_pan_solaris"
+    return [read_vector_set(folder / "pan_0p5m_epsg32616.tif",
+                            folder / "buildings_epsg32616.geojson", "atlanta", gsd=0.5)]
+
+
+SETS: dict[str, Callable[[Path], list[LabelledImage]]] = {
+    **{a: (lambda root, a=a: demo_area(root, a)) for a in DEMO_AREAS},
+    "rio": spacenet_rio,
+    "atlanta": spacenet_atlanta,
+}
+
+
+def load_sets(root: str | Path, names: list[str] | None = None) -> dict[str, list[LabelledImage]]:
+    """The labelled sets found under a shared data folder (missing ones are skipped, logged)."""
+    root = Path(root)
+    out = {}
+    for name in names or list(SETS):
+        try:
+            out[name] = SETS[name](root)
+        except (FileNotFoundError, OSError) as exc:
+            log.warning("labelled set %s not loaded: %s", name, exc)
+    return out
+
+
+def tiles(item: LabelledImage, size: int, min_visible: float = 0.5
+          ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Non-overlapping `size` tiles (the last row/column flush with the edge) with the boxes
+    that keep at least `min_visible` of their area inside, clipped to the tile."""
+    w, h = item.size
+    if w <= size * 1.25 and h <= size * 1.25:  # a chip already: score it whole
+        yield item.name, item.image, item.boxes
+        return
+    xs = sorted({min(x, max(w - size, 0)) for x in range(0, w, size)})
+    ys = sorted({min(y, max(h - size, 0)) for y in range(0, h, size)})
+    for y in ys:
+        for x in xs:
+            crop = item.image[y:y + size, x:x + size]
+            boxes = crop_boxes(item.boxes, x, y, crop.shape[1], crop.shape[0], min_visible)
+            yield f"{item.name}_{x}_{y}", crop, boxes
+
+
+def crop_boxes(boxes: np.ndarray, x: float, y: float, w: int, h: int,
+               min_visible: float = 0.5) -> np.ndarray:
+    """Boxes moved into a crop at (x, y) of size (w, h): those with at least `min_visible` of
+    their area inside, clipped to it."""
+    if not len(boxes):
+        return boxes.reshape(0, 4)
+    moved = boxes - np.array([x, y, x, y], np.float32)
+    full = (moved[:, 2] - moved[:, 0]) * (moved[:, 3] - moved[:, 1])
+    inside = moved.copy()
+    inside[:, [0, 2]] = inside[:, [0, 2]].clip(0, w)
+    inside[:, [1, 3]] = inside[:, [1, 3]].clip(0, h)
+    visible = (inside[:, 2] - inside[:, 0]) * (inside[:, 3] - inside[:, 1])
+    keep = (visible > 0) & (visible >= min_visible * np.maximum(full, 1e-6))
+    return clip_boxes(inside[keep], w, h)
