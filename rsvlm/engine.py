@@ -146,6 +146,9 @@ class ChatEngine:
         self.use_retrieval = self.database is not None and len(self.database) > 0
         # Boxes in answers are placed by the model's box head when it has one (`rsvlm.box_head`).
         self.use_box_head = getattr(self.model, "box_head", None) is not None
+        # Object questions (presence, counts, find all) answered from the trained detector's
+        # detections when the parts have one (`rsvlm.perception`).
+        self.perception = getattr(loaded, "perception", None)
         self._lock = threading.Lock()
         self._max_cached = max(1, max_cached_sessions)
         self._cached: OrderedDict[int, weakref.ref[ChatSession]] = OrderedDict()
@@ -211,6 +214,7 @@ class ChatSession:
         self.turns: list[tuple[str, str]] = []  # (user text incl. region prefix, answer)
         self.retrieved: list[dict[str, Any]] | None = None
         self.last: Answer | None = None
+        self.detections: list[Any] | None = None  # the detector's, computed on first need
         self._first_inputs: dict[str, torch.Tensor] = {}
         self._pixels: torch.Tensor | None = None  # the image processor's output, made once
         self._ids: torch.Tensor | None = None  # every token the cache has seen (+ the last one)
@@ -246,6 +250,13 @@ class ChatSession:
         if region_box_px is not None:
             region_text = format_region_box(region_box_px, self.chip_width, self.chip_height)
         user_text = prompting.user_turn(question, image_token=None, region_box_text=region_text)
+        perceived = self._perceived(question, region_box_px)
+        if perceived is not None:
+            self.last = perceived
+            self.turns.append((user_text, perceived.text))
+            self._drop_cache()  # the next turn encodes this one afresh
+            yield perceived.text
+            return
         with engine._lock:
             self._cancel.clear()
             t0 = time.perf_counter()
@@ -321,6 +332,27 @@ class ChatSession:
                 },
                 prompt=prompt_text,
             )
+
+    def _perceived(self, question: str,
+                   region_box_px: tuple[float, float, float, float] | None) -> Answer | None:
+        """The detector's answer to an object question, or None (the LM answers)."""
+        from rsvlm.perception import object_question, perception_answer
+
+        perception = self.engine.perception
+        asked = object_question(question, perception.config.labels) if perception else None
+        if asked is None:
+            return None
+        t0 = time.perf_counter()
+        with self.engine._lock:
+            if self.detections is None:
+                self.detections = perception.detect(self.image)
+        size = (self.chip_width, self.chip_height)
+        text = perception_answer(asked[0], asked[1], self.detections, size, region_box_px)
+        took = round(time.perf_counter() - t0, 4)
+        return Answer(text=text, boxes=self.ground(text), retrieved=list(self.retrieved or []),
+                      timing={"first_token_s": took, "total_s": took, "new_tokens": 0,
+                              "prefill_tokens": 0, "detector": 1.0},
+                      prompt=f"(answered by the detector: {asked[0]} of {asked[1]})")
 
     def ground(self, text: str) -> list[AnswerBox]:
         """Boxes in ``text`` -> chip pixels -> EPSG:4326 geometries (when georeferenced).

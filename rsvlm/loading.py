@@ -43,6 +43,7 @@ class LoadedModel:
     processor: Any
     database: Any = None  # rsvlm.retrieval.SemanticDatabase | None
     info: dict[str, Any] = field(default_factory=dict)
+    perception: Any = None  # rsvlm.perception.Perception | None (a trained detector)
 
 
 class GPUMemoryError(RuntimeError):
@@ -257,6 +258,11 @@ def _assemble(plan: Any, preset: Any, device: str, trained_dir: Path | None,
                                     merge_lora=merge_lora and not plan.quantized)
         database = _load_database(trained_dir)
         is_trained = True
+    perception = None
+    if manifest:
+        from rsvlm.perception import Perception
+
+        perception = Perception.load(trained_dir, model.vision_tower.model, image_processor)
     model.eval()
     processor = RSVLMProcessor.from_config(model.config, image_processor, tokenizer)
     info = {
@@ -269,8 +275,9 @@ def _assemble(plan: Any, preset: Any, device: str, trained_dir: Path | None,
         "connector": model.config.connector_type,
         "experts": model.config.experts_enabled,
         "retrieval": database is not None,
+        "detector": perception is not None,
     }
-    return LoadedModel(model, processor, database, info)
+    return LoadedModel(model, processor, database, info, perception)
 
 
 def _load_model_dir(path: Path, *, device: str, quantize: bool | None,

@@ -1,0 +1,97 @@
+"""Object questions answered from the detector: which questions, what the answer says (the
+count it states is the number of detections it was given), and the chat path around it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from rsvlm.boxes import parse_boxes
+from rsvlm.detector import Detection
+from rsvlm.perception import (
+    DetectorConfig,
+    Perception,
+    detections_summary,
+    object_question,
+    perception_answer,
+    save_detector,
+)
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("Are there any buildings? Answer with a single word or number.", ("presence", "building")),
+    ("Is there a building in the image?", ("presence", "building")),
+    ("How many buildings are there? Answer with a single word or number.", ("count", "building")),
+    ("Find all buildings in the image.", ("find_all", "building")),
+    ("Locate every building in this image.", ("find_all", "building")),
+    ("Detect all buildings and give their bounding boxes.", ("find_all", "building")),
+    ("Where is the largest building?", None),
+    ("Describe this remote sensing image.", None),
+    ("How many roads are there?", None),
+    ("Is it a rural or an urban area?", None),
+])
+def test_object_questions(question, expected) -> None:
+    assert object_question(question, ["building"]) == expected
+
+
+def _dets(n: int) -> list[Detection]:
+    return [Detection("building", 0.9, (0.1 * i, 0.1 * i, 0.1 * i + 0.05, 0.1 * i + 0.05))
+            for i in range(n)] + [Detection("aircraft", 0.8, (0.5, 0.5, 0.6, 0.6))]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+def test_the_answer_states_the_detections_it_was_given(n: int) -> None:
+    dets = _dets(n)
+    assert perception_answer("count", "building", dets, (200, 200)) == str(n)
+    assert perception_answer("presence", "building", dets, (200, 200)) == ("yes" if n else "no")
+    boxes = parse_boxes(perception_answer("find_all", "building", dets, (200, 200)))
+    assert len(boxes) == n and all(b.label == "building" for b in boxes)
+    # Inside a drawn box: the detections whose centre it holds.
+    inside = perception_answer("count", "building", dets, (200, 200), (0, 0, 61, 61))
+    assert inside == str(sum(1 for i in range(n) if (0.1 * i + 0.025) * 200 <= 61))
+    summary = detections_summary(dets, ["building"])
+    assert summary.startswith(f"Detected: {n} building")
+
+
+def _tiny_perception(tmp_path: Path, bias: float) -> tuple[Perception, object]:
+    from rsvlm.testing import tiny_image_processor, tiny_model
+
+    model = tiny_model()
+    cfg = DetectorConfig(labels=["building"], input_size=56, layers=[1, 2], hidden=32, dim=8,
+                         convs=1, threshold=0.5)
+    head = cfg.build()
+    with torch.no_grad():
+        head.heat.weight.zero_()
+        head.heat.bias.fill_(bias)  # a flat map: every patch a peak when above the threshold
+    save_detector(head, cfg, tmp_path)
+    perception = Perception.load(tmp_path, model.vision_tower.model, tiny_image_processor())
+    return perception, model
+
+
+def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path) -> None:
+    from rsvlm.engine import ChatEngine
+    from rsvlm.loading import LoadedModel
+    from rsvlm.testing import tiny_processor
+
+    perception, model = _tiny_perception(tmp_path, bias=3.0)
+    assert Perception.load(tmp_path / "nothing", model.vision_tower.model, None) is None
+    engine = ChatEngine(LoadedModel(model, tiny_processor(model.config), perception=perception),
+                        max_new_tokens=4, decode_backend="torch")
+    image = Image.new("RGB", (64, 64), (120, 110, 100))
+    session = engine.session(image)
+    count = "".join(session.ask("How many buildings are there?"))
+    assert session.detections is not None and count == str(len(session.detections)) == "16"
+    found = "".join(session.ask("Find all buildings in the image."))
+    assert len(session.last.boxes) == len(session.detections)
+    assert len(parse_boxes(found)) == 16
+    # Anything else goes to the language model.
+    other = engine.session(image)
+    list(other.ask("Describe this remote sensing image."))
+    assert other.detections is None and "detector" not in other.last.timing
+    # Nothing above the threshold: "no", "0".
+    quiet, _ = _tiny_perception(tmp_path / "quiet", bias=-6.0)
+    engine.perception = quiet
+    s = engine.session(image)
+    assert "".join(s.ask("Are there any buildings?")) == "no"
+    assert "".join(s.ask("How many buildings are there?")) == "0"
