@@ -188,6 +188,11 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
         f"{', '.join(trained['parts'])} + LoRA adapter; semantic database "
         f"{trained.get('semantic_db', {}).get('texts', '?')} texts.",
         "",
+    ]
+    loro = out / "eval" / "loro.md"  # scripts/loro.py --card: the leave-one-region-out headline
+    if loro.is_file():
+        lines += [loro.read_text().strip(), ""]
+    lines += [
         "## Numbers on the held-back split",
         "",
         f"Dataset: `rsvlm-train build-data` output, {card['splits']['train']['samples']} training "

@@ -8,7 +8,8 @@ Steps, each skipped when its output exists (run the command again to resume):
    on the region's boxes), then the rest (connector, LoRA, experts) on every task of the
    region; `fit --resume auto` continues an interrupted run;
 3. **final**: the fit's parts plus the shipped semantic database with the region's own
-   descriptions added (a region alone would leave the retriever nothing else to find);
+   descriptions added (a region alone would leave the retriever nothing else to find) and the
+   shipped detector (`rsvlm.perception`; not retrained here);
 4. **compare**: the shipped and the tuned model on the region's held-back split, side by side
    (VQA per type, referring grounding, find-all), in ``compare.md`` and ``compare.json``.
 
@@ -131,6 +132,12 @@ def make_final(cfg: FinetuneConfig, fit_final: Path, data: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(fit_final, tmp)
     shipped = _shipped_parts(cfg.model)
+    from rsvlm.perception import DETECTOR_DIR
+
+    if shipped is not None and (shipped / DETECTOR_DIR).is_dir():
+        # The shipped detector (trained on every labelled region, scored leave-one-region-out)
+        # answers the object questions of the tuned model too.
+        shutil.copytree(shipped / DETECTOR_DIR, tmp / DETECTOR_DIR)
     if cfg.model != "tiny":
         from training.fit import FitConfig, _text_encoder
 
