@@ -152,6 +152,20 @@ def metric_crs(source_crs: Any, bounds_lonlat: Sequence[float]) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
+def _perceived(engine: Any, images: Sequence[Any], question: str) -> list[str] | None:
+    """The detector's answers (`rsvlm.perception`) when the engine has one and the question is
+    about the objects it detects (as in a one-chip chat); None otherwise."""
+    from rsvlm.perception import object_question, perception_answer
+
+    perception = getattr(engine, "perception", None)
+    asked = object_question(question, perception.config.labels) if perception else None
+    if asked is None:
+        return None
+    with engine._lock:
+        return [perception_answer(asked[0], asked[1], perception.detect(im), im.size)
+                for im in images]
+
+
 def engine_answer_fn(engine: Any, *, max_new_tokens: int = 256) -> AnswerFn:
     """Batched answers from a `rsvlm.engine.ChatEngine`'s model: one padded ``generate`` per batch.
 
@@ -170,6 +184,9 @@ def engine_answer_fn(engine: Any, *, max_new_tokens: int = 256) -> AnswerFn:
 
     def answer(chips: Sequence[Any], question: str) -> list[str]:
         images = [c.to_image().convert("RGB") if hasattr(c, "to_image") else c for c in chips]
+        perceived = _perceived(engine, images, question)
+        if perceived is not None:
+            return perceived
         device = engine.device
         user = prompting.user_turn(question, image_token=None)
         messages = prompting.build_messages([(user, None)], image_token=processor.image_token)

@@ -95,3 +95,19 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
     s = engine.session(image)
     assert "".join(s.ask("Are there any buildings?")) == "no"
     assert "".join(s.ask("How many buildings are there?")) == "0"
+
+
+def test_a_scan_asks_the_detector_for_every_chip(tmp_path: Path) -> None:
+    from rsvlm.engine import ChatEngine
+    from rsvlm.loading import LoadedModel
+    from rsvlm.scan import engine_answer_fn
+    from rsvlm.testing import tiny_processor
+
+    perception, model = _tiny_perception(tmp_path, bias=3.0)
+    engine = ChatEngine(LoadedModel(model, tiny_processor(model.config), perception=perception),
+                        max_new_tokens=4, decode_backend="torch")
+    answer = engine_answer_fn(engine, max_new_tokens=4)
+    chips = [Image.new("RGB", (64, 64), (c, c, c)) for c in (50, 150)]
+    texts = answer(chips, "find all buildings")
+    assert [len(parse_boxes(t)) for t in texts] == [16, 16]
+    assert answer(chips, "how many buildings are there?") == ["16", "16"]
