@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rsvlm.perception import DetectorConfig, save_detector  # noqa: E402
 from training.detection import (  # noqa: E402
     FrozenTower,
     View,
@@ -111,6 +112,10 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int) -> 
                                                                        for d in p)}
                            for n, b, p in zip(test["names"], test["boxes"], preds, strict=True)]}
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The fold's head, for whole-scene scans of its held-out region (scripts/bench_scene.py).
+    save_detector(head, DetectorConfig(hidden=x.shape[-1], threshold=threshold,
+                                       notes={"held_out": held, "trained_on": others}),
+                  out / "folds" / held)
     path.write_text(json.dumps(report, indent=2))
     log.info("fold %s: F1 %.3f P %.3f R %.3f presence %.3f count within 20%% %.3f (%.0f s)",
              held, report["f1"], report["precision"], report["recall"], report["presence"],
