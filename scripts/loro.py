@@ -78,7 +78,8 @@ def _load(out: Path, name: str, part: str) -> dict:
     return torch.load(out / "cache" / f"{name}.{part}.pt", weights_only=False)
 
 
-def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int) -> dict:
+def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim: int = 64,
+             reduce: int | None = 128) -> dict:
     path = out / "folds" / f"{held}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -92,7 +93,7 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int) -> 
     x = torch.cat(feats)
     t0 = time.perf_counter()
     head = train_detector(x, boxes, hidden=x.shape[-1], levels=x.shape[1], epochs=epochs,
-                          seed=seed)
+                          seed=seed, dim=dim, reduce=reduce)
     train_s = time.perf_counter() - t0
     # Threshold: best F1 on the other regions' tiles (selection), never on the held-out one.
     sel_p, sel_t, sel_s = [], [], []
@@ -105,7 +106,7 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int) -> 
     test = _load(out, held, "eval")
     preds = predict(head, test["features"], 0.1)
     report = {"held_out": held, "trained_on": others, "train_views": len(x),
-              "epochs": epochs, "train_s": round(train_s, 1), "seed": seed,
+              "epochs": epochs, "dim": dim, "reduce": reduce, "train_s": round(train_s, 1), "seed": seed,
               "selection": score_detections(sel_p, sel_t, sel_s, threshold),
               **score_detections(preds, test["boxes"], test["sizes"], threshold),
               "per_tile": [{"tile": n, "true": len(b), "predicted": sum(d[4] >= threshold
@@ -113,7 +114,7 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int) -> 
                            for n, b, p in zip(test["names"], test["boxes"], preds, strict=True)]}
     path.parent.mkdir(parents=True, exist_ok=True)
     # The fold's head, for whole-scene scans of its held-out region (scripts/bench_scene.py).
-    save_detector(head, DetectorConfig(hidden=x.shape[-1], threshold=threshold,
+    save_detector(head, DetectorConfig(hidden=x.shape[-1], dim=dim, threshold=threshold,
                                        notes={"held_out": held, "trained_on": others}),
                   out / "folds" / held)
     path.write_text(json.dumps(report, indent=2))
@@ -228,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--views-per-tile", type=int, default=4)
     ap.add_argument("--min-views", type=int, default=40)
     ap.add_argument("--max-views", type=int, default=100)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=64, help="detector width")
+    ap.add_argument("--reduce", type=int, default=128,
+                    help="train on this many principal components of the levels (0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", action="store_true", help="only render the table")
     ap.add_argument("--baseline", default="runs/baseline", help="chat-path reports folder")
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.max_views, args.seed)
         names = [n for n in names if (out / "cache" / f"{n}.pt").is_file()]
         for held in names:
-            run_fold(out, held, names, args.epochs, args.seed)
+            run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))
     if args.card:

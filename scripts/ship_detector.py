@@ -48,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
             boxes += d["boxes"]
     x = torch.cat(feats)
     epochs = args.epochs or folds[0]["epochs"]
+    dim, reduce = folds[0].get("dim", 96), folds[0].get("reduce")
     head = train_detector(x, boxes, hidden=x.shape[-1], levels=x.shape[1], epochs=epochs,
-                          seed=args.seed)
+                          seed=args.seed, dim=dim, reduce=reduce)
     threshold = statistics.median(f["threshold"] for f in folds)
     config = DetectorConfig(labels=["building"], input_size=INPUT_SIZE, hidden=x.shape[-1],
+                            dim=dim,
                             threshold=threshold, notes={
                                 "trained_on": regions, "views": len(x), "epochs": epochs,
                                 "threshold": "median of the LORO folds' selected thresholds",

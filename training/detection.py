@@ -146,11 +146,60 @@ def cache_views(tower: FrozenTower, views: list[View], path: Path, batch: int = 
 # ------------------------------------------------------------------------ training
 
 
+def principal_components(features: torch.Tensor, k: int, samples: int = 20000,
+                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (d,) and the top-k principal directions (d, k) of the concatenated levels of a
+    sample of patches: the input layer then trains on k numbers per patch instead of d."""
+    b, levels, n, h = features.shape
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, b, (samples,), generator=gen)
+    cols = torch.randint(0, n, (samples,), generator=gen)
+    x = features[rows, :, cols].float().reshape(samples, levels * h)
+    mean = x.mean(0)
+    _, _, v = torch.pca_lowrank(x - mean, q=k, center=False, niter=3)
+    return mean, v[:, :k]
+
+
+def reduce_features(features: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor,
+                    chunk: int = 32) -> torch.Tensor:
+    """(b, levels, n, h) -> (b, 1, n, k) projections on the principal directions."""
+    out = []
+    for i in range(0, len(features), chunk):
+        x = features[i:i + chunk].float()
+        x = x.permute(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
+        out.append(((x - mean) @ comps).unsqueeze(1).half())
+    return torch.cat(out)
+
+
+def compose_projection(head: DenseDetector, mean: torch.Tensor, comps: torch.Tensor,
+                       hidden: int, levels: int) -> DenseDetector:
+    """A head on the full levels computing exactly what `head` computes on the projections:
+    its input layer W x' + b with x' = (x - mean) V becomes (W V^T) x + (b - W V^T mean)."""
+    full = DenseDetector(hidden, levels, classes=head.heat.out_channels,
+                         dim=head.heat.in_channels, convs=len(head.body) // 3)
+    state = head.state_dict()
+    w, b = state["proj.0.weight"], state["proj.0.bias"]
+    state["proj.0.weight"] = w @ comps.T
+    state["proj.0.bias"] = b - w @ comps.T @ mean
+    full.load_state_dict(state)
+    return full.eval()
+
+
 def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden: int,
                    levels: int, epochs: int = 15, batch_size: int = 16, lr: float = 2e-3,
-                   seed: int = 0, dim: int = 96, log_every: int = 50) -> DenseDetector:
-    """The head on cached features (all boxes one class), AdamW with a cosine schedule."""
+                   seed: int = 0, dim: int = 96, log_every: int = 50,
+                   reduce: int | None = None) -> DenseDetector:
+    """The head on cached features (all boxes one class), AdamW with a one-cycle schedule.
+
+    ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
+    layer is most of the cost); the returned head takes the full levels all the same."""
     torch.manual_seed(seed)
+    pca = None
+    if reduce:
+        pca = principal_components(features, reduce, seed=seed)
+        features = reduce_features(features, *pca)
+        full_hidden, full_levels = hidden, levels
+        hidden, levels = reduce, 1
     head = DenseDetector(hidden, levels, classes=1, dim=dim)
     n = len(features)
     grid = int(round(features.shape[2] ** 0.5))
@@ -180,6 +229,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
             if step % log_every == 0:
                 log.info("detector step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(),
                          time.perf_counter() - t0)
+    if pca is not None:
+        return compose_projection(head.eval(), *pca, full_hidden, full_levels)
     return head.eval()
 
 

@@ -86,3 +86,18 @@ def test_crops_keep_mostly_visible_boxes_and_tiles_cover_the_image() -> None:
 @pytest.mark.parametrize("mask, n", [(np.zeros((8, 8)), 0), (np.eye(8) * 255, 0)])
 def test_mask_boxes_drop_specks(mask, n) -> None:
     assert len(mask_boxes(mask, min_pixels=12)) == n
+
+
+def test_a_head_trained_on_principal_components_takes_the_full_levels() -> None:
+    from training.detection import compose_projection, principal_components, reduce_features
+
+    x = torch.randn(6, 3, 16, 8).half()
+    mean, comps = principal_components(x, 5, samples=96)
+    reduced = reduce_features(x, mean, comps)
+    assert reduced.shape == (6, 1, 16, 5)
+    small = DenseDetector(5, 1, dim=8)
+    full = compose_projection(small.eval(), mean, comps, hidden=8, levels=3)
+    with torch.no_grad():
+        h1, b1 = small([reduced[:, 0].float()])
+        h2, b2 = full([x[:, j].float() for j in range(3)])
+    assert torch.allclose(h1, h2, atol=1e-2) and torch.allclose(b1, b2, atol=1e-2)
