@@ -34,7 +34,10 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "assets" / "demo" / "kampala" / "oam_rgb_epsg3857.tif"
 Q1 = "Describe this image."
-Q2 = "How many buildings are there?"
+# A follow-up the language model answers (with a detector in the parts, "How many buildings are
+# there?" is answered by the detector; that is timed apart, as Q_DETECT).
+Q2 = "Where is the largest building?"
+Q_DETECT = "How many buildings are there?"
 
 
 class PeakRSS:
@@ -78,7 +81,14 @@ def bench_ours(engine, chip) -> dict[str, float]:
     list(session.ask(Q2))
     a2 = session.last.timing
     decode = (a1["new_tokens"] - 1) / max(a1["total_s"] - a1["first_token_s"], 1e-9)
+    detector = {}
+    if getattr(engine, "perception", None) is not None:
+        fresh = engine.session(chip)  # the detector's own tower pass at 448 px, then its head
+        list(fresh.ask(Q_DETECT))
+        detector = {"detector_answer_s": fresh.last.timing["first_token_s"],
+                    "detector_answer": fresh.last.text}
     return {
+        **detector,
         "first_token_s": a1["first_token_s"],
         "decode_tok_s": decode,
         "followup_first_token_s": a2["first_token_s"],
@@ -209,6 +219,8 @@ def main() -> None:
         "plain_llava": {k: round(med(plain, k), 4) for k in keys},
         "ours_decode_backend": engine.info["decode"],
         "other_decode_backends": others,
+        "ours_detector_answer_s": (round(med(ours, "detector_answer_s"), 4)
+                                   if "detector_answer_s" in ours[0] else None),
         "ours_prefill_tokens": ours[0]["prefill_tokens"],
         "ours_followup_prefill_tokens": ours[0]["followup_prefill_tokens"],
         "peak_rss_mb": {"before_load": round(base_mb), "ours": round(ours_peak),
@@ -222,6 +234,8 @@ def main() -> None:
     }
     result["goals"] = {
         "first_token_le_0.8s": o["first_token_s"] <= 0.8,
+        "detector_answer_le_0.8s": (result["ours_detector_answer_s"] is None
+                                    or result["ours_detector_answer_s"] <= 0.8),
         "followup_le_0.3s": o["followup_first_token_s"] <= 0.3,
         "followup_ge_3x_plain": result["ratios"]["followup_speedup_vs_plain"] >= 3,
         "decode_ge_30_tok_s": o["decode_tok_s"] >= 30,

@@ -57,3 +57,20 @@ def test_adapter_database_and_card_ship_with_it(manifest: dict) -> None:
     assert "## Numbers on the held-back split" in card and "## Example answers" in card
     size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
     assert size < 60e6, f"the shipped model is {size / 1e6:.0f} MB"
+
+
+def test_the_shipped_detector_loads_and_its_card_section_is_there() -> None:
+    """The dense detector (`rsvlm.perception`) is scored leave-one-region-out in the card."""
+    from safetensors.torch import load_file
+
+    from rsvlm.perception import CONFIG_NAME, DETECTOR_DIR, WEIGHTS_NAME, DetectorConfig
+
+    folder = SHIPPED / DETECTOR_DIR
+    config = DetectorConfig(**json.loads((folder / CONFIG_NAME).read_text()))
+    head = config.build()
+    head.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))  # strict: every tensor fits
+    assert config.labels == ["building"] and 0 < config.threshold < 1
+    card = (SHIPPED / "MODEL_CARD.md").read_text()
+    assert "## Leave-one-region-out" in card
+    for region in config.notes["loro_f1"]:
+        assert f"| {region} |" in card
