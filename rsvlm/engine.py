@@ -347,7 +347,9 @@ class ChatSession:
             if self.detections is None:
                 self.detections = perception.detect(self.image)
         size = (self.chip_width, self.chip_height)
-        text = perception_answer(asked[0], asked[1], self.detections, size, region_box_px)
+        text = perception_answer(asked[0], asked[1],
+                                 perception.select(self.detections, asked[0]), size,
+                                 region_box_px)
         took = round(time.perf_counter() - t0, 4)
         return Answer(text=text, boxes=self.ground(text), retrieved=list(self.retrieved or []),
                       timing={"first_token_s": took, "total_s": took, "new_tokens": 0,

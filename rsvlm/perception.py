@@ -37,7 +37,9 @@ class DetectorConfig:
     hidden: int = 384
     dim: int = 96
     convs: int = 2
-    threshold: float = 0.3
+    threshold: float = 0.3  # boxes ("find all"): the best F1 on the selection regions
+    # presence and counts: the most counts within 20 % there (None: `threshold`)
+    count_threshold: float | None = None
     # Where the numbers behind the threshold came from (scripts/loro.py), for the model card.
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -98,8 +100,18 @@ class Perception:
 
     @torch.inference_mode()
     def detect(self, image: Any) -> list[Detection]:
+        """Every detection above the lower of the two thresholds (see `select`)."""
         heat, box = self.head(self.features(image))
-        return decode(heat, box, self.config.labels, self.config.threshold)[0]
+        low = min(self.config.threshold, self.config.count_threshold or self.config.threshold)
+        return decode(heat, box, self.config.labels, low)[0]
+
+    def select(self, detections: list[Detection], kind: str) -> list[Detection]:
+        """The detections that answer a question of ``kind``: boxes at `threshold`, presence
+        and counts at `count_threshold` (each chosen for its own metric)."""
+        cut = self.config.threshold
+        if kind in {"presence", "count"} and self.config.count_threshold is not None:
+            cut = self.config.count_threshold
+        return [d for d in detections if d.score >= cut]
 
 
 # --------------------------------------------------------------------------- questions

@@ -162,7 +162,8 @@ def _perceived(engine: Any, images: Sequence[Any], question: str) -> list[str] |
     if asked is None:
         return None
     with engine._lock:
-        return [perception_answer(asked[0], asked[1], perception.detect(im), im.size)
+        return [perception_answer(asked[0], asked[1],
+                                  perception.select(perception.detect(im), asked[0]), im.size)
                 for im in images]
 
 

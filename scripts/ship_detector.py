@@ -1,8 +1,8 @@
 """Train the dense detector on every cached region of a `scripts/loro.py` run and write it into
 trained parts (``PARTS/detector/``).
 
-The threshold is the median of the thresholds the leave-one-region-out folds chose on their
-selection regions (never on a held-out one), so the shipped head is scored by those folds'
+The thresholds (boxes; presence and counts) are the medians of those the leave-one-region-out
+folds chose on their selection regions (never on a held-out one), so the shipped head is scored by those folds'
 numbers: a head trained on all regions is not scored anywhere else.
 
     python scripts/ship_detector.py --loro runs/loro --parts assets/models/embedded
@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     head = train_detector(x, boxes, hidden=x.shape[-1], levels=x.shape[1], epochs=epochs,
                           seed=args.seed, dim=dim, reduce=reduce)
     threshold = statistics.median(f["threshold"] for f in folds)
+    count_threshold = statistics.median(f.get("count_threshold", f["threshold"]) for f in folds)
     config = DetectorConfig(labels=["building"], input_size=INPUT_SIZE, hidden=x.shape[-1],
                             dim=dim,
-                            threshold=threshold, notes={
+                            threshold=threshold, count_threshold=count_threshold, notes={
                                 "trained_on": regions, "views": len(x), "epochs": epochs,
                                 "threshold": "median of the LORO folds' selected thresholds",
                                 "loro_f1": {f["held_out"]: round(f["f1"], 3) for f in folds}})

@@ -267,8 +267,16 @@ def score_detections(preds: list[list[tuple[float, ...]]], truths: list[torch.Te
             "threshold": threshold}
 
 
+THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
+
+
 def choose_threshold(preds: list[list[tuple[float, ...]]], truths: list[torch.Tensor],
-                     sizes: list[tuple[int, int]],
-                     grid: Sequence[float] = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)) -> float:
-    """The threshold with the best find-all F1 on a selection set (never the scored one)."""
-    return max(grid, key=lambda t: score_detections(preds, truths, sizes, t)["f1"])
+                     sizes: list[tuple[int, int]], grid: Sequence[float] = THRESHOLDS[1:],
+                     metric: str = "f1") -> float:
+    """The threshold with the best find-all F1 (or ``metric="count"``: the most counts within
+    20 %, then exact) on a selection set (never the scored one)."""
+    def key(t: float) -> Any:
+        r = score_detections(preds, truths, sizes, t)
+        return r["f1"] if metric == "f1" else (r["counting"]["within_20pct"],
+                                               r["counting"]["exact"])
+    return max(grid, key=key)

@@ -85,6 +85,12 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
     found = "".join(session.ask("Find all buildings in the image."))
     assert len(session.last.boxes) == len(session.detections)
     assert len(parse_boxes(found)) == 16
+    # Counts and presence at their own threshold; boxes at the find-all one.
+    perception.config.count_threshold = 0.99  # above every score (sigmoid(3) = 0.95)
+    strict = engine.session(image)
+    assert "".join(strict.ask("How many buildings are there?")) == "0"
+    assert len(parse_boxes("".join(strict.ask("Find all buildings in the image.")))) == 16
+    perception.config.count_threshold = None
     # Anything else goes to the language model.
     other = engine.session(image)
     list(other.ask("Describe this remote sensing image."))
