@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="load a preset whose connector is untrained (large): answers are noise")
         command.add_argument("--no-context", action="store_true",
                              help="ablation: leave retrieved descriptions and OSM features out of the prompt")
+        command.add_argument("--osm", default=None,
+                             help="OSM features (GeoJSON/GPKG) whose tags of each chip go into a "
+                             "pretrained model's prompt")
         command.add_argument("--quantize", choices=["4bit", "none"], default=None,
                              help="4-bit NF4 (default on CUDA for pretrained models) or none")
         command.add_argument(
@@ -97,6 +100,14 @@ def _load(args: argparse.Namespace):
                 allow_untrained=args.allow_untrained)
 
 
+def _osm(args: argparse.Namespace):
+    if not args.osm:
+        return None
+    from rsvlm.backends.semantics import osm_context
+
+    return osm_context(args.osm)
+
+
 def _which(args: argparse.Namespace) -> int:
     from rsvlm.backends.choice import explain
     from rsvlm.presets import _cuda_memory_gb
@@ -120,7 +131,7 @@ def _ask(args: argparse.Namespace) -> int:
     logger.info("model: %s", loaded.info.get("summary", loaded.info))
     session = ChatEngine(
         loaded, max_new_tokens=args.max_new_tokens, decode_backend=args.decode,
-        semantic_context=not args.no_context,
+        semantic_context=not args.no_context, osm=_osm(args),
     ).session(chip)
     stream = session.ask(args.question, region_box_px=args.region_box)
     if args.json:
@@ -154,7 +165,7 @@ def _scan(args: argparse.Namespace) -> int:
         logger.info("model: %s", loaded.info.get("summary", loaded.info))
         engine = ChatEngine(
             loaded, max_new_tokens=args.max_new_tokens, decode_backend=args.decode,
-            semantic_context=not args.no_context,
+            semantic_context=not args.no_context, osm=_osm(args),
         )
 
         def progress(done: int, total: int) -> None:

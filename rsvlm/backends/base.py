@@ -54,7 +54,8 @@ class Family:
     conversational: bool = True
     #: follow-up turns feed only new tokens after the previous turn's KV cache
     reuses_cache: bool = True
-    #: modules kept in 16-bit when the rest is NF4 (bitsandbytes ``llm_int8_skip_modules``)
+    #: modules kept in 16-bit when the rest is NF4 (bitsandbytes ``llm_int8_skip_modules``;
+    #: transformers 5 matches them from the start of a module name, or as a suffix)
     skip_modules: tuple[str, ...] = ("lm_head",)
     #: LoRA target modules (peft regex over module names), the language model's projections
     lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"

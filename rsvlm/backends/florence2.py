@@ -41,7 +41,7 @@ _TASK_TOKEN = re.compile(r"^\s*(<[A-Z_]+>)(.*)$", re.S)
 _WHERE = re.compile(
     r"^\s*(?:please\s+)?(?:find|locate|detect|count|show|mark|ground|where\s+(?:is|are)|"
     r"how\s+many)\s+(?:me\s+)?(?:all\s+|every\s+|each\s+|the\s+|any\s+)*(?P<phrase>.*?)"
-    r"(?:\s+(?:are\s+there|is\s+there|can\s+you\s+see|do\s+you\s+see))?"
+    r"(?:\s*(?:are\s+there|is\s+there|can\s+you\s+see|do\s+you\s+see))?"
     r"(?:\s+(?:in|on)\s+(?:the|this)\s+(?:image|picture|scene|chip|area))?\s*[?.!]*\s*$",
     re.I | re.S,
 )
@@ -80,7 +80,7 @@ class Florence2(Family):
     model_class = "Florence2ForConditionalGeneration"
     conversational = False
     reuses_cache = False
-    skip_modules = ("vision_tower", "multi_modal_projector", "lm_head")
+    skip_modules = (r"(?:model\.)?vision_tower", r"(?:model\.)?multi_modal_projector", "lm_head")
     lora_target = r".*language_model.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
     stream_special_tokens = True
     instruction_following = False  # True for Falcon checkpoints (set by the loader)

@@ -24,7 +24,7 @@ class Llava(Family):
     name = "llava"
     model_types = ("llava",)
     model_class = "LlavaForConditionalGeneration"
-    skip_modules = ("vision_tower", "multi_modal_projector", "lm_head")
+    skip_modules = (r"(?:model\.)?vision_tower", r"(?:model\.)?multi_modal_projector", "lm_head")
 
     def region_text(self, processor: Any, box_norm: tuple[float, ...],
                     image_size: tuple[int, int]) -> str:

@@ -30,7 +30,7 @@ _ASKS_WHERE = re.compile(
 
 
 class _QwenVL(Family):
-    skip_modules = ("visual", "lm_head")
+    skip_modules = (r"(?:model\.)?visual", "lm_head")
     grounding_request = ""
 
     def processor_kwargs(self) -> dict[str, Any]:

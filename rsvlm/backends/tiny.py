@@ -117,13 +117,13 @@ def _florence(out: Path) -> None:
     import torch
     from transformers import (
         AddedToken,
+        AutoTokenizer,
         BartTokenizer,
         CLIPImageProcessorPil,
         Florence2Config,
         Florence2ForConditionalGeneration,
         Florence2Processor,
     )
-    from transformers import AutoTokenizer
 
     from rsvlm.backends.florence2 import ORIGINAL_ADDED_TOKENS
 
