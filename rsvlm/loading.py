@@ -174,7 +174,7 @@ def load(
         if device is None and "cuda" not in preset.devices:
             device = "cpu"
         trained_dir = preset.trained_weights_dir if trained is True else (Path(trained) if trained else None)
-        if trained_dir is None and not allow_untrained and preset.trained_weights is None:
+        if trained is True and trained_dir is None and not allow_untrained:
             from rsvlm.presets import PresetError
 
             raise PresetError(

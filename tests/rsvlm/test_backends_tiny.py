@@ -1,0 +1,139 @@
+"""Tiny random checkpoints of every pretrained family, loaded as a hub id would be, asked
+questions through the engine, the CLI and the app's backend, in fp32 and NF4 on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rsvlm.backends import FamilyError
+from rsvlm.backends.tiny import FAMILIES, write_tiny_checkpoint
+from rsvlm.engine import ChatEngine
+from rsvlm.loading import load
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+QUESTIONS = ("find all buildings", "how many are there?")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_backends")
+    return {f: write_tiny_checkpoint(f, root / f) for f in FAMILIES}
+
+
+def _image(width: int = 200, height: int = 120) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+class _Retriever:
+    def retrieve_image(self, image):
+        return [{"text": "Dense residential area with metal roofs.", "score": 0.7}]
+
+
+def _engine(folder: Path, **kwargs) -> ChatEngine:
+    loaded = load(str(folder), device="cpu", quantize=kwargs.pop("quantize", None))
+    # Florence-2's random decoder would stop at once: a few tokens make the stream observable.
+    generation = {"min_new_tokens": 3} if loaded.family.name == "florence2" else None
+    return ChatEngine(loaded, max_new_tokens=8, generation=generation, **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hub_layout_loads_and_answers_with_semantic_context(checkpoints, family) -> None:
+    folder = checkpoints[family]
+    names = set(os.listdir(folder))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    engine = _engine(folder, osm=lambda chip: ["OSM building=house: 12"], retriever=_Retriever())
+    assert type(engine).__name__ == "PretrainedEngine" and engine.info["family"] == family
+    session = engine.session(_image())
+    pieces = list(session.ask(QUESTIONS[0]))
+    answer = session.last
+    assert answer is not None and answer.timing["prefill_tokens"] > 0
+    assert "".join(pieces).strip() and answer.text.strip()
+    assert answer.retrieved[0]["text"].startswith("Dense residential")
+    if family != "florence2":  # Florence-2's task prompts have no room for context
+        assert "OSM building=house: 12" in answer.prompt and "Dense residential" in answer.prompt
+    ablated = _engine(folder, osm=lambda chip: ["OSM building=house: 12"], retriever=_Retriever(),
+                      semantic_context=False).session(_image())
+    list(ablated.ask(QUESTIONS[0]))
+    assert "OSM building" not in ablated.last.prompt and ablated.last.retrieved
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava"])
+def test_follow_up_reuses_the_cache_and_answers_as_a_fresh_prefill(checkpoints, family) -> None:
+    engine = _engine(checkpoints[family])
+    cached = engine.session(_image())
+    fresh = engine.session(_image())
+    for q in QUESTIONS[:1]:
+        list(cached.ask(q))
+        list(fresh.ask(q))
+    fresh._drop_cache()  # the second turn of `fresh` encodes the whole conversation again
+    list(cached.ask(QUESTIONS[1]))
+    list(fresh.ask(QUESTIONS[1]))
+    assert cached.last.timing["prefill_tokens"] < fresh.last.timing["prefill_tokens"] / 2
+    assert cached.last.text == fresh.last.text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nf4_on_the_cpu_keeps_vision_and_head_16_bit(checkpoints, family) -> None:
+    import bitsandbytes as bnb
+
+    engine = _engine(checkpoints[family], quantize=True)
+    model = engine.model
+    four_bit = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert four_bit and "NF4" in engine.info["precision"]
+    assert not any(n.startswith(("model.visual", "model.vision_tower", "model.multi_modal_projector",
+                                 "lm_head")) for n in four_bit)
+    assert all(".language_model." in n for n in four_bit)
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    session = engine.session(_image())
+    assert "".join(session.ask(QUESTIONS[0])) is not None and session.last is not None
+
+
+def test_qwen25_frame_is_the_processors_actual_resize(checkpoints) -> None:
+    engine = _engine(checkpoints["qwen2_5_vl"])
+    processor = engine.processor
+    # The pinned budget (256..1280 x 28 x 28 px) replaces the checkpoint's own: a 500 x 300 chip
+    # is seen as 588 x 364 (see test_backend_conventions).
+    inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|>x"],
+                       images=[_image(500, 300)], return_tensors="pt")
+    frame = engine.family.frame(processor, inputs, None)
+    assert frame["resized"] == (588, 364)
+    session = engine.session(_image(500, 300))
+    answer = session._answer('[{"bbox_2d": [147, 91, 294, 182], "label": "building"}]',
+                             type("E", (), {"frame": frame, "prompt": ""})(),
+                             type("S", (), {"first_token_at": None, "n_new": 0})(), 0.0, 0.0, 1)
+    assert answer.boxes[0].box_px == pytest.approx((125, 75, 250, 150))
+    assert "<ref>building</ref><box>[250,250,500,500]</box>" in answer.text
+
+
+def test_unsupported_model_type_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(FamilyError, match="not a supported vision-language family.*qwen2_5_vl"):
+        load(str(tmp_path), device="cpu")
+
+
+def test_untrained_large_preset_needs_the_explicit_flag() -> None:
+    from rsvlm.presets import PresetError
+
+    with pytest.raises(PresetError, match="--allow-untrained"):
+        load("large", device="cuda")  # refused before any device or memory check
+
+
+def test_cli_ask_with_a_tiny_checkpoint(checkpoints, tmp_path: Path, capsys) -> None:
+    from rsvlm.cli import main
+
+    path = tmp_path / "chip.png"
+    _image().save(path)
+    assert main(["ask", str(path), "find all buildings", "--model", str(checkpoints["qwen3_vl"]),
+                 "--max-new-tokens", "6", "--json", "--no-context"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"answer", "boxes", "retrieved", "timing"}
+    assert main(["ask", str(path), "hi", "--model", str(tmp_path / "missing-model")]) == 2
