@@ -164,3 +164,73 @@ __all__ = [
     "smart_resize",
     "to_canonical_text",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Canonical -> family (training data in each family's own box format)
+# ----------------------------------------------------------------------------------------------
+
+
+def _qwen_json(items: list[tuple[str | None, tuple[float, ...]]]) -> str:
+    import json
+
+    records = []
+    for label, box in items:
+        record: dict[str, object] = {"bbox_2d": [int(round(v)) for v in box]}
+        if label:
+            record["label"] = label
+        records.append(record)
+    return "```json\n" + json.dumps(records) + "\n```"
+
+
+def canonical_to_family(text: str, family: str, *, resized: tuple[int, int] | None = None) -> str:
+    """``text`` with its canonical boxes written as ``family`` writes them (for training data).
+
+    Consecutive boxes become one JSON list for the Qwen families (pixels of ``resized``, the
+    processor's resized ``(w, h)``, for Qwen2.5-VL; 0-1000 for Qwen3-VL); Florence-2 gets
+    ``label<loc_x1><loc_y1><loc_x2><loc_y2>`` (bins 0-999); LLaVA/GeoChat ``{<x1><y1><x2><y2>|<θ>}``
+    on 0-100."""
+    boxes = [b for b in parse_boxes(text) if b.format == "canonical"]
+    if not boxes:
+        return text
+    groups: list[list[ParsedBox]] = []
+    for box in boxes:
+        gap = text[groups[-1][-1].span[1]:box.span[0]] if groups else None
+        if groups and gap is not None and not gap.strip(" ,;and"):
+            groups[-1].append(box)
+        else:
+            groups.append([box])
+    pieces, last = [], 0
+    for group in groups:
+        pieces.append(text[last:group[0].span[0]])
+        pieces.append(_family_boxes(group, family, resized))
+        last = group[-1].span[1]
+    pieces.append(text[last:])
+    return "".join(pieces)
+
+
+def _family_boxes(group: list[ParsedBox], family: str, resized: tuple[int, int] | None) -> str:
+    if family == "qwen2_5_vl":
+        if resized is None:
+            raise ValueError("Qwen2.5-VL boxes need the resized image size")
+        w, h = resized
+        return _qwen_json([(b.label, (b.box_norm[0] * w / SCALE, b.box_norm[1] * h / SCALE,
+                                      b.box_norm[2] * w / SCALE, b.box_norm[3] * h / SCALE))
+                           for b in group])
+    if family == "qwen3_vl":
+        return _qwen_json([(b.label, b.box_norm) for b in group])
+    if family == "florence2":
+        out = []
+        for b in group:
+            bins = [min(max(int(v * FLORENCE_BINS / SCALE), 0), FLORENCE_BINS - 1)
+                    for v in b.box_norm]
+            out.append((b.label or "") + "".join(f"<loc_{v}>" for v in bins))
+        return "".join(out)
+    if family == "llava":
+        out = []
+        for b in group:
+            x1, y1, x2, y2 = (int(round(v / 10)) for v in b.box_norm)
+            out.append(f"{b.label + ' ' if b.label else ''}{{<{x1}><{y1}><{x2}><{y2}>|"
+                       f"<{int(round(b.angle or 0))}>}}")
+        return " ".join(out)
+    raise ValueError(f"no box format for family {family!r}")
