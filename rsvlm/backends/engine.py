@@ -63,6 +63,19 @@ class PretrainedEngine(ChatEngine):
     def session(self, chip: Any) -> PretrainedSession:
         return PretrainedSession(self, chip)
 
+    def answer_chips(self, chips: list[Any], question: str, *, max_new_tokens: int = 256
+                     ) -> list[str]:
+        """One answer per chip (canonical boxes), for `rsvlm.scan`: a fresh session each, one
+        after the other (chips of a scan differ in size at the borders, and a family's image
+        tokens with them, so they are not padded into one batch)."""
+        answers = []
+        for chip in chips:
+            session = self.session(chip)
+            for _ in session.ask(question, max_new_tokens=max_new_tokens):
+                pass
+            answers.append(session.last.text)
+        return answers
+
     def retrieve_for_image(self, image: Any) -> list[dict[str, Any]]:
         if self.retriever is None:
             return []

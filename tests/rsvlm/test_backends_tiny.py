@@ -137,3 +137,22 @@ def test_cli_ask_with_a_tiny_checkpoint(checkpoints, tmp_path: Path, capsys) -> 
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"answer", "boxes", "retrieved", "timing"}
     assert main(["ask", str(path), "hi", "--model", str(tmp_path / "missing-model")]) == 2
+
+
+def test_scan_runs_a_pretrained_family_chip_by_chip(checkpoints, tmp_path: Path) -> None:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    import tiles
+    from rsvlm.scan import scan
+
+    path = tmp_path / "scene.tif"
+    data = np.random.default_rng(0).integers(0, 255, (3, 200, 300), dtype=np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=300, height=200, count=3, dtype="uint8",
+                       crs="EPSG:32636", transform=from_origin(500000, 40000, 1.0, 1.0)) as ds:
+        ds.write(data)
+    engine = _engine(checkpoints["qwen3_vl"])
+    with tiles.open_source(path) as source:
+        result = scan(source, "find all buildings", engine=engine, chip_size=128, batch_size=2,
+                      max_new_tokens=4)
+    assert result.chips_done == result.chips_total > 1 and not result.cancelled
