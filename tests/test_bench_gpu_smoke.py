@@ -73,7 +73,7 @@ def test_bench_gpu_tiny_pretrained_backends(tmp_path: Path) -> None:
     assert result["rows"] == []
     rows = {(r["backend"], r["mode"]): r for r in result["backend_rows"]}
     assert set(rows) == {(f, m) for f in ("qwen2_5_vl", "florence2") for m in ("nf4", "bf16")}
-    for (family, mode), row in rows.items():
+    for (_family, mode), row in rows.items():
         assert row["first_token_s"] > 0 and row["decode_tok_s_b1"] > 0
         assert (row["nf4_linears"] > 0) == (mode == "nf4")
     assert rows[("qwen2_5_vl", "nf4")]["scene"]["chips_done"] == 9
