@@ -257,7 +257,7 @@ class EngineBackend:
         from rsvlm.loading import load
 
         loaded = load(model, device=device, quantize=quantize, progress=progress,
-                      adapter=adapter, allow_untrained=allow_untrained)
+                      adapter=adapter, allow_untrained=allow_untrained, retriever="embedded")
         if progress is not None and loaded.info.get("device") == "cpu" \
                 and not loaded.info.get("pretrained"):
             progress("Preparing the decoder (the first start with new weights exports it "

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="load a preset whose connector is untrained (large): answers are noise")
         command.add_argument("--no-context", action="store_true",
                              help="ablation: leave retrieved descriptions and OSM features out of the prompt")
+        command.add_argument("--retriever", choices=["embedded", "none"], default="embedded",
+                             help="for a pretrained --model: whose retrieved descriptions go into "
+                             "the prompt (default: the embedded model's retriever)")
         command.add_argument("--osm", default=None,
                              help="OSM features (GeoJSON/GPKG) whose tags of each chip go into a "
                              "pretrained model's prompt")
@@ -97,7 +100,8 @@ def _load(args: argparse.Namespace):
 
     quantize = None if args.quantize is None else args.quantize == "4bit"
     return load(args.model, quantize=quantize, adapter=args.adapter,
-                allow_untrained=args.allow_untrained)
+                allow_untrained=args.allow_untrained,
+                retriever=None if args.retriever == "none" else args.retriever)
 
 
 def _osm(args: argparse.Namespace):

@@ -135,7 +135,7 @@ def load(
         allow_untrained: load a preset whose connector has never been trained (the `large`
             research preset); without it such a load is refused, as its answers are noise.
         retriever: for a pretrained family, the retriever of its semantic context
-            (`rsvlm.backends.retriever.EmbeddedRetriever`).
+            (`rsvlm.backends.retriever.EmbeddedRetriever`, or ``"embedded"`` to load that one).
 
     A hub id or folder of a pretrained family (Qwen2.5-VL, Qwen3-VL, Florence-2, LLaVA), or the
     name of one of `rsvlm.backends.choice.PRETRAINED_PRESETS`, loads through
@@ -154,6 +154,15 @@ def load(
 
     if name in PRETRAINED_PRESETS or is_pretrained_location(name):
         location = PRETRAINED_PRESETS[name].repo if name in PRETRAINED_PRESETS else name
+        if _device(device).startswith("cuda"):  # say so before a 16 GB download, not after
+            from rsvlm.backends.choice import memory_check
+
+            problem = memory_check(name, _cuda_free_gb(_device(device)),
+                                   quantized=quantize is not False)
+            if problem:
+                raise GPUMemoryError(problem)
+        if retriever == "embedded":
+            retriever = _embedded_retriever(say)
         loaded = load_pretrained(location, device=_device(device), quantize=quantize,
                                  adapter=adapter, retriever=retriever, progress=say,
                                  merge_lora=merge_lora)
@@ -202,6 +211,18 @@ def load(
     )
     say(f"Model ready: {loaded.info['summary']}. Why this model: {why}")
     return loaded
+
+
+def _embedded_retriever(say: Callable[[str], None]) -> Any:
+    """The embedded model's retriever for a pretrained backend's context, or None (said why)."""
+    from rsvlm.backends.retriever import EmbeddedRetriever
+
+    try:
+        say("Loading the embedded model's retriever (semantic context for the prompt) ...")
+        return EmbeddedRetriever.embedded()
+    except Exception as exc:  # the model answers without retrieved context
+        say(f"No retriever: {exc}")
+        return None
 
 
 def _load_preset(preset: Any, *, device: str, quantize: bool | None, trained_dir: Path | None,

@@ -115,6 +115,28 @@ def default_choice(*, cuda_memory_gb: float | None, offline: bool | None = None,
                     "in 4-bit NF4")
 
 
+def memory_check(name: str, free_gb: float | None, *, quantized: bool) -> str | None:
+    """A message naming a smaller model when ``free_gb`` is below what preset ``name`` needs
+    (None when it fits or cannot be told)."""
+    preset = PRETRAINED_PRESETS.get(name)
+    if preset is None or free_gb is None:
+        return None
+    need = preset.min_gpu_memory_gb if quantized else preset.params_b * 2 + 2
+    if free_gb >= need:
+        return None
+    smaller = [p for p in PRETRAINED_PRESETS.values()
+               if p.family.startswith("qwen") and p.min_gpu_memory_gb <= free_gb
+               and p.params_b < preset.params_b]
+    options = [f"--model {smaller[0].name} ({smaller[0].repo}, about "
+               f"{smaller[0].min_gpu_memory_gb:.0f} GiB in 4-bit)"] if smaller else []
+    if not quantized:
+        options.append("--quantize 4bit (about a quarter of the memory)")
+    options.append("--model embedded (the small model, runs on the CPU)")
+    return (f"The GPU has {free_gb:.1f} GiB free; {preset.name} ({preset.repo}) needs about "
+            f"{need:.0f} GiB{' in 4-bit' if quantized else ' in bf16'}. Options: "
+            + "; ".join(options) + ".")
+
+
 def explain(*, cuda_memory_gb: float | None, offline: bool | None = None) -> str:
     """What `rsvlm which` prints: the choice, why, and the named presets."""
     name, why = default_choice(cuda_memory_gb=cuda_memory_gb, offline=offline)

@@ -133,7 +133,7 @@ def test_cli_ask_with_a_tiny_checkpoint(checkpoints, tmp_path: Path, capsys) -> 
     path = tmp_path / "chip.png"
     _image().save(path)
     assert main(["ask", str(path), "find all buildings", "--model", str(checkpoints["qwen3_vl"]),
-                 "--max-new-tokens", "6", "--json", "--no-context"]) == 0
+                 "--max-new-tokens", "6", "--json", "--no-context", "--retriever", "none"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"answer", "boxes", "retrieved", "timing"}
     assert main(["ask", str(path), "hi", "--model", str(tmp_path / "missing-model")]) == 2
@@ -156,3 +156,52 @@ def test_scan_runs_a_pretrained_family_chip_by_chip(checkpoints, tmp_path: Path)
         result = scan(source, "find all buildings", engine=engine, chip_size=128, batch_size=2,
                       max_new_tokens=4)
     assert result.chips_done == result.chips_total > 1 and not result.cancelled
+
+
+def test_the_embedded_retriever_serves_a_pretrained_family(checkpoints) -> None:
+    from rsvlm.backends.retriever import EmbeddedRetriever
+    from rsvlm.loading import LoadedModel
+    from rsvlm.retrieval import SemanticDatabase
+    from rsvlm.testing import tiny_model, tiny_processor
+
+    texts = ["Dense residential area.", "Farmland with fields.", "An airport runway."]
+
+    def encode(batch):
+        rng = np.random.default_rng(len(batch[0]))
+        vectors = rng.normal(size=(len(batch), 16)).astype("float32")
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    database = SemanticDatabase.from_texts(texts, encoder=encode)
+    model = tiny_model()
+    retriever = EmbeddedRetriever(LoadedModel(model, tiny_processor(model.config), database, {}), k=2)
+    hits = retriever.retrieve_image(_image())
+    assert len(hits) == 2 and all(h["text"] in texts for h in hits)
+    session = _engine(checkpoints["llava"], retriever=retriever).session(_image())
+    list(session.ask("describe the image"))
+    assert [h["text"] for h in session.last.retrieved] == [h["text"] for h in hits]
+    assert all(h["text"] in session.last.prompt for h in hits)
+
+
+def test_a_gpu_too_small_names_the_smaller_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rsvlm.loading as loading
+
+    monkeypatch.setattr(loading, "_cuda_free_gb", lambda device: 7.0)
+    with pytest.raises(loading.GPUMemoryError, match="qwen2.5-vl-3b") as info:
+        load("qwen2.5-vl-7b", device="cuda")  # refused before any download
+    assert "needs about 10 GiB" in str(info.value) and "--model embedded" in str(info.value)
+    monkeypatch.setattr(loading, "_cuda_free_gb", lambda device: 3.0)
+    with pytest.raises(loading.GPUMemoryError) as info:
+        load("qwen2.5-vl-3b", device="cuda")
+    assert "--model embedded" in str(info.value) and "qwen3-vl" not in str(info.value)
+
+
+def test_unparseable_boxes_stay_text_and_are_logged(checkpoints, caplog) -> None:
+    engine = _engine(checkpoints["qwen2_5_vl"])
+    session = engine.session(_image(500, 300))
+    frame = {"resized": (588, 364)}
+    with caplog.at_level("WARNING"):
+        answer = session._answer('[{"bbox_2d": [1, 2, "three"], "label": "x"}]',
+                                 type("E", (), {"frame": frame, "prompt": ""})(),
+                                 type("S", (), {"first_token_at": None, "n_new": 0})(), 0.0, 0.0, 1)
+    assert answer.boxes == [] and answer.text == '[{"bbox_2d": [1, 2, "three"], "label": "x"}]'
+    assert "do not parse" in caplog.text
