@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,12 +209,6 @@ _PROCESSOR_CLASSES = {
     "qwen2_vl": "Qwen2VLProcessor",
     "qwen3_vl": "Qwen3VLProcessor",
 }
-
-_WS = re.compile(r"[ \t]+")
-
-
-def squash_spaces(text: str) -> str:
-    return _WS.sub(" ", text).strip()
 
 
 __all__ = ["CONTEXT_HEADER", "Encoded", "Family", "FamilyError", "context_text", "load_processor"]

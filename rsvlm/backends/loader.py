@@ -137,6 +137,11 @@ def load_pretrained(location: str, *, device: str = "cpu", quantize: bool | None
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if on_cuda else torch.float32}
     if revision:
         kwargs["revision"] = revision
+    if on_cuda and family.name != "florence2":  # FlashAttention-2 when installed, else SDPA
+        import importlib.util
+
+        kwargs["attn_implementation"] = (
+            "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa")
     if quantized:
         kwargs["quantization_config"] = bnb_config(family, device)
         kwargs["device_map"] = {"": device if ":" in device else (0 if on_cuda else "cpu")}

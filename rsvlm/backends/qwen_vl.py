@@ -36,6 +36,18 @@ class _QwenVL(Family):
     def processor_kwargs(self) -> dict[str, Any]:
         return {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
 
+    def load_processor(self, location: str, *, revision: str | None = None) -> Any:
+        processor = super().load_processor(location, revision=revision)
+        # The pin must hold whichever loading path ran (AutoProcessor may not pass the budget on).
+        ip = processor.image_processor
+        size = ip.size
+        current = (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None))
+        if current != (MIN_PIXELS, MAX_PIXELS):
+            from transformers.image_utils import SizeDict
+
+            ip.size = SizeDict(shortest_edge=MIN_PIXELS, longest_edge=MAX_PIXELS)
+        return processor
+
     def after_load(self, model: Any, processor: Any) -> None:
         # Stop at the end of the assistant turn even where generation_config lacks it.
         end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
