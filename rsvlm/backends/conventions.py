@@ -135,8 +135,19 @@ def florence_boxes(text: str, image_size: tuple[float, float]) -> list[ParsedBox
     return found
 
 
+_CANON = r"(?:<ref>[^<>]*</ref>)?<box>\[[^\]]*\]</box>"
+# A JSON list (fenced or not) that held nothing but boxes: after rewriting, only its boxes stay.
+_BOX_LIST = re.compile(rf"(?:```(?:json)?\s*)?\[\s*({_CANON}(?:\s*,\s*{_CANON})*)\s*\](?:\s*```)?")
+
+
 def to_canonical_text(text: str, boxes: Sequence[ParsedBox]) -> str:
-    """``text`` with each parsed box written in the canonical grammar (the rest unchanged)."""
+    """``text`` with each parsed box written in the canonical grammar (the rest unchanged; a
+    JSON list of boxes, fenced or not, becomes the boxes one after the other)."""
+    out = _rewrite(text, boxes)
+    return _BOX_LIST.sub(lambda m: re.sub(r"\s*,\s*(?=<)", " ", m.group(1)), out)
+
+
+def _rewrite(text: str, boxes: Sequence[ParsedBox]) -> str:
     pieces, last = [], 0
     for box in sorted(boxes, key=lambda b: b.span):
         start, end = box.span

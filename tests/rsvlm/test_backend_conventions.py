@@ -109,9 +109,15 @@ def test_geochat_grid_and_angle() -> None:
 def test_canonical_text_keeps_words_and_rewrites_boxes() -> None:
     text = 'Two: [{"bbox_2d": [0, 0, 294, 182], "label": "roof"}] done'
     boxes = cv.qwen25_boxes(text, (588, 364))
-    out = cv.to_canonical_text(text, boxes)
-    assert out.startswith("Two: [") and out.endswith("] done")
-    assert "<ref>roof</ref><box>[0,0,500,500]</box>" in out
+    assert cv.to_canonical_text(text, boxes) == "Two: <ref>roof</ref><box>[0,0,500,500]</box> done"
+    fenced = ('Here:\n```json\n[\n  {"bbox_2d": [0, 0, 294, 182], "label": "roof"},\n'
+              '  {"bbox_2d": [294, 182, 588, 364], "label": "pool"}\n]\n```')
+    out = cv.to_canonical_text(fenced, cv.qwen25_boxes(fenced, (588, 364)))
+    assert out == ("Here:\n<ref>roof</ref><box>[0,0,500,500]</box> "
+                   "<ref>pool</ref><box>[500,500,1000,1000]</box>")
+    words = "a tank at [1, 2] and {<10><20><50><60>|<30>}"  # a non-box list stays as written
+    assert cv.to_canonical_text(words, cv.geochat_boxes(words)) == \
+        "a tank at [1, 2] and <box>[100,200,500,600,30]</box>"
 
 
 @pytest.mark.parametrize(("question", "region", "prompt"), [
