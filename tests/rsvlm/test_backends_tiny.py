@@ -127,16 +127,38 @@ def test_untrained_large_preset_needs_the_explicit_flag() -> None:
         load("large", device="cuda")  # refused before any device or memory check
 
 
-def test_cli_ask_with_a_tiny_checkpoint(checkpoints, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_ask_with_a_tiny_checkpoint(checkpoints, tmp_path: Path, capsys, family) -> None:
     from rsvlm.cli import main
 
     path = tmp_path / "chip.png"
     _image().save(path)
-    assert main(["ask", str(path), "find all buildings", "--model", str(checkpoints["qwen3_vl"]),
+    assert main(["ask", str(path), "find all buildings", "--model", str(checkpoints[family]),
                  "--max-new-tokens", "6", "--json", "--no-context", "--retriever", "none"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"answer", "boxes", "retrieved", "timing"}
-    assert main(["ask", str(path), "hi", "--model", str(tmp_path / "missing-model")]) == 2
+    assert out["timing"]["prefill_tokens"] > 0
+
+
+def test_tiny_checkpoint_command_and_bad_checkpoints(tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from rsvlm.cli import main as rsvlm_main
+    from rsvlm.testing import main
+
+    assert main(["tiny-checkpoint", "--family", "llava", "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "m", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RuntimeError, match="Could not load .* as llava"):
+        load(str(broken), device="cpu")
+    path = tmp_path / "chip.png"
+    _image().save(path)
+    capsys.readouterr()
+    assert rsvlm_main(["ask", str(path), "hi", "--model", str(broken), "--retriever", "none"]) == 2
+    assert "Could not load" in capsys.readouterr().err
+    assert rsvlm_main(["ask", str(path), "hi", "--model", str(tmp_path / "missing-model")]) == 2
 
 
 def test_scan_runs_a_pretrained_family_chip_by_chip(checkpoints, tmp_path: Path) -> None:
