@@ -123,9 +123,14 @@ class Family:
         """The answer's boxes as canonical boxes of the chip (never raises)."""
         return []
 
+    def strip_specials(self, text: str) -> str:
+        """``text`` without the special tokens a stream that keeps them shows (a streamed piece:
+        spacing stays)."""
+        return text
+
     def clean(self, text: str) -> str:
-        """The answer text for display (special tokens the stream kept are removed)."""
-        return text.strip()
+        """The answer text for display."""
+        return self.strip_specials(text).strip()
 
     # ------------------------------------------------------------------ state
     def save_state(self, model: Any) -> Any:

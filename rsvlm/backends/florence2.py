@@ -103,10 +103,10 @@ class Florence2(Family):
         task = _TASK_TOKEN.match(prompt)
         return Encoded(dict(inputs), prompt, {"task": task.group(1) if task else "<FALCON>"})
 
-    def clean(self, text: str) -> str:
+    def strip_specials(self, text: str) -> str:
         for token in ("<s>", "</s>", "<pad>"):
             text = text.replace(token, "")
-        return text.strip()
+        return text
 
     def boxes(self, text: str, frame: dict[str, Any], chip_size: tuple[int, int]) -> list[ParsedBox]:
         return conventions.florence_boxes(self.clean(text), chip_size)

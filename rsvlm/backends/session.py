@@ -168,7 +168,7 @@ class PretrainedSession:
             pieces: list[str] = []
             try:
                 for piece in streamer:
-                    piece = family.clean(piece) if family.stream_special_tokens else piece
+                    piece = family.strip_specials(piece)
                     if piece:
                         pieces.append(piece)
                         yield piece

@@ -57,6 +57,7 @@ def test_hub_layout_loads_and_answers_with_semantic_context(checkpoints, family)
     answer = session.last
     assert answer is not None and answer.timing["prefill_tokens"] > 0
     assert "".join(pieces).strip() and answer.text.strip()
+    assert "".join(pieces).strip() == session.turns[-1][1]  # the stream is the model's own text
     assert answer.retrieved[0]["text"].startswith("Dense residential")
     if family != "florence2":  # Florence-2's task prompts have no room for context
         assert "OSM building=house: 12" in answer.prompt and "Dense residential" in answer.prompt
