@@ -8,6 +8,7 @@ CLI, the app and `rsvlm.scan` use, over `rsvlm.backends.session.PretrainedSessio
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,9 @@ class PretrainedEngine(ChatEngine):
         self.use_box_head = False
         self.decoder = None
         self._lock = threading.Lock()
+        # Sessions that keep their KV cache (least recently used ones are dropped: GPU memory).
+        self._max_cached = max(1, max_cached_sessions)
+        self._cached: OrderedDict[int, Any] = OrderedDict()
         self.info: dict[str, Any] = dict(getattr(loaded, "info", {}) or {})
         self.info["decode"] = "torch"
         self.info["semantic_context"] = semantic_context

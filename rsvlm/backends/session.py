@@ -113,6 +113,7 @@ class PretrainedSession:
 
     def _drop_cache(self) -> None:
         self._ids, self._cache, self._state = None, None, None
+        self.engine._forget(self)
 
     # ------------------------------------------------------------------ semantics
     def context(self) -> str:
@@ -247,3 +248,4 @@ class PretrainedSession:
         self._ids = out.sequences
         self._cache = out.past_key_values
         self._state = self.family.save_state(self.engine.model)
+        self.engine._touch(self)  # may drop the least recently used session's cache

@@ -82,6 +82,16 @@ def test_follow_up_reuses_the_cache_and_answers_as_a_fresh_prefill(checkpoints, 
     assert cached.last.text == fresh.last.text
 
 
+def test_only_the_most_recent_sessions_keep_their_cache(checkpoints) -> None:
+    engine = _engine(checkpoints["llava"], max_cached_sessions=2)
+    sessions = [engine.session(_image()) for _ in range(3)]
+    for session in sessions:
+        list(session.ask(QUESTIONS[0]))
+    assert [s._cache is not None for s in sessions] == [False, True, True]
+    list(sessions[0].ask(QUESTIONS[1]))  # evicted: answers from a fresh prefill, and caches again
+    assert sessions[0]._cache is not None and sessions[1]._cache is None
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_nf4_on_the_cpu_keeps_vision_and_head_16_bit(checkpoints, family) -> None:
     import bitsandbytes as bnb
