@@ -44,6 +44,8 @@ PRETRAINED_PRESETS: dict[str, PretrainedPreset] = {p.name: p for p in (
                      1, "task prompts; small enough for a CPU"),
     PretrainedPreset("falcon-large", "TianHuiLab/Falcon-Single-Instruction-Large", "florence2",
                      0.7, 2, "remote-sensing Florence-2; original layout, converted once"),
+    PretrainedPreset("falcon-base", "TianHuiLab/Falcon-Single-Instruction-Base", "florence2",
+                     0.3, 1, "remote-sensing Florence-2; original layout, converted once"),
 )}
 
 # Tiers of the GPU default, best first: a 7-8 B model, then a 3-4 B one. Within a tier a cached

@@ -10,15 +10,19 @@ The question picks the task the model card documents (`Florence2Processor`'s tas
   with the phrase (``<OD>`` when no phrase is left);
 * anything else -> ``<MORE_DETAILED_CAPTION>``.
 
-Falcon checkpoints follow natural-language instructions instead ("Detect all stadium in the
-image. Use horizontal bounding boxes."); their questions go as asked, with Falcon's box-type
-request for detection questions. Answers carry ``<loc_N>`` tokens (4 per box, 8 per oriented
+Falcon checkpoints follow natural-language instructions instead; questions become the task
+prompts of Falcon's README ("Detect all stadium in the image.\nUse horizontal bounding boxes.",
+"Count the number of ship.", "Classify the image.\nUse one or a few words.", "Describe the
+<box><x1><y1><x2><y2></box> in this image."), other questions go as asked. Answers carry
+location tokens (``<loc_N>`` for Florence-2, ``<N>`` for Falcon; 4 per box, 8 per oriented
 quadrilateral), read by `rsvlm.backends.conventions.florence_boxes`.
 
 Falcon is published in Florence-2's original remote-code layout. `convert_original` rewrites
 such a folder into the transformers-native layout once (into the cache), with the key mapping
 of transformers' own ``convert_florence2_original_pytorch_to_hf.py``, reading the weights and
-config files directly: no remote code runs.
+config files directly: no remote code runs. The original processor adds tokens to the tokenizer
+at run time (Florence-2's 1024 task and location tokens); a checkpoint whose embedding rows do
+not match the tokenizer with those is refused rather than converted with wrong token ids.
 """
 
 from __future__ import annotations
@@ -46,6 +50,33 @@ _WHERE = re.compile(
     re.I | re.S,
 )
 _DESCRIBE = re.compile(r"\b(?:describe|caption|what\s+(?:kind|type)|summar)", re.I)
+_CLASSIFY = re.compile(r"\b(?:classif\w*|what\s+(?:kind|type|class)|which\s+(?:kind|type|class))",
+                       re.I)
+_COUNT = re.compile(r"^\s*(?:please\s+)?(?:count|how\s+many)\b", re.I)
+
+
+def falcon_prompt(question: str, region_box: str | None) -> str:
+    """Falcon's documented instruction for a question (its README's task prompts): detection,
+    counting, classification and description of the image or of a region; other questions
+    (VQA) go as asked."""
+    q = question.strip()
+    where = _WHERE.match(q)
+    phrase = where.group("phrase").strip(" ?.!") if where else ""
+    if region_box:
+        if _CLASSIFY.search(q):
+            return f"Classify the region of {region_box}.\nUse one or a few words."
+        if _DESCRIBE.search(q) or not phrase:
+            return f"Describe the {region_box} in this image."
+        return f"{q} {region_box}"
+    if phrase and _COUNT.match(q):
+        return f"Count the number of {phrase}."
+    if phrase:
+        return f"Detect all {phrase} in the image.\nUse horizontal bounding boxes."
+    if _CLASSIFY.search(q):
+        return "Classify the image.\nUse one or a few words."
+    if _DESCRIBE.search(q):
+        return "Describe the image."
+    return q
 
 
 def florence_task(question: str, region_locs: str | None, *, instruction_following: bool
@@ -56,11 +87,7 @@ def florence_task(question: str, region_locs: str | None, *, instruction_followi
     if task:
         return q, task.group(1)
     if instruction_following:  # Falcon: natural-language instructions, as trained
-        if region_locs:
-            q = f"{q} {region_locs}"
-        elif _WHERE.match(q) and "bounding box" not in q.lower():
-            q = f"{q.rstrip('?.! ')}. Use horizontal bounding boxes."
-        return q, "<FALCON>"
+        return falcon_prompt(q, region_locs), "<FALCON>"
     if region_locs:
         return f"<REGION_TO_DESCRIPTION>{region_locs}", "<REGION_TO_DESCRIPTION>"
     where = _WHERE.match(q)
@@ -88,6 +115,8 @@ class Florence2(Family):
     def region_text(self, processor: Any, box_norm: tuple[float, ...],
                     image_size: tuple[int, int]) -> str:
         bins = [min(max(int(v * conventions.FLORENCE_BINS / 1000), 0), 999) for v in box_norm]
+        if self.instruction_following:  # Falcon: <box><x1><y1><x2><y2></box>
+            return "<box>" + "".join(f"<{b}>" for b in bins) + "</box>"
         return "".join(f"<loc_{b}>" for b in bins)
 
     def user_text(self, question: str, region: str | None) -> str:
@@ -222,7 +251,16 @@ def convert_original(src: str | Path, out: str | Path, *, instruction_following:
         max_position_embeddings=vision["image_pos_embed"]["max_pos_embeddings"],
     )
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    tokenizer.add_special_tokens({"additional_special_tokens": list(ORIGINAL_ADDED_TOKENS)})
+    rows = int(original["text_config"].get("vocab_size", 0))
+    if len(tokenizer) < rows:  # Florence-2's processor adds its task/location tokens at run time
+        tokenizer.add_special_tokens({"additional_special_tokens": list(ORIGINAL_ADDED_TOKENS)})
+    if rows and len(tokenizer) != rows:
+        # The ids of added tokens must be those the embedding rows were trained on; a fine-tune
+        # whose remote processor adds other tokens cannot be converted blindly.
+        raise ValueError(
+            f"{src}: the tokenizer has {len(tokenizer)} tokens with Florence-2's added tokens, the "
+            f"checkpoint {rows} embedding rows; its processor adds tokens this converter does not "
+            "know (read its processing code and add them to its tokenizer files first)")
     tokenizer.add_tokens(AddedToken("<image>", special=True, normalized=False), special_tokens=True)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))

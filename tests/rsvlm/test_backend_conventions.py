@@ -132,6 +132,17 @@ def test_florence_task_of_a_question(question: str, region: str | None, prompt: 
     assert florence_task(question, region, instruction_following=False)[0] == prompt
 
 
-def test_falcon_instructions_stay_natural() -> None:
-    prompt, _ = florence_task("Detect all stadium in the image", None, instruction_following=True)
-    assert prompt == "Detect all stadium in the image. Use horizontal bounding boxes."
+@pytest.mark.parametrize(("question", "region", "prompt"), [
+    # Falcon's README task prompts
+    ("Find all stadiums", None, "Detect all stadiums in the image.\nUse horizontal bounding boxes."),
+    ("How many ships are there?", None, "Count the number of ships."),
+    ("Classify the image", None, "Classify the image.\nUse one or a few words."),
+    ("Describe this image.", None, "Describe the image."),
+    ("Is the number of roads equal to the number of residential areas?", None,
+     "Is the number of roads equal to the number of residential areas?"),
+    ("What is this?", "<box><1><2><3><4></box>", "Describe the <box><1><2><3><4></box> in this image."),
+    ("Classify this region", "<box><1><2><3><4></box>",
+     "Classify the region of <box><1><2><3><4></box>.\nUse one or a few words."),
+])
+def test_falcon_questions_become_its_documented_instructions(question, region, prompt) -> None:
+    assert florence_task(question, region, instruction_following=True)[0] == prompt

@@ -118,3 +118,13 @@ def test_loading_an_original_layout_converts_once_into_the_cache(
     said.clear()
     load(str(tmp_path / "falcon-tiny"), device="cpu", progress=said.append)
     assert not any("Converting" in m for m in said)  # once
+
+
+def test_unknown_runtime_tokens_are_refused(tmp_path: Path) -> None:
+    native_dir = write_tiny_checkpoint("florence2", tmp_path / "native")
+    _original_layout(native_dir, tmp_path / "original")
+    config = json.loads((tmp_path / "original" / "config.json").read_text())
+    config["text_config"]["vocab_size"] += 7  # a processor that adds tokens we do not know
+    (tmp_path / "original" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="adds tokens this converter does not know"):
+        convert_original(tmp_path / "original", tmp_path / "out")
