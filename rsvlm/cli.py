@@ -109,8 +109,9 @@ def _ask(args: argparse.Namespace) -> int:
         if session.last.text != streamed.strip():  # the box head moved the LM's boxes
             print(f"with the box head's boxes: {session.last.text}")
         for box in session.last.boxes:
-            where = box.geometry["coordinates"][0][:4] if box.geometry else "pixel space"
-            print(f"  [{box.label or 'object'}] px={tuple(round(v) for v in box.box_px)} {where}")
+            where = box.to_dict()["geometry"]["coordinates"][0][:4] if box.geometry else \
+                "pixel space"
+            print(f"  [{box.name}] px={tuple(round(v) for v in box.box_px)} {where}")
     return 0
 
 

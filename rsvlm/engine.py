@@ -25,7 +25,6 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ from transformers import (
 )
 
 from rsvlm import prompting
+from rsvlm.answer import Answer, AnswerBox, ground
 from rsvlm.box_head import select_boxes
 from rsvlm.boxes import SCALE, format_region_box, parse_boxes, replace_boxes
 from rsvlm.onnx_decode import attached, decoder_for
@@ -48,41 +48,6 @@ logger = logging.getLogger(__name__)
 # "Find all buildings", "locate every pool", "each ...": a question for every instance, whatever
 # count the language model wrote ("the largest of all" is still one object).
 _ASKS_FOR_EVERY = re.compile(r"(?<!\bof )\b(?:all|every|each)\b", re.IGNORECASE)
-
-
-@dataclass
-class AnswerBox:
-    """A grounded object: chip pixels and, for a georeferenced chip, a GeoJSON geometry."""
-
-    label: str | None
-    box_px: tuple[float, float, float, float]
-    angle: float | None = None
-    geometry: dict[str, Any] | None = None  # GeoJSON geometry in EPSG:4326
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "box_px": [round(v, 2) for v in self.box_px],
-            "angle": self.angle,
-            "geometry": self.geometry,
-        }
-
-
-@dataclass
-class Answer:
-    text: str
-    boxes: list[AnswerBox] = field(default_factory=list)
-    retrieved: list[dict[str, Any]] = field(default_factory=list)  # {"text", "score", ...}
-    timing: dict[str, float] = field(default_factory=dict)
-    prompt: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "answer": self.text,
-            "boxes": [b.to_dict() for b in self.boxes],
-            "retrieved": self.retrieved,
-            "timing": self.timing,
-        }
 
 
 class _TimedStreamer(TextIteratorStreamer):
@@ -323,33 +288,8 @@ class ChatSession:
             )
 
     def ground(self, text: str) -> list[AnswerBox]:
-        """Boxes in ``text`` -> chip pixels -> EPSG:4326 geometries (when georeferenced).
-
-        A box repeated verbatim (same label, coordinates and angle: a small model looping) is
-        kept once; it would otherwise become several identical detections on the map."""
-        boxes = []
-        seen: set[tuple[Any, ...]] = set()
-        for parsed in parse_boxes(text, image_size=(self.chip_width, self.chip_height)):
-            x1, y1, x2, y2 = parsed.to_pixels(self.chip_width, self.chip_height)
-            key = (parsed.label, round(x1, 3), round(y1, 3), round(x2, 3), round(y2, 3),
-                   parsed.angle)
-            if key in seen:
-                continue
-            seen.add(key)
-            geometry = None
-            if getattr(self.chip, "georeferenced", False):
-                if parsed.angle:
-                    poly = self.chip.obb_to_polygon(
-                        (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, parsed.angle
-                    )
-                else:
-                    poly = self.chip.box_to_polygon((x1, y1, x2, y2))
-                if poly is not None:
-                    from shapely.geometry import mapping
-
-                    geometry = mapping(poly)
-            boxes.append(AnswerBox(parsed.label, (x1, y1, x2, y2), parsed.angle, geometry))
-        return boxes
+        """Boxes in ``text`` on this session's chip (`rsvlm.answer.ground`)."""
+        return ground(text, self.chip, (self.chip_width, self.chip_height))
 
     def _place_boxes(self, text: str, question: str) -> str:
         """The LM's boxes replaced by the box head's: one box when the LM wrote one for a

@@ -15,10 +15,10 @@ How it works:
    padding, as decoder-only batching needs); the same prompt the chat engine builds is used.
    Any ``answer_fn(chips, question) -> list[str]`` can stand in for the model (tests, other
    detectors).
-3. **Boxes to the map.** Boxes are parsed with `rsvlm.boxes`, turned into chip pixels and then,
-   through the chip, into polygons in a *metric* CRS: the raster's own when it is projected,
-   otherwise the UTM zone of the scene's centre. All merging happens there, so IoU is measured
-   on ground areas, not on degrees.
+3. **Boxes to the map.** Boxes are grounded with `rsvlm.answer.ground` (parsed, turned into
+   chip pixels and then, through the chip, into polygons) in a *metric* CRS: the raster's own
+   when it is projected, otherwise the UTM zone of the scene's centre. All merging happens
+   there, so IoU is measured on ground areas, not on degrees.
 4. **Merging across chip borders.** The rule, in order:
 
    * A box is *cut* when it comes within ``border_px`` of a chip edge that is not the raster's
@@ -47,6 +47,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from rsvlm.answer import ground
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +272,6 @@ def scan(
         progress: ``progress(done, total)`` after each batch.
         cancel: set it to stop between batches; the partial result is returned.
     """
-    from rsvlm.boxes import parse_boxes
     from tiles.export import Detection
     from tiles.geometry import LONLAT, transform_geometry
 
@@ -320,7 +321,7 @@ def scan(
                 f"The answer function gave {len(texts)} answers for {len(chips)} chips."
             )
         for window, chip, text in zip(batch, chips, texts, strict=True):
-            boxes += _chip_boxes(window, chip, text, metric, margin, parse_boxes)
+            boxes += _chip_boxes(window, chip, text, metric, margin)
         result.chips_done += len(batch)
         if progress is not None:
             progress(result.chips_done, len(windows))
@@ -356,28 +357,14 @@ def scan(
     return result
 
 
-def _chip_boxes(
-    window: Window,
-    chip: Any,
-    text: str,
-    metric: Any,
-    margin: float,
-    parse_boxes: Callable[..., Any],
-) -> list[_Box]:
+def _chip_boxes(window: Window, chip: Any, text: str, metric: Any, margin: float) -> list[_Box]:
     out = []
     w, h = chip.width, chip.height
     left, bottom, right, top = window.outer
-    for parsed in parse_boxes(text, image_size=(w, h)):
-        x1, y1, x2, y2 = parsed.to_pixels(w, h)
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
-            continue
-        if parsed.angle:
-            poly = chip.obb_to_polygon(
-                (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, parsed.angle, crs=metric
-            )
-        else:
-            poly = chip.box_to_polygon((x1, y1, x2, y2), crs=metric)
-        if poly is None or poly.is_empty:
+    for box in ground(text, chip, crs=metric, unique=False):
+        x1, y1, x2, y2 = box.box_px
+        poly = box.geometry
+        if x2 - x1 <= 0 or y2 - y1 <= 0 or poly is None or poly.is_empty:
             continue
         cut = (
             (x1 <= margin and not left)
@@ -385,7 +372,7 @@ def _chip_boxes(
             or (y1 <= margin and not top)
             or (y2 >= h - margin and not bottom)
         )
-        label = (parsed.label or "object").strip().lower() or "object"
+        label = box.name.strip().lower() or "object"
         out.append(_Box(label, window.index, poly, cut))
     return out
 

@@ -153,9 +153,9 @@ def score_vqa(items: list[tuple[Any, str, str, dict[str, Any]]], answer: AnswerF
 
 
 def _pred_boxes(text: str, width: int, height: int) -> list[tuple[float, float, float, float]]:
-    from rsvlm.boxes import parse_boxes
+    from rsvlm.answer import ground
 
-    return [tuple(b.to_pixels(width, height)) for b in parse_boxes(text)]
+    return [b.box_px for b in ground(text, None, (width, height), unique=False)]
 
 
 def eval_grounding(spec: RegionSpec, answer: AnswerFn, *, seed: int = 0,
@@ -375,7 +375,7 @@ def engine_answer_fn(model: str | None = None, device: str | None = None,
             pass
         text = session.last.text  # as the app shows it: boxes placed by the box head, if any
         # What the prompter was given, for scores that separate retrieval from the LM.
-        answer.retrieved = session.retrieved if engine.use_retrieval else None  # type: ignore[attr-defined]
+        answer.retrieved = session.last.retrieved if engine.use_retrieval else None  # type: ignore[attr-defined]
         return text
 
     return answer

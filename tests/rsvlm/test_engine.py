@@ -88,8 +88,8 @@ def test_grounding_georeferenced_and_pixel_space() -> None:
     (box,) = session.ground(text)
     assert box.label == "building"
     assert box.box_px == pytest.approx((0, 0, 48, 32), abs=0.1)
-    lons = [p[0] for p in box.geometry["coordinates"][0]]
-    lats = [p[1] for p in box.geometry["coordinates"][0]]
+    lons = [p[0] for p in box.to_dict()["geometry"]["coordinates"][0]]
+    lats = [p[1] for p in box.to_dict()["geometry"]["coordinates"][0]]
     assert 32.0 < min(lons) < max(lons) < 33.5 and 0.2 < min(lats) < max(lats) < 0.5
     plain = _engine().session(_chip(georeferenced=False))
     (box,) = plain.ground(text)
