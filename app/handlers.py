@@ -106,7 +106,7 @@ class UserError(ValueError):
 
 def parse_bbox(text: str) -> Bounds:
     """``"W,S,E,N"`` (lon/lat) -> bounds; `UserError` with the reason otherwise."""
-    from tiles.sources.base import check_bbox
+    from tiles import check_bbox
 
     parts = [p for p in str(text).replace(";", ",").replace(" ", ",").split(",") if p]
     if len(parts) != 4:
@@ -254,7 +254,7 @@ def use_view(ctx: AppContext, state: SessionState, payload: str) -> UIUpdate:
         return UIUpdate(notice="The map has not reported its view yet; pan or zoom it once.")
     if ctx.region is not None and ctx.region.bounds_lonlat is not None:
         # Clamp to local imagery so "the view" of a zoomed-out map still means that imagery.
-        from tiles.sources.base import intersects
+        from tiles import intersects
 
         rb = ctx.region.bounds_lonlat
         if intersects(bbox, rb):
@@ -286,7 +286,7 @@ def on_map_click(ctx: AppContext, state: SessionState, payload: str, allow_netwo
                             size=ctx.chip_size)
     except (ImageryError, OSError) as exc:
         return UIUpdate(notice=f"Could not fetch the tile: {exc}")
-    from tiles.overlay import overlay_from_chip
+    from tiles import overlay_from_chip
 
     state.chip, state.chip_source, state.session = chip, ctx.tile_provider, None
     state.last_boxes, state.last_answer = [], None

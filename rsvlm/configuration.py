@@ -160,10 +160,12 @@ class RSVLMConfig(PretrainedConfig):
         # The LM's own tying decides; the composite only mirrors it (as Llava does).
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
-        self._check()
+        self.check_consistency()
 
     # ------------------------------------------------------------------ validation
-    def _check(self) -> None:
+    def check_consistency(self) -> None:
+        """Raise `ValueError` where the parts disagree; call it again after replacing a
+        sub-config (as `RSVLMForConditionalGeneration.from_parts` does)."""
         vc, tc = self.vision_config, self.text_config
         for name in ("hidden_size", "patch_size", "num_hidden_layers"):
             if getattr(vc, name, None) is None:

@@ -41,7 +41,7 @@ from rsvlm import prompting
 from rsvlm.answer import Answer, AnswerBox, ground
 from rsvlm.box_head import select_boxes
 from rsvlm.boxes import SCALE, format_region_box, parse_boxes, replace_boxes
-from rsvlm.onnx_decode import attached, decoder_for
+from rsvlm.decoding import DecodeStrategy, choose
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ class ChatEngine:
         generation: defaults for ``generate()`` (greedy by default).
         decode_backend: ``auto`` (``$RSVLM_DECODE``, else ``onnx`` where ONNX Runtime can run
             this model, i.e. fp32 on the CPU, else PyTorch), ``torch``, ``onnx`` or ``onnx-int8``:
-            who runs the decode steps and follow-up prompts (`rsvlm.onnx_decode`).
+            who runs the decode steps and follow-up prompts. The engine picks a
+            `rsvlm.decoding.DecodeStrategy` for it once and hooks it around every ``generate()``.
     """
 
     def __init__(
@@ -111,11 +112,12 @@ class ChatEngine:
         self.use_retrieval = self.database is not None and len(self.database) > 0
         # Boxes in answers are placed by the model's box head when it has one (`rsvlm.box_head`).
         self.use_box_head = getattr(self.model, "box_head", None) is not None
-        self._lock = threading.Lock()
-        self._max_cached = max(1, max_cached_sessions)
-        self._cached: OrderedDict[int, weakref.ref[ChatSession]] = OrderedDict()
-        self.decoder = decoder_for(self.model, decode_backend)
-        self.info["decode"] = "torch" if self.decoder is None else self.decoder.mode
+        # The model is shared and its expert routing state lives on its modules: one
+        # generation at a time (chat turns, scan batches).
+        self.generation_lock = threading.Lock()
+        self.caches = SessionCaches(max_cached_sessions)
+        self.decoder: DecodeStrategy = choose(self.model, decode_backend)
+        self.info["decode"] = self.decoder.name
 
     @property
     def device(self) -> torch.device:
@@ -151,19 +153,32 @@ class ChatEngine:
         hits = self.database.search(vec.float().cpu().numpy(), k)[0]
         return [{"text": h.text, "score": round(float(h.score), 4), **(h.metadata or {})} for h in hits]
 
-    # ------------------------------------------------------------------ cache bookkeeping
-    def _touch(self, session: ChatSession) -> None:
+
+class SessionCaches:
+    """Which sessions keep their KV cache: the ``limit`` most recently used (LRU). A session
+    pushed out drops its cache and recomputes its prefix on its next question."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._sessions: OrderedDict[int, weakref.ref[ChatSession]] = OrderedDict()
+
+    def touch(self, session: ChatSession) -> None:
+        """``session`` has just used its cache: keep it; evict the least recently used."""
         key = id(session)
-        self._cached.pop(key, None)
-        self._cached[key] = weakref.ref(session)
-        while len(self._cached) > self._max_cached:
-            _, ref = self._cached.popitem(last=False)
+        self._sessions.pop(key, None)
+        self._sessions[key] = weakref.ref(session)
+        while len(self._sessions) > self.limit:
+            _, ref = self._sessions.popitem(last=False)
             old = ref()
             if old is not None:
-                old._drop_cache()
+                old.drop_cache()
 
-    def _forget(self, session: ChatSession) -> None:
-        self._cached.pop(id(session), None)
+    def forget(self, session: ChatSession) -> None:
+        """``session`` holds no cache any more."""
+        self._sessions.pop(id(session), None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
 
 
 class ChatSession:
@@ -176,7 +191,6 @@ class ChatSession:
         self.turns: list[tuple[str, str]] = []  # (user text incl. region prefix, answer)
         self.retrieved: list[dict[str, Any]] | None = None
         self.last: Answer | None = None
-        self._first_inputs: dict[str, torch.Tensor] = {}
         self._pixels: torch.Tensor | None = None  # the image processor's output, made once
         self._ids: torch.Tensor | None = None  # every token the cache has seen (+ the last one)
         self._cache: DynamicCache | None = None
@@ -191,7 +205,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (keeps the chip and its retrieval)."""
         self.turns.clear()
-        self._drop_cache()
+        self.drop_cache()
         self._ids = None
         self.last = None
 
@@ -211,7 +225,7 @@ class ChatSession:
         if region_box_px is not None:
             region_text = format_region_box(region_box_px, self.chip_width, self.chip_height)
         user_text = prompting.user_turn(question, image_token=None, region_box_text=region_text)
-        with engine._lock:
+        with engine.generation_lock:
             self._cancel.clear()
             t0 = time.perf_counter()
             kwargs, prompt_text, n_uncached = self._inputs_for(user_text, question)
@@ -220,7 +234,7 @@ class ChatSession:
 
             def run() -> None:
                 try:
-                    with torch.inference_mode(), attached(engine.model, engine.decoder):
+                    with torch.inference_mode(), engine.decoder.hooked(engine.model):
                         result["out"] = engine.model.generate(
                             **kwargs,
                             streamer=streamer,
@@ -247,7 +261,7 @@ class ChatSession:
                     self._cancel.set()
                 thread.join()
             if "error" in result:
-                self._drop_cache()  # a half-extended cache must not be reused
+                self.drop_cache()  # a half-extended cache must not be reused
                 error = result["error"]
                 from rsvlm.loading import is_cuda_oom
 
@@ -264,14 +278,14 @@ class ChatSession:
             self._cache = out.past_key_values
             eos_ids = _eos_ids(engine)
             self._ended_with_eos = bool(out.sequences.shape[1]) and int(out.sequences[0, -1]) in eos_ids
-            engine._touch(self)
+            engine.caches.touch(self)
             text = "".join(pieces).strip()
             placed = self._place_boxes(text, question)
             if placed != text:
                 # The cache holds the coordinates the LM wrote; the conversation now holds the
                 # head's, so the next turn encodes it afresh.
                 text = placed
-                self._drop_cache()
+                self.drop_cache()
             self.turns.append((user_text, text))
             first = streamer.first_token_at
             self.last = Answer(
@@ -336,9 +350,10 @@ class ChatSession:
         return int(getattr(self.chip, "height", None) or self.image.height)
 
     # ------------------------------------------------------------------ internals
-    def _drop_cache(self) -> None:
+    def drop_cache(self) -> None:
+        """Free this session's KV cache; its next question recomputes the conversation."""
         self._cache = None
-        self.engine._forget(self)
+        self.engine.caches.forget(self)
 
     def _inputs_for(self, user_text: str, question: str) -> tuple[dict[str, Any], str, int]:
         """Generation inputs for the next turn, the prompt as text, and the uncached length."""
@@ -382,7 +397,6 @@ class ChatSession:
             semantic_texts=[[r["text"] for r in self.retrieved]],
             queries=[first_question],
         )
-        self._first_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         kwargs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
         if "pixel_values" in kwargs:
             kwargs["pixel_values"] = kwargs["pixel_values"].to(engine.model.dtype)

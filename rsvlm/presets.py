@@ -123,7 +123,7 @@ class ComponentLoad:
 
     def load(self) -> Any:
         if self.model_class == "SentenceTransformer":
-            from rsvlm.weights import TextEncoder
+            from rsvlm.text_encoder import TextEncoder
 
             return TextEncoder.from_path(self.location, device=self.kwargs.get("device"))
         import transformers

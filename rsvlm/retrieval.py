@@ -184,7 +184,7 @@ class SemanticDatabase:
         if any(not t.strip() for t in texts):
             raise ValueError("the database cannot hold empty texts")
         if encoder is None:
-            from rsvlm.weights import text_encoder
+            from rsvlm.text_encoder import text_encoder
 
             encoder = text_encoder()
         if encoder_name is None:
@@ -247,7 +247,7 @@ class SemanticDatabase:
         if isinstance(queries, str):
             queries = [queries]
         if encoder is None:
-            from rsvlm.weights import text_encoder
+            from rsvlm.text_encoder import text_encoder
 
             encoder = text_encoder()
         return self.search(_encode(encoder, list(queries)), k)

@@ -17,6 +17,7 @@ from typing import Any
 
 from training.build import BuildConfig, RegionBuilder
 from training.classification import classification_prompt, scan_image_folder
+from training.dataset_files import question_of
 from training.metrics import box_iou, caption_scores, match_boxes, match_choice, vqa_correct
 from training.region import RegionSpec, load_region
 from training.samples import rng_for
@@ -260,15 +261,9 @@ def is_dataset(path: str | Path) -> bool:
 
 def split_records(data_dir: Path, split: str, task: str) -> list[dict[str, Any]]:
     """The records of one task in a `build-data` split (``train`` / ``val``)."""
-    path = data_dir / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: build the dataset with `rsvlm-train build-data`")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    return [r for r in rows if r["task"] == task]
+    from training.dataset_files import read_split
 
-
-def _question(record: dict[str, Any]) -> str:
-    return record["conversations"][0]["value"].replace("<image>", "").strip()
+    return [r for r in read_split(data_dir, split) if r["task"] == task]
 
 
 def sample_rows(rows: list[dict[str, Any]], data_dir: Path, task: str, split: str, seed: int,
@@ -305,7 +300,7 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
         report = score_classification([(data_dir / r["image"], r["meta"]["cls"]) for r in rows],
                                       classes, answer, progress)
     elif source == "vqa":
-        report = score_vqa([(_rgb(data_dir / r["image"]), _question(r),
+        report = score_vqa([(_rgb(data_dir / r["image"]), question_of(r),
                              r["conversations"][1]["value"], {**r["meta"], "image": r["image"]})
                             for r in rows],
                            answer, progress)
@@ -313,7 +308,7 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
         items = []
         for r in rows:
             image = _rgb(data_dir / r["image"])
-            items.append((image, _question(r), r["meta"], image.size))
+            items.append((image, question_of(r), r["meta"], image.size))
         report = score_grounding(items, answer, progress)
     else:
         refs: dict[str, list[str]] = defaultdict(list)

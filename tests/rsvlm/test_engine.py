@@ -57,7 +57,12 @@ def test_follow_up_reuses_cache_and_matches_full_recompute(connector: str) -> No
     # The cached continuation generates what a full forward over the same tokens predicts.
     ids = session._ids
     n_new = follow.timing["new_tokens"]
-    inputs = {k: v for k, v in session._first_inputs.items()}
+    # The first turn's image-side inputs, as the engine built them.
+    processor = engine.processor
+    inputs = processor(text=processor.image_token, images=[session.image],
+                       semantic_texts=[[r["text"] for r in session.retrieved]],
+                       queries=["describe the image"])
+    inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     with torch.inference_mode():
         logits = engine.model(input_ids=ids, **inputs).logits
     predicted = logits[0, -n_new - 1 : -1].argmax(-1)
