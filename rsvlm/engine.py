@@ -230,55 +230,11 @@ class ChatSession:
             t0 = time.perf_counter()
             kwargs, prompt_text, n_uncached = self._inputs_for(user_text, question)
             streamer = _TimedStreamer(engine.processor.tokenizer, timeout=600.0)
-            result: dict[str, Any] = {}
-
-            def run() -> None:
-                try:
-                    with torch.inference_mode(), engine.decoder.hooked(engine.model):
-                        result["out"] = engine.model.generate(
-                            **kwargs,
-                            streamer=streamer,
-                            max_new_tokens=max_new_tokens or engine.max_new_tokens,
-                            stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
-                            return_dict_in_generate=True,
-                            pad_token_id=engine.processor.tokenizer.pad_token_id
-                            or engine.processor.tokenizer.eos_token_id,
-                            **engine.generate_kwargs(kwargs["input_ids"].shape[1]),
-                        )
-                except BaseException as exc:  # surfaced in the caller's thread below
-                    result["error"] = exc
-                    streamer.end()
-
-            thread = threading.Thread(target=run, name="rsvlm-generate", daemon=True)
-            thread.start()
             pieces: list[str] = []
-            try:
-                for piece in streamer:
-                    pieces.append(piece)
-                    yield piece
-            finally:
-                if thread.is_alive():  # the consumer went away: stop generating
-                    self._cancel.set()
-                thread.join()
-            if "error" in result:
-                self.drop_cache()  # a half-extended cache must not be reused
-                error = result["error"]
-                from rsvlm.loading import is_cuda_oom
-
-                if is_cuda_oom(error):
-                    torch.cuda.empty_cache()
-                    raise RuntimeError(
-                        "The GPU ran out of memory while answering: ask for fewer new tokens, "
-                        "close other GPU programs, or run the smaller model (--model embedded)."
-                    ) from error
-                raise RuntimeError(f"Generation failed: {error}") from error
-            out = result["out"]
+            for piece in self._stream(kwargs, streamer, max_new_tokens):
+                pieces.append(piece)
+                yield piece
             t_end = time.perf_counter()
-            self._ids = out.sequences
-            self._cache = out.past_key_values
-            eos_ids = _eos_ids(engine)
-            self._ended_with_eos = bool(out.sequences.shape[1]) and int(out.sequences[0, -1]) in eos_ids
-            engine.caches.touch(self)
             text = "".join(pieces).strip()
             placed = self._place_boxes(text, question)
             if placed != text:
@@ -300,6 +256,49 @@ class ChatSession:
                 },
                 prompt=prompt_text,
             )
+
+    def _stream(
+        self, kwargs: dict[str, Any], streamer: _TimedStreamer, max_new_tokens: int | None
+    ) -> Iterator[str]:
+        """Run ``generate()`` in a thread (the engine's decode strategy hooked) and yield its
+        text; afterwards the session holds the extended KV cache. Errors come out here."""
+        engine = self.engine
+        result: dict[str, Any] = {}
+        tokenizer = engine.processor.tokenizer
+
+        def run() -> None:
+            try:
+                with torch.inference_mode(), engine.decoder.hooked(engine.model):
+                    result["out"] = engine.model.generate(
+                        **kwargs,
+                        streamer=streamer,
+                        max_new_tokens=max_new_tokens or engine.max_new_tokens,
+                        stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
+                        return_dict_in_generate=True,
+                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                        **engine.generate_kwargs(kwargs["input_ids"].shape[1]),
+                    )
+            except BaseException as exc:  # surfaced in the caller's thread below
+                result["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="rsvlm-generate", daemon=True)
+        thread.start()
+        try:
+            yield from streamer
+        finally:
+            if thread.is_alive():  # the consumer went away: stop generating
+                self._cancel.set()
+            thread.join()
+        if "error" in result:
+            self.drop_cache()  # a half-extended cache must not be reused
+            raise _generation_error(result["error"])
+        out = result["out"]
+        self._ids = out.sequences
+        self._cache = out.past_key_values
+        self._ended_with_eos = bool(out.sequences.shape[1]) and int(
+            out.sequences[0, -1]) in _eos_ids(engine)
+        engine.caches.touch(self)
 
     def ground(self, text: str) -> list[AnswerBox]:
         """Boxes in ``text`` on this session's chip (`rsvlm.answer.ground`)."""
@@ -425,6 +424,21 @@ class _SuppressTokens(LogitsProcessor):
         if not len(ids):
             return scores
         return scores.index_fill(1, ids, float("-inf"))
+
+
+def _generation_error(error: BaseException) -> RuntimeError:
+    """What the user reads when ``generate()`` failed."""
+    from rsvlm.loading import is_cuda_oom
+
+    if is_cuda_oom(error):
+        torch.cuda.empty_cache()
+        message = ("The GPU ran out of memory while answering: ask for fewer new tokens, close "
+                   "other GPU programs, or run the smaller model (--model embedded).")
+    else:
+        message = f"Generation failed: {error}"
+    exc = RuntimeError(message)
+    exc.__cause__ = error
+    return exc
 
 
 def _eos_ids(engine: ChatEngine) -> set[int]:

@@ -444,14 +444,8 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
     ) -> RSVLMCausalLMOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        vision_kwargs = {
-            k: v
-            for k, v in (
-                ("pixel_attention_mask", pixel_attention_mask),
-                ("spatial_shapes", spatial_shapes),
-            )
-            if v is not None
-        }
+        vision_kwargs = {k: v for k, v in (("pixel_attention_mask", pixel_attention_mask),
+                                            ("spatial_shapes", spatial_shapes)) if v is not None}
         features = None
         if inputs_embeds is None:
             has_cache = past_key_values is not None and past_key_values.get_seq_length() > 0
@@ -478,16 +472,7 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
                 dtype=torch.long,
                 device=inputs_embeds.device,
             )
-        if token_types is not None:
-            # Explicit routing (the engine's prefix) wins over the derived one; generate() may
-            # pass the types of the whole prompt while only its uncached tail runs.
-            seq = types.shape[1]
-            if token_types.shape[1] < seq:
-                raise ValueError(
-                    f"token_types cover {token_types.shape[1]} positions, the input {seq}."
-                )
-            types = token_types[:, -seq:].to(types.device)
-        set_routing(self, types)
+        set_routing(self, _explicit_routing(types, token_types))
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -535,6 +520,17 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ structural helpers
     def semantic_experts(self) -> list[SemanticExpertsMLP]:
         return expert_modules(self)
+
+
+def _explicit_routing(types: torch.Tensor, token_types: torch.Tensor | None) -> torch.Tensor:
+    """Explicit routing (the engine's prefix) wins over the derived one; generate() may pass
+    the types of the whole prompt while only its uncached tail runs."""
+    if token_types is None:
+        return types
+    seq = types.shape[1]
+    if token_types.shape[1] < seq:
+        raise ValueError(f"token_types cover {token_types.shape[1]} positions, the input {seq}.")
+    return token_types[:, -seq:].to(types.device)
 
 
 def add_image_token(tokenizer: Any, image_token: str = "<image>") -> int:

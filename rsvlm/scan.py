@@ -159,6 +159,26 @@ def _source_resolution(source: Any) -> tuple[float, float]:
     return float(res[0]), float(res[1])
 
 
+def _check_inputs(source: Any, question: str, engine: Any, answer_fn: AnswerFn | None,
+                  batch_size: int, iou_threshold: float) -> str:
+    """The question, stripped; `ScanError` for what cannot be scanned."""
+    question = (question or "").strip()
+    if not question:
+        raise ScanError('Say what to look for, e.g. "find all buildings".')
+    if (engine is None) == (answer_fn is None):
+        raise ScanError("scan() needs exactly one of engine= or answer_fn=.")
+    if batch_size < 1:
+        raise ScanError(f"batch size must be at least 1, got {batch_size!r}")
+    if not 0 < iou_threshold <= 1:
+        raise ScanError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}")
+    if not getattr(source, "georeferenced", False):
+        raise ScanError(
+            f"{getattr(source, 'name', source)!r} has no georeference: a scan writes map "
+            "coordinates, so it needs a GeoTIFF/COG with a CRS."
+        )
+    return question
+
+
 def scan(
     source: Any,
     question: str,
@@ -193,20 +213,7 @@ def scan(
     """
     from tiles.export import Detection
 
-    question = (question or "").strip()
-    if not question:
-        raise ScanError('Say what to look for, e.g. "find all buildings".')
-    if (engine is None) == (answer_fn is None):
-        raise ScanError("scan() needs exactly one of engine= or answer_fn=.")
-    if batch_size < 1:
-        raise ScanError(f"batch size must be at least 1, got {batch_size!r}")
-    if not 0 < iou_threshold <= 1:
-        raise ScanError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}")
-    if not getattr(source, "georeferenced", False):
-        raise ScanError(
-            f"{getattr(source, 'name', source)!r} has no georeference: a scan writes map "
-            "coordinates, so it needs a GeoTIFF/COG with a CRS."
-        )
+    question = _check_inputs(source, question, engine, answer_fn, batch_size, iou_threshold)
     answer = answer_fn or engine_answer_fn(engine, max_new_tokens=max_new_tokens)
     t0 = time.perf_counter()
     try:
@@ -224,6 +231,34 @@ def scan(
     )
     out_size = model_size or chip_size
     margin = border_px if border_px is not None else max(2.0, 0.01 * out_size)
+    boxes, t_read, t_model = _answer_windows(source, windows, question, answer, result, metric,
+                                             out_size, margin, batch_size, progress, cancel)
+    result.raw_boxes = len(boxes)
+    tc = time.perf_counter()
+    name = getattr(source, "name", "")
+    for label, polygon, score in merge_detections(boxes, windows, source.crs, metric,
+                                                  iou_threshold):
+        result.append(
+            Detection(label=label, geometry=polygon, score=score, source=name, question=question)
+        )
+    result.seconds = time.perf_counter() - t0
+    result.timing = {
+        "read_s": round(t_read, 3),
+        "model_s": round(t_model, 3),
+        "merge_s": round(time.perf_counter() - tc, 3),
+    }
+    logger.info(
+        "scan: %d boxes -> %d detections in %.1f s", result.raw_boxes, len(result), result.seconds
+    )
+    return result
+
+
+def _answer_windows(source: Any, windows: list[Window], question: str, answer: AnswerFn,
+                    result: ScanResult, metric: Any, out_size: int, margin: float,
+                    batch_size: int, progress: Progress | None,
+                    cancel: threading.Event | None) -> tuple[list[ChipBox], float, float]:
+    """Read and answer the windows batch by batch; the boxes found, and the seconds spent
+    reading and answering. Counts progress and cancellation on ``result``."""
     boxes: list[ChipBox] = []
     t_read = t_model = 0.0
     for batch in _batches(windows, batch_size):
@@ -246,24 +281,7 @@ def scan(
         result.chips_done += len(batch)
         if progress is not None:
             progress(result.chips_done, len(windows))
-    result.raw_boxes = len(boxes)
-    tc = time.perf_counter()
-    name = getattr(source, "name", "")
-    for label, polygon, score in merge_detections(boxes, windows, source.crs, metric,
-                                                  iou_threshold):
-        result.append(
-            Detection(label=label, geometry=polygon, score=score, source=name, question=question)
-        )
-    result.seconds = time.perf_counter() - t0
-    result.timing = {
-        "read_s": round(t_read, 3),
-        "model_s": round(t_model, 3),
-        "merge_s": round(time.perf_counter() - tc, 3),
-    }
-    logger.info(
-        "scan: %d boxes -> %d detections in %.1f s", result.raw_boxes, len(result), result.seconds
-    )
-    return result
+    return boxes, t_read, t_model
 
 
 def _chip_boxes(window: Window, chip: Any, text: str, metric: Any, margin: float
