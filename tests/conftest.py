@@ -12,11 +12,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("RSVLM_DECODE", "torch")
 
 
-def _tiny_for_fit(cfg):
+def _tiny_for_fit(cfg, architecture):
     """``model: tiny`` in a fit config: the tiny random model of `rsvlm.testing`."""
     from rsvlm.testing import tiny_model, tiny_processor
 
-    model = tiny_model(seed=cfg.seed, **cfg.model_overrides)
+    model = tiny_model(seed=cfg.seed, **architecture)
     return model, tiny_processor(model.config)
 
 

@@ -21,12 +21,14 @@ from torch import nn
 if TYPE_CHECKING:
     from training.fit_config import FitConfig
 
-#: name -> builder(cfg) -> (model, processor): models that are not presets (tests, experiments)
-MODEL_BUILDERS: dict[str, Callable[[FitConfig], tuple[Any, Any]]] = {}
+#: name -> builder(cfg, architecture) -> (model, processor): models that are not presets (tests,
+#: experiments); ``architecture`` holds the RSVLMConfig fields to build with
+ModelBuilder = Callable[["FitConfig", dict[str, Any]], tuple[Any, Any]]
+MODEL_BUILDERS: dict[str, ModelBuilder] = {}
 
 
-def register_model_builder(name: str, builder: Callable[[FitConfig], tuple[Any, Any]]) -> None:
-    """Make ``model: NAME`` in a fit config build its model with ``builder(cfg)``."""
+def register_model_builder(name: str, builder: ModelBuilder) -> None:
+    """Make ``model: NAME`` in a fit config build its model with ``builder(cfg, architecture)``."""
     MODEL_BUILDERS[name] = builder
 
 
@@ -175,10 +177,11 @@ def build_model(cfg: FitConfig) -> tuple[Any, Any, str, dict[str, Any]]:
     """(model, processor, base preset name, architecture overrides)."""
     builder = MODEL_BUILDERS.get(cfg.model)
     if builder is not None:
-        model, processor = builder(cfg)
+        architecture = dict(cfg.model_overrides)
+        model, processor = builder(cfg, architecture)
         if cfg.init not in {"base", "trained"}:
             model = load_parts(model, Path(cfg.init))
-        return model, processor, cfg.model, dict(cfg.model_overrides)
+        return model, processor, cfg.model, architecture
     from rsvlm.loading import load
 
     trained: Any = cfg.init == "trained" or (cfg.init not in {"base", "trained"} and cfg.init)
@@ -260,6 +263,7 @@ def load_parts(model: Any, folder: Path) -> Any:
 
 __all__ = [
     "MODEL_BUILDERS",
+    "ModelBuilder",
     "adapter_parameter_ids",
     "base_model",
     "build_model",
