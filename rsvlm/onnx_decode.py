@@ -514,7 +514,12 @@ def dispatch(model: nn.Module, mode: str, explicit: bool) -> OnnxDecode | None:
     can run ``model``; None otherwise (with a log line), or `RuntimeError` when ``explicit``."""
     if mode not in ("onnx", "onnx-int8"):
         return None
-    reason = unsupported_reason(model)
+    from rsvlm.modeling import RSVLMForConditionalGeneration
+
+    if isinstance(model, RSVLMForConditionalGeneration):
+        reason = unsupported_reason(model)
+    else:  # the hook routes RSVLM's text steps; other families decode in their own way
+        reason = f"the ONNX decoder is built for rsvlm models, not {type(model).__name__}"
     if reason:
         if explicit:
             raise RuntimeError(f"Decode backend {mode!r} cannot run here: {reason}.")

@@ -120,6 +120,10 @@ def test_auto_falls_back_to_pytorch_where_onnx_cannot_run(cache, monkeypatch) ->
     with pytest.raises(RuntimeError, match="cannot run here"):
         choose(model, "onnx")
     assert not cache.exists()
+    other_family = torch.nn.Linear(2, 2)  # e.g. a pretrained VLM backend's model
+    assert choose(other_family, "auto").name == "torch"
+    with pytest.raises(RuntimeError, match="built for rsvlm models"):
+        choose(other_family, "onnx-int8")
 
 
 def test_decode_backend_names(monkeypatch) -> None:
