@@ -8,14 +8,14 @@ CLI, the app and `rsvlm.scan` use, over `rsvlm.backends.session.PretrainedSessio
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from rsvlm.backends.session import PretrainedSession
-from rsvlm.engine import ChatEngine
+from rsvlm.decoding import DecodeStrategy, choose
+from rsvlm.engine import ChatEngine, SessionCaches
 
 
 class PretrainedEngine(ChatEngine):
@@ -48,13 +48,14 @@ class PretrainedEngine(ChatEngine):
                            **(generation or {})}
         self.use_retrieval = self.retriever is not None
         self.use_box_head = False
-        self.decoder = None
-        self._lock = threading.Lock()
+        # One generation at a time on the shared model (chat turns, scans).
+        self.generation_lock = threading.Lock()
         # Sessions that keep their KV cache (least recently used ones are dropped: GPU memory).
-        self._max_cached = max(1, max_cached_sessions)
-        self._cached: OrderedDict[int, Any] = OrderedDict()
+        self.caches = SessionCaches(max_cached_sessions)
+        # Another family's model decodes in PyTorch (rsvlm.decoding's dispatchers say why).
+        self.decoder: DecodeStrategy = choose(self.model, decode_backend)
         self.info: dict[str, Any] = dict(getattr(loaded, "info", {}) or {})
-        self.info["decode"] = "torch"
+        self.info["decode"] = self.decoder.name
         self.info["semantic_context"] = semantic_context
 
     @property

@@ -9,7 +9,7 @@ cache is skipped, so the image is encoded once per session.
 
 Answers keep the family's own text in the conversation (what the model wrote is what it sees
 next turn); `Answer.text` has its boxes rewritten in the canonical grammar, and `Answer.boxes`
-holds them in chip pixels and EPSG:4326.
+holds them in chip pixels and EPSG:4326 (`rsvlm.answer.ground` of that text).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from rsvlm.backends import conventions
 from rsvlm.backends.base import context_text
-from rsvlm.boxes import ParsedBox, pixels_to_norm
+from rsvlm.boxes import pixels_to_norm
 
 logger = logging.getLogger(__name__)
 
@@ -51,31 +51,6 @@ class _TimedStreamer(TextIteratorStreamer):
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
         super().put(value)
-
-
-def ground_boxes(chip: Any, boxes: list[ParsedBox], width: int, height: int) -> list[Any]:
-    """Canonical boxes -> `rsvlm.engine.AnswerBox` (chip pixels, EPSG:4326 when georeferenced)."""
-    from shapely.geometry import mapping
-
-    from rsvlm.engine import AnswerBox
-
-    out, seen = [], set()
-    for parsed in boxes:
-        x1, y1, x2, y2 = parsed.to_pixels(width, height)
-        key = (parsed.label, round(x1, 3), round(y1, 3), round(x2, 3), round(y2, 3), parsed.angle)
-        if key in seen:  # a looping model repeating one box: one detection on the map
-            continue
-        seen.add(key)
-        geometry = None
-        if getattr(chip, "georeferenced", False):
-            if parsed.angle:
-                poly = chip.obb_to_polygon((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1,
-                                           parsed.angle)
-            else:
-                poly = chip.box_to_polygon((x1, y1, x2, y2))
-            geometry = mapping(poly) if poly is not None else None
-        out.append(AnswerBox(parsed.label, (x1, y1, x2, y2), parsed.angle, geometry))
-    return out
 
 
 class PretrainedSession:
@@ -108,12 +83,13 @@ class PretrainedSession:
 
     def reset(self) -> None:
         self.turns.clear()
-        self._drop_cache()
+        self.drop_cache()
         self.last = None
 
-    def _drop_cache(self) -> None:
+    def drop_cache(self) -> None:
+        """Forget the KV cache (the next question encodes the conversation afresh)."""
         self._ids, self._cache, self._state = None, None, None
-        self.engine._forget(self)
+        self.engine.caches.forget(self)
 
     # ------------------------------------------------------------------ semantics
     def context(self) -> str:
@@ -141,7 +117,7 @@ class PretrainedSession:
         if region_box_px is not None:
             region = family.region_text(processor, pixels_to_norm(region_box_px, *size), size)
         user = family.user_text(question, region)
-        with engine._lock:
+        with engine.generation_lock:
             self._cancel.clear()
             t0 = time.perf_counter()
             context = self.context()
@@ -154,7 +130,7 @@ class PretrainedSession:
 
             def run() -> None:
                 try:
-                    with torch.inference_mode():
+                    with torch.inference_mode(), engine.decoder.hooked(engine.model):
                         result["out"] = engine.model.generate(
                             **kwargs, streamer=streamer,
                             max_new_tokens=max_new_tokens or engine.max_new_tokens,
@@ -178,7 +154,7 @@ class PretrainedSession:
                     self._cancel.set()
                 thread.join()
             if "error" in result:
-                self._drop_cache()
+                self.drop_cache()
                 engine.raise_generation_error(result["error"])
             t_end = time.perf_counter()
             self._remember(result["out"], encoded)
@@ -196,7 +172,7 @@ class PretrainedSession:
 
     def _answer(self, raw: str, encoded: Any, streamer: _TimedStreamer, t0: float, t_end: float,
                 n_uncached: int) -> Any:
-        from rsvlm.engine import Answer
+        from rsvlm.answer import Answer, ground
 
         size = (self.chip_width, self.chip_height)
         parsed = self.family.boxes(raw, encoded.frame, size)
@@ -207,7 +183,7 @@ class PretrainedSession:
         first = streamer.first_token_at
         return Answer(
             text=text,
-            boxes=ground_boxes(self.chip, parsed, *size),
+            boxes=ground(text, self.chip, size),
             retrieved=list(self.retrieved or []),
             timing={"first_token_s": round((first or t_end) - t0, 4),
                     "total_s": round(t_end - t0, 4), "new_tokens": streamer.n_new,
@@ -233,7 +209,7 @@ class PretrainedSession:
                 self.family.restore_state(engine.model, self._state)
                 return ({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
                          "past_key_values": self._cache}, int(ids.shape[1] - common))
-        self._drop_cache()
+        self.drop_cache()
         kwargs = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in inputs.items()}
         if "pixel_values" in kwargs and kwargs["pixel_values"].is_floating_point():
             kwargs["pixel_values"] = kwargs["pixel_values"].to(engine.dtype)
@@ -248,4 +224,4 @@ class PretrainedSession:
         self._ids = out.sequences
         self._cache = out.past_key_values
         self._state = self.family.save_state(self.engine.model)
-        self.engine._touch(self)  # may drop the least recently used session's cache
+        self.engine.caches.touch(self)  # may drop the least recently used session's cache

@@ -75,7 +75,7 @@ def test_follow_up_reuses_the_cache_and_answers_as_a_fresh_prefill(checkpoints, 
     for q in QUESTIONS[:1]:
         list(cached.ask(q))
         list(fresh.ask(q))
-    fresh._drop_cache()  # the second turn of `fresh` encodes the whole conversation again
+    fresh.drop_cache()  # the second turn of `fresh` encodes the whole conversation again
     list(cached.ask(QUESTIONS[1]))
     list(fresh.ask(QUESTIONS[1]))
     assert cached.last.timing["prefill_tokens"] < fresh.last.timing["prefill_tokens"] / 2
