@@ -6,8 +6,8 @@ own (pinned pixel budget for Qwen, 768 x 768 for Florence-2) with the tiny check
 tokenizer, whose special-token ids the configs take over. Per backend and precision (``nf4``:
 the language model's linears in NF4 with double quantization and bf16 compute, vision tower and
 lm_head bf16, as `rsvlm.backends.loader` loads them; ``bf16``) it measures first-token latency,
-decode tokens/s, weights and peak GPU memory, and scan chips/s (chip by chip, as
-`rsvlm.backends.engine.PretrainedEngine.answer_chips` scans).
+decode tokens/s, weights and peak GPU memory, and scan chips/s (chips of one size in padded
+batches of ``--scene-batch``, as `rsvlm.backends.engine.PretrainedEngine.answer_chips` scans).
 
 ``--tiny`` uses the tiny hub-layout checkpoints of `rsvlm.backends.tiny` on the CPU instead.
 """

@@ -544,7 +544,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {r['weights_gb']} | {r.get('peak_gb', '')} | {scene} |"
         )
     if result.get("backend_rows"):
-        lines += ["", "Pretrained backends (random weights of the real shapes; scan chip by chip):",
+        lines += ["", "Pretrained backends (random weights of the real shapes):",
                   "", "| backend | mode | first token (s) | decode tok/s b1 | weights (GiB) "
                   "| peak (GiB) | scene chips/s |", "|---|---|---|---|---|---|---|"]
     for r in result.get("backend_rows", []):

@@ -115,7 +115,18 @@ class Family:
         inputs = processor(text=[prompt], images=[image], return_tensors="pt")
         return Encoded(dict(inputs), prompt, self.frame(processor, inputs, image))
 
-    def frame(self, processor: Any, inputs: Any, image: Any) -> dict[str, Any]:
+    def encode_batch(self, processor: Any, images: list[Any], user: str, contexts: list[str]
+                     ) -> tuple[dict[str, Any], list[str], list[dict[str, Any]]]:
+        """One first-turn question about several images (a scan batch): inputs padded on the
+        left (every row ends where generation starts), the prompts, one box frame per row."""
+        prompts = [self.render(processor, self.messages([(user, None)], c)) for c in contexts]
+        inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True,
+                           padding_side="left")
+        frames = [self.frame(processor, inputs, image, index=i) for i, image in enumerate(images)]
+        return dict(inputs), prompts, frames
+
+    def frame(self, processor: Any, inputs: Any, image: Any, index: int = 0) -> dict[str, Any]:
+        """What the answer's boxes are relative to, for row ``index`` of ``inputs``."""
         return {}
 
     # ------------------------------------------------------------------ answers

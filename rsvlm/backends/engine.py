@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from rsvlm.backends.base import context_text
 from rsvlm.backends.session import PretrainedSession
 from rsvlm.decoding import DecodeStrategy, choose
 from rsvlm.engine import ChatEngine, SessionCaches
@@ -70,15 +71,47 @@ class PretrainedEngine(ChatEngine):
 
     def answer_chips(self, chips: list[Any], question: str, *, max_new_tokens: int = 256
                      ) -> list[str]:
-        """One answer per chip (canonical boxes), for `rsvlm.scan`: a fresh session each, one
-        after the other (chips of a scan differ in size at the borders, and a family's image
-        tokens with them, so they are not padded into one batch)."""
+        """One answer per chip (canonical boxes), for `rsvlm.scan`: chips of one size share a
+        padded ``generate`` call (a family's image tokens follow the chip size)."""
+        answers: list[str | None] = [None] * len(chips)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, chip in enumerate(chips):
+            by_size.setdefault((int(chip.width), int(chip.height)), []).append(i)
+        for indices in by_size.values():
+            texts = self._answer_batch([chips[i] for i in indices], question, max_new_tokens)
+            for i, text in zip(indices, texts, strict=True):
+                answers[i] = text
+        return [a or "" for a in answers]
+
+    def _answer_batch(self, chips: list[Any], question: str, max_new_tokens: int) -> list[str]:
+        from rsvlm.backends.conventions import to_canonical_text
+
+        family, processor = self.family, self.processor
+        images = [c.to_image().convert("RGB") if hasattr(c, "to_image") else c for c in chips]
+        contexts = [""] * len(chips)
+        if self.semantic_context:
+            contexts = [context_text([r["text"] for r in self.retrieve_for_image(image)],
+                                     self.osm_for_chip(chip))
+                        for chip, image in zip(chips, images, strict=True)]
+        inputs, _, frames = family.encode_batch(processor, images, family.user_text(question, None),
+                                                contexts)
+        kwargs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        if "pixel_values" in kwargs and kwargs["pixel_values"].is_floating_point():
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.dtype)
+        try:
+            with self.generation_lock, torch.inference_mode(), self.decoder.hooked(self.model):
+                out = self.model.generate(**kwargs, max_new_tokens=max_new_tokens,
+                                          **self.generation)
+        except Exception as exc:
+            self.raise_generation_error(exc)
+        if not getattr(self.model.config, "is_encoder_decoder", False):
+            out = out[:, kwargs["input_ids"].shape[1]:]
+        skip = not family.stream_special_tokens
         answers = []
-        for chip in chips:
-            session = self.session(chip)
-            for _ in session.ask(question, max_new_tokens=max_new_tokens):
-                pass
-            answers.append(session.last.text)
+        for row, chip, frame in zip(out, chips, frames, strict=True):
+            raw = family.clean(processor.tokenizer.decode(row, skip_special_tokens=skip))
+            size = (int(chip.width), int(chip.height))
+            answers.append(to_canonical_text(raw, family.boxes(raw, frame, size)))
         return answers
 
     def retrieve_for_image(self, image: Any) -> list[dict[str, Any]]:

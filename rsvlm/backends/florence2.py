@@ -132,6 +132,12 @@ class Florence2(Family):
         task = _TASK_TOKEN.match(prompt)
         return Encoded(dict(inputs), prompt, {"task": task.group(1) if task else "<FALCON>"})
 
+    def encode_batch(self, processor: Any, images: list[Any], user: str, contexts: list[str]
+                     ) -> tuple[dict[str, Any], list[str], list[dict[str, Any]]]:
+        inputs = processor(text=[user] * len(images), images=images, return_tensors="pt",
+                           padding=True)
+        return dict(inputs), [user] * len(images), [{} for _ in images]
+
     def strip_specials(self, text: str) -> str:
         for token in ("<s>", "</s>", "<pad>"):
             text = text.replace(token, "")

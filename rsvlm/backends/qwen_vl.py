@@ -62,8 +62,8 @@ class _QwenVL(Family):
             text = f"{text} {self.grounding_request}"
         return text
 
-    def frame(self, processor: Any, inputs: Any, image: Any) -> dict[str, Any]:
-        grid = inputs["image_grid_thw"][0].tolist()
+    def frame(self, processor: Any, inputs: Any, image: Any, index: int = 0) -> dict[str, Any]:
+        grid = inputs["image_grid_thw"][index].tolist()
         patch = int(processor.image_processor.patch_size)
         return {"grid_thw": grid, "resized": conventions.qwen_resized_size(grid, patch)}
 

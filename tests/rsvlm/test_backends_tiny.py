@@ -172,7 +172,7 @@ def test_tiny_checkpoint_command_and_bad_checkpoints(tmp_path: Path, capsys) -> 
     assert rsvlm_main(["ask", str(path), "hi", "--model", str(tmp_path / "missing-model")]) == 2
 
 
-def test_scan_runs_a_pretrained_family_chip_by_chip(checkpoints, tmp_path: Path) -> None:
+def test_scan_runs_a_pretrained_family(checkpoints, tmp_path: Path) -> None:
     import rasterio
     from rasterio.transform import from_origin
 
@@ -238,3 +238,22 @@ def test_unparseable_boxes_stay_text_and_are_logged(checkpoints, caplog) -> None
                                  type("S", (), {"first_token_at": None, "n_new": 0})(), 0.0, 0.0, 1)
     assert answer.boxes == [] and answer.text == '[{"bbox_2d": [1, 2, "three"], "label": "x"}]'
     assert "do not parse" in caplog.text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scan_batches_answer_as_one_chip_at_a_time(checkpoints, family) -> None:
+    import tiles
+
+    rng = np.random.default_rng(1)
+    chips = [tiles.PlainImageSource.from_array(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8),
+                                               f"c{i}").chip() for i in range(3)]
+    # Contexts of different lengths: the batch is padded on the left.
+    osm = {id(c): [f"OSM building=house: {i}"] * (i + 1) for i, c in enumerate(chips)}
+    engine = _engine(checkpoints[family], osm=lambda chip: osm.get(id(chip), []))
+    batched = engine.answer_chips(chips, "find all buildings", max_new_tokens=6)
+    one_by_one = []
+    for chip in chips:
+        session = engine.session(chip)
+        list(session.ask("find all buildings", max_new_tokens=6))
+        one_by_one.append(session.last.text)
+    assert batched == one_by_one
