@@ -114,3 +114,40 @@ def chip_summary(chip: Chip) -> dict[str, Any]:
     return {"coverage": chip.meta.get("coverage", 1.0),
             "bounds_lonlat": None if bounds is None else [round(v, 7) for v in bounds],
             "size_px": [chip.width, chip.height]}
+
+
+#: Gradio functions that turn request data into handler inputs: an exception raised under one
+#: of them is a rejected input (a FileData path outside the uploads, a URL that fails the SSRF
+#: check, a wrong number of inputs), not a fault of the app.
+_GRADIO_INPUT_STAGE = {"preprocess_data", "validate_inputs", "async_move_files_to_cache"}
+
+
+class _OneLineRejections:
+    """Stands in for the `traceback` module inside `gradio.queueing`: inputs Gradio rejects
+    before a handler runs get one `reject` line; every other exception keeps its traceback."""
+
+    def __init__(self, module: Any) -> None:
+        self._tb = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tb, name)
+
+    def print_exc(self, *args: Any, **kwargs: Any) -> None:
+        import sys
+
+        exc = sys.exc_info()[1]
+        frames = self._tb.extract_tb(exc.__traceback__) if exc is not None else []
+        if any(f.name in _GRADIO_INPUT_STAGE for f in frames):
+            reject("input", f"{type(exc).__name__}: {public(str(exc))}")
+        else:
+            self._tb.print_exc(*args, **kwargs)
+
+
+def quiet_gradio_input_errors() -> None:
+    """Make Gradio log its own input rejections as one line (see `_OneLineRejections`)."""
+    import traceback
+
+    import gradio.queueing as queueing
+
+    if not isinstance(queueing.traceback, _OneLineRejections):
+        queueing.traceback = _OneLineRejections(traceback)  # type: ignore[assignment]

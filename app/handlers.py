@@ -129,9 +129,13 @@ def parse_bbox(text: str) -> Bounds:
         shown = text if len(text) <= 60 else text[:60] + "…"
         raise UserError(f"A bbox is four numbers W,S,E,N (lon/lat); got {shown!r}.")
     try:
-        return tuple(check_bbox(parts))  # type: ignore[return-value]
+        w, s, e, n = check_bbox(parts)
     except ValueError as exc:
         raise UserError(str(exc)[:300]) from exc
+    if not (s >= -90 and n <= 90 and w >= -360 and e <= 360):
+        raise UserError(f"The bbox {[w, s, e, n]} is not lon/lat: latitudes must be within "
+                        "-90..90 and longitudes within -360..360 (W,S,E,N order).")
+    return (w, s, e, n)
 
 
 def bbox_from_geojson(text: str) -> Bounds:

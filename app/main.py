@@ -92,9 +92,11 @@ def build_context(args: argparse.Namespace, backend: Backend) -> AppContext:
 
 def launch(ctx: AppContext, *, host: str, port: int, auth: dict[str, str] | None,
            concurrency: int, max_upload_mb: float, prevent_thread_lock: bool = False):
+    from app.guards import quiet_gradio_input_errors
     from app.layout import CSS, build_demo
     from app.map_html import BRIDGE_JS
 
+    quiet_gradio_input_errors()
     demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=max(1, concurrency), max_size=256)
     # Session folders are never in allowed_paths: Gradio serves only its own cache copies of
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # GDAL's own note on a rejected file repeats what app.rejected says, with the server path.
+    logging.getLogger("rasterio._env").setLevel(logging.WARNING)
     auth = load_credentials(args.auth_file, args.auth)
     backend = make_backend(args)
     try:

@@ -161,7 +161,7 @@ class RasterSource(Source):
         if ds.crs is None:
             self.crs = None
             self.bounds = (0.0, 0.0, float(ds.width), float(ds.height))
-            log.info("%s has no CRS: chips are in pixel space", self.name)
+            log.debug("%s has no CRS: chips are in pixel space", self.name)
             return
         self.crs = geometry.as_crs(ds.crs)
         t = ds.transform
