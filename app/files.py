@@ -4,7 +4,8 @@ Every browser session gets a folder ``<root>/<random>/`` (the root is private: m
 in Gradio's ``allowed_paths``, so nothing in it is served). Uploads are moved out of Gradio's
 upload folder into it as soon as they arrive; exports are written into it under names with 128
 random bits and handed to Gradio, which serves a copy from its cache under a path derived from a
-secret seed and the content. When the session ends (tab closed: ``demo.unload``; state expired:
+secret seed and the content, to the browser that asked for it only (`app.serving`). When the
+session ends (tab closed: ``demo.unload``; state expired:
 ``gr.State(delete_callback=...)``) the folder and Gradio's copies of its exports are removed;
 at start-up, folders older than ``max_age_s`` left by a previous run are removed too.
 """
@@ -21,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from app.serving import FileOwners
+
 log = logging.getLogger(__name__)
 
 #: Random bytes in an export's name (128 bits) and in a session folder's name (192 bits).
@@ -31,8 +34,9 @@ SESSION_TOKEN_BYTES = 24
 class SessionFiles:
     """One session's folder: adopted uploads and exports."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, owners: FileOwners | None = None) -> None:
         self.folder = folder
+        self.owners = owners if owners is not None else FileOwners()
         self._served: list[Path] = []  # Gradio's cached copies of our exports
 
     def _ensure(self) -> Path:
@@ -47,23 +51,30 @@ class SessionFiles:
             return src
         dest = self._ensure() / secrets.token_urlsafe(8) / src.name
         dest.parent.mkdir(mode=0o700)
-        shutil.move(str(src), dest)
-        with contextlib.suppress(OSError):  # Gradio's per-upload hash folder, now empty
-            src.parent.rmdir()
+        with LEASES.lease(src):  # the same content uploaded twice at once is one Gradio file
+            try:
+                os.link(src, dest)
+            except OSError:
+                if not src.exists():
+                    raise
+                shutil.copyfile(src, dest)
         return dest
 
     def export_path(self, stem: str, suffix: str) -> Path:
         return self._ensure() / f"{stem}-{secrets.token_urlsafe(EXPORT_TOKEN_BYTES)}{suffix}"
 
-    def served(self, path: Path) -> None:
-        """Remember where Gradio will serve ``path`` from (its cache copy), to remove it later."""
+    def served(self, path: Path, client: str | None = None) -> None:
+        """Remember where Gradio will serve ``path`` from (its cache copy), to remove it later,
+        and serve it only to ``client`` (the browser's cookie; see `app.serving`)."""
         cached = gradio_cache_path(path)
         if cached is not None:
             self._served.append(cached)
+            self.owners.register(cached, client)
 
     def close(self) -> None:
         for cached in self._served:
             shutil.rmtree(cached.parent, ignore_errors=True)
+            self.owners.forget(cached)
         self._served.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -81,12 +92,45 @@ def in_upload_folder(path: str | Path) -> bool:
     return True
 
 
-def discard_upload(path: str | Path | None) -> None:
-    """Delete a file a stateless API call uploaded, once answered (only from Gradio's folder)."""
-    if path and in_upload_folder(path):
-        Path(path).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            Path(path).parent.rmdir()
+class UploadLeases:
+    """Gradio stores an upload at ``<upload folder>/<hash of content>/<name>``: two clients that
+    upload the same bytes at once share one file. Handlers lease it while they use it; the last
+    to finish leaves it for `GRACE_S` seconds (a call racing in just behind still finds it) and
+    then it is deleted, with its hash folder."""
+
+    GRACE_S = 60.0
+
+    def __init__(self) -> None:
+        self._count: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lease(self, path: str | Path | None):
+        p = Path(path) if path and in_upload_folder(path) else None
+        if p is not None:
+            with self._lock:
+                self._count[p] = self._count.get(p, 0) + 1
+        try:
+            yield
+        finally:
+            if p is not None:
+                with self._lock:
+                    self._count[p] -= 1
+                timer = threading.Timer(self.GRACE_S, self._drop, args=(p,))
+                timer.daemon = True
+                timer.start()
+
+    def _drop(self, path: Path) -> None:
+        with self._lock:
+            if self._count.get(path, 0) > 0:
+                return
+            self._count.pop(path, None)
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+
+
+LEASES = UploadLeases()
 
 
 def gradio_cache_path(path: Path) -> Path | None:
@@ -108,13 +152,15 @@ class FileStore:
         os.chmod(self.root, 0o700)
         self._sessions: dict[str, SessionFiles] = {}
         self._lock = threading.Lock()
+        self.owners = FileOwners()
 
     def open(self, key: str | None = None) -> SessionFiles:
         """The folder of session ``key`` (created on first use); a fresh one without a key."""
         with self._lock:
             if key is not None and key in self._sessions:
                 return self._sessions[key]
-            files = SessionFiles(self.root / secrets.token_urlsafe(SESSION_TOKEN_BYTES))
+            files = SessionFiles(self.root / secrets.token_urlsafe(SESSION_TOKEN_BYTES),
+                                 self.owners)
             if key is not None:
                 self._sessions[key] = files
             return files

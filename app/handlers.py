@@ -331,7 +331,11 @@ def upload(ctx: AppContext, state: SessionState, path: str | None) -> UIUpdate:
         return UIUpdate()
     name = Path(path).name
     if state.files is not None:  # out of Gradio's upload folder, into the session's own
-        path = str(state.files.adopt(path))
+        try:
+            path = str(state.files.adopt(path))
+        except OSError as exc:
+            reject("upload", f"gone before it was read ({type(exc).__name__})")
+            return UIUpdate(notice=f"{name} is no longer on the server; upload it again.")
     size_mb = os.path.getsize(path) / 1e6
     if size_mb > ctx.max_upload_mb:
         reject("upload", f"{size_mb:.1f} MB over the {ctx.max_upload_mb:g} MB limit")
@@ -482,6 +486,8 @@ def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str
     question = check_question(question)
     box = parse_bbox(bbox) if bbox and bbox.strip() else None
     if image_path:
+        if not os.path.isfile(image_path):
+            raise UserError("The uploaded image is no longer on the server; upload it again.")
         if os.path.getsize(image_path) / 1e6 > ctx.max_upload_mb:
             raise UserError(f"The image is larger than {ctx.max_upload_mb:g} MB.")
         source = image_path

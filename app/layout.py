@@ -12,9 +12,10 @@ from typing import Any
 import gradio as gr
 
 from app import handlers as h
-from app.files import discard_upload
+from app.files import LEASES
 from app.guards import reject
 from app.handlers import AppContext, SessionState, UIUpdate
+from app.serving import client_of
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +231,8 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
             gr.Warning(message)
             return gr.skip()
         gr.Info(message)
-        if state.files is not None:
-            state.files.served(path)  # Gradio serves a copy; it goes with the session
+        if state.files is not None:  # Gradio serves a copy: to this browser, for this session
+            state.files.served(path, client_of(request))
         return gr.File(value=str(path), visible=True)
 
     demo.load(start, None, outs, **private)
@@ -283,12 +284,11 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
         traceback; the uploaded file is deleted once answered."""
         try:
             text = question() if callable(question) else question
-            return h.api_ask(ctx, image, bbox, text)
+            with LEASES.lease(image):  # the upload is deleted once no call uses it
+                return h.api_ask(ctx, image, bbox, text)
         except h.UserError as exc:
             reject(endpoint, str(exc))
             raise gr.Error(str(exc), print_exception=False) from None
-        finally:
-            discard_upload(image)
 
     def api_ask(image: str | None, bbox: str, question: str) -> tuple[str, str]:
         return api_call("/ask", image, bbox, question)

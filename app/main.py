@@ -92,17 +92,22 @@ def build_context(args: argparse.Namespace, backend: Backend) -> AppContext:
 
 def launch(ctx: AppContext, *, host: str, port: int, auth: dict[str, str] | None,
            concurrency: int, max_upload_mb: float, prevent_thread_lock: bool = False):
+    from starlette.middleware import Middleware
+
     from app.guards import quiet_gradio_input_errors
     from app.layout import CSS, build_demo
     from app.map_html import BRIDGE_JS
+    from app.serving import OwnedFiles
 
     quiet_gradio_input_errors()
     demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=max(1, concurrency), max_size=256)
     # Session folders are never in allowed_paths: Gradio serves only its own cache copies of
     # what a handler returns (see app.files).
+    # OwnedFiles: a session's exports are served to the browser that made them only.
     demo.launch(server_name=host, server_port=port, share=False,
                 auth=throttled_auth(auth) if auth else None,
+                app_kwargs={"middleware": [Middleware(OwnedFiles, owners=ctx.files.owners)]},
                 max_file_size=f"{max_upload_mb:g}mb", head=BRIDGE_JS, css=CSS,
                 show_error=True, prevent_thread_lock=prevent_thread_lock, quiet=True)
     return demo

@@ -7,8 +7,8 @@ path traversal on the file route. Traffic goes only to the app's loopback addres
     python scripts/fuzz_app.py --fast                # the subset the test suite runs
 
 For each input it prints what came back (answered / refused + the message / HTTP status), whether
-the server still answered afterwards, its RSS (MB) after the call, and whether the outcome is
-the expected one; then a summary (peak RSS, log lines and tracebacks the rejections cost when it
+the server still answered afterwards, its peak RSS (MB, sampled every 10 ms) during the call, and
+whether the outcome is the expected one (the memory worst cases are sent twice at once); then a summary (peak RSS, log lines and tracebacks the rejections cost when it
 started the app itself). ``--markdown FILE`` writes the table for docs/app.md.
 """
 
@@ -41,6 +41,7 @@ class Case:
     data: list | Callable[[], list] | None = None
     expect: str = "refused"  # "answered", "refused", "not served" (file route), ...
     heavy: bool = False  # seconds of decoding: left out of --fast
+    at_once: int = 1  # sent this many times concurrently (the default queue serves 2 at once)
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -144,9 +145,9 @@ def corpus(files: dict[str, Path], heavy: dict[str, Path] | None, files_root: st
     cases += [Case(f"upload {n}", "/ask", up(n), "refused") for n in refused]
     for name, path in (heavy or {}).items():
         expect = "refused" if name in ("webp_bomb_13000", "geotiff_one_8192_tile") else "answered"
-        cases.append(Case(f"upload {name}", "/ask",
+        cases.append(Case(f"upload {name} (x2 at once)", "/ask",
                           (lambda p=path: [("upload", p), "", "Describe this image."]),
-                          expect, heavy=True))
+                          expect, heavy=True, at_once=2))
     q = "How many buildings are in this image?"
     cases += [
         Case("bbox inside the imagery", "/ask", [None, INSIDE, q], "answered"),
@@ -304,17 +305,58 @@ def run_case(client: AppClient, case: Case) -> tuple[str, str]:
         return "failed", f"{type(exc).__name__}: {exc}"[:120]
 
 
+class PeakRSS:
+    """Samples a process's RSS every 10 ms while a case runs."""
+
+    def __init__(self, pid: int | None) -> None:
+        import threading
+
+        self.pid, self.peak = pid, rss_mb(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            now = rss_mb(self.pid)
+            if now is not None:
+                self.peak = max(self.peak or 0.0, now)
+
+    def __enter__(self) -> PeakRSS:
+        if self.pid is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def run_at_once(client: AppClient, case: Case) -> tuple[str, str]:
+    """The case, ``case.at_once`` times concurrently; the outcome if they all agree."""
+    if case.at_once == 1:
+        return run_case(client, case)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(case.at_once) as pool:
+        results = list(pool.map(lambda _: run_case(AppClient(client.url), case),
+                                range(case.at_once)))
+    outcomes = {o for o, _ in results}
+    return (outcomes.pop() if len(outcomes) == 1 else "mixed"), results[0][1]
+
+
 def run_corpus(client: AppClient, cases: list[Case], pid: int | None = None,
                echo: bool = True) -> list[dict]:
     rows = []
     for case in cases:
         t0 = time.perf_counter()
-        outcome, detail = run_case(client, case)
+        with PeakRSS(pid) as peak:
+            outcome, detail = run_at_once(client, case)
         seconds = time.perf_counter() - t0
         row = {"input": case.name, "endpoint": case.endpoint.split(" ")[0],
                "outcome": outcome, "detail": " ".join(detail.split())[:110],
                "expected": case.expect, "ok": outcome == case.expect, "up": client.up(),
-               "rss_mb": rss_mb(pid), "s": round(seconds, 2)}
+               "rss_mb": peak.peak, "s": round(seconds, 2)}
         rows.append(row)
         if echo:
             rss = "-" if row["rss_mb"] is None else f"{row['rss_mb']:.0f}"
@@ -325,7 +367,7 @@ def run_corpus(client: AppClient, cases: list[Case], pid: int | None = None,
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| # | input | endpoint | outcome | server up | RSS MB | s | message (start) |",
+    out = ["| # | input | endpoint | outcome | server up | peak RSS MB | s | message (start) |",
            "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
         msg = r["detail"][:80].replace("|", "\\|") if r["outcome"] != "answered" else ""
@@ -392,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         client = AppClient(url)
         rss0 = rss_mb(pid)
         rows = run_corpus(client, corpus(files, heavy, str(files_root)), pid)
+        rss_end = rss_mb(pid)
     finally:
         if proc is not None:
             proc.terminate()
@@ -401,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(rows)} inputs, {len(bad)} unexpected, server up after all: "
           f"{all(r['up'] for r in rows)}")
     if rss:
-        print(f"server RSS MB: before {rss0:.0f}, peak after a call {max(rss):.0f}, "
-              f"end {rss[-1]:.0f}")
+        print(f"server RSS MB: before {rss0:.0f}, peak during a call {max(rss):.0f}, "
+              f"after the last {rss_end or 0:.0f}")
     if proc is not None:
         text = log_path.read_text(errors="replace")
         rejected = sum("rejected " in line for line in text.splitlines())

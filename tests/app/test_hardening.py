@@ -112,6 +112,26 @@ def test_exports_live_in_the_session_folder_with_128_random_bits(ctx: AppContext
     assert not path.exists() and not state.files.folder.exists()
 
 
+def test_one_upload_shared_by_two_calls_lives_until_both_are_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.files import LEASES
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    monkeypatch.setattr(LEASES, "GRACE_S", 0.05)
+    shared = tmp_path / "hash" / "same.png"
+    shared.parent.mkdir()
+    shared.write_bytes(b"x")
+    with LEASES.lease(shared):
+        with LEASES.lease(shared):
+            pass
+        time.sleep(0.3)
+        assert shared.exists()  # the first call is done, the second still reads it
+    deadline = time.time() + 5
+    while shared.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert not shared.exists() and not shared.parent.exists()
+
+
 def test_state_expiry_removes_the_files_and_old_folders_go_at_start_up(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "files")
     files = store.open()
@@ -135,10 +155,16 @@ def test_uploads_move_out_of_gradios_folder_only(ctx: AppContext, tmp_path: Path
     upload = gradio_tmp / "abc123" / "photo.png"
     upload.parent.mkdir(parents=True)
     Image.new("RGB", (40, 30), (1, 2, 3)).save(upload)
+    from app.files import LEASES
+
+    monkeypatch.setattr(LEASES, "GRACE_S", 0.05)
     state, _ = h.start_session(ctx)
     h.upload(ctx, state, str(upload))
-    assert not upload.exists() and not upload.parent.exists()  # moved, hash folder gone
     assert Path(state.upload_path).is_relative_to(state.files.folder)
+    deadline = time.time() + 5
+    while upload.parent.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert not upload.exists() and not upload.parent.exists()  # Gradio's copy and hash folder
     elsewhere = tmp_path / "mine.png"
     Image.new("RGB", (40, 30), (1, 2, 3)).save(elsewhere)
     h.upload(ctx, state, str(elsewhere))
@@ -251,3 +277,29 @@ def test_api_geojson_has_the_chip_summary(ctx: AppContext) -> None:
     _, geojson = h.api_ask(ctx, None, ",".join(map(str, DRAWN)), "Find all buildings")
     chip = json.loads(geojson)["chip"]
     assert chip["coverage"] == 1.0 and len(chip["bounds_lonlat"]) == 4
+
+
+def test_registered_files_are_served_to_their_browser_only() -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from app.serving import COOKIE, FileOwners, OwnedFiles
+
+    owners = FileOwners()
+    inner = Starlette(routes=[Route("/gradio_api/file={path:path}",
+                                    lambda request: PlainTextResponse("data"))])
+    app = OwnedFiles(inner, owners)
+    alice, bob = TestClient(app), TestClient(app)
+    assert alice.get("/gradio_api/file=/tmp/gradio/x/free.txt").text == "data"  # unregistered
+    token = alice.cookies.get(COOKIE)
+    assert token and len(token) >= 32 and bob.get("/").status_code == 404  # bob gets his own
+    assert bob.cookies.get(COOKIE) not in (None, token)
+    owners.register("/tmp/gradio/abc/detections-x.geojson", token)
+    url = "/gradio_api/file=/tmp/gradio/abc/detections-x.geojson"
+    assert alice.get(url).status_code == 200
+    assert bob.get(url).status_code == 404
+    assert TestClient(app).get(url).status_code == 404  # no cookie yet: nothing
+    owners.forget("/tmp/gradio/abc/detections-x.geojson")
+    assert bob.get(url).status_code == 200  # forgotten (session over): Gradio decides again
