@@ -16,6 +16,7 @@ from app.files import LEASES
 from app.guards import reject
 from app.handlers import AppContext, SessionState, UIUpdate
 from app.serving import client_of
+from tiles.limits import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,10 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
     def on_upload(state: SessionState | None, path: str | None, request: gr.Request
                   ) -> list[Any]:
         state = ensure(state, request)
-        return [state, *_values(h.upload(ctx, state, path))]
+        try:
+            return [state, *_values(h.upload(ctx, state, path))]
+        finally:
+            release_memory()  # a big decode's memory goes back to the system
 
     def on_ask(state: SessionState | None, question: str) -> Iterator[list[Any]]:
         state = ensure(state)
@@ -289,6 +293,8 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
         except h.UserError as exc:
             reject(endpoint, str(exc))
             raise gr.Error(str(exc), print_exception=False) from None
+        finally:
+            release_memory()
 
     def api_ask(image: str | None, bbox: str, question: str) -> tuple[str, str]:
         return api_call("/ask", image, bbox, question)

@@ -25,8 +25,9 @@ from tiles.errors import ImageryError
 DEFAULT_DECODE_BUDGET_MB = 192
 #: Bytes a decoded pixel costs at the peak of opening a picture and taking its first chips:
 #: the decoder's RGBX image (4), the NumPy RGB copy (3), a converted copy (4) and the resize
-#: source of a chip (4). Measured: a 4270 x 4270 WebP peaks at about 15 bytes per pixel.
-BYTES_PER_DECODED_PIXEL = 16
+#: source of a chip (4). Measured: a 4270 x 4270 WebP peaks at about 15 bytes per pixel; 20
+#: leaves room for two at once within +500 MB.
+BYTES_PER_DECODED_PIXEL = 20
 #: Largest picture decoded by streaming (row strips, DCT scaling); beyond this the CPU time
 #: (not the memory) is what a tiny hostile file would cost.
 MAX_STREAMED_PIXELS = 400_000_000
@@ -43,7 +44,7 @@ def decode_budget_bytes() -> int:
 
 
 def working_pixels() -> int:
-    """Pixels a plain picture is decoded to at most (12.6 Mpx, about 3500 x 3500, by default)."""
+    """Pixels a plain picture is decoded to at most (10 Mpx, about 3170 x 3170, by default)."""
     return decode_budget_bytes() // BYTES_PER_DECODED_PIXEL
 
 
@@ -76,3 +77,40 @@ def check_streamed(name: str, width: int, height: int) -> None:
             f"as a plain image (limit {MAX_STREAMED_PIXELS / 1e6:.0f} Mpx); convert it to a tiled "
             "GeoTIFF with overviews (`gdal_translate -of COG`)."
         )
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+#: glibc ``mallopt`` parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_allocator(mmap_threshold: int = 1 << 20) -> bool:
+    """Serve allocations above ``mmap_threshold`` with mmap so that freeing a decoded picture
+    gives its memory back to the system. (glibc raises its threshold to the largest block
+    freed, up to 32 MB, so the arrays of a bomb would otherwise stay in the heap as RSS after
+    the request.) Linux/glibc only; returns whether it applied."""
+    libc = _libc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and \
+        bool(libc.mallopt(_M_TRIM_THRESHOLD, 4 * mmap_threshold))
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the system after a large decode (``malloc_trim``)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
