@@ -128,6 +128,20 @@ def heavy_files(folder: Path) -> dict[str, Path]:
 
 # --- the corpus ---------------------------------------------------------------------------------
 
+def login_cases(user: str, password: str) -> list[Case]:
+    """With a login required: every route is closed before it, wrong passwords wait longer and
+    longer, the right one opens the app."""
+    return [
+        Case("no login: /ask", "/ask", [None, INSIDE, "What is this?"]),
+        Case("no login: GET /config", "GET /config", None, "401"),
+        Case("no login: GET file=/etc/passwd", "GET /gradio_api/file=/etc/passwd", None,
+             "not served"),
+        *(Case(f"wrong password #{i}", "LOGIN", [user, f"guess{i}"]) for i in range(1, 5)),
+        Case("unknown user", "LOGIN", ["mallory", "x"]),
+        Case("right password (after the failures)", "LOGIN", [user, password], "answered"),
+    ]
+
+
 def corpus(files: dict[str, Path], heavy: dict[str, Path] | None, files_root: str) -> list[Case]:
     def up(name: str) -> Callable[[], list]:
         return lambda: [("upload", files[name]), "", "Describe this image."]
@@ -264,15 +278,24 @@ class AppClient:
             message = json.loads(payload) if payload and payload != "null" else "(no message)"
         except ValueError:
             message = payload
+        if isinstance(message, dict) and "error" in message:
+            message = message["error"]
         return "refused", str(message)
+
+    def login(self, user: str, password: str) -> tuple[str, str]:
+        t0 = time.perf_counter()
+        r = self.http.post(self.url + "login", data={"username": user, "password": password},
+                           timeout=self.timeout)
+        took = time.perf_counter() - t0
+        return ("answered" if r.status_code == 200 else "refused"), f"answered after {took:.2f} s"
 
     def get(self, path: str) -> tuple[str, str]:
         r = self.http.get(self.url + path.lstrip("/"), timeout=self.timeout)
         if path.startswith("/config") and r.status_code == 200:
             on = r.json().get("analytics_enabled")
             return ("analytics off" if on is False else f"analytics {on}"), ""
-        if "file=" in path:  # 403 (Gradio refuses) and 404 (no such route) both mean unserved
-            return ("not served" if r.status_code in (403, 404) else f"served {r.status_code}",
+        if "file=" in path:  # 401 (login first), 403 (refused), 404 (no such route): unserved
+            return ("not served" if r.status_code in (401, 403, 404) else f"served {r.status_code}",
                     r.text[:80])
         return str(r.status_code), r.text[:80]
 
@@ -299,6 +322,8 @@ def run_case(client: AppClient, case: Case) -> tuple[str, str]:
     try:
         if case.endpoint.startswith("GET "):
             return client.get(case.endpoint[4:])
+        if case.endpoint == "LOGIN":
+            return client.login(*case.data)
         data = case.data() if callable(case.data) else case.data
         return client.call(case.endpoint, list(data or []))
     except Exception as exc:  # noqa: BLE001 - a transport failure is an outcome too
@@ -355,7 +380,7 @@ def run_corpus(client: AppClient, cases: list[Case], pid: int | None = None,
         seconds = time.perf_counter() - t0
         row = {"input": case.name, "endpoint": case.endpoint.split(" ")[0],
                "outcome": outcome, "detail": " ".join(detail.split())[:110],
-               "expected": case.expect, "ok": outcome == case.expect, "up": client.up(),
+               "expected": case.expect, "ok": outcome == case.expect, "up": _answers(client),
                "rss_mb": peak.peak, "s": round(seconds, 2)}
         rows.append(row)
         if echo:
@@ -386,9 +411,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(port: int, log_path: Path, files_dir: Path) -> subprocess.Popen:
+def start_app(port: int, log_path: Path, files_dir: Path, password: str | None = None
+              ) -> subprocess.Popen:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
+    if password:
+        env["RSVLM_APP_AUTH"] = f"fuzz:{password}"
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen([sys.executable, "-m", "app.main", "--fake-model", "--host",
                              "127.0.0.1", "--port", str(port), "--files-dir", str(files_dir)],
@@ -398,11 +426,18 @@ def start_app(port: int, log_path: Path, files_dir: Path) -> subprocess.Popen:
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the app exited ({proc.returncode}); see {log_path}")
-        if client.up():
+        if client.up() or (password and _answers(client)):
             return proc
         time.sleep(0.5)
     proc.kill()
     raise SystemExit(f"the app did not come up in 180 s; see {log_path}")
+
+
+def _answers(client: AppClient) -> bool:
+    try:
+        return client.http.get(client.url + "config", timeout=5).status_code in (200, 401)
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files-root", default=None, help="its --files-dir, to try to read it")
     p.add_argument("--fast", action="store_true", help="leave out the memory worst cases")
     p.add_argument("--markdown", default=None, help="write the table to this file")
+    p.add_argument("--no-login", action="store_true",
+                   help="skip the second app started with a login (throttle cases)")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="rsvlm-fuzz-"))
     files = small_files(work / "inputs")
@@ -439,6 +476,18 @@ def main(argv: list[str] | None = None) -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
+    if args.url is None and not args.no_login:  # the same app, started with a login
+        import secrets
+
+        password = secrets.token_urlsafe(12)
+        port = free_port()
+        login_proc = start_app(port, work / "app-login.log", work / "app-files-login", password)
+        try:
+            rows += run_corpus(AppClient(f"http://127.0.0.1:{port}/"),
+                               login_cases("fuzz", password), login_proc.pid)
+        finally:
+            login_proc.terminate()
+            login_proc.wait(timeout=30)
     bad = [r for r in rows if not r["ok"] or not r["up"]]
     rss = [r["rss_mb"] for r in rows if r["rss_mb"] is not None]
     print(f"\n{len(rows)} inputs, {len(bad)} unexpected, server up after all: "
