@@ -310,7 +310,8 @@ def on_map_click(ctx: AppContext, state: SessionState, payload: str, allow_netwo
             chip = src.chip((b.west, b.south, b.east, b.north), crs="EPSG:4326",
                             size=ctx.chip_size)
     except (ImageryError, OSError) as exc:
-        return UIUpdate(notice=f"Could not fetch the tile: {exc}")
+        reject("map click", str(exc))
+        return UIUpdate(notice=public(f"Could not fetch the tile: {exc}"))
     from tiles.overlay import overlay_from_chip
 
     state.chip, state.chip_source, state.session = chip, ctx.tile_provider, None
@@ -412,7 +413,7 @@ def ask(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdat
         return
     except Exception as exc:  # one failed request must not take the session or server down
         log.exception("answer failed")
-        msg = f"Sorry, this answer failed ({type(exc).__name__}: {exc})."
+        msg = public(f"Sorry, this answer failed ({type(exc).__name__}: {exc}).")
         history[-1] = {"role": "assistant", "content": markdown_text(msg)}
         state.session = None  # a broken session is not reused
         yield UIUpdate(chat=list(history), notice=msg)
@@ -469,7 +470,7 @@ def export(ctx: AppContext, state: SessionState, fmt: str = "geojson") -> tuple[
     try:
         (write_geojson if fmt == "geojson" else write_gpkg)(state.detections, path)
     except ImageryError as exc:
-        return None, str(exc)
+        return None, public(str(exc))
     state.exports = [path]
     return path, f"Exported {len(state.detections)} detections ({fmt})."
 
