@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 #: Random bytes in an export's name (128 bits) and in a session folder's name (192 bits).
 EXPORT_TOKEN_BYTES = 16
 SESSION_TOKEN_BYTES = 24
+_SESSION_NAME = re.compile(r"[A-Za-z0-9_-]{32}")  # secrets.token_urlsafe(SESSION_TOKEN_BYTES)
+MARKER = ".rsvlm-app-files"
 
 
 class SessionFiles:
@@ -148,8 +151,13 @@ class FileStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
+        marker = self.root / MARKER
+        if not self.root.exists() or marker.exists():
+            # Ours: private. A folder that was there before (say --files-dir /tmp) keeps its
+            # mode, and `sweep` only ever touches folders named like ours.
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)
+            marker.touch()
         self._sessions: dict[str, SessionFiles] = {}
         self._lock = threading.Lock()
         self.owners = FileOwners()
@@ -181,6 +189,8 @@ class FileStore:
         """Remove session folders not modified for ``max_age_s`` (left by earlier runs)."""
         cutoff, removed = time.time() - max_age_s, 0
         for entry in self.root.iterdir():
+            if not _SESSION_NAME.fullmatch(entry.name):
+                continue  # not a session folder of ours
             try:
                 if entry.is_dir() and entry.stat().st_mtime < cutoff:
                     shutil.rmtree(entry, ignore_errors=True)

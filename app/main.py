@@ -86,6 +86,10 @@ def build_context(args: argparse.Namespace, backend: Backend) -> AppContext:
     log.info("basemaps: %s", "online (xyzservices)" if online else "offline (local imagery only)")
     ctx = AppContext(backend=backend, region=region, export_dir=files_dir,
                      chip_size=args.chip_size, max_upload_mb=args.max_upload_mb, online=online)
+    st = files_dir.stat()
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o077):
+        raise ValueError(f"{files_dir} (for uploads and exports) must be a folder of this user "
+                         "that no one else can read; remove it or give --files-dir")
     ctx.files.sweep(SESSION_MAX_AGE_S)
     return ctx
 

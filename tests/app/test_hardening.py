@@ -140,12 +140,18 @@ def test_state_expiry_removes_the_files_and_old_folders_go_at_start_up(tmp_path:
     state = h.SessionState(files=files)
     state.close()  # gr.State(delete_callback=...) on expiry
     assert not export.exists()
-    old, new = store.root / "old-session", store.root / "new-session"
-    old.mkdir()
-    new.mkdir()
+    old, new = store.open().folder, store.open().folder
+    other = store.root / "not-ours"
+    for folder in (old, new, other):
+        folder.mkdir()
     os.utime(old, (time.time() - 7 * 3600,) * 2)
+    os.utime(other, (time.time() - 7 * 3600,) * 2)
     assert store.sweep(6 * 3600) == 1
-    assert not old.exists() and new.exists()
+    assert not old.exists() and new.exists() and other.exists()
+    shared = tmp_path / "shared"  # an existing folder given as --files-dir keeps its mode
+    shared.mkdir(mode=0o755)
+    FileStore(shared)
+    assert oct(shared.stat().st_mode & 0o777) == "0o755"
 
 
 def test_uploads_move_out_of_gradios_folder_only(ctx: AppContext, tmp_path: Path,
