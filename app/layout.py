@@ -16,7 +16,7 @@ from app.files import LEASES
 from app.guards import reject
 from app.handlers import AppContext, SessionState, UIUpdate
 from app.serving import client_of
-from tiles.limits import release_memory
+from tiles import release_memory
 
 log = logging.getLogger(__name__)
 

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     # GDAL's own note on a rejected file repeats what app.rejected says, with the server path.
     logging.getLogger("rasterio._env").setLevel(logging.WARNING)
     auth = load_credentials(args.auth_file, args.auth)
-    from tiles.limits import tune_allocator
+    from tiles import tune_allocator
 
     tune_allocator()  # freed decode buffers go back to the system (see tiles.limits)
     backend = make_backend(args)

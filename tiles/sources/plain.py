@@ -189,9 +189,9 @@ def _read_png_strips(path: str, name: str, budget: int) -> np.ndarray:
     from rasterio.errors import RasterioError
     from rasterio.windows import Window
 
-    from tiles.sources.raster import _configure_gdal
+    from tiles.sources.raster import configure_gdal
 
-    _configure_gdal()
+    configure_gdal()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no georeference: expected for a picture

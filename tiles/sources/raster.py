@@ -44,7 +44,7 @@ BLOCK_CACHE_BYTES = 64 * 2**20
 _gdal_configured = False
 
 
-def _configure_gdal() -> None:
+def configure_gdal() -> None:
     global _gdal_configured
     if not _gdal_configured:
         _gdal_configured = True
@@ -104,7 +104,7 @@ class RasterSource(Source):
         import rasterio
         from rasterio.errors import RasterioError
 
-        _configure_gdal()
+        configure_gdal()
         # One GDAL dataset handle must not be read from two threads at once (the UI serves
         # several sessions from threads); chips of one source are serialised.
         self._lock = threading.Lock()
