@@ -74,7 +74,7 @@ def build_region_data(cfg: FinetuneConfig, progress: bool) -> Path:
 
 
 def fit_config(cfg: FinetuneConfig, data: Path) -> Any:
-    from training.fit import FitConfig, StageConfig
+    from training.fit_config import FitConfig, StageConfig
 
     tiny = cfg.model == "tiny"
     return FitConfig(
@@ -99,7 +99,7 @@ def merged_database(shipped: Path | None, data: Path, encoder: Any) -> Any:
     import numpy as np
 
     from rsvlm.retrieval import SemanticDatabase, _encode
-    from training.fit import database_rows
+    from training.dataset_files import database_rows
 
     texts, meta = database_rows(data)
     base = (SemanticDatabase.from_pretrained(shipped)
@@ -139,9 +139,10 @@ def make_final(cfg: FinetuneConfig, fit_final: Path, data: Path) -> Path:
         # answers the object questions of the tuned model too.
         shutil.copytree(shipped / DETECTOR_DIR, tmp / DETECTOR_DIR)
     if cfg.model != "tiny":
-        from training.fit import FitConfig, _text_encoder
+        from training.fit_config import FitConfig
+        from training.stage_data import text_encoder
 
-        encoder = _text_encoder(FitConfig(data=str(data), output_dir=str(tmp)))
+        encoder = text_encoder(FitConfig(data=str(data), output_dir=str(tmp)))
         db = merged_database(shipped / SEMANTIC_DB_DIR if shipped else None, data, encoder)
         if db is not None:
             db.save_pretrained(tmp / SEMANTIC_DB_DIR)
