@@ -90,7 +90,7 @@ class Perception:
         from PIL import Image
 
         size = self.config.input_size
-        arr = torch.from_numpy(np.asarray(
+        arr = torch.from_numpy(np.array(
             image.convert("RGB").resize((size, size), Image.BICUBIC))).float()
         x = (arr.permute(2, 0, 1).unsqueeze(0) / 255.0 - self.mean) / self.std
         param = next(self.vision.parameters())
