@@ -397,14 +397,15 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
     return report
 
 
-ABLATIONS = ("experts", "retrieval", "box_head")
+ABLATIONS = ("experts", "retrieval", "box_head", "detector")
 
 
 def ablate(loaded: Any, parts: set[str] | frozenset[str]) -> None:
     """Switch trained mechanisms off in a loaded model, for inference-time ablations:
     ``experts`` (every expert's output projection zeroed: the FFNs run alone, as before
     training), ``retrieval`` (no semantic database: no retrieved texts reach the prompter) and
-    ``box_head`` (the boxes stay where the language model wrote them)."""
+    ``box_head`` (the boxes stay where the language model wrote them) and ``detector`` (object
+    questions go to the language model, as before `rsvlm.perception`)."""
     unknown = set(parts) - set(ABLATIONS)
     if unknown:
         raise ValueError(f"unknown ablation(s) {sorted(unknown)}; choose from {ABLATIONS}")
@@ -426,6 +427,10 @@ def ablate(loaded: Any, parts: set[str] | frozenset[str]) -> None:
         if getattr(loaded.model, "box_head", None) is None:
             raise ValueError("this model has no box head to switch off")
         loaded.model.box_head = None
+    if "detector" in parts:
+        if getattr(loaded, "perception", None) is None:
+            raise ValueError("this model has no detector to switch off")
+        loaded.perception = None
 
 
 def engine_answer_fn(model: str | None = None, device: str | None = None,

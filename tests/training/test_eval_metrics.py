@@ -251,6 +251,11 @@ def test_inference_time_ablations_switch_parts_off() -> None:
     assert loaded.database is None
     with pytest.raises(ValueError, match="unknown ablation"):
         ablate(loaded, {"connector"})
+    loaded.perception = object()
+    ablate(loaded, {"detector"})
+    assert loaded.perception is None
+    with pytest.raises(ValueError, match="no detector"):
+        ablate(loaded, {"detector"})
     with pytest.raises(ValueError, match="no semantic experts"):
         ablate(SimpleNamespace(model=tiny_model(seed=0, experts_enabled=False), database=None),
                {"experts"})
