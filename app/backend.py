@@ -34,6 +34,7 @@ class AnswerBox:
     box_px: tuple[float, float, float, float]
     geometry: Any = None  # shapely geometry in EPSG:4326, or None in pixel space
     angle: float | None = None
+    score: float | None = None  # the model's confidence in this box, when it has one
 
 
 @dataclass
@@ -121,6 +122,8 @@ FAKE_BOXES: tuple[tuple[int, int, int, int], ...] = (
     (550, 500, 800, 760),
     (400, 50, 520, 200),
 )
+#: The fake model's confidence in each of `FAKE_BOXES` (so score filters have something to do).
+FAKE_SCORES: tuple[float, ...] = (0.92, 0.81, 0.47)
 FAKE_RETRIEVED: tuple[tuple[str, float], ...] = (
     ("Dense residential area with small buildings with metal roofs.", 0.71),
     ("Unpaved roads between closely spaced houses.", 0.64),
@@ -168,7 +171,10 @@ class FakeSession:
             yield word
         self.turns.append((question, text))
         del self.turns[:-8]  # bounded history
-        self.last = Answer(text=text, boxes=parse_answer_boxes(text, self.chip),
+        boxes = parse_answer_boxes(text, self.chip)
+        for box, score in zip(boxes, FAKE_SCORES, strict=False):
+            box.score = score
+        self.last = Answer(text=text, boxes=boxes,
                            retrieved=list(FAKE_RETRIEVED),
                            timing={"total_s": time.perf_counter() - t0}, prompt=prompt)
 
@@ -214,7 +220,8 @@ class EngineSession:
                 geom = shape(geom)
             boxes.append(AnswerBox(label=str(b.label or "object"),
                                    box_px=tuple(float(v) for v in b.box_px[:4]),
-                                   geometry=geom, angle=getattr(b, "angle", None)))
+                                   geometry=geom, angle=getattr(b, "angle", None),
+                                   score=getattr(b, "score", None)))
         retrieved = []
         for hit in a.retrieved or []:
             if isinstance(hit, dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +24,13 @@ CSS = """
   text-align: left; vertical-align: top; word-break: break-word; }
 .rsvlm-table caption { text-align: left; font-weight: 600; padding: 4px 0; }
 #rsvlm-semantics h4 { margin: 6px 0 2px 0; }
+.rsvlm-progress { display: flex; gap: 8px; align-items: center; font-size: 13px; }
+.rsvlm-progress progress { flex: 1; height: 14px; }
 """
 
 #: Order of the panels an `UIUpdate` fills.
 PANELS = ("map_html", "chip_image", "chat", "semantics_html", "detections_html", "prompt",
-          "notice")
+          "progress_html", "notice")
 
 
 @dataclass
@@ -43,6 +46,9 @@ class Page:
     semantics_html: gr.HTML
     detections_html: gr.HTML
     prompt: gr.Code
+    progress_html: gr.HTML
+    stop: gr.Button
+    min_score: gr.Slider
     notice: gr.Markdown
     question: gr.Textbox
     send: gr.Button
@@ -102,6 +108,10 @@ def build_layout(ctx: AppContext) -> tuple[gr.Blocks, Page]:
                                           show_label=False, scale=5, elem_id="rsvlm-question",
                                           max_length=h.MAX_QUESTION_CHARS)
                     send = gr.Button("Ask", variant="primary", scale=1, elem_id="rsvlm-send")
+                with gr.Row(equal_height=True):
+                    progress_html = gr.HTML("", elem_id="rsvlm-progress")
+                    stop = gr.Button("Stop", size="sm", variant="stop", elem_id="rsvlm-stop",
+                                     scale=0, min_width=70)
                 with gr.Row():
                     quick_classify = gr.Button("Classify scene", size="sm",
                                                elem_id="rsvlm-classify")
@@ -111,7 +121,8 @@ def build_layout(ctx: AppContext) -> tuple[gr.Blocks, Page]:
                     quick_class = gr.Textbox("buildings", show_label=False, max_length=60,
                                              elem_id="rsvlm-class", min_width=90)
                     clear = gr.Button("Clear chat", size="sm")
-                with gr.Accordion("Exact prompt of the last answer", open=False):
+                with gr.Accordion("Exact prompt and raw answer of the last question",
+                                  open=False):
                     prompt = gr.Code("", language=None, elem_id="rsvlm-prompt", lines=6)
         with gr.Row(equal_height=False):
             chip_image = gr.AnnotatedImage(label="Chip (what the model sees) and its boxes",
@@ -123,6 +134,9 @@ def build_layout(ctx: AppContext) -> tuple[gr.Blocks, Page]:
             with gr.Column(scale=3):
                 detections_html = gr.HTML("", elem_id="rsvlm-detections")
             with gr.Column(scale=1):
+                min_score = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Minimum score",
+                                      info="hides weaker detections on the map and here",
+                                      elem_id="rsvlm-min-score")
                 export_geojson = gr.Button("Export GeoJSON", elem_id="rsvlm-export-geojson")
                 export_gpkg = gr.Button("Export GeoPackage", elem_id="rsvlm-export-gpkg")
                 export_file = gr.File(label="Export", elem_id="rsvlm-export-file",
@@ -144,7 +158,8 @@ def build_layout(ctx: AppContext) -> tuple[gr.Blocks, Page]:
             api_info = gr.JSON()
     page = Page(state=state, status=status, timer=timer, map_html=map_html,
                 chip_image=chip_image, chat=chat, semantics_html=semantics_html,
-                detections_html=detections_html, prompt=prompt, notice=notice,
+                detections_html=detections_html, prompt=prompt, progress_html=progress_html,
+                stop=stop, min_score=min_score, notice=notice,
                 question=question, send=send, clear=clear, quick_classify=quick_classify,
                 quick_describe=quick_describe, quick_find=quick_find, quick_count=quick_count,
                 quick_class=quick_class, use_view=use_view, allow_network=allow_network,
@@ -203,6 +218,14 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
         for update in h.ask(ctx, state, question):
             yield [state, *_values(update)]
 
+    def on_stop(state: SessionState | None) -> None:
+        if state is not None:
+            h.stop(state)
+
+    def on_min_score(state: SessionState | None, value: float) -> list[Any]:
+        state = ensure(state)
+        return [state, *_values(h.set_min_score(ctx, state, value))]
+
     def on_clear(state: SessionState | None) -> list[Any]:
         state = ensure(state)
         return [state, *_values(h.clear_chat(state))]
@@ -238,25 +261,60 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
                            (p.quick_find, "find"), (p.quick_count, "count")):
         button.click(quick(action), [p.state, p.quick_class], **ask_args)
     p.clear.click(on_clear, [p.state], outs, **private)
+    # Not queued: it must get through while the answer it stops holds a queue slot.
+    p.stop.click(on_stop, [p.state], None, queue=False, **private)
+    p.min_score.release(on_min_score, [p.state, p.min_score], outs, **private)
     p.export_geojson.click(lambda s: on_export(s, "geojson"), [p.state], p.export_file,
                            **private)
     p.export_gpkg.click(lambda s: on_export(s, "gpkg"), [p.state], p.export_file, **private)
 
     # --- gradio_client API ------------------------------------------------------------------
-    def api_ask(image: str | None, bbox: str, question: str) -> tuple[str, str]:
+    def api_ask(image: str | None, bbox: str, question: str,
+                progress: gr.Progress = gr.Progress()) -> Iterator[tuple[str, str]]:
+        """A generator, so that a client's ``job.cancel()`` (which closes it) stops a scan, and
+        ``job.status()`` shows the loading and scan progress."""
+        cancel = threading.Event()
+        done: dict[str, Any] = {}
+        said = {"message": "Starting"}
+
+        def say(message: str, n: int | None, total: int | None) -> None:
+            said["message"] = message
+            progress((n, total) if n is not None and total else None, desc=message)
+
+        def work() -> None:
+            try:
+                done["out"] = h.api_ask(ctx, image, bbox, question, say=say, cancel=cancel)
+            except Exception as exc:  # re-raised below, in the request's thread
+                done["error"] = exc
+
+        worker = threading.Thread(target=work, name="rsvlm-api", daemon=True)
+        worker.start()
         try:
-            return h.api_ask(ctx, image, bbox, question)
-        except h.UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            while worker.is_alive():
+                worker.join(0.5)
+                if worker.is_alive():
+                    yield said["message"] + " …", ""
+        finally:
+            cancel.set()  # the client went away: a scan stops after its current tile
+        error = done.get("error")
+        if isinstance(error, h.UserError):
+            raise gr.Error(str(error))
+        if error is not None:
+            log.error("API request failed: %r", error)
+            raise gr.Error(f"The request failed ({type(error).__name__}: {error}).")
+        yield done["out"]
 
-    def api_find(image: str | None, bbox: str, cls: str) -> tuple[str, str]:
-        return api_ask(image, bbox, h.quick_question("find", cls))
+    def api_find(image: str | None, bbox: str, cls: str,
+                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple[str, str]]:
+        yield from api_ask(image, bbox, h.quick_question("find", cls), progress)
 
-    def api_describe(image: str | None, bbox: str) -> tuple[str, str]:
-        return api_ask(image, bbox, h.quick_question("describe"))
+    def api_describe(image: str | None, bbox: str,
+                     progress: gr.Progress = gr.Progress()) -> Iterator[tuple[str, str]]:
+        yield from api_ask(image, bbox, h.quick_question("describe"), progress)
 
-    def api_classify(image: str | None, bbox: str) -> tuple[str, str]:
-        return api_ask(image, bbox, h.quick_question("classify"))
+    def api_classify(image: str | None, bbox: str,
+                     progress: gr.Progress = gr.Progress()) -> Iterator[tuple[str, str]]:
+        yield from api_ask(image, bbox, h.quick_question("classify"), progress)
 
     pair = [p.api_answer, p.api_geojson]
     api_button = gr.Button(visible=False)

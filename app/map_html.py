@@ -191,7 +191,7 @@ def inline_assets(page: str) -> str:
 
     def replace(m: re.Match[str]) -> str:
         url = m.group("js") or m.group("css")
-        if not url.rsplit("/", 1)[-1] in _KEEP_ASSETS:
+        if url.rsplit("/", 1)[-1] not in _KEEP_ASSETS:
             return ""
         text = offline_copies.get(url)
         if text is None:

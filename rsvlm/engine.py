@@ -58,6 +58,7 @@ class AnswerBox:
     box_px: tuple[float, float, float, float]
     angle: float | None = None
     geometry: dict[str, Any] | None = None  # GeoJSON geometry in EPSG:4326
+    score: float | None = None  # the box head's confidence; None when the LM wrote the box
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +66,7 @@ class AnswerBox:
             "box_px": [round(v, 2) for v in self.box_px],
             "angle": self.angle,
             "geometry": self.geometry,
+            "score": None if self.score is None else round(self.score, 4),
         }
 
 
@@ -301,7 +303,9 @@ class ChatSession:
             self._ended_with_eos = bool(out.sequences.shape[1]) and int(out.sequences[0, -1]) in eos_ids
             engine._touch(self)
             text = "".join(pieces).strip()
+            self._placed_scores = None
             placed = self._place_boxes(text, question)
+            scores = self._placed_scores if placed != text else None
             if placed != text:
                 # The cache holds the coordinates the LM wrote; the conversation now holds the
                 # head's, so the next turn encodes it afresh.
@@ -311,7 +315,7 @@ class ChatSession:
             first = streamer.first_token_at
             self.last = Answer(
                 text=text,
-                boxes=self.ground(text),
+                boxes=self.ground(text, scores),
                 retrieved=list(self.retrieved or []),
                 timing={
                     "first_token_s": round((first or t_end) - t0, 4),
@@ -322,14 +326,16 @@ class ChatSession:
                 prompt=prompt_text,
             )
 
-    def ground(self, text: str) -> list[AnswerBox]:
-        """Boxes in ``text`` -> chip pixels -> EPSG:4326 geometries (when georeferenced).
+    def ground(self, text: str, scores: list[float] | None = None) -> list[AnswerBox]:
+        """Boxes in ``text`` -> chip pixels -> EPSG:4326 geometries (when georeferenced);
+        ``scores[i]`` is the confidence of the i-th box of ``text`` when the box head placed it.
 
         A box repeated verbatim (same label, coordinates and angle: a small model looping) is
         kept once; it would otherwise become several identical detections on the map."""
         boxes = []
         seen: set[tuple[Any, ...]] = set()
-        for parsed in parse_boxes(text, image_size=(self.chip_width, self.chip_height)):
+        parsed_boxes = parse_boxes(text, image_size=(self.chip_width, self.chip_height))
+        for i, parsed in enumerate(parsed_boxes):
             x1, y1, x2, y2 = parsed.to_pixels(self.chip_width, self.chip_height)
             key = (parsed.label, round(x1, 3), round(y1, 3), round(x2, 3), round(y2, 3),
                    parsed.angle)
@@ -348,14 +354,16 @@ class ChatSession:
                     from shapely.geometry import mapping
 
                     geometry = mapping(poly)
-            boxes.append(AnswerBox(parsed.label, (x1, y1, x2, y2), parsed.angle, geometry))
+            score = scores[i] if scores is not None and i < len(scores) else None
+            boxes.append(AnswerBox(parsed.label, (x1, y1, x2, y2), parsed.angle, geometry, score))
         return boxes
 
     def _place_boxes(self, text: str, question: str) -> str:
         """The LM's boxes replaced by the box head's: one box when the LM wrote one for a
         referring question, else every object the head finds, under the LM's first label. A
         question that asks for every instance gets all the head finds even when the LM wrote one
-        box: a small LM undercounts, and the head's scores say how many there are."""
+        box: a small LM undercounts, and the head's scores say how many there are. The head's score
+        of each placed box is left in ``_placed_scores`` (the answer's boxes carry them)."""
         engine = self.engine
         if not engine.use_box_head:
             return text
@@ -377,6 +385,7 @@ class ChatSession:
         found = select_boxes(logits[0], boxes[0], single=single,
                              threshold=model.config.box_head_threshold)
         label = next((b.label for b in written if b.label), None)
+        self._placed_scores = [float(score) for score, _ in found]
         return replace_boxes(text, [(label, [v * SCALE for v in box]) for _, box in found],
                              image_size=size).strip()
 
@@ -450,6 +459,7 @@ class ChatSession:
         return kwargs, prompt_text, int(inputs["input_ids"].shape[1])
 
     _first_query: str = ""
+    _placed_scores: list[float] | None = None
 
 
 class _SuppressTokens(LogitsProcessor):

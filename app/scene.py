@@ -1,0 +1,159 @@
+"""Whole scenes: a find/count question about an area larger than the model's view at native
+resolution runs the tiled scan (`rsvlm.scan.scan`) over that area instead of one downsampled look.
+
+Any `Backend` answers the tiles: each tile is a chip handed to ``backend.new_session(chip).ask``,
+so the scan needs nothing of a backend but the app's own seam. The scan merges boxes across tile
+borders in a metric CRS; the model's own box scores, when it has them, are carried onto the merged
+detections (see `carry_scores`).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.backend import AnswerBox, Backend
+    from tiles import Chip
+
+#: An area is scanned when its longest side, in source pixels, exceeds the chip size by this much
+#: (a little larger is read in one look: objects survive downsampling by up to 1.5).
+SCAN_FACTOR = 1.5
+#: Most tiles one question may read (a 2048-px scene in 512-px tiles with overlap is 25).
+MAX_TILES = 400
+_FIND_OR_COUNT = re.compile(r"\b(?:find|count|how\s+many|detect|locate|where\s+are|number\s+of|"
+                            r"all|every)\b", re.I)
+
+
+def asks_to_find(question: str) -> bool:
+    """Whether ``question`` asks for objects (find, count, every ...), not about the scene."""
+    return bool(_FIND_OR_COUNT.search(question or ""))
+
+
+def native_size(source: Any, bounds: Sequence[float]) -> tuple[int, int]:
+    """Pixels of ``source`` (its own resolution) inside ``bounds`` (in the source's CRS)."""
+    res = (source.info() or {}).get("resolution")
+    if not res:
+        return (0, 0)
+    rx, ry = abs(float(res[0])), abs(float(res[1]))
+    return (round((bounds[2] - bounds[0]) / rx), round((bounds[3] - bounds[1]) / ry))
+
+
+def needs_scan(source: Any, bounds: Sequence[float], chip_size: int) -> bool:
+    """Whether the area is larger than one chip at native resolution (by `SCAN_FACTOR`)."""
+    if not getattr(source, "georeferenced", False):
+        return False
+    return max(native_size(source, bounds)) > chip_size * SCAN_FACTOR
+
+
+class AreaSource:
+    """A georeferenced source seen through a window: what `rsvlm.scan.scan` reads of a source
+    (name, crs, bounds, bounds_lonlat, info, chip), limited to ``bounds`` (source CRS)."""
+
+    georeferenced = True
+
+    def __init__(self, source: Any, bounds: Sequence[float]) -> None:
+        from tiles.geometry import LONLAT, transform_bounds
+
+        sb = source.bounds
+        self.source = source
+        self.name = getattr(source, "name", "")
+        self.crs = source.crs
+        self.bounds = (max(bounds[0], sb[0]), max(bounds[1], sb[1]), min(bounds[2], sb[2]),
+                       min(bounds[3], sb[3]))
+        self.bounds_lonlat = transform_bounds(self.bounds, self.crs, LONLAT)
+
+    def info(self) -> dict[str, Any]:
+        return {**self.source.info(), "bounds": list(self.bounds)}
+
+    def chip(self, bbox: Sequence[float] | None = None, **kwargs: Any) -> Chip:
+        return self.source.chip(self.bounds if bbox is None else bbox, **kwargs)
+
+
+@dataclass
+class ScanAnswer:
+    """What the app shows of a whole-scene scan."""
+
+    detections: list[Any]  # tiles.export.Detection, EPSG:4326, best first
+    tiles_read: int
+    tiles_total: int
+    cancelled: bool
+    seconds: float
+    raw: list[str] = field(default_factory=list)  # each tile's raw answer, in reading order
+
+
+def session_answer_fn(backend: Backend, boxes_out: list[AnswerBox],
+                      raw_out: list[str]) -> Callable[[Sequence[Any], str], list[str]]:
+    """``answer_fn`` for `rsvlm.scan.scan` from any backend: one session per tile. The tiles'
+    grounded boxes (with the model's scores) are collected into ``boxes_out``."""
+
+    def answer(chips: Sequence[Any], question: str) -> list[str]:
+        texts = []
+        for chip in chips:
+            session = backend.new_session(chip)
+            for _ in session.ask(question):
+                pass
+            last = session.last
+            text = last.text if last is not None else ""
+            if last is not None:
+                boxes_out.extend(b for b in last.boxes if b.geometry is not None)
+            raw_out.append(text)
+            texts.append(text)
+        return texts
+
+    return answer
+
+
+def carry_scores(detections: list[Any], boxes: Sequence[AnswerBox], min_iou: float = 0.3
+                 ) -> None:
+    """Give each merged detection the model's score: the best-scored tile box that overlaps it
+    (IoU >= ``min_iou`` in lon/lat, which is locally proportional at tile scale), times the
+    scan's own confidence (1 for an object seen whole, 0.5 for one cut by a tile border).
+    Detections of a model without scores keep the scan's confidence."""
+    scored = [b for b in boxes if b.score is not None]
+    if not scored:
+        return
+    import shapely
+
+    tree = shapely.STRtree([b.geometry for b in scored])
+    for det in detections:
+        best = None
+        for j in tree.query(det.geometry, predicate="intersects").tolist():
+            g = scored[j].geometry
+            inter = det.geometry.intersection(g).area
+            union = det.geometry.area + g.area - inter
+            if union > 0 and inter / union >= min_iou:
+                s = float(scored[j].score)
+                best = s if best is None else max(best, s)
+        if best is not None:
+            det.score = round(best * (1.0 if det.score is None else float(det.score)), 4)
+
+
+def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], question: str, *,
+              chip_size: int, progress: Callable[[int, int], None] | None = None,
+              cancel: threading.Event | None = None) -> ScanAnswer:
+    """Scan ``bounds`` (source CRS) of the raster at ``source_path`` with ``question``; tiles of
+    ``chip_size`` native pixels, read one at a time so progress and cancel act per tile."""
+    from rsvlm.scan import ScanError, grid_windows, scan
+    from tiles import open_source
+
+    boxes: list[AnswerBox] = []
+    raw: list[str] = []
+    with open_source(source_path) as src:
+        area = AreaSource(src, bounds)
+        res = src.info()["resolution"]
+        n = len(grid_windows(area.bounds, res, chip_size, 0.125))
+        if n > MAX_TILES:
+            raise ScanError(f"The area is {n} tiles of {chip_size} px; the app reads at most "
+                            f"{MAX_TILES}. Draw a smaller area, or use `rsvlm scan` for the "
+                            "whole raster.")
+        result = scan(area, question, answer_fn=session_answer_fn(backend, boxes, raw),
+                      chip_size=chip_size, batch_size=1, progress=progress, cancel=cancel)
+    detections = list(result)
+    carry_scores(detections, boxes)
+    detections.sort(key=lambda d: -(d.score if d.score is not None else 0.0))
+    return ScanAnswer(detections, result.chips_done, result.chips_total, result.cancelled,
+                      result.seconds, raw)
