@@ -154,7 +154,10 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from tiles.cli_args import attach_values
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(attach_values(argv, ("--bbox", "--region-box")))
     logging.basicConfig(
         level=logging.INFO if args.verbose or args.command == "weights" else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
