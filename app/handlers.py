@@ -529,17 +529,19 @@ def progress_html(done: int, total: int, note: str = "") -> str:
     """The whole-scene progress bar."""
     pct = 100.0 * done / total if total else 0.0
     return (f'<div class="rsvlm-progress"><progress max="{int(total)}" value="{int(done)}">'
-            f'{pct:.0f}%</progress> <span>Reading tile {int(done)} of {int(total)}'
+            f'{pct:.0f}%</progress> <span>{int(done)} of {int(total)} tiles read'
             f'{esc(note)}</span></div>')
 
 
 def _ask_scene(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdate]:
     """Scan the question area tile by tile in a worker thread, reporting progress; the Stop
     button (or the client going away) ends it after the current tile, keeping what was found."""
-    from app.scene import scan_area
+    from app.scene import scan_area, tile_count
+    from tiles import open_source
 
     history, chip, cancel = state.history, state.chip, state.cancel
-    done: dict[str, Any] = {"tiles": (0, 0)}
+    with open_source(state.chip_source) as src:
+        done: dict[str, Any] = {"tiles": (0, tile_count(src, chip.bounds, ctx.chip_size))}
 
     def progress(n: int, total: int) -> None:
         done["tiles"] = (n, total)
@@ -559,8 +561,8 @@ def _ask_scene(ctx: AppContext, state: SessionState, question: str) -> Iterator[
             worker.join(0.25)
             n, total = done["tiles"]
             stopping = " (stopping…)" if cancel.is_set() else ""
-            _say(history, f"Scanning the whole area tile by tile{stopping}: {n} of "
-                          f"{total or '?'} tiles read.")
+            _say(history, f"Scanning the whole area tile by tile{stopping}: {n} of {total} "
+                          "tiles read.")
             yield UIUpdate(chat=list(history), progress_html=progress_html(n, total, stopping))
     finally:
         if worker.is_alive():  # the client went away: stop after the current tile

@@ -215,9 +215,12 @@ def _base_page(online: bool) -> tuple[str, str, str, str]:
     from branca.element import Element
     from folium import LayerControl, plugins
 
+    # leafmap's fullscreen_control also sets Leaflet's ``fullscreenControl`` map option, whose
+    # init hook adds a second button: the control is added once, here.
     m = leafmap.Map(center=[0, 0], zoom=2, tiles=None, max_zoom=22, draw_control=False,
-                    fullscreen_control=True, scale_control=True, search_control=False,
+                    fullscreen_control=False, scale_control=True, search_control=False,
                     layers_control=False)
+    plugins.Fullscreen(position="topleft").add_to(m)
     if online:
         for i, name in enumerate(BASEMAPS):
             m.add_basemap(name, show=i == 0)

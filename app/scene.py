@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 #: An area is scanned when its longest side, in source pixels, exceeds the chip size by this much
 #: (a little larger is read in one look: objects survive downsampling by up to 1.5).
 SCAN_FACTOR = 1.5
+#: Overlap of neighbouring tiles (objects cut by one tile's border lie whole in the next).
+OVERLAP = 0.125
 #: Most tiles one question may read (a 2048-px scene in 512-px tiles with overlap is 25).
 MAX_TILES = 400
 _FIND_OR_COUNT = re.compile(r"\b(?:find|count|how\s+many|detect|locate|where\s+are|number\s+of|"
@@ -132,26 +134,34 @@ def carry_scores(detections: list[Any], boxes: Sequence[AnswerBox], min_iou: flo
             det.score = round(best * (1.0 if det.score is None else float(det.score)), 4)
 
 
+def tile_count(source: Any, bounds: Sequence[float], chip_size: int) -> int:
+    """How many tiles `scan_area` reads for ``bounds`` (source CRS) of ``source``."""
+    from rsvlm.scan import grid_windows
+
+    area = AreaSource(source, bounds)
+    return len(grid_windows(area.bounds, source.info()["resolution"], chip_size, OVERLAP))
+
+
 def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], question: str, *,
               chip_size: int, progress: Callable[[int, int], None] | None = None,
               cancel: threading.Event | None = None) -> ScanAnswer:
     """Scan ``bounds`` (source CRS) of the raster at ``source_path`` with ``question``; tiles of
     ``chip_size`` native pixels, read one at a time so progress and cancel act per tile."""
-    from rsvlm.scan import ScanError, grid_windows, scan
+    from rsvlm.scan import ScanError, scan
     from tiles import open_source
 
     boxes: list[AnswerBox] = []
     raw: list[str] = []
     with open_source(source_path) as src:
         area = AreaSource(src, bounds)
-        res = src.info()["resolution"]
-        n = len(grid_windows(area.bounds, res, chip_size, 0.125))
+        n = tile_count(src, bounds, chip_size)
         if n > MAX_TILES:
             raise ScanError(f"The area is {n} tiles of {chip_size} px; the app reads at most "
                             f"{MAX_TILES}. Draw a smaller area, or use `rsvlm scan` for the "
                             "whole raster.")
         result = scan(area, question, answer_fn=session_answer_fn(backend, boxes, raw),
-                      chip_size=chip_size, batch_size=1, progress=progress, cancel=cancel)
+                      chip_size=chip_size, overlap=OVERLAP, batch_size=1, progress=progress,
+                      cancel=cancel)
     detections = list(result)
     carry_scores(detections, boxes)
     detections.sort(key=lambda d: -(d.score if d.score is not None else 0.0))

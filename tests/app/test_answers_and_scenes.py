@@ -213,7 +213,8 @@ def test_map_page_references_no_network_script_or_stylesheet() -> None:
         # Nothing the browser would fetch by itself (an attribution <a href> is not fetched).
         assert not re.search(r"""src\s*=\s*["']?https?://|url\(\s*["']?https?://|@import""",
                              page)
-        assert "L.Control.Draw" in page and "L.control.fullscreen" in page  # leafmap's controls
+        assert "L.Control.Draw" in page and page.count("L.control.fullscreen(") == 1
+        assert '"fullscreenControl": true' not in page  # no second button from the map option
     # Online, leafmap's catalogue supplies the basemaps (tiles are fetched by Leaflet, not
     # linked as scripts); offline there are none.
     assert "World_Imagery" in render_map(MapSpec(online=True))
