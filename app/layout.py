@@ -24,6 +24,8 @@ CSS = """
   text-align: left; vertical-align: top; word-break: break-word; }
 .rsvlm-table caption { text-align: left; font-weight: 600; padding: 4px 0; }
 #rsvlm-semantics h4 { margin: 6px 0 2px 0; }
+#rsvlm-semantics .rsvlm-table td:nth-child(2), #rsvlm-semantics .rsvlm-table th:nth-child(2) {
+  white-space: nowrap; word-break: normal; }
 .rsvlm-progress { display: flex; gap: 8px; align-items: center; font-size: 13px; }
 .rsvlm-progress progress { flex: 1; height: 14px; }
 """

@@ -82,9 +82,13 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 def launch(ctx: AppContext, *, host: str, port: int, auth: tuple[str, str] | None,
            concurrency: int, max_upload_mb: float, prevent_thread_lock: bool = False):
-    from app.layout import CSS, build_demo
-    from app.map_html import BRIDGE_JS
+    import threading
 
+    from app.layout import CSS, build_demo
+    from app.map_html import BRIDGE_JS, warm_up
+
+    # leafmap takes seconds to import: build the map page while the server starts.
+    threading.Thread(target=warm_up, args=(ctx.online,), name="map-warm-up", daemon=True).start()
     demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=max(1, concurrency), max_size=256)
     demo.launch(server_name=host, server_port=port, share=False, auth=auth,

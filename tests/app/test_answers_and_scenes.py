@@ -239,3 +239,14 @@ def test_semantics_never_repeat_a_description(ctx: AppContext) -> None:
 def test_info_reports_state_for_scripts(ctx: AppContext) -> None:
     assert FakeBackend().info["state"] == "ready"
     assert len(FAKE_BOXES) == len(FAKE_SCORES)
+
+
+def test_app_start_does_not_import_leafmap() -> None:
+    """leafmap costs about 2 s to import (ipyleaflet, plotly, pandas): only the first map page
+    imports it, in a background thread started by `launch`."""
+    import subprocess
+    import sys
+
+    code = ("import sys, app.main, app.layout, app.handlers; "
+            "assert 'leafmap' not in sys.modules, 'leafmap imported at start'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
