@@ -748,7 +748,7 @@ def _api_scene(ctx: AppContext, source: str, chip: Chip, question: str, say: Say
 
     def progress(done: int, total: int) -> None:
         if say is not None:
-            say(f"Reading tile {done} of {total}", done, total)
+            say(f"{done} of {total} tiles read", done, total)
 
     try:
         result = scan_area(ctx.backend, source, chip.bounds, question, chip_size=ctx.chip_size,

@@ -277,11 +277,10 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
         ``job.status()`` shows the loading and scan progress."""
         cancel = threading.Event()
         done: dict[str, Any] = {}
-        said = {"message": "Starting"}
+        said: dict[str, Any] = {"message": "Starting", "n": None, "total": None}
 
         def say(message: str, n: int | None, total: int | None) -> None:
-            said["message"] = message
-            progress((n, total) if n is not None and total else None, desc=message)
+            said.update(message=message, n=n, total=total)
 
         def work() -> None:
             try:
@@ -294,7 +293,10 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
         try:
             while worker.is_alive():
                 worker.join(0.5)
-                if worker.is_alive():
+                if worker.is_alive():  # progress is reported from the request's own thread
+                    n, total = said["n"], said["total"]
+                    progress((n, total) if n is not None and total else None,
+                             desc=said["message"])
                     yield said["message"] + " …", ""
         finally:
             cancel.set()  # the client went away: a scan stops after its current tile

@@ -166,7 +166,7 @@ def test_api_scan_reports_progress_and_cancels(ctx: AppContext) -> None:
     fc = json.loads(geojson)
     assert fc["tiles_read"] == fc["tiles_total"] == 12 and not fc["cancelled"]
     assert text.endswith("reading the whole area in 12 tiles.")
-    assert heard[-1] == ("Reading tile 12 of 12", 12, 12)
+    assert heard[-1] == ("12 of 12 tiles read", 12, 12)
     assert all(f["properties"]["score"] is not None for f in fc["features"])
     cancel = threading.Event()
 
