@@ -404,8 +404,9 @@ def _wants_scan(ctx: AppContext, state: SessionState, question: str) -> bool:
     from app.scene import asks_to_find, needs_scan
 
     if not (ctx.scan_large_areas and state.chip is not None and state.chip.georeferenced
-            and state.chip_source and asks_to_find(question)):
-        return False
+            and state.chip_source and Path(state.chip_source).is_file()
+            and asks_to_find(question)):
+        return False  # a fetched basemap tile is one look: there is no raster to tile
     from tiles import ImageryError, open_source
 
     try:

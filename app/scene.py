@@ -115,16 +115,20 @@ def carry_scores(detections: list[Any], boxes: Sequence[AnswerBox], min_iou: flo
     (IoU >= ``min_iou`` in lon/lat, which is locally proportional at tile scale), times the
     scan's own confidence (1 for an object seen whole, 0.5 for one cut by a tile border).
     Detections of a model without scores keep the scan's confidence."""
-    scored = [b for b in boxes if b.score is not None]
+    scored = [b for b in boxes if getattr(b, "score", None) is not None]
     if not scored:
         return
     import shapely
+    from shapely.geometry import shape
+    from shapely.geometry.base import BaseGeometry
 
-    tree = shapely.STRtree([b.geometry for b in scored])
+    shapes = [b.geometry if isinstance(b.geometry, BaseGeometry) else shape(b.geometry)
+              for b in scored]  # shapely, or a GeoJSON geometry from another backend
+    tree = shapely.STRtree(shapes)
     for det in detections:
         best = None
         for j in tree.query(det.geometry, predicate="intersects").tolist():
-            g = scored[j].geometry
+            g = shapes[j]
             inter = det.geometry.intersection(g).area
             union = det.geometry.area + g.area - inter
             if union > 0 and inter / union >= min_iou:
