@@ -601,6 +601,8 @@ def _scene_update(ctx: AppContext, state: SessionState, question: str, result: A
     footer = f"{result.seconds:.1f} s"
     state.history[-1] = {"role": "assistant",
                          "content": markdown_text(text) + f"\n\n*{markdown_text(footer)}*"}
+    # The semantics panel shows what the tiles retrieved, each description once.
+    state.last_answer = Answer(text=text, retrieved=list(result.retrieved))
     update = _full_update(ctx, state)
     update.chat = list(state.history)
     update.prompt = (f"Whole-area scan: {result.tiles_read} of {result.tiles_total} tiles of "

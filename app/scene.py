@@ -85,12 +85,15 @@ class ScanAnswer:
     cancelled: bool
     seconds: float
     raw: list[str] = field(default_factory=list)  # each tile's raw answer, in reading order
+    retrieved: list[tuple[str, float]] = field(default_factory=list)  # every tile's hits
 
 
-def session_answer_fn(backend: Backend, boxes_out: list[AnswerBox],
-                      raw_out: list[str]) -> Callable[[Sequence[Any], str], list[str]]:
+def session_answer_fn(backend: Backend, boxes_out: list[AnswerBox], raw_out: list[str],
+                      retrieved_out: list[tuple[str, float]] | None = None
+                      ) -> Callable[[Sequence[Any], str], list[str]]:
     """``answer_fn`` for `rsvlm.scan.scan` from any backend: one session per tile. The tiles'
-    grounded boxes (with the model's scores) are collected into ``boxes_out``."""
+    grounded boxes (with the model's scores), raw answers and retrieved descriptions are
+    collected into the ``*_out`` lists."""
 
     def answer(chips: Sequence[Any], question: str) -> list[str]:
         texts = []
@@ -102,6 +105,8 @@ def session_answer_fn(backend: Backend, boxes_out: list[AnswerBox],
             text = last.text if last is not None else ""
             if last is not None:
                 boxes_out.extend(b for b in last.boxes if b.geometry is not None)
+                if retrieved_out is not None:
+                    retrieved_out.extend(last.retrieved or [])
             raw_out.append(text)
             texts.append(text)
         return texts
@@ -156,6 +161,7 @@ def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], quest
 
     boxes: list[AnswerBox] = []
     raw: list[str] = []
+    retrieved: list[tuple[str, float]] = []
     with open_source(source_path) as src:
         area = AreaSource(src, bounds)
         n = tile_count(src, bounds, chip_size)
@@ -163,11 +169,12 @@ def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], quest
             raise ScanError(f"The area is {n} tiles of {chip_size} px; the app reads at most "
                             f"{MAX_TILES}. Draw a smaller area, or use `rsvlm scan` for the "
                             "whole raster.")
-        result = scan(area, question, answer_fn=session_answer_fn(backend, boxes, raw),
+        result = scan(area, question,
+                      answer_fn=session_answer_fn(backend, boxes, raw, retrieved),
                       chip_size=chip_size, overlap=OVERLAP, batch_size=1, progress=progress,
                       cancel=cancel)
     detections = list(result)
     carry_scores(detections, boxes)
     detections.sort(key=lambda d: -(d.score if d.score is not None else 0.0))
     return ScanAnswer(detections, result.chips_done, result.chips_total, result.cancelled,
-                      result.seconds, raw)
+                      result.seconds, raw, retrieved)

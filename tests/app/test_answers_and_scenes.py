@@ -133,6 +133,9 @@ def test_find_on_the_whole_region_scans_tiles_and_merges(ctx: AppContext) -> Non
     assert any("<progress" in (u.progress_html or "") for u in updates)
     assert final.progress_html == ""
     assert "raw answer, tile 12" in final.prompt
+    # What the 12 tiles retrieved, each description once, with how often.
+    assert final.semantics_html.count("Dense residential area") == 1
+    assert "(×12)" in final.semantics_html
     # Every detection lies inside the region.
     w, s, e, n = ctx.region.bounds_lonlat
     for det in state.detections:
