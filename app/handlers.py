@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.answers import count_phrase, number_range, readable_answer, streaming_text
-from app.backend import Answer, Backend, BackendNotReady, Session
+from app.backend import Backend, BackendNotReady, Session
 from app.html_safe import esc, markdown_text, table
 from app.map_html import ImageLayer, MapSpec, map_iframe, overlay_layer, render_map
 from app.region import Region, features_geojson, tag_counts
+from rsvlm.answer import Answer
 
 if TYPE_CHECKING:
     from tiles import Chip, Detection
@@ -115,7 +116,7 @@ class UserError(ValueError):
 
 def parse_bbox(text: str) -> Bounds:
     """``"W,S,E,N"`` (lon/lat) -> bounds; `UserError` with the reason otherwise."""
-    from tiles.sources.base import check_bbox
+    from tiles import check_bbox
 
     parts = [p for p in str(text).replace(";", ",").replace(" ", ",").split(",") if p]
     if len(parts) != 4:
@@ -161,11 +162,13 @@ def _map(ctx: AppContext, state: SessionState, fit: Bounds | None = None) -> str
     return map_iframe(render_map(spec))
 
 
-def distinct_descriptions(retrieved: list[tuple[str, float]]) -> list[tuple[str, float, int]]:
-    """Retrieved descriptions without repeats: ``(text, best score, times retrieved)``, best
-    first. The database can hold one description for many chips; it is shown once."""
+def distinct_descriptions(retrieved: list[dict[str, Any]]) -> list[tuple[str, float, int]]:
+    """Retrieved rows (``{"text", "score", ...}``) without repeats: ``(text, best score, times
+    retrieved)``, best first. The database can hold one description for many chips; it is
+    shown once."""
     best: dict[str, tuple[str, float, int]] = {}
-    for text, score in retrieved:
+    for row in retrieved:
+        text, score = row.get("text", ""), float(row.get("score") or 0.0)
         key = " ".join(str(text).split()).casefold()
         old = best.get(key)
         if old is None:
@@ -292,7 +295,7 @@ def use_view(ctx: AppContext, state: SessionState, payload: str) -> UIUpdate:
         return UIUpdate(notice="The map has not reported its view yet; pan or zoom it once.")
     if ctx.region is not None and ctx.region.bounds_lonlat is not None:
         # Clamp to local imagery so "the view" of a zoomed-out map still means that imagery.
-        from tiles.sources.base import intersects
+        from tiles import intersects
 
         rb = ctx.region.bounds_lonlat
         if intersects(bbox, rb):
@@ -324,7 +327,7 @@ def on_map_click(ctx: AppContext, state: SessionState, payload: str, allow_netwo
                             size=ctx.chip_size)
     except (ImageryError, OSError) as exc:
         return UIUpdate(notice=f"Could not fetch the tile: {exc}")
-    from tiles.overlay import overlay_from_chip
+    from tiles import overlay_from_chip
 
     state.chip, state.chip_source, state.session = chip, ctx.tile_provider, None
     state.last_boxes, state.last_answer = [], None
@@ -499,7 +502,7 @@ def _ask_chip(ctx: AppContext, state: SessionState, question: str) -> Iterator[U
     geo = [b for b in answer.boxes if b.geometry is not None]
     if geo:
         numbers = _add_detections(ctx, state, [
-            Detection(label=b.label, geometry=b.geometry, score=b.score,
+            Detection(label=b.name, geometry=b.geometry, score=b.score,
                       source=state.chip_source, question=question) for b in geo])
         where = "on the map"
     else:  # pixel space: numbered on the chip only, per answer
@@ -510,8 +513,8 @@ def _ask_chip(ctx: AppContext, state: SessionState, question: str) -> Iterator[U
         x1, y1, x2, y2 = (round(v) for v in b.box_px)
         n = by_box.get(id(b))
         state.last_boxes.append(((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)),
-                                 f"#{n} {b.label}" if n is not None else b.label))
-    readable = readable_answer(answer.text, [b.label for b in answer.boxes],
+                                 f"#{n} {b.name}" if n is not None else b.name))
+    readable = readable_answer(answer.text, [b.name for b in answer.boxes],
                                [by_box.get(id(b), 0) for b in answer.boxes], where=where,
                                asks_for_all=asks_to_find(question))
     footer = f"{time.perf_counter() - t0:.1f} s"
@@ -719,7 +722,7 @@ def _api_chip_answer(chip: Chip, source: str, question: str, answer: Answer) -> 
     from tiles import Detection, to_feature_collection
 
     geo = [b for b in answer.boxes if b.geometry is not None]
-    dets = [Detection(label=b.label, geometry=b.geometry, score=b.score,
+    dets = [Detection(label=b.name, geometry=b.geometry, score=b.score,
                       source=Path(source).name, question=question) for b in geo]
     fc = to_feature_collection(dets)
     for i, feature in enumerate(fc["features"], start=1):
@@ -731,11 +734,11 @@ def _api_chip_answer(chip: Chip, source: str, question: str, answer: Answer) -> 
         (x1, x2), (y1, y2) = chip.pixel_to_crs(np.array(b.box_px[0::2]),
                                                np.array(b.box_px[1::2]))
         fc["features"].append({"type": "Feature", "geometry": None, "properties": {
-            "n": i, "label": b.label, "score": b.score,
+            "n": i, "label": b.name, "score": b.score,
             "box_px": [round(float(v), 2) for v in (x1, y1, x2, y2)], "question": question}})
     ordered = geo + pixel
     numbers = {id(b): i for i, b in enumerate(ordered, start=1)}
-    readable = readable_answer(answer.text, [b.label for b in answer.boxes],
+    readable = readable_answer(answer.text, [b.name for b in answer.boxes],
                                [numbers[id(b)] for b in answer.boxes],
                                where="on the map" if geo or not pixel else "on the image",
                                asks_for_all=asks_to_find(question))

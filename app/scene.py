@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.backend import AnswerBox, Backend
+    from app.backend import Backend
+    from rsvlm.answer import AnswerBox
     from tiles import Chip
 
 #: An area is scanned when its longest side, in source pixels, exceeds the chip size by this much
@@ -85,11 +86,11 @@ class ScanAnswer:
     cancelled: bool
     seconds: float
     raw: list[str] = field(default_factory=list)  # each tile's raw answer, in reading order
-    retrieved: list[tuple[str, float]] = field(default_factory=list)  # every tile's hits
+    retrieved: list[dict[str, Any]] = field(default_factory=list)  # every tile's hits
 
 
 def session_answer_fn(backend: Backend, boxes_out: list[AnswerBox], raw_out: list[str],
-                      retrieved_out: list[tuple[str, float]] | None = None
+                      retrieved_out: list[dict[str, Any]] | None = None
                       ) -> Callable[[Sequence[Any], str], list[str]]:
     """``answer_fn`` for `rsvlm.scan.scan` from any backend: one session per tile. The tiles'
     grounded boxes (with the model's scores), raw answers and retrieved descriptions are
@@ -145,7 +146,7 @@ def carry_scores(detections: list[Any], boxes: Sequence[AnswerBox], min_iou: flo
 
 def tile_count(source: Any, bounds: Sequence[float], chip_size: int) -> int:
     """How many tiles `scan_area` reads for ``bounds`` (source CRS) of ``source``."""
-    from rsvlm.scan import grid_windows
+    from tiles.grid import grid_windows
 
     area = AreaSource(source, bounds)
     return len(grid_windows(area.bounds, source.info()["resolution"], chip_size, OVERLAP))
@@ -161,7 +162,7 @@ def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], quest
 
     boxes: list[AnswerBox] = []
     raw: list[str] = []
-    retrieved: list[tuple[str, float]] = []
+    retrieved: list[dict[str, Any]] = []
     with open_source(source_path) as src:
         area = AreaSource(src, bounds)
         n = tile_count(src, bounds, chip_size)

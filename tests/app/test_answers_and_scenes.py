@@ -99,7 +99,8 @@ def test_scores_reach_exports_and_the_min_score_filter(ctx: AppContext, tmp_path
 
 
 def test_engine_answer_boxes_carry_the_box_head_scores() -> None:
-    from rsvlm.engine import AnswerBox, ChatSession
+    from rsvlm.answer import AnswerBox
+    from rsvlm.engine import ChatSession
 
     class Chip:
         width = height = 100
@@ -232,8 +233,10 @@ def test_semantics_never_repeat_a_description(ctx: AppContext) -> None:
 
     state, _ = h.start_session(ctx)
     same = "The scene is a dense residential, seen from above."
-    state.last_answer = Answer(text="", retrieved=[(same, 0.61), (same, 0.74), (same, 0.52),
-                                                   ("Unpaved roads.", 0.4)])
+    state.last_answer = Answer(text="", retrieved=[
+        {"text": same, "score": 0.61}, {"text": same, "score": 0.74},
+        {"text": " The scene is a dense residential,  seen from above.", "score": 0.52},
+        {"text": "Unpaved roads.", "score": 0.4}])
     html = h._semantics(ctx, state)
     assert html.count("dense residential, seen from above") == 1
     assert "0.740 (×3)" in html and "0.400" in html
