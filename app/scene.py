@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from app.backend import Backend
     from rsvlm.answer import AnswerBox
-    from tiles import Chip
 
 #: An area is scanned when its longest side, in source pixels, exceeds the chip size by this much
 #: (a little larger is read in one look: objects survive downsampling by up to 1.5).
@@ -50,30 +49,6 @@ def needs_scan(source: Any, bounds: Sequence[float], chip_size: int) -> bool:
     if not getattr(source, "georeferenced", False):
         return False
     return max(native_size(source, bounds)) > chip_size * SCAN_FACTOR
-
-
-class AreaSource:
-    """A georeferenced source seen through a window: what `rsvlm.scan.scan` reads of a source
-    (name, crs, bounds, bounds_lonlat, info, chip), limited to ``bounds`` (source CRS)."""
-
-    georeferenced = True
-
-    def __init__(self, source: Any, bounds: Sequence[float]) -> None:
-        from tiles.geometry import LONLAT, transform_bounds
-
-        sb = source.bounds
-        self.source = source
-        self.name = getattr(source, "name", "")
-        self.crs = source.crs
-        self.bounds = (max(bounds[0], sb[0]), max(bounds[1], sb[1]), min(bounds[2], sb[2]),
-                       min(bounds[3], sb[3]))
-        self.bounds_lonlat = transform_bounds(self.bounds, self.crs, LONLAT)
-
-    def info(self) -> dict[str, Any]:
-        return {**self.source.info(), "bounds": list(self.bounds)}
-
-    def chip(self, bbox: Sequence[float] | None = None, **kwargs: Any) -> Chip:
-        return self.source.chip(self.bounds if bbox is None else bbox, **kwargs)
 
 
 @dataclass
@@ -146,7 +121,7 @@ def carry_scores(detections: list[Any], boxes: Sequence[AnswerBox], min_iou: flo
 
 def tile_count(source: Any, bounds: Sequence[float], chip_size: int) -> int:
     """How many tiles `scan_area` reads for ``bounds`` (source CRS) of ``source``."""
-    from tiles.grid import grid_windows
+    from tiles import AreaSource, grid_windows
 
     area = AreaSource(source, bounds)
     return len(grid_windows(area.bounds, source.info()["resolution"], chip_size, OVERLAP))
@@ -158,7 +133,7 @@ def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], quest
     """Scan ``bounds`` (source CRS) of the raster at ``source_path`` with ``question``; tiles of
     ``chip_size`` native pixels, read one at a time so progress and cancel act per tile."""
     from rsvlm.scan import ScanError, scan
-    from tiles import open_source
+    from tiles import AreaSource, open_source
 
     boxes: list[AnswerBox] = []
     raw: list[str] = []

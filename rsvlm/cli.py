@@ -113,7 +113,8 @@ def _ask(args: argparse.Namespace) -> int:
         for box in session.last.boxes:
             where = box.to_dict()["geometry"]["coordinates"][0][:4] if box.geometry else \
                 "pixel space"
-            print(f"  [{box.name}] px={tuple(round(v) for v in box.box_px)} {where}")
+            score = "" if box.score is None else f" score={box.score:.2f}"
+            print(f"  [{box.name}]{score} px={tuple(round(v) for v in box.box_px)} {where}")
     return 0
 
 
