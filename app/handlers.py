@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,17 @@ import numpy as np
 
 from app.answers import count_phrase, number_range, readable_answer, streaming_text
 from app.backend import Backend, BackendNotReady, Session
+from app.files import FileStore, SessionFiles
+from app.guards import (
+    MAX_QUESTION_CHARS,
+    UserError,
+    check_class,
+    check_question,
+    checked_chip,
+    chip_summary,
+    public,
+    reject,
+)
 from app.html_safe import esc, markdown_text, table
 from app.map_html import ImageLayer, MapSpec, map_iframe, overlay_layer, render_map
 from app.region import Region, features_geojson, tag_counts
@@ -41,7 +51,7 @@ QUICK_ACTIONS = {
     "find": "Find all {cls} in this image.",
     "count": "How many {cls} are in this image?",
 }
-MAX_QUESTION_CHARS = 2000
+__all__ = ["MAX_QUESTION_CHARS", "AppContext", "SessionState", "UIUpdate", "UserError"]
 TILE_PROVIDER = "Esri.WorldImagery"
 
 
@@ -60,13 +70,17 @@ class AppContext:
     tile_provider: str = TILE_PROVIDER
     region_layer: ImageLayer | None = None
     region_osm: dict[str, Any] | None = None
+    #: Fraction of a chip that must be imagery (see `app.guards`).
+    min_coverage: float = 0.25
     #: How long a question waits for a model that is still loading before it gives up.
     ready_timeout_s: float = 900.0
     #: Find/count questions about areas larger than a chip at native resolution are scanned.
     scan_large_areas: bool = True
+    #: Per-session folders for uploads and exports, under ``export_dir`` (see `app.files`).
+    files: FileStore = field(init=False)
 
     def __post_init__(self) -> None:
-        self.export_dir.mkdir(parents=True, exist_ok=True)
+        self.files = FileStore(self.export_dir)
         if self.region is not None and self.region_layer is None:
             self.region_layer = overlay_layer(self.region.preview, f"Imagery: {self.region.name}",
                                               self.region.attribution)
@@ -92,6 +106,12 @@ class SessionState:
     first_number: int = 1  # the number (map, chip, table) of ``detections[0]``
     min_score: float = 0.0  # detections scored below are hidden in the table and on the map
     cancel: threading.Event = field(default_factory=threading.Event)  # the Stop button
+    files: SessionFiles | None = None  # this session's folder (uploads, exports)
+
+    def close(self) -> None:
+        """Remove the session's files (the session has ended)."""
+        if self.files is not None:
+            self.files.close()
 
 
 @dataclass
@@ -108,23 +128,25 @@ class UIUpdate:
     notice: str | None = None  # a message for this user (bad input, model not ready, failure)
 
 
-class UserError(ValueError):
-    """Bad input from the user; the message is shown as is."""
-
-
 # --- parsing what the browser sends -------------------------------------------------------------
 
 def parse_bbox(text: str) -> Bounds:
     """``"W,S,E,N"`` (lon/lat) -> bounds; `UserError` with the reason otherwise."""
     from tiles import check_bbox
 
-    parts = [p for p in str(text).replace(";", ",").replace(" ", ",").split(",") if p]
+    text = str(text)
+    parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
     if len(parts) != 4:
-        raise UserError(f"A bbox is four numbers W,S,E,N (lon/lat); got {text!r}.")
+        shown = text if len(text) <= 60 else text[:60] + "…"
+        raise UserError(f"A bbox is four numbers W,S,E,N (lon/lat); got {shown!r}.")
     try:
-        return tuple(check_bbox(parts))  # type: ignore[return-value]
+        w, s, e, n = check_bbox(parts)
     except ValueError as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError(str(exc)[:300]) from exc
+    if not (s >= -90 and n <= 90 and w >= -360 and e <= 360):
+        raise UserError(f"The bbox {[w, s, e, n]} is not lon/lat: latitudes must be within "
+                        "-90..90 and longitudes within -360..360 (W,S,E,N order).")
+    return (w, s, e, n)
 
 
 def bbox_from_geojson(text: str) -> Bounds:
@@ -230,9 +252,10 @@ def _full_update(ctx: AppContext, state: SessionState, fit: Bounds | None = None
 
 # --- session start, chips -----------------------------------------------------------------------
 
-def start_session(ctx: AppContext) -> tuple[SessionState, UIUpdate]:
-    """A fresh tab: the whole region is the chip."""
-    state = SessionState()
+def start_session(ctx: AppContext, key: str | None = None) -> tuple[SessionState, UIUpdate]:
+    """A fresh tab: the whole region is the chip. ``key`` names its file folder (Gradio's
+    session hash), so the folder can be removed when the tab goes."""
+    state = SessionState(files=ctx.files.open(key))
     if ctx.region is not None:
         _set_chip(ctx, state, str(ctx.region.imagery), None)
     return state, _full_update(ctx, state)
@@ -242,21 +265,22 @@ def _set_chip(ctx: AppContext, state: SessionState, source: str, bbox: Bounds | 
     from tiles import open_source
 
     with open_source(source) as src:
-        chip = src.chip(bbox, crs="EPSG:4326", size=ctx.chip_size)
+        chip = checked_chip(src, bbox, size=ctx.chip_size, min_coverage=ctx.min_coverage)
     state.chip, state.chip_source, state.session = chip, source, None
     state.last_boxes, state.last_answer = [], None
 
 
 def _source_for(ctx: AppContext, state: SessionState, bbox: Bounds) -> str | None:
-    """The local imagery under the centre of ``bbox``: the upload first, then the region."""
-    cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
+    """The local imagery ``bbox`` overlaps: the upload first, then the region."""
+    from tiles import intersects
+
     candidates = []
     if state.upload_layer is not None and state.upload_georeferenced:
         candidates.append((state.upload_path, state.upload_layer.bounds_lonlat))
     if ctx.region is not None and ctx.region.bounds_lonlat is not None:
         candidates.append((str(ctx.region.imagery), ctx.region.bounds_lonlat))
-    for path, (w, s, e, n) in candidates:
-        if w <= cx <= e and s <= cy <= n:
+    for path, bounds in candidates:
+        if intersects(bbox, bounds):
             return path
     return None
 
@@ -267,12 +291,14 @@ def select_bbox(ctx: AppContext, state: SessionState, bbox: Bounds) -> UIUpdate:
 
     source = _source_for(ctx, state, bbox)
     if source is None:
+        reject("bbox", "no local imagery under the rectangle")
         return UIUpdate(notice="There is no local imagery under that rectangle. Draw inside the "
                                "imagery, upload a GeoTIFF, or click the basemap to fetch a tile.")
     try:
         _set_chip(ctx, state, source, bbox)
-    except ImageryError as exc:
-        return UIUpdate(notice=str(exc))
+    except (ImageryError, UserError) as exc:
+        reject("bbox", str(exc))
+        return UIUpdate(notice=public(str(exc)))
     return _full_update(ctx, state)
 
 
@@ -326,7 +352,8 @@ def on_map_click(ctx: AppContext, state: SessionState, payload: str, allow_netwo
             chip = src.chip((b.west, b.south, b.east, b.north), crs="EPSG:4326",
                             size=ctx.chip_size)
     except (ImageryError, OSError) as exc:
-        return UIUpdate(notice=f"Could not fetch the tile: {exc}")
+        reject("map click", str(exc))
+        return UIUpdate(notice=public(f"Could not fetch the tile: {exc}"))
     from tiles import overlay_from_chip
 
     state.chip, state.chip_source, state.session = chip, ctx.tile_provider, None
@@ -345,26 +372,34 @@ def upload(ctx: AppContext, state: SessionState, path: str | None) -> UIUpdate:
 
     if not path:
         return UIUpdate()
+    name = Path(path).name
+    if state.files is not None:  # out of Gradio's upload folder, into the session's own
+        try:
+            path = str(state.files.adopt(path))
+        except OSError as exc:
+            reject("upload", f"gone before it was read ({type(exc).__name__})")
+            return UIUpdate(notice=f"{name} is no longer on the server; upload it again.")
     size_mb = os.path.getsize(path) / 1e6
     if size_mb > ctx.max_upload_mb:
-        return UIUpdate(notice=f"{Path(path).name} is {size_mb:.1f} MB; the limit is "
+        reject("upload", f"{size_mb:.1f} MB over the {ctx.max_upload_mb:g} MB limit")
+        return UIUpdate(notice=f"{name} is {size_mb:.1f} MB; the limit is "
                                f"{ctx.max_upload_mb:g} MB.")
     try:
         with open_source(path) as src:
             georef = src.georeferenced
-            layer = overlay_layer(src.preview(1024), f"Upload: {Path(path).name}") if georef \
-                else None
-            chip = src.chip(None, size=ctx.chip_size)
-    except ImageryError as exc:
-        return UIUpdate(notice=f"{Path(path).name}: {exc}")
+            layer = overlay_layer(src.preview(1024), f"Upload: {name}") if georef else None
+            chip = checked_chip(src, None, size=ctx.chip_size, min_coverage=ctx.min_coverage)
+    except (ImageryError, UserError) as exc:
+        reject("upload", str(exc))
+        return UIUpdate(notice=public(f"{name}: {exc}"))
     except Exception as exc:  # a reader crash must not end the session
         log.exception("upload failed")
-        return UIUpdate(notice=f"{Path(path).name} could not be read as imagery "
+        return UIUpdate(notice=f"{name} could not be read as imagery "
                                f"({type(exc).__name__}).")
     state.upload_path, state.upload_layer, state.upload_georeferenced = path, layer, georef
     state.chip, state.chip_source, state.session = chip, path, None
     state.last_boxes, state.last_answer = [], None
-    note = None if georef else (f"{Path(path).name} has no georeference: answers are in pixel "
+    note = None if georef else (f"{name} has no georeference: answers are in pixel "
                                 "space (shown on the image, not on the map).")
     fit = layer.bounds_lonlat if layer is not None else None
     return _full_update(ctx, state, fit=fit, notice=note)
@@ -377,7 +412,7 @@ def quick_question(action: str, cls: str = "buildings") -> str:
     template = QUICK_ACTIONS.get(action)
     if template is None:
         raise UserError(f"Unknown quick action {action!r}.")
-    return template.format(cls=(cls or "buildings").strip()[:60])
+    return template.format(cls=check_class(cls))
 
 
 def wait_until_ready(ctx: AppContext, poll_s: float = 0.5) -> Iterator[str]:
@@ -423,9 +458,11 @@ def ask(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdat
     """Stream the answer into the chat, then ground its boxes on the map, chip and table. A
     find/count question about an area larger than a chip at native resolution scans it in tiles
     (progress bar, Stop button) instead."""
-    question = (question or "").strip()[:MAX_QUESTION_CHARS]
-    if not question:
-        yield UIUpdate(notice="Type a question first.")
+    try:
+        question = check_question(question)
+    except UserError as exc:
+        reject("question", str(exc))
+        yield UIUpdate(notice=str(exc) if (question or "").strip() else "Type a question first.")
         return
     if state.chip is None:
         yield UIUpdate(notice="No imagery yet: upload an image or draw a rectangle on the map.")
@@ -451,7 +488,7 @@ def ask(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdat
         yield UIUpdate(chat=list(history), notice=str(exc), progress_html="")
     except Exception as exc:  # one failed request must not take the session or server down
         log.exception("answer failed")
-        msg = f"Sorry, this answer failed ({type(exc).__name__}: {exc})."
+        msg = public(f"Sorry, this answer failed ({type(exc).__name__}: {exc}).")
         _say(history, msg)
         state.session = None  # a broken session is not reused
         yield UIUpdate(chat=list(history), notice=msg, progress_html="")
@@ -518,6 +555,9 @@ def _ask_chip(ctx: AppContext, state: SessionState, question: str) -> Iterator[U
                                [by_box.get(id(b), 0) for b in answer.boxes], where=where,
                                asks_for_all=asks_to_find(question))
     footer = f"{time.perf_counter() - t0:.1f} s"
+    cover = state.chip.meta.get("coverage", 1.0)
+    if cover < 0.995:  # say how much of the chip is imagery at all
+        footer = f"imagery covers {cover:.0%} of the chip · " + footer
     history[-1] = {"role": "assistant",
                    "content": markdown_text(readable) + f"\n\n*{markdown_text(footer)}*"}
     update = _full_update(ctx, state) if geo else UIUpdate(
@@ -651,11 +691,13 @@ def export(ctx: AppContext, state: SessionState, fmt: str = "geojson") -> tuple[
         return None, f"Unknown export format {fmt!r}."
     for old in state.exports:  # keep one file per session: disk stays flat
         old.unlink(missing_ok=True)
-    path = ctx.export_dir / f"detections-{uuid.uuid4().hex[:8]}{suffix}"
+    if state.files is None:
+        state.files = ctx.files.open()
+    path = state.files.export_path("detections", suffix)
     try:
         (write_geojson if fmt == "geojson" else write_gpkg)(state.detections, path)
     except ImageryError as exc:
-        return None, str(exc)
+        return None, public(str(exc))
     state.exports = [path]
     return path, f"Exported {len(state.detections)} detections ({fmt})."
 
@@ -678,11 +720,11 @@ def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str, *
     from app.scene import asks_to_find, needs_scan
     from tiles import ImageryError, open_source
 
-    question = (question or "").strip()[:MAX_QUESTION_CHARS]
-    if not question:
-        raise UserError("The question is empty.")
+    question = check_question(question)
     box = parse_bbox(bbox) if bbox and bbox.strip() else None
     if image_path:
+        if not os.path.isfile(image_path):
+            raise UserError("The uploaded image is no longer on the server; upload it again.")
         if os.path.getsize(image_path) / 1e6 > ctx.max_upload_mb:
             raise UserError(f"The image is larger than {ctx.max_upload_mb:g} MB.")
         source = image_path
@@ -692,12 +734,11 @@ def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str, *
         raise UserError("Give an image: no region is loaded.")
     try:
         with open_source(source) as src:
-            chip = src.chip(box if src.georeferenced else None, crs="EPSG:4326",
-                            size=ctx.chip_size)
+            chip = checked_chip(src, box, size=ctx.chip_size, min_coverage=ctx.min_coverage)
             scene = (ctx.scan_large_areas and chip.georeferenced and asks_to_find(question)
                      and needs_scan(src, chip.bounds, ctx.chip_size))
     except ImageryError as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError(public(str(exc))) from exc
     try:
         for message in wait_until_ready(ctx):
             if say is not None:
@@ -742,6 +783,7 @@ def _api_chip_answer(chip: Chip, source: str, question: str, answer: Answer) -> 
                                [numbers[id(b)] for b in answer.boxes],
                                where="on the map" if geo or not pixel else "on the image",
                                asks_for_all=asks_to_find(question))
+    fc["chip"] = chip_summary(chip)  # a foreign member (RFC 7946 §6.1): coverage, bounds
     fc.update(answer=readable, raw_answer=answer.text)
     return readable, json.dumps(fc)
 
@@ -760,7 +802,7 @@ def _api_scene(ctx: AppContext, source: str, chip: Chip, question: str, say: Say
         result = scan_area(ctx.backend, source, chip.bounds, question, chip_size=ctx.chip_size,
                            progress=progress, cancel=cancel)
     except ScanError as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError(public(str(exc))) from exc
     for det in result.detections:
         det.source = Path(source).name
     fc = to_feature_collection(result.detections)
@@ -772,6 +814,7 @@ def _api_scene(ctx: AppContext, source: str, chip: Chip, question: str, say: Say
     tiles = f"{result.tiles_read} tile{'s' if result.tiles_read != 1 else ''}"
     text = (f"Stopped after {tiles} of {result.tiles_total}. {found} so far."
             if result.cancelled else f"{found}, reading the whole area in {tiles}.")
+    fc["chip"] = chip_summary(chip)
     fc.update(answer=text, raw_answer="\n".join(result.raw), tiles_read=result.tiles_read,
               tiles_total=result.tiles_total, cancelled=result.cancelled)
     return text, json.dumps(fc)
