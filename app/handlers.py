@@ -649,7 +649,8 @@ def _scene_update(ctx: AppContext, state: SessionState, question: str, result: A
     update = _full_update(ctx, state)
     update.chat = list(state.history)
     update.prompt = (f"Whole-area scan: {result.tiles_read} of {result.tiles_total} tiles of "
-                     f"{ctx.chip_size} px, question {question!r}\n" + "".join(
+                     f"{ctx.chip_size} px, question {question!r}\n"
+                     f"\n--- exact prompt, tile 1 ---\n{result.prompt}\n" + "".join(
                          f"\n--- raw answer, tile {i} ---\n{raw}\n"
                          for i, raw in enumerate(result.raw, start=1)))
     update.progress_html = ""

@@ -62,14 +62,16 @@ class ScanAnswer:
     seconds: float
     raw: list[str] = field(default_factory=list)  # each tile's raw answer, in reading order
     retrieved: list[dict[str, Any]] = field(default_factory=list)  # every tile's hits
+    prompt: str = ""  # the exact prompt of the first tile (the others differ only in pixels)
 
 
 def session_answer_fn(backend: Backend, boxes_out: list[AnswerBox], raw_out: list[str],
-                      retrieved_out: list[dict[str, Any]] | None = None
+                      retrieved_out: list[dict[str, Any]] | None = None,
+                      prompt_out: list[str] | None = None
                       ) -> Callable[[Sequence[Any], str], list[str]]:
     """``answer_fn`` for `rsvlm.scan.scan` from any backend: one session per tile. The tiles'
-    grounded boxes (with the model's scores), raw answers and retrieved descriptions are
-    collected into the ``*_out`` lists."""
+    grounded boxes (with the model's scores), raw answers, retrieved descriptions and the first
+    tile's prompt are collected into the ``*_out`` lists."""
 
     def answer(chips: Sequence[Any], question: str) -> list[str]:
         texts = []
@@ -83,6 +85,8 @@ def session_answer_fn(backend: Backend, boxes_out: list[AnswerBox], raw_out: lis
                 boxes_out.extend(b for b in last.boxes if b.geometry is not None)
                 if retrieved_out is not None:
                     retrieved_out.extend(last.retrieved or [])
+                if prompt_out is not None and not prompt_out:
+                    prompt_out.append(str(last.prompt or ""))
             raw_out.append(text)
             texts.append(text)
         return texts
@@ -138,6 +142,7 @@ def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], quest
     boxes: list[AnswerBox] = []
     raw: list[str] = []
     retrieved: list[dict[str, Any]] = []
+    prompt: list[str] = []
     with open_source(source_path) as src:
         area = AreaSource(src, bounds)
         n = tile_count(src, bounds, chip_size)
@@ -146,11 +151,11 @@ def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], quest
                             f"{MAX_TILES}. Draw a smaller area, or use `rsvlm scan` for the "
                             "whole raster.")
         result = scan(area, question,
-                      answer_fn=session_answer_fn(backend, boxes, raw, retrieved),
+                      answer_fn=session_answer_fn(backend, boxes, raw, retrieved, prompt),
                       chip_size=chip_size, overlap=OVERLAP, batch_size=1, progress=progress,
                       cancel=cancel)
     detections = list(result)
     carry_scores(detections, boxes)
     detections.sort(key=lambda d: -(d.score if d.score is not None else 0.0))
     return ScanAnswer(detections, result.chips_done, result.chips_total, result.cancelled,
-                      result.seconds, raw, retrieved)
+                      result.seconds, raw, retrieved, prompt[0] if prompt else "")

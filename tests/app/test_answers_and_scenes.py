@@ -134,6 +134,7 @@ def test_find_on_the_whole_region_scans_tiles_and_merges(ctx: AppContext) -> Non
     assert any("<progress" in (u.progress_html or "") for u in updates)
     assert final.progress_html == ""
     assert "raw answer, tile 12" in final.prompt
+    assert "exact prompt, tile 1 ---\n<image>" in final.prompt  # the fake model's prompt
     # What the 12 tiles retrieved, each description once, with how often.
     assert final.semantics_html.count("Dense residential area") == 1
     assert "(×12)" in final.semantics_html
