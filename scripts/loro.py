@@ -255,7 +255,8 @@ def card_section(out: Path, baseline: Path | None) -> str:
         lines += [
             "Chat path of the language model (presence, counting, rural/urban and area are VQA "
             "questions; find-all before the detector; `rsvlm-train eval --task findall|vqa|"
-            "grounding --data REGION --limit 60`, 512 px chips). Atlanta and Rio are regions "
+            "grounding --data REGION --limit 60`, 512 px chips; Rio's 400 px, with `--ablate "
+            "detector`). Atlanta and Rio are regions "
             "the language model never saw; the four OAM areas are in its training data, so "
             "their rows are optimistic:",
             "",
