@@ -244,7 +244,11 @@ def card_section(out: Path, baseline: Path | None) -> str:
         "0.5 m; SpaceNet Rio's chips whole). Presence, counts and find-all of buildings in the "
         "chat path are these detections. Objects: OSM footprints (OAM areas), SpaceNet "
         "footprints (Atlanta) and connected components of SpaceNet masks (Rio: adjacent "
-        "buildings can merge, so its counts are a floor).",
+        "buildings can merge, so its counts are a floor). With the detector shipped "
+        "(`detector/`), building presence, counts and find-all in the chat path and in "
+        "`rsvlm scan` are its answers; the held-back-split numbers further down were measured "
+        "before it, through the language model and the box head (`--ablate detector` "
+        "reproduces them).",
         "",
         folds.strip(),
         "",
