@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reduce", type=int, default=128,
                     help="train on this many principal components of the levels (0: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--folds", default=None, help="held-out regions to run (default: all)")
     ap.add_argument("--table", action="store_true", help="only render the table")
     ap.add_argument("--baseline", default="runs/baseline", help="chat-path reports folder")
     ap.add_argument("--card", default=None, help="write the section into this MODEL_CARD.md")
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         build_cache(Path(args.data), out, names, args.views_per_tile, args.min_views,
                     args.max_views, args.seed)
         names = [n for n in names if (out / "cache" / f"{n}.pt").is_file()]
-        for held in names:
+        for held in [n for n in names if not args.folds or n in args.folds.split(",")]:
             run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))
