@@ -320,7 +320,7 @@ def scan(
                 f"The answer function gave {len(texts)} answers for {len(chips)} chips."
             )
         for window, chip, text in zip(batch, chips, texts, strict=True):
-            boxes += _chip_boxes(window, chip, text, metric, margin, parse_boxes)
+            boxes += chip_boxes(window, chip, text, metric, margin, parse_boxes)
         result.chips_done += len(batch)
         if progress is not None:
             progress(result.chips_done, len(windows))
@@ -356,7 +356,7 @@ def scan(
     return result
 
 
-def _chip_boxes(
+def chip_boxes(
     window: Window,
     chip: Any,
     text: str,
@@ -364,6 +364,11 @@ def _chip_boxes(
     margin: float,
     parse_boxes: Callable[..., Any],
 ) -> list[_Box]:
+    """The boxes of one chip's answer as polygons in ``metric``, each marked cut or not.
+
+    A box is cut when it comes within ``margin`` chip pixels of an edge that is not outer
+    (``window.outer``); `rsvlm.scanning` calls this with map-wide outer edges.
+    """
     out = []
     w, h = chip.width, chip.height
     left, bottom, right, top = window.outer
@@ -468,6 +473,7 @@ __all__ = [
     "ScanError",
     "ScanResult",
     "Window",
+    "chip_boxes",
     "engine_answer_fn",
     "grid_windows",
     "merge_boxes",
