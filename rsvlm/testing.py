@@ -351,10 +351,14 @@ class ObjectsAnswerer:
 
 
 class TinyModelAnswerer:
-    """The tiny random model of `tiny_model` behind `rsvlm.scan.engine_answer_fn`."""
+    """The tiny random model of `tiny_model` behind `rsvlm.scan.engine_answer_fn`.
 
-    def __init__(self, max_new_tokens: int = 5, seed: int = 0) -> None:
-        self.max_new_tokens, self.seed = max_new_tokens, seed
+    ``answers_file``: each answer is appended there (``source bounds -> text``), so a test can
+    compare what two engines' models said, not only the boxes.
+    """
+
+    def __init__(self, max_new_tokens: int = 5, seed: int = 0, answers_file: str | None = None):
+        self.max_new_tokens, self.seed, self.answers_file = max_new_tokens, seed, answers_file
 
     def __repr__(self) -> str:
         return f"TinyModelAnswerer({self.max_new_tokens}, {self.seed})"
@@ -376,7 +380,20 @@ class TinyModelAnswerer:
         engine = ChatEngine(
             Loaded(), max_new_tokens=self.max_new_tokens, generation={"repetition_penalty": 1.0}
         )
-        return engine_answer_fn(engine, max_new_tokens=self.max_new_tokens)
+        answer = engine_answer_fn(engine, max_new_tokens=self.max_new_tokens)
+        if not self.answers_file:
+            return answer
+
+        def logged(chips, question):
+            texts = answer(chips, question)
+            with open(self.answers_file, "a", encoding="utf-8") as fh:
+                fh.writelines(
+                    f"{c.source} {[round(v, 3) for v in c.bounds]} -> {t!r}\n"
+                    for c, t in zip(chips, texts, strict=True)
+                )
+            return texts
+
+        return logged
 
 
 class KillOnce:
