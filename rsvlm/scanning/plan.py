@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -150,10 +149,10 @@ def assign_areas(plans: Sequence[RasterPlan]) -> None:
         if i != j:
             parent[find(i)] = find(j)
             touching.setdefault(i, []).append(j)
-    roots = sorted({find(i) for i in range(len(plans))})
-    area_of = {root: n for n, root in enumerate(roots)}
-    for n, root in enumerate(roots):
-        members = [p for i, p in enumerate(plans) if find(i) == root]
+    groups: dict[int, list[RasterPlan]] = {}
+    for i, p in enumerate(plans):
+        groups.setdefault(find(i), []).append(p)
+    for n, members in enumerate(groups.values()):
         crss = {p.crs for p in members}
         w = min(p.bounds_lonlat[0] for p in members)
         s = min(p.bounds_lonlat[1] for p in members)
@@ -164,7 +163,6 @@ def assign_areas(plans: Sequence[RasterPlan]) -> None:
         for p in members:
             p.area, p.metric_crs = n, metric
     for i, p in enumerate(plans):
-        p.area = area_of[find(i)]
         p.neighbours = [
             tuple(transform_bounds(plans[j].bounds, plans[j].crs, p.crs))
             for j in sorted(touching.get(i, []))
@@ -219,7 +217,3 @@ def seam_margin(chip_size: int, model_size: int, border_px: float | None) -> flo
     """How close to a chip edge (as a fraction of the chip side) a box counts as cut."""
     margin_px = border_px if border_px is not None else max(2.0, 0.01 * model_size)
     return float(margin_px) / float(model_size) if model_size else 0.0
-
-
-def is_finite_bounds(bounds: Sequence[float]) -> bool:
-    return all(math.isfinite(v) for v in bounds)

@@ -137,6 +137,7 @@ def run_ray(
     import ray
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the run has its own progress
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the run shows one bar for the whole scan
     context.execution_options.preserve_order = False

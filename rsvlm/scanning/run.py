@@ -116,17 +116,7 @@ def scan_rasters(
     A run folder of the same scan is resumed (``restart`` discards it).
     """
     t0 = time.perf_counter()
-    question = (question or "").strip()
-    if not question:
-        raise ScanError('Say what to look for, e.g. "find all buildings".')
-    if engine not in ENGINES:
-        raise ScanError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if batch_size < 1:
-        raise ScanError(f"batch size must be at least 1, got {batch_size!r}")
-    if not 0 < iou_threshold <= 1:
-        raise ScanError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}")
-    if out is None and run_dir is None:
-        raise ScanError("Give an output file (--out) or a run folder (--run-dir).")
+    question = _check(question, engine, batch_size, iou_threshold, out, run_dir)
     fmt = output_format(out, out_format == "gpkg") if out is not None else None
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{out}.scan")
     grid = Grid(chip_size=int(chip_size), overlap=float(overlap))
@@ -175,6 +165,24 @@ def scan_rasters(
     )  # fmt: skip
     store.write_summary(summary)
     return summary
+
+
+def _check(
+    question: str, engine: str, batch_size: int, iou: float, out: Any, run_dir: Any
+) -> str:
+    """The question, stripped; a `ScanError` naming the first bad argument."""
+    question = (question or "").strip()
+    if not question:
+        raise ScanError('Say what to look for, e.g. "find all buildings".')
+    if engine not in ENGINES:
+        raise ScanError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if batch_size < 1:
+        raise ScanError(f"batch size must be at least 1, got {batch_size!r}")
+    if not 0 < iou <= 1:
+        raise ScanError(f"iou_threshold must be in (0, 1], got {iou!r}")
+    if out is None and run_dir is None:
+        raise ScanError("Give an output file (--out) or a run folder (--run-dir).")
+    return question
 
 
 def _run_engine(
@@ -246,6 +254,7 @@ def _summary(
             "actors": facts.get("actors"),
             "num_cpus": facts.get("num_cpus"),
             "num_gpus": facts.get("num_gpus"),
+            "threads": facts.get("threads"),
             "peak_rss_mb": {str(pid): round(mb, 1) for pid, mb in sorted(writer.rss_mb.items())},
         },
         "out": str(out) if out is not None else None,
