@@ -122,14 +122,7 @@ def scan_rasters(
     grid = Grid(chip_size=int(chip_size), overlap=float(overlap))
     size = int(model_size or chip_size)
     margin_frac = seam_margin(grid.chip_size, size, border_px)
-    plans = plan_rasters(_refs(inputs, asset), grid)
-    good = [p for p in plans if not p.error]
-    failed_rasters = [{"raster": p.uri, "name": p.name, "error": p.error} for p in plans if p.error]
-    if not good:
-        raise ScanError(
-            f"None of the {len(plans)} raster(s) could be scanned: "
-            + "; ".join(f"{f['name']}: {f['error']}" for f in failed_rasters[:5])
-        )
+    plans, good, failed_rasters = _plan(inputs, asset, grid)
     params = {
         "question": question,
         "chip_size": grid.chip_size,
@@ -139,32 +132,51 @@ def scan_rasters(
         "model": model_label or repr(answerer),
         "iou_threshold": iou_threshold,
     }
-    store = RunStore.open(run_dir, params, plans, restart=restart)
-    job = ScanJob(good, grid, size, question, margin_frac, batch_size, answerer, set(store.done))
-    total = sum(p.windows for p in good)
-    done_before = total - job.remaining()
-    writer = PartWriter(store, plans, question, flush_windows=flush_windows)
-    bar = RunProgress(total, done_before, show_progress, progress)
-    if done_before:
-        logger.info("resuming %s: %d of %d windows already done", run_dir, done_before, total)
-    te = time.perf_counter()
-    try:
-        facts = _run_engine(engine, job, writer, bar, cancel, ray_options)
-    finally:
-        writer.flush()  # what was answered before a failure or Ctrl-C is kept
-        bar.close()
-    scan_s = time.perf_counter() - te
-    written = None
-    if out is not None and not facts.get("cancelled"):
-        merged = merge_raw(store.read_parts(), plans, iou_threshold, margin_frac)
-        write_detections(merged, out, fmt)
-        written = len(merged)
-    summary = _summary(
-        engine, facts, plans, failed_rasters, writer, store, total, done_before, written,
-        scan_s, time.perf_counter() - t0, out, run_dir, question,
-    )  # fmt: skip
-    store.write_summary(summary)
+    with RunStore.open(run_dir, params, plans, restart=restart) as store:
+        done = set(store.done)
+        job = ScanJob(good, grid, size, question, margin_frac, batch_size, answerer, done)
+        total = sum(p.windows for p in good)
+        done_before = total - job.remaining()
+        writer = PartWriter(store, plans, question, flush_windows=flush_windows)
+        bar = RunProgress(total, done_before, show_progress, progress)
+        if done_before:
+            logger.info("resuming %s: %d of %d windows already done", run_dir, done_before, total)
+        te = time.perf_counter()
+        try:
+            if done_before < total:
+                facts = _run_engine(engine, job, writer, bar, cancel, ray_options)
+            else:  # a finished run asked again: merge and write, no model to load
+                facts = {"cancelled": False, "retried": 0, "actors": 0}
+        finally:
+            writer.flush()  # what was answered before a failure or Ctrl-C is kept
+            bar.close()
+        scan_s = time.perf_counter() - te
+        written = None
+        if out is not None and not facts.get("cancelled"):
+            merged = merge_raw(store.read_parts(), plans, iou_threshold, margin_frac)
+            write_detections(merged, out, fmt)
+            written = len(merged)
+        summary = _summary(
+            engine, facts, plans, failed_rasters, writer, store, total, done_before, written,
+            scan_s, time.perf_counter() - t0, out, run_dir, question,
+        )  # fmt: skip
+        store.write_summary(summary)
     return summary
+
+
+def _plan(
+    inputs: Any, asset: str | None, grid: Grid
+) -> tuple[list[RasterPlan], list[RasterPlan], list[dict[str, str]]]:
+    """All plans, the ones that opened, and what is wrong with the others."""
+    plans = plan_rasters(_refs(inputs, asset), grid)
+    good = [p for p in plans if not p.error]
+    failed = [{"raster": p.uri, "name": p.name, "error": p.error} for p in plans if p.error]
+    if not good:
+        raise ScanError(
+            f"None of the {len(plans)} raster(s) could be scanned: "
+            + "; ".join(f"{f['name']}: {f['error']}" for f in failed[:5])
+        )
+    return plans, good, failed
 
 
 def _check(

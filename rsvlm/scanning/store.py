@@ -86,6 +86,46 @@ class RunStore:
     ) -> RunStore:
         """Start a run in ``path``, or resume the one there when it scans the same thing."""
         store = cls(Path(path))
+        store._lock()
+        try:
+            store._start(params, plans, restart)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _lock(self) -> None:
+        """One writer per run folder: a second scan of it (a rerun while the first still runs)
+        would interleave manifest lines. ``flock`` is released by the kernel when the holder
+        dies, even by SIGKILL, so a killed run never leaves a stale lock."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.path / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise ScanError(
+                f"Another scan is writing to {str(self.path)!r} right now; wait for it, stop "
+                "it, or choose another --run-dir."
+            ) from None
+
+    def close(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self, params: dict[str, Any], plans: Sequence[RasterPlan], restart: bool) -> None:
+        store = self
         run_json = store.path / "run.json"
         fingerprint = _fingerprint(params, plans)
         if run_json.exists() and not restart:
@@ -113,12 +153,10 @@ class RunStore:
                     indent=1,
                 ),
             )
-        return store
 
     def _clear(self) -> None:
-        if self.path.exists() and not (self.path / "run.json").exists() and any(
-            self.path.iterdir()
-        ):
+        others = [p for p in self.path.iterdir() if p.name != ".lock"]
+        if not (self.path / "run.json").exists() and others:
             raise ScanError(
                 f"{str(self.path)!r} exists and is not a scan's run folder: choose another "
                 "--run-dir (nothing there was touched)."

@@ -206,6 +206,23 @@ def test_unreadable_rasters_are_reported_and_skipped(tmp_path: Path) -> None:
         _scan(only_bad, tmp_path / "x.geojson")
 
 
+def test_windows_that_cannot_be_read_fail_alone_and_the_next_run_retries_them(
+    tmp_path: Path,
+) -> None:
+    write_tile_grid(tmp_path / "set", 1, 2)
+    damaged = tmp_path / "set" / "t_0_1.tif"
+    with open(damaged, "r+b") as fh:  # the header survives, the lower half of the pixels not
+        fh.truncate(damaged.stat().st_size // 2)
+    first = _scan(tmp_path / "set", tmp_path / "f.geojson")
+    failed = first["windows"]["failed"]
+    assert 0 < failed < 12 and first["windows"]["read"] == 24 - failed
+    assert not first["complete"] and first["windows"]["remaining"] == failed
+    assert all(f["raster"] == "t_0_1.tif" and "truncated" in f["error"] for f in first["failures"])
+    second = _scan(tmp_path / "set", tmp_path / "f.geojson")  # the same command again
+    assert second["windows"]["done_before"] == 24 - failed
+    assert second["windows"]["read"] == 0 and second["windows"]["failed"] == failed
+
+
 def test_outputs_and_partitioned_geoparquet(tmp_path: Path) -> None:
     import geopandas as gpd
     import pyarrow.parquet as pq
@@ -272,6 +289,26 @@ def test_cancelled_run_resumes_without_reading_a_finished_window_again(tmp_path:
     with pytest.raises(ScanError, match="--restart"):
         scan_rasters(tmp_path / "city", "find all cars", answerer=FakeAnswerer(),
                      out=tmp_path / "r.geojson", chip_size=128)  # fmt: skip
+    with _locked(run_dir), pytest.raises(ScanError, match="Another scan"):  # a second driver
+        _scan(tmp_path / "city", tmp_path / "r.geojson")
+    assert _scan(tmp_path / "city", tmp_path / "r.geojson")["windows"]["read"] == 0
+
+
+def _locked(folder: Path):
+    """Hold the run folder's lock as a running scan would."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def hold():
+        fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    return hold()
 
 
 def test_killed_cli_scan_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:

@@ -52,6 +52,10 @@ def city(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("city")
     write_tile_grid(folder, 2, 2)
     (folder / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 50)
+    # Far away (an area of its own), three windows down; its lower rows are cut off the file.
+    (far,) = write_tile_grid(folder / "far", 1, 1, 128, 256, origin=(X0 + 5000, Y0))
+    with open(far, "r+b") as fh:
+        fh.truncate(far.stat().st_size * 6 // 10)
     return folder
 
 
@@ -79,10 +83,11 @@ def test_ray_engine_finds_what_the_local_engine_finds(ray_session, city, tmp_pat
     local = _scan(city, tmp_path / "local.geojson", "local")
     dist = _scan(city, tmp_path / "ray.geojson", "ray", ray_options=RayOptions(actors=2),
                  batch_size=3)  # fmt: skip
-    assert dist["complete"] and dist["workers"]["actors"] == 2
+    assert not dist["complete"] and dist["workers"]["actors"] == 2
     assert len(dist["workers"]["peak_rss_mb"]) == 2  # two processes answered
-    assert dist["windows"]["read"] == local["windows"]["read"] == 48
-    assert dist["windows"]["failed"] == dist["windows"]["duplicates_dropped"] == 0
+    assert dist["windows"]["read"] == local["windows"]["read"] == 48 + 1  # one far window is read
+    assert dist["windows"]["failed"] == local["windows"]["failed"] == 2  # two are damaged
+    assert dist["failures"] == local["failures"] and dist["windows"]["duplicates_dropped"] == 0
     assert [f["name"] for f in dist["rasters"]["failed"]] == ["broken.tif"]
     assert dist["detections"] == local["detections"] and dist["detections"]["written"] == 4
     assert _features(tmp_path / "ray.geojson") == _features(tmp_path / "local.geojson")
@@ -96,7 +101,7 @@ def test_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(
     dist = _scan(city, tmp_path / "k.geojson", "ray", answerer=answerer,
                  ray_options=RayOptions(actors=2), batch_size=2)  # fmt: skip
     assert marker.exists()  # an actor did die mid-run
-    assert dist["complete"] and dist["windows"]["read"] == 48 and dist["windows"]["failed"] == 0
+    assert dist["windows"]["read"] == 49 and dist["windows"]["failed"] == 2
     assert dist["windows"]["retried"] >= 1  # its batch ran again on the restarted actor
     assert len(dist["workers"]["peak_rss_mb"]) >= 2
     local = _scan(city, tmp_path / "l.geojson", "local")
@@ -129,8 +134,8 @@ def test_killed_ray_driver_resumes_to_the_uninterrupted_result(ray_session, city
     resumed = [*scan, "--out", str(out), "--engine", "ray", "--summary", str(summary)]
     assert cli.main(resumed) == 1  # complete, but broken.tif was skipped (and says so)
     s = json.loads(summary.read_text())
-    assert s["complete"] and s["windows"]["done_before"] >= 4
-    assert s["windows"]["done_before"] + s["windows"]["read"] == 48
+    assert s["windows"]["done_before"] >= 4 and s["windows"]["remaining"] == 2  # the damaged ones
+    assert s["windows"]["done_before"] + s["windows"]["read"] == 49
     assert cli.main([*scan, "--out", str(tmp_path / "u.geojson")]) == 1
     assert _features(out) == _features(tmp_path / "u.geojson")
 
