@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import tempfile
 from pathlib import Path
 
+from app.auth import ENV_VAR as AUTH_ENV_VAR
+from app.auth import load_credentials, throttled_auth
 from app.backend import Backend, EngineBackend, FakeBackend, LoadingBackend
 from app.handlers import AppContext
 from app.region import DEMO_REGION, Region
 
 log = logging.getLogger("app")
+
+#: Session folders left by an earlier run are removed at start-up after this long.
+SESSION_MAX_AGE_S = 6 * 3600
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,14 +35,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="who runs decode steps on the CPU (default: ONNX Runtime where it can)")
     p.add_argument("--region", default=str(DEMO_REGION),
                    help="folder with one imagery file and its OSM GeoJSON/GPKG")
+    p.add_argument("--auth-file", default=None, metavar="FILE",
+                   help="require a login: USER:PASSWORD lines in FILE (chmod 600); or set "
+                        f"${AUTH_ENV_VAR}=USER:PASSWORD")
     p.add_argument("--auth", default=None, metavar="USER:PASS",
-                   help="require this login (Gradio auth)")
+                   help="deprecated: visible to every local user in `ps`; use --auth-file")
     p.add_argument("--max-upload-mb", type=float, default=50.0)
     p.add_argument("--concurrency", type=int, default=2,
                    help="model requests served at once (the rest wait in the queue)")
     p.add_argument("--chip-size", type=int, default=512, help="longest side of a chip, px")
+    p.add_argument("--basemaps", action="store_true",
+                   help="offer internet basemaps (satellite, OSM) when the basemap host answers; "
+                        "without it the app makes no network connection of its own")
     p.add_argument("--offline", action="store_true",
-                   help="never offer internet basemaps (default: offered when reachable)")
+                   help="never offer internet basemaps (the default; wins over --basemaps)")
+    p.add_argument("--files-dir", default=None,
+                   help="where session folders (uploads, exports) live (default: a private "
+                        "folder in the system temp dir); emptied by age at start-up")
     p.add_argument("--fake-model", action="store_true",
                    help="canned answers instead of a model (UI testing, load tests)")
     p.add_argument("--log-level", default="INFO")
@@ -64,33 +79,41 @@ def make_backend(args: argparse.Namespace) -> Backend:
 
 def build_context(args: argparse.Namespace, backend: Backend) -> AppContext:
     region = Region.load(args.region) if args.region else None
-    export_dir = Path(tempfile.gettempdir()) / "rsvlm-app-exports"
-    online = False if args.offline else network_reachable()
+    files_dir = Path(args.files_dir) if args.files_dir else \
+        Path(tempfile.gettempdir()) / f"rsvlm-app-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    # The only network probe: made when basemaps are asked for, never by default.
+    online = bool(args.basemaps) and not args.offline and network_reachable()
     log.info("basemaps: %s", "online (xyzservices)" if online else "offline (local imagery only)")
-    return AppContext(backend=backend, region=region, export_dir=export_dir,
-                      chip_size=args.chip_size, max_upload_mb=args.max_upload_mb, online=online)
+    ctx = AppContext(backend=backend, region=region, export_dir=files_dir,
+                     chip_size=args.chip_size, max_upload_mb=args.max_upload_mb, online=online)
+    st = files_dir.stat()
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o077):
+        raise ValueError(f"{files_dir} (for uploads and exports) must be a folder of this user "
+                         "that no one else can read; remove it or give --files-dir")
+    ctx.files.sweep(SESSION_MAX_AGE_S)
+    return ctx
 
 
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    if not text:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise SystemExit("--auth takes USER:PASS")
-    return user, password
-
-
-def launch(ctx: AppContext, *, host: str, port: int, auth: tuple[str, str] | None,
+def launch(ctx: AppContext, *, host: str, port: int, auth: dict[str, str] | None,
            concurrency: int, max_upload_mb: float, prevent_thread_lock: bool = False):
+    from starlette.middleware import Middleware
+
+    from app.guards import quiet_gradio_input_errors
     from app.layout import CSS, build_demo
     from app.map_html import BRIDGE_JS
+    from app.serving import OwnedFiles
 
+    quiet_gradio_input_errors()
     demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=max(1, concurrency), max_size=256)
-    demo.launch(server_name=host, server_port=port, share=False, auth=auth,
+    # Session folders are never in allowed_paths: Gradio serves only its own cache copies of
+    # what a handler returns (see app.files).
+    # OwnedFiles: a session's exports are served to the browser that made them only.
+    demo.launch(server_name=host, server_port=port, share=False,
+                auth=throttled_auth(auth) if auth else None,
+                app_kwargs={"middleware": [Middleware(OwnedFiles, owners=ctx.files.owners)]},
                 max_file_size=f"{max_upload_mb:g}mb", head=BRIDGE_JS, css=CSS,
-                show_error=True, prevent_thread_lock=prevent_thread_lock, quiet=True,
-                allowed_paths=[str(ctx.export_dir)])
+                show_error=True, prevent_thread_lock=prevent_thread_lock, quiet=True)
     return demo
 
 
@@ -98,7 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    auth = parse_auth(args.auth)
+    # GDAL's own note on a rejected file repeats what app.rejected says, with the server path.
+    logging.getLogger("rasterio._env").setLevel(logging.WARNING)
+    auth = load_credentials(args.auth_file, args.auth)
+    from tiles import tune_allocator
+
+    tune_allocator()  # freed decode buffers go back to the system (see tiles.limits)
     backend = make_backend(args)
     try:
         ctx = build_context(args, backend)

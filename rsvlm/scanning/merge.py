@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rsvlm.scan import CUT_SCORE
+from tiles.grid import CUT_SCORE
 
 Key = tuple[int, int]
 

@@ -9,7 +9,6 @@ each window that saw it) and ``question``. The file format follows the suffix: `
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from rsvlm.scan import ScanError
 from rsvlm.scanning.merge import Key, RawBox, merge_area
 from rsvlm.scanning.plan import RasterPlan
+from tiles.atomic import atomic_path
 
 OUTPUT_COLUMNS = ("label", "score", "source", "window", "question")
 FORMATS = {".parquet": "parquet", ".geoparquet": "parquet", ".gpkg": "gpkg",
@@ -104,9 +104,7 @@ def write_detections(frame: Any, path: str | Path, fmt: str) -> Path:
     if not path.parent.is_dir():
         raise ScanError(f"Cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist.")
     frame = frame.set_geometry(shapely.orient_polygons(frame.geometry.values, exterior_cw=False))
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # GDAL picks drivers by suffix
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_path(path) as tmp:  # keeps the suffix: GDAL picks its driver by it
         if fmt == "parquet":
             frame.to_parquet(tmp, index=False)
         elif fmt == "gpkg":
@@ -115,8 +113,4 @@ def write_detections(frame: Any, path: str | Path, fmt: str) -> Path:
             data = json.loads(frame.to_json(drop_id=True))
             data.pop("crs", None)  # RFC 7946: EPSG:4326 is implied, no crs member
             tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -87,7 +87,8 @@ def _crs_text(crs: Any) -> str:
 
 def read_header(ref: RasterRef, index: int, grid: Grid) -> RasterPlan:
     """Header facts of one raster; errors are kept in the plan, never raised."""
-    from rsvlm.scan import ScanError, grid_windows
+    from rsvlm.scan import ScanError
+    from tiles.grid import grid_windows
 
     plan = RasterPlan(id=index, uri=ref.uri, name=ref.name, error=ref.error)
     if ref.error:
@@ -129,8 +130,8 @@ def assign_areas(plans: Sequence[RasterPlan]) -> None:
     import shapely
     from shapely.geometry import box
 
-    from rsvlm.scan import metric_crs
     from tiles.geometry import transform_bounds
+    from tiles.grid import metric_crs
 
     if not plans:
         return
@@ -178,7 +179,7 @@ def list_windows(plan: RasterPlan, grid: Grid) -> Iterator[dict[str, Any]]:
     """The windows of one raster as rows (``raster``, ``window``, bounds, outer edges)."""
     from shapely.geometry import box
 
-    from rsvlm.scan import grid_windows
+    from tiles.grid import grid_windows
 
     neighbours = [box(*b) for b in plan.neighbours]
     rx, ry = plan.resolution

@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rsvlm.scan import CUT_SCORE, ScanError
+from rsvlm.scan import ScanError
 from rsvlm.scanning.plan import RasterPlan
+from tiles.atomic import atomic_path
+from tiles.grid import CUT_SCORE
 
 logger = logging.getLogger(__name__)
 
@@ -240,9 +242,8 @@ class RunStore:
 
 
 def _atomic_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -253,9 +254,8 @@ def _write_part(rows: list[dict[str, Any]], path: Path) -> None:
     geoms = shapely.from_wkb([r["wkb"] for r in rows])
     columns = {c: [r[c] for r in rows] for c in PART_COLUMNS}
     frame = gpd.GeoDataFrame(columns, geometry=gpd.GeoSeries(geoms, crs="EPSG:4326"))
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 class PartWriter:

@@ -161,9 +161,9 @@ class WindowAnswerer:
     def _boxes(self, batch: Batch, i: int, chip: Any, text: str) -> str:
         import shapely
 
-        from rsvlm.boxes import parse_boxes
-        from rsvlm.scan import Window, chip_boxes
+        from rsvlm.scan import chip_boxes
         from tiles.geometry import LONLAT
+        from tiles.grid import Window
 
         window = Window(
             index=int(batch["window"][i]),
@@ -171,7 +171,7 @@ class WindowAnswerer:
             outer=outer_flags(int(batch["outer"][i])),
         )
         margin = max(chip.width, chip.height) * self.margin_frac
-        found = chip_boxes(window, chip, text, LONLAT, margin, parse_boxes)
+        found = chip_boxes(window, chip, text, LONLAT, margin)
         return json.dumps(
             [{"label": b.label, "cut": bool(b.cut), "wkb": shapely.to_wkb(b.polygon, hex=True)}
              for b in found]
