@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 import numpy as np
@@ -24,10 +24,11 @@ def run_local(
     uris, rasters = raster_lookup(job.plans)
     reader = ChipReader(uris, job.model_size)
     answerer = WindowAnswerer(job.answerer, rasters, job.question, job.margin_frac)
-    for plan in job.plans:
-        windows = job.todo(plan)
-        while chunk := list(islice(windows, job.batch_size)):
-            if cancel is not None and cancel.is_set():
-                return {"cancelled": True}
-            tick(writer.consume(answerer(reader(_columns(chunk)))))
+    # Batches run across raster boundaries (as the Ray pipeline's do): small rasters still fill
+    # a batch, and every batch is the size the user chose.
+    windows = chain.from_iterable(job.todo(plan) for plan in job.plans)
+    while chunk := list(islice(windows, job.batch_size)):
+        if cancel is not None and cancel.is_set():
+            return {"cancelled": True}
+        tick(writer.consume(answerer(reader(_columns(chunk)))))
     return {"cancelled": False}
