@@ -80,6 +80,7 @@ def run_one(name: str, folder: Path, work: Path, args: argparse.Namespace, **kw)
         "windows_per_s_wall": round(summary["windows"]["read"] / wall, 3),
         "windows_per_s_steady": round(steady, 3) if steady else None,
         "model_s_per_window": summary["model_seconds_per_window"],
+        "model_cpu_s_per_window": summary["model_cpu_seconds_per_window"],
         "detections": summary["detections"]["written"],
         "raw_boxes": summary["detections"]["raw_boxes"],
         "actors": summary["workers"]["actors"],

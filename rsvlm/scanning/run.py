@@ -262,6 +262,9 @@ def _summary(
         "model_seconds_per_window": round(writer.model_seconds / writer.read, 3)
         if writer.read
         else None,
+        "model_cpu_seconds_per_window": round(writer.model_cpu_seconds / writer.read, 3)
+        if writer.read
+        else None,
         "workers": {
             "actors": facts.get("actors"),
             "num_cpus": facts.get("num_cpus"),

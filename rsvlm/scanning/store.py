@@ -284,7 +284,7 @@ class PartWriter:
         self.rows: list[dict[str, Any]] = []
         self.failed: dict[Key, str] = {}
         self.read = self.duplicates = self.raw_boxes = 0
-        self.model_seconds = 0.0
+        self.model_seconds = self.model_cpu_seconds = 0.0
         self.rss_mb: dict[int, float] = {}
         self._last_flush = time.monotonic()
 
@@ -306,6 +306,7 @@ class PartWriter:
             self.failed.pop(key, None)
             self.read += 1
             self.model_seconds += float(batch["seconds"][i])
+            self.model_cpu_seconds += float(batch["cpu_seconds"][i])
             self.pending.append(key)
             self.pending_set.add(key)
             bounds = {k: float(batch[k][i]) for k in ("x0", "y0", "x1", "y1")}
