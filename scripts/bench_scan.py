@@ -1,6 +1,11 @@
 """Windows/s of a multi-raster scan: local engine vs Ray with 1 and 2 actors, in one run.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/bench_scan.py --out runs/bench_scan.json
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python scripts/bench_scan.py --chip-size 384 \
+        --out runs/bench_scan.json
+
+``OMP_NUM_THREADS=1``: on a machine whose cores other work also uses, two OpenMP/ONNX Runtime
+threads per model spin-wait for each other and cost 10x the CPU per window (measured: 35 vs
+2.5 CPU-s); Ray sets it in its workers by itself, the local engine inherits the shell's.
 
 The raster set is generated from the Kampala demo scene: it is cut into ``--grid`` abutting
 GeoTIFF tiles (an orthophoto tile set), so the model sees real imagery and the scan crosses
@@ -50,6 +55,12 @@ def make_tiles(folder: Path, cols: int, rows: int) -> list[Path]:
     return paths
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_one(name: str, folder: Path, work: Path, args: argparse.Namespace, **kw) -> dict:
     from rsvlm.scanning import ModelAnswerer, scan_rasters
 
@@ -85,7 +96,7 @@ def run_one(name: str, folder: Path, work: Path, args: argparse.Namespace, **kw)
         "raw_boxes": summary["detections"]["raw_boxes"],
         "actors": summary["workers"]["actors"],
         "cpus_per_actor": summary["workers"].get("num_cpus"),
-        "threads_per_actor": summary["workers"].get("threads"),
+        "threads_per_actor": summary["workers"].get("threads") or _torch_threads(),
         "peak_rss_mb_per_model_process": sorted(rss.values()),
         "load_avg_1min_after": round(load, 1),  # other processes competing for the cores
     }
