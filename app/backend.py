@@ -60,6 +60,8 @@ FAKE_BOXES: tuple[tuple[int, int, int, int], ...] = (
     (550, 500, 800, 760),
     (400, 50, 520, 200),
 )
+#: The fake model's confidence in each of `FAKE_BOXES` (so score filters have something to do).
+FAKE_SCORES: tuple[float, ...] = (0.92, 0.81, 0.47)
 FAKE_RETRIEVED: tuple[dict[str, Any], ...] = (
     {"text": "Dense residential area with small buildings with metal roofs.", "score": 0.71},
     {"text": "Unpaved roads between closely spaced houses.", "score": 0.64},
@@ -107,7 +109,7 @@ class FakeSession:
             yield word
         self.turns.append((question, text))
         del self.turns[:-8]  # bounded history
-        self.last = Answer(text=text, boxes=ground(text, self.chip),
+        self.last = Answer(text=text, boxes=ground(text, self.chip, scores=FAKE_SCORES),
                            retrieved=[dict(r) for r in FAKE_RETRIEVED],
                            timing={"total_s": time.perf_counter() - t0}, prompt=prompt)
 
@@ -133,12 +135,16 @@ class FakeBackend:
 class EngineBackend:
     """The real model through `rsvlm.engine.ChatEngine`."""
 
-    def __init__(self, loaded: Any, decode: str | None = "auto") -> None:
+    def __init__(self, loaded: Any, decode: str | None = "auto", *,
+                 semantic_context: bool = True, osm: Callable[[Any], list[str]] | None = None
+                 ) -> None:
         from rsvlm.engine import ChatEngine
 
         self.loaded = loaded
         # Bounded answers on CPU; the first start with new weights exports the CPU decoder.
-        self.engine = ChatEngine(loaded, max_new_tokens=160, decode_backend=decode)
+        # ``osm(chip)``: OSM lines a pretrained model's prompt gets as context.
+        self.engine = ChatEngine(loaded, max_new_tokens=160, decode_backend=decode,
+                                 semantic_context=semantic_context, osm=osm)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -152,14 +158,18 @@ class EngineBackend:
     def load(cls, model: str | None = None, *, device: str | None = None,
              quantize: bool | None = None,
              progress: Callable[[str], None] | None = None,
-             decode: str | None = "auto") -> EngineBackend:
+             decode: str | None = "auto", adapter: str | None = None,
+             allow_untrained: bool = False, semantic_context: bool = True,
+             osm: Callable[[Any], list[str]] | None = None) -> EngineBackend:
         from rsvlm.loading import load
 
-        loaded = load(model, device=device, quantize=quantize, progress=progress)
-        if progress is not None and loaded.info.get("device") == "cpu":
+        loaded = load(model, device=device, quantize=quantize, progress=progress,
+                      adapter=adapter, allow_untrained=allow_untrained, retriever="embedded")
+        if progress is not None and loaded.info.get("device") == "cpu" \
+                and not loaded.info.get("pretrained"):
             progress("Preparing the decoder (the first start with new weights exports it "
                      "to ONNX Runtime, about 30 s) ...")
-        return cls(loaded, decode=decode)
+        return cls(loaded, decode=decode, semantic_context=semantic_context, osm=osm)
 
 
 class LoadingBackend:

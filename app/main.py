@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--files-dir", default=None,
                    help="where session folders (uploads, exports) live (default: a private "
                         "folder in the system temp dir); emptied by age at start-up")
+    p.add_argument("--adapter", default=None,
+                   help="LoRA adapter folder for a pretrained --model (rsvlm-train fit --base)")
+    p.add_argument("--allow-untrained", action="store_true",
+                   help="allow a preset whose connector is untrained (large): answers are noise")
+    p.add_argument("--no-semantic-context", action="store_true",
+                   help="ablation: keep retrieved descriptions and OSM tags out of the prompt")
     p.add_argument("--fake-model", action="store_true",
                    help="canned answers instead of a model (UI testing, load tests)")
     p.add_argument("--log-level", default="INFO")
@@ -73,8 +79,26 @@ def make_backend(args: argparse.Namespace) -> Backend:
     quantize = {"4bit": True, "none": False}.get(args.quantize)
     return LoadingBackend(lambda progress: EngineBackend.load(
         args.model, device=args.device, quantize=quantize, progress=progress,
-        decode=args.decode),
+        decode=args.decode, adapter=getattr(args, "adapter", None),
+        allow_untrained=getattr(args, "allow_untrained", False),
+        semantic_context=not getattr(args, "no_semantic_context", False),
+        osm=_region_osm(args)),
         name=args.model or "default")
+
+
+def _region_osm(args: argparse.Namespace):
+    """``osm(chip)`` lines of the region's OSM features (a pretrained model's prompt context)."""
+    if not args.region:
+        return None
+    try:
+        region = Region.load(args.region)
+    except Exception:  # the app still starts; the region loader reports the problem itself
+        return None
+    if region.osm is None:
+        return None
+    from rsvlm.backends.semantics import osm_context
+
+    return osm_context(region.osm)
 
 
 def build_context(args: argparse.Namespace, backend: Backend) -> AppContext:
@@ -96,14 +120,18 @@ def build_context(args: argparse.Namespace, backend: Backend) -> AppContext:
 
 def launch(ctx: AppContext, *, host: str, port: int, auth: dict[str, str] | None,
            concurrency: int, max_upload_mb: float, prevent_thread_lock: bool = False):
+    import threading
+
     from starlette.middleware import Middleware
 
     from app.guards import quiet_gradio_input_errors
     from app.layout import CSS, build_demo
-    from app.map_html import BRIDGE_JS
+    from app.map_html import BRIDGE_JS, warm_up
     from app.serving import OwnedFiles
 
     quiet_gradio_input_errors()
+    # leafmap takes seconds to import: build the map page while the server starts.
+    threading.Thread(target=warm_up, args=(ctx.online,), name="map-warm-up", daemon=True).start()
     demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=max(1, concurrency), max_size=256)
     # Session folders are never in allowed_paths: Gradio serves only its own cache copies of

@@ -3,7 +3,7 @@
     rsvlm ask IMAGE "question" [--bbox W,S,E,N] [--region-box x1,y1,x2,y2] [--model PRESET|DIR] [--json]
     rsvlm scan RASTERS "find all X" --out detections.geojson [--engine local|ray] [--chip-size 512]
     rsvlm weights            # convert the embedded preset's offline weights into the cache
-    rsvlm which              # which model would run here, and why
+    rsvlm which [--gpu-memory-gb N] [--offline]   # which model would run (here), and why
 """
 
 from __future__ import annotations
@@ -59,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_scan_arguments(scan)
 
     for command in (ask, scan):
+        command.add_argument("--adapter", default=None,
+                             help="LoRA adapter folder for a pretrained --model (rsvlm-train fit --base)")
+        command.add_argument("--allow-untrained", action="store_true",
+                             help="load a preset whose connector is untrained (large): answers are noise")
+        command.add_argument("--no-context", action="store_true",
+                             help="ablation: leave retrieved descriptions and OSM features out of the prompt")
+        command.add_argument("--retriever", choices=["embedded", "none"], default="embedded",
+                             help="for a pretrained --model: whose retrieved descriptions go into "
+                             "the prompt (default: the embedded model's retriever)")
+        command.add_argument("--osm", default=None,
+                             help="OSM features (GeoJSON/GPKG) whose tags of each chip go into a "
+                             "pretrained model's prompt")
+        command.add_argument("--quantize", choices=["4bit", "none"], default=None,
+                             help="4-bit NF4 (default on CUDA for pretrained models) or none")
         command.add_argument(
             "--decode",
             choices=["auto", *MODES],
@@ -68,14 +82,43 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     sub.add_parser("weights", help="convert the embedded preset's offline weights into the cache")
-    sub.add_parser("which", help="say which model runs by default here, and why")
+    which = sub.add_parser("which", help="say which model runs by default here, and why")
+    which.add_argument("--gpu-memory-gb", type=float, default=None,
+                       help="explain the choice for a machine with a CUDA GPU of this much memory")
+    which.add_argument("--offline", action="store_true",
+                       help="as if the Hugging Face hub were unreachable")
     return parser
+
+
+def _load(args: argparse.Namespace):
+    from rsvlm.loading import load
+
+    quantize = None if args.quantize is None else args.quantize == "4bit"
+    return load(args.model, quantize=quantize, adapter=args.adapter,
+                allow_untrained=args.allow_untrained,
+                retriever=None if args.retriever == "none" else args.retriever)
+
+
+def _osm(args: argparse.Namespace):
+    if not args.osm:
+        return None
+    from rsvlm.backends.semantics import osm_context
+
+    return osm_context(args.osm)
+
+
+def _which(args: argparse.Namespace) -> int:
+    from rsvlm.backends.choice import explain
+    from rsvlm.presets import _cuda_memory_gb
+
+    memory = args.gpu_memory_gb if args.gpu_memory_gb is not None else _cuda_memory_gb()
+    print(explain(cuda_memory_gb=memory, offline=True if args.offline else None))
+    return 0
 
 
 def _ask(args: argparse.Namespace) -> int:
     import tiles
     from rsvlm.engine import ChatEngine
-    from rsvlm.loading import load
 
     with tiles.open_source(args.image) as source:
         if not source.georeferenced:
@@ -83,10 +126,11 @@ def _ask(args: argparse.Namespace) -> int:
         if args.bbox is not None and not source.georeferenced:
             raise tiles.ImageryError(f"--bbox needs a georeferenced image; {args.image} has none.")
         chip = source.chip(args.bbox, crs=args.crs, size=args.size)
-    loaded = load(args.model)
+    loaded = _load(args)
     logger.info("model: %s", loaded.info.get("summary", loaded.info))
     session = ChatEngine(
-        loaded, max_new_tokens=args.max_new_tokens, decode_backend=args.decode
+        loaded, max_new_tokens=args.max_new_tokens, decode_backend=args.decode,
+        semantic_context=not args.no_context, osm=_osm(args),
     ).session(chip)
     stream = session.ask(args.question, region_box_px=args.region_box)
     if args.json:
@@ -106,7 +150,8 @@ def _ask(args: argparse.Namespace) -> int:
         for box in session.last.boxes:
             where = box.to_dict()["geometry"]["coordinates"][0][:4] if box.geometry else \
                 "pixel space"
-            print(f"  [{box.name}] px={tuple(round(v) for v in box.box_px)} {where}")
+            score = "" if box.score is None else f" score={box.score:.2f}"
+            print(f"  [{box.name}]{score} px={tuple(round(v) for v in box.box_px)} {where}")
     return 0
 
 
@@ -117,7 +162,10 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from tiles.cli_args import attach_values
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(attach_values(argv, ("--bbox", "--region-box")))
     logging.basicConfig(
         level=logging.INFO if args.verbose or args.command == "weights" else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -134,11 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name}: {path}")
             return 0
         if args.command == "which":
-            from rsvlm.presets import default_preset_choice
-
-            name, why = default_preset_choice()
-            print(f"{name}: {why}")
-            return 0
+            return _which(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line for the user; the traceback with -v

@@ -86,7 +86,18 @@ class ChatEngine:
             this model, i.e. fp32 on the CPU, else PyTorch), ``torch``, ``onnx`` or ``onnx-int8``:
             who runs the decode steps and follow-up prompts. The engine picks a
             `rsvlm.decoding.DecodeStrategy` for it once and hooks it around every ``generate()``.
+        semantic_context: False switches the retrieved descriptions off (the ablation).
+
+    A pretrained family's model (`rsvlm.backends.loader.load_pretrained`) gets a
+    `rsvlm.backends.engine.PretrainedEngine` instead: same seams, that family's prompts and boxes.
     """
+
+    def __new__(cls, loaded: Any = None, *args: Any, **kwargs: Any) -> ChatEngine:
+        if cls is ChatEngine and getattr(loaded, "family", None) is not None:
+            from rsvlm.backends.engine import PretrainedEngine
+
+            return super().__new__(PretrainedEngine)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -96,6 +107,8 @@ class ChatEngine:
         max_new_tokens: int = 256,
         generation: dict[str, Any] | None = None,
         decode_backend: str | None = "auto",
+        semantic_context: bool = True,
+        osm: Any = None,
     ) -> None:
         self.model = loaded.model
         self.processor = loaded.processor
@@ -109,7 +122,8 @@ class ChatEngine:
             "suppress_tokens": [self.processor.image_token_id],
             **(generation or {}),
         }
-        self.use_retrieval = self.database is not None and len(self.database) > 0
+        self.use_retrieval = (semantic_context and self.database is not None
+                              and len(self.database) > 0)
         # Boxes in answers are placed by the model's box head when it has one (`rsvlm.box_head`).
         self.use_box_head = getattr(self.model, "box_head", None) is not None
         # The model is shared and its expert routing state lives on its modules: one
@@ -236,7 +250,9 @@ class ChatSession:
                 yield piece
             t_end = time.perf_counter()
             text = "".join(pieces).strip()
+            self._placed_scores = None
             placed = self._place_boxes(text, question)
+            scores = self._placed_scores if placed != text else None
             if placed != text:
                 # The cache holds the coordinates the LM wrote; the conversation now holds the
                 # head's, so the next turn encodes it afresh.
@@ -246,7 +262,7 @@ class ChatSession:
             first = streamer.first_token_at
             self.last = Answer(
                 text=text,
-                boxes=self.ground(text),
+                boxes=self.ground(text, scores),
                 retrieved=list(self.retrieved or []),
                 timing={
                     "first_token_s": round((first or t_end) - t0, 4),
@@ -300,15 +316,17 @@ class ChatSession:
             out.sequences[0, -1]) in _eos_ids(engine)
         engine.caches.touch(self)
 
-    def ground(self, text: str) -> list[AnswerBox]:
-        """Boxes in ``text`` on this session's chip (`rsvlm.answer.ground`)."""
-        return ground(text, self.chip, (self.chip_width, self.chip_height))
+    def ground(self, text: str, scores: list[float] | None = None) -> list[AnswerBox]:
+        """Boxes in ``text`` on this session's chip (`rsvlm.answer.ground`); ``scores[i]`` is
+        the box head's confidence of the i-th box of ``text`` when it placed them."""
+        return ground(text, self.chip, (self.chip_width, self.chip_height), scores=scores)
 
     def _place_boxes(self, text: str, question: str) -> str:
         """The LM's boxes replaced by the box head's: one box when the LM wrote one for a
         referring question, else every object the head finds, under the LM's first label. A
         question that asks for every instance gets all the head finds even when the LM wrote one
-        box: a small LM undercounts, and the head's scores say how many there are."""
+        box: a small LM undercounts, and the head's scores say how many there are. The head's score
+        of each placed box is left in ``_placed_scores`` (the answer's boxes carry them)."""
         engine = self.engine
         if not engine.use_box_head:
             return text
@@ -330,6 +348,7 @@ class ChatSession:
         found = select_boxes(logits[0], boxes[0], single=single,
                              threshold=model.config.box_head_threshold)
         label = next((b.label for b in written if b.label), None)
+        self._placed_scores = [float(score) for score, _ in found]
         return replace_boxes(text, [(label, [v * SCALE for v in box]) for _, box in found],
                              image_size=size).strip()
 
@@ -403,6 +422,7 @@ class ChatSession:
         return kwargs, prompt_text, int(inputs["input_ids"].shape[1])
 
     _first_query: str = ""
+    _placed_scores: list[float] | None = None
 
 
 class _SuppressTokens(LogitsProcessor):

@@ -24,6 +24,18 @@ def _add_region_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _lonlat_bbox(text: str) -> tuple[float, float, float, float]:
+    from tiles.sources.base import check_bbox
+
+    parts = [p for p in text.replace(" ", ",").split(",") if p]
+    try:
+        if len(parts) != 4:
+            raise ValueError(f"expected 4 numbers, got {len(parts)}")
+        return tuple(check_bbox([float(p) for p in parts]))  # type: ignore[return-value]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--bbox is W,S,E,N in lon/lat: {exc}") from exc
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsvlm-train", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -35,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--image-folder", action="append", default=[], metavar="DIR",
                    help="scene classification folder in ImageFolder layout")
     b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--bbox", type=_lonlat_bbox, default=None, metavar="W,S,E,N",
+                   help="only chips that overlap this lon/lat area (default: whole regions)")
     _add_region_args(b)
     b.add_argument("--val-fraction", type=float, default=None, help="held-out share (0.1)")
     b.add_argument("--block-chips", type=int, default=None,
@@ -76,15 +90,29 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default=None)
     pr.add_argument("--seed", type=int, default=0)
 
-    f = sub.add_parser("fit", help="curriculum training from a YAML/JSON config")
-    f.add_argument("--config", required=True)
+    f = sub.add_parser("fit", help="curriculum training from a YAML/JSON config, or (--base) a "
+                       "LoRA/QLoRA adapter on a pretrained backend")
+    f.add_argument("--config", default=None, help="curriculum config (the rsvlm family)")
+    f.add_argument("--base", default=None,
+                   help="pretrained backend to adapt: hub id, folder or preset (qwen2.5-vl-7b ...)")
+    f.add_argument("--data", default=None, help="with --base: a build-data folder")
+    f.add_argument("--out", default=None, help="with --base: the adapter folder to write")
+    f.add_argument("--qlora", action="store_true", help="with --base: train over the NF4 model")
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--grad-accum", type=int, default=4)
+    f.add_argument("--lora-r", type=int, default=16)
+    f.add_argument("--limit", type=int, default=None, help="with --base: at most N examples")
+    f.add_argument("--device", default=None, help="with --base: cpu to force the CPU")
     f.add_argument("--resume", default=None, help="checkpoint folder, 'latest', or 'auto' (latest if any, else start)")
     f.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from tiles.cli_args import attach_values
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(attach_values(argv, ("--bbox",)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -119,7 +147,7 @@ def _build_data(args: argparse.Namespace) -> int:
         rewrite = LLMRewriter(args.rewrite_model)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     config = BuildConfig(seed=args.seed, tasks=tasks, balance=not args.no_balance,
-                         augment=args.augment,
+                         augment=args.augment, bbox_lonlat=args.bbox,
                          rewrite=rewrite)
     result = build_dataset(args.out, regions, args.image_folder, config,
                            folder_val_fraction=args.val_fraction or 0.1,
@@ -152,6 +180,21 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    if args.base:
+        from training.fit_pretrained import PretrainedFitConfig, fit_pretrained
+
+        if not args.data or not args.out:
+            raise ValueError("fit --base needs --data (a build-data folder) and --out")
+        cfg = PretrainedFitConfig(base=args.base, data=args.data, output_dir=args.out,
+                                  qlora=args.qlora, max_steps=args.max_steps or 200, lr=args.lr,
+                                  grad_accum=args.grad_accum, lora_r=args.lora_r,
+                                  lora_alpha=2 * args.lora_r, limit=args.limit, device=args.device)
+        out = fit_pretrained(cfg)
+        print(json.dumps({"adapter": str(out), "load_with": f"--model {args.base} --adapter {out}"},
+                         indent=2))
+        return 0
+    if not args.config:
+        raise ValueError("fit needs --config (curriculum) or --base (adapter on a pretrained model)")
     from training.fit import fit_from_config
 
     result = fit_from_config(args.config, resume=args.resume, max_steps=args.max_steps)

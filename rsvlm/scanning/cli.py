@@ -59,7 +59,17 @@ def run_scan(args: argparse.Namespace) -> int:
     if args.fake_model is not None:
         answerer: Any = FakeAnswerer(delay_s=args.fake_model)
     else:
-        answerer = ModelAnswerer(args.model, args.decode, args.max_new_tokens)
+        answerer = ModelAnswerer(
+            args.model,
+            args.decode,
+            args.max_new_tokens,
+            quantize=None if args.quantize is None else args.quantize == "4bit",
+            adapter=args.adapter,
+            allow_untrained=args.allow_untrained,
+            retriever=None if args.retriever == "none" else args.retriever,
+            context=not args.no_context,
+            osm=args.osm,
+        )
     summary = scan_rasters(
         args.raster,
         args.question,

@@ -20,23 +20,40 @@ class ModelAnswerer:
     """A model preset or directory (`rsvlm.loading.load`) answering batches of chips.
 
     ``device`` None lets `load` choose (CUDA when the process sees a GPU: a Ray actor with
-    ``num_gpus=1`` sees exactly one).
+    ``num_gpus=1`` sees exactly one). The other fields are `rsvlm ask`'s options for pretrained
+    backends (``quantize`` None: 4-bit on CUDA as the preset says; ``context`` False: the
+    ablation without retrieved/OSM text; ``osm``: a GeoJSON/GPKG path read in the worker).
     """
 
     model: str | None = None
     decode: str = "auto"
     max_new_tokens: int = 256
     device: str | None = None
+    quantize: bool | None = None
+    adapter: str | None = None
+    allow_untrained: bool = False
+    retriever: str | None = "embedded"
+    context: bool = True
+    osm: str | None = None
 
     def __call__(self) -> AnswerFn:
         from rsvlm import loading
         from rsvlm.engine import ChatEngine
         from rsvlm.scan import engine_answer_fn
 
-        loaded = loading.load(self.model, device=self.device)
+        loaded = loading.load(
+            self.model, device=self.device, quantize=self.quantize, adapter=self.adapter,
+            allow_untrained=self.allow_untrained, retriever=self.retriever,
+        )  # fmt: skip
+        osm = None
+        if self.osm:
+            from rsvlm.backends.semantics import osm_context
+
+            osm = osm_context(self.osm)
         engine = ChatEngine(
-            loaded, max_new_tokens=self.max_new_tokens, decode_backend=self.decode
-        )
+            loaded, max_new_tokens=self.max_new_tokens, decode_backend=self.decode,
+            semantic_context=self.context, osm=osm,
+        )  # fmt: skip
         return engine_answer_fn(engine, max_new_tokens=self.max_new_tokens)
 
     def describe(self) -> str:
