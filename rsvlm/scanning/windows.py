@@ -149,17 +149,11 @@ class WindowAnswerer:
         }
 
     def _chip(self, batch: Batch, i: int) -> Any:
-        from affine import Affine
-
         from tiles import Chip
 
         crs, name = self.rasters[int(batch["raster"][i])]
-        return Chip(
-            pixels=np.ascontiguousarray(batch["pixels"][i], dtype=np.uint8),
-            crs=crs,
-            transform=Affine(*batch["transform"][i]),
-            source=name,
-        )
+        pixels = np.ascontiguousarray(batch["pixels"][i], dtype=np.uint8)
+        return Chip.from_coefficients(pixels, crs, batch["transform"][i], source=name)
 
     def _boxes(self, batch: Batch, i: int, chip: Any, text: str) -> str:
         import shapely

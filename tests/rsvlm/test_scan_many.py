@@ -18,7 +18,7 @@ import pytest
 from rsvlm.scan import ScanError
 from rsvlm.scanning import FakeAnswerer, RasterRef, SourceListError, list_rasters, scan_rasters
 from rsvlm.scanning.plan import Grid, list_windows, outer_flags, plan_rasters
-from rsvlm.testing import ObjectsAnswerer, write_tile_grid
+from rsvlm.testing import ObjectsAnswerer
 
 UTM = "EPSG:32636"
 X0, Y0 = 455_000.0, 40_000.0  # top-left corner of tile t_0_0; tiles are 400 x 300 m
@@ -55,7 +55,7 @@ def _scan(inputs, out: Path, **kw):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_folder_list_file_glob_and_one_raster(tmp_path: Path) -> None:
+def test_folder_list_file_glob_and_one_raster(tmp_path: Path, write_tile_grid) -> None:
     tiles = write_tile_grid(tmp_path / "set" / "sub", 1, 2, 64, 64)
     (tmp_path / "set" / "notes.md").write_text("not a raster")
     folder = list_rasters(tmp_path / "set")
@@ -79,7 +79,7 @@ def test_folder_list_file_glob_and_one_raster(tmp_path: Path) -> None:
         list_rasters(listing)
 
 
-def test_stac_itemcollection_and_catalog_with_an_asset_key(tmp_path: Path) -> None:
+def test_stac_itemcollection_and_catalog_with_an_asset_key(tmp_path: Path, write_tile_grid) -> None:
     import pystac
 
     tiles = write_tile_grid(tmp_path / "cogs", 1, 2, 64, 64)
@@ -116,7 +116,7 @@ def test_stac_itemcollection_and_catalog_with_an_asset_key(tmp_path: Path) -> No
 # ----------------------------------------------------------------------------------------------
 
 
-def test_areas_metric_crs_and_seams(tmp_path: Path) -> None:
+def test_areas_metric_crs_and_seams(tmp_path: Path, write_tile_grid) -> None:
     write_tile_grid(tmp_path / "city", 2, 2)
     write_tile_grid(tmp_path / "far", 1, 1, 200, 200, crs="EPSG:4326", origin=(-70.1, -33.4),
                     pixel=1e-5)  # fmt: skip
@@ -144,7 +144,7 @@ def test_areas_metric_crs_and_seams(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_objects_across_raster_edges_are_merged_once(tmp_path: Path) -> None:
+def test_objects_across_raster_edges_are_merged_once(tmp_path: Path, write_tile_grid) -> None:
     write_tile_grid(tmp_path / "city", 2, 2)
     summary = _scan(tmp_path / "city", tmp_path / "out.geojson", batch_size=5)
     assert summary["complete"] and summary["windows"]["read"] == 4 * 12
@@ -162,7 +162,7 @@ def test_objects_across_raster_edges_are_merged_once(tmp_path: Path) -> None:
     assert set(found.question) == {"find all buildings"}
 
 
-def test_one_raster_gives_what_rsvlm_scan_gives(tmp_path: Path) -> None:
+def test_one_raster_gives_what_rsvlm_scan_gives(tmp_path: Path, write_tile_grid) -> None:
     import tiles
     from rsvlm.scan import scan
 
@@ -182,7 +182,7 @@ def test_one_raster_gives_what_rsvlm_scan_gives(tmp_path: Path) -> None:
     assert np.allclose([w[2] for w in want], [h[2] for h in have], atol=1e-3)
 
 
-def test_unreadable_rasters_are_reported_and_skipped(tmp_path: Path) -> None:
+def test_unreadable_rasters_are_reported_and_skipped(tmp_path: Path, write_tile_grid) -> None:
     from PIL import Image
 
     from rsvlm import cli
@@ -207,8 +207,7 @@ def test_unreadable_rasters_are_reported_and_skipped(tmp_path: Path) -> None:
 
 
 def test_windows_that_cannot_be_read_fail_alone_and_the_next_run_retries_them(
-    tmp_path: Path,
-) -> None:
+    tmp_path: Path, write_tile_grid) -> None:
     write_tile_grid(tmp_path / "set", 1, 2)
     damaged = tmp_path / "set" / "t_0_1.tif"
     with open(damaged, "r+b") as fh:  # the header survives, the lower half of the pixels not
@@ -223,7 +222,7 @@ def test_windows_that_cannot_be_read_fail_alone_and_the_next_run_retries_them(
     assert second["windows"]["read"] == 0 and second["windows"]["failed"] == failed
 
 
-def test_outputs_and_partitioned_geoparquet(tmp_path: Path) -> None:
+def test_outputs_and_partitioned_geoparquet(tmp_path: Path, write_tile_grid) -> None:
     import geopandas as gpd
     import pyarrow.parquet as pq
 
@@ -252,7 +251,7 @@ def test_outputs_and_partitioned_geoparquet(tmp_path: Path) -> None:
         _scan(tmp_path / "city", tmp_path / "d.csv")
 
 
-def test_cancelled_run_resumes_without_reading_a_finished_window_again(tmp_path: Path) -> None:
+def test_cancelled_run_resumes_without_reading_a_finished_window_again(tmp_path: Path, write_tile_grid) -> None:
     write_tile_grid(tmp_path / "city", 2, 2)
     calls = tmp_path / "calls.txt"
     cancel = threading.Event()
@@ -311,7 +310,7 @@ def _locked(folder: Path):
     return hold()
 
 
-def test_killed_cli_scan_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+def test_killed_cli_scan_resumes_to_the_uninterrupted_result(tmp_path: Path, write_tile_grid) -> None:
     """SIGKILL (no clean-up at all) in the middle of a CLI scan, then the same command again."""
     write_tile_grid(tmp_path / "city", 2, 2)
     out, run_dir = tmp_path / "k.geojson", tmp_path / "k.geojson.scan"

@@ -18,7 +18,7 @@ import pytest
 
 from rsvlm.scanning import scan_rasters
 from rsvlm.scanning.ray_engine import RayOptions, actor_resources
-from rsvlm.testing import KillOnce, ObjectsAnswerer, TinyModelAnswerer, write_tile_grid
+from rsvlm.testing import KillOnce, ObjectsAnswerer, TinyModelAnswerer
 
 ray = pytest.importorskip("ray")
 
@@ -48,7 +48,7 @@ def ray_session():
 
 
 @pytest.fixture(scope="module")
-def city(tmp_path_factory) -> Path:
+def city(tmp_path_factory, write_tile_grid) -> Path:
     folder = tmp_path_factory.mktemp("city")
     write_tile_grid(folder, 2, 2)
     (folder / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 50)
@@ -140,7 +140,7 @@ def test_killed_ray_driver_resumes_to_the_uninterrupted_result(ray_session, city
     assert _features(out) == _features(tmp_path / "u.geojson")
 
 
-def test_tiny_model_answers_the_same_on_both_engines(ray_session, tmp_path) -> None:
+def test_tiny_model_answers_the_same_on_both_engines(ray_session, tmp_path, write_tile_grid) -> None:
     folder = tmp_path / "small"
     write_tile_grid(folder, 1, 2, 160, 120)
     said = {name: tmp_path / f"{name}.txt" for name in ("local", "ray")}
