@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.backend import Answer, Backend, BackendNotReady, Session
-from app.html_safe import esc, markdown_text, table
+from app.html_safe import markdown_text, table
 from app.map_html import ImageLayer, MapSpec, map_iframe, overlay_layer, render_map
-from app.region import Region, features_geojson, tag_counts
+from app.osm_panel import AreaOSM, features_for, fetch_area, map_layer, panel_html
+from app.region import Region, features_geojson
 
 if TYPE_CHECKING:
     from tiles import Chip, Detection
@@ -57,6 +58,7 @@ class AppContext:
     tile_provider: str = TILE_PROVIDER
     region_layer: ImageLayer | None = None
     region_osm: dict[str, Any] | None = None
+    osm: Any = None  # training.osm_source.OSMSource for imagery outside the region, or None
 
     def __post_init__(self) -> None:
         self.export_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,7 @@ class SessionState:
     upload_path: str = ""
     upload_layer: ImageLayer | None = None
     upload_georeferenced: bool = False
+    osm_area: AreaOSM | None = None  # OSM features of the upload / fetched tile's area
     view_bbox: Bounds | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     detections: list[Detection] = field(default_factory=list)
@@ -142,7 +145,8 @@ def _map(ctx: AppContext, state: SessionState, fit: Bounds | None = None) -> str
     images = [layer for layer in (ctx.region_layer, state.upload_layer) if layer is not None]
     dets = to_feature_collection(state.detections) if state.detections else None
     chip_bounds = state.chip.bounds_lonlat if state.chip is not None else None
-    spec = MapSpec(images=images, osm=ctx.region_osm, detections=dets, chip_bounds=chip_bounds,
+    spec = MapSpec(images=images, osm=map_layer(ctx.region_osm, state.osm_area),
+                   detections=dets, chip_bounds=chip_bounds,
                    fit_bounds=fit or chip_bounds, online=ctx.online)
     return map_iframe(render_map(spec))
 
@@ -155,11 +159,10 @@ def _semantics(ctx: AppContext, state: SessionState) -> str:
                           if state.last_answer is None else
                           "nothing: this model has no semantic database"))]
     bounds = state.chip.bounds_lonlat if state.chip is not None else None
-    feats = ctx.region.osm_in(bounds) if ctx.region is not None else None
-    n = 0 if feats is None else len(feats)
+    feats, source, note = features_for(ctx.region, state.osm_area, bounds)
     where = "this chip" if bounds else "no georeferenced chip"
-    parts += [f"<h4>OSM features in {esc(where)}: {n}</h4>",
-              table(["tag", "value", "count"], tag_counts(feats), empty="no OSM features here")]
+    attribution = state.osm_area.attribution if state.osm_area is not None else ""
+    parts.append(panel_html(feats, where, source, note, attribution))
     return "\n".join(parts)
 
 
@@ -291,6 +294,7 @@ def on_map_click(ctx: AppContext, state: SessionState, payload: str, allow_netwo
     state.last_boxes, state.last_answer = [], None
     state.upload_layer = overlay_layer(overlay_from_chip(chip), "Fetched tile")
     state.upload_georeferenced, state.upload_path = False, ""
+    state.osm_area = fetch_area(ctx.osm, chip.bounds_lonlat)
     return _full_update(ctx, state)
 
 
@@ -320,6 +324,7 @@ def upload(ctx: AppContext, state: SessionState, path: str | None) -> UIUpdate:
         return UIUpdate(notice=f"{Path(path).name} could not be read as imagery "
                                f"({type(exc).__name__}).")
     state.upload_path, state.upload_layer, state.upload_georeferenced = path, layer, georef
+    state.osm_area = fetch_area(ctx.osm, layer.bounds_lonlat if layer is not None else None)
     state.chip, state.chip_source, state.session = chip, path, None
     state.last_boxes, state.last_answer = [], None
     note = None if georef else (f"{Path(path).name} has no georeference: answers are in pixel "

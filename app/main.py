@@ -29,6 +29,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="who runs decode steps on the CPU (default: ONNX Runtime where it can)")
     p.add_argument("--region", default=str(DEMO_REGION),
                    help="folder with one imagery file and its OSM GeoJSON/GPKG")
+    p.add_argument("--osm", default=None, metavar="auto|FILE|none",
+                   help="OSM features for imagery outside the region (uploads, fetched tiles): "
+                        "'auto' asks Overpass (answers cached on disk), FILE is a local "
+                        ".osm.pbf extract or vector file, 'none' shows none (default: auto when "
+                        "online, none with --offline)")
+    p.add_argument("--overpass-url", default=None, metavar="URL",
+                   help="Overpass interpreter URL for --osm auto (default $RSVLM_OVERPASS_URL "
+                        "or overpass-api.de)")
     p.add_argument("--auth", default=None, metavar="USER:PASS",
                    help="require this login (Gradio auth)")
     p.add_argument("--max-upload-mb", type=float, default=50.0)
@@ -67,8 +75,26 @@ def build_context(args: argparse.Namespace, backend: Backend) -> AppContext:
     export_dir = Path(tempfile.gettempdir()) / "rsvlm-app-exports"
     online = False if args.offline else network_reachable()
     log.info("basemaps: %s", "online (xyzservices)" if online else "offline (local imagery only)")
+    osm = make_osm_source(args, online)
     return AppContext(backend=backend, region=region, export_dir=export_dir,
-                      chip_size=args.chip_size, max_upload_mb=args.max_upload_mb, online=online)
+                      chip_size=args.chip_size, max_upload_mb=args.max_upload_mb, online=online,
+                      osm=osm)
+
+
+def make_osm_source(args: argparse.Namespace, online: bool):
+    """The OSM source for imagery outside the region (`training.osm_source`), or None."""
+    from training.osm_source import open_osm
+
+    choice = getattr(args, "osm", None)
+    if choice is None:
+        choice = "auto" if online else "none"
+    try:
+        # Bounded: an upload waits for its area's features at most this long.
+        osm = open_osm(choice, endpoint=getattr(args, "overpass_url", None), timeout_s=20.0)
+    except RuntimeError as exc:  # OSMError: a missing file or a bad URL
+        raise ValueError(str(exc)) from exc
+    log.info("OSM features outside the region: %s", osm.description if osm else "none")
+    return osm
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
