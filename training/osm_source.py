@@ -401,6 +401,9 @@ class OverpassSource:
                                        "for a smaller area or use a local extract")
                     if time.monotonic() > deadline:
                         raise OSMError(f"{where} took longer than {self.timeout_s:g} s. {offline}")
+        except requests.Timeout as exc:
+            raise OSMError(f"{where} did not answer within {self.timeout_s:g} s. {offline}"
+                           ) from exc
         except requests.RequestException as exc:
             raise OSMError(f"cannot reach {where} ({type(exc).__name__}). {offline}") from exc
         head = bytes(body[:4096]).decode("utf-8", "replace")
