@@ -231,10 +231,12 @@ def new_map(bounds: Bounds | None = None, **kwargs: Any) -> Any:
 
 def _escaped(frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     """Text columns HTML-escaped: folium builds tooltips and popups as HTML."""
+    from pandas.api.types import is_object_dtype, is_string_dtype
+
     out = frame.copy()
     for col in out.columns:
-        if col != out.geometry.name and out[col].dtype == object:
-            out[col] = out[col].map(lambda v: html.escape(str(v)) if v is not None else v)
+        if col != out.geometry.name and (is_string_dtype(out[col]) or is_object_dtype(out[col])):
+            out[col] = out[col].map(lambda v: html.escape(str(v)) if isinstance(v, str) else v)
     return out
 
 

@@ -1,0 +1,132 @@
+"""rsvlm.notebook: the analyst's Jupyter API, with a stand-in engine (fast) and, end to end,
+docs/notebook.ipynb executed with nbclient on the embedded model (offline)."""
+
+from __future__ import annotations
+
+import html
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from rsvlm import notebook as nb
+
+ROOT = Path(__file__).resolve().parents[2]
+KAMPALA = ROOT / "assets" / "demo" / "kampala" / "oam_rgb_epsg3857.tif"
+AREA = (32.5937, 0.3502, 32.5947, 0.3512)
+XSS = "<img src=x onerror=alert(1)>"
+
+
+class StubSession:
+    """Answers like `rsvlm.engine.ChatSession`: streamed text, then ``last`` with boxes whose
+    geometry comes from the chip (as the engine grounds them)."""
+
+    def __init__(self, chip, boxes):
+        self.chip, self.boxes, self.last = chip, boxes, None
+
+    def ask(self, question, region_box_px=None):
+        yield "stub "
+        boxes = []
+        for label, box, score in self.boxes:
+            geom = self.chip.box_to_polygon(box)
+            from shapely.geometry import mapping
+
+            boxes.append(SimpleNamespace(label=label, box_px=box, score=score,
+                                         geometry=None if geom is None else mapping(geom)))
+        self.last = SimpleNamespace(text="stub answer", boxes=boxes, timing={}, prompt="",
+                                    retrieved=[{"text": "dense residential", "score": 0.7}])
+
+
+class StubEngine:
+    info = {"preset": "stub"}
+
+    def __init__(self, boxes):
+        self.boxes = boxes
+
+    def session(self, chip):
+        return StubSession(chip, self.boxes)
+
+
+BOXES = [("building", (10.0, 20.0, 110.0, 140.0), 0.9), ("building", (200, 220, 260, 300), None),
+         (XSS, (300, 300, 400, 400), 0.4)]
+
+
+def test_ask_gives_a_geodataframe_in_lonlat() -> None:
+    ai = nb.Assistant(StubEngine(BOXES))
+    result = ai.ask(KAMPALA, "Find all buildings.", bbox=AREA)
+    det = result.detections
+    assert det.crs.to_epsg() == 4326
+    assert list(det.columns) == ["label", "score", "question", "source", "geometry"]
+    assert list(det["label"]) == ["building", "building", XSS]
+    assert det["score"].tolist()[0] == 0.9 and np.isnan(det["score"].tolist()[1])
+    assert (det["question"] == "Find all buildings.").all()
+    w, s, e, n = det.total_bounds
+    assert AREA[0] <= w < e <= AREA[2] and AREA[1] <= s < n <= AREA[3]
+    assert result.summary == f"Found 2 buildings, 1 {XSS}."
+    assert result.retrieved == [("dense residential", 0.7)]
+    assert "3 detection(s) on the map" in result._repr_markdown_()
+    assert XSS not in result._repr_markdown_()
+    assert "detections=3" in repr(result) and len(repr(result)) < 300
+
+
+def test_show_is_a_leafmap_map_with_escaped_labels() -> None:
+    import leafmap.foliumap
+
+    result = nb.Assistant(StubEngine(BOXES)).ask(KAMPALA, "Find all buildings.", bbox=AREA)
+    m = result.show()
+    assert isinstance(m, leafmap.foliumap.Map)
+    page = m.get_root().render()
+    assert "data:image/png;base64," in page  # the imagery of the area
+    # folium's tooltips set innerHTML from the properties: the label arrives as text.
+    data = page.replace("\\u0026", "&").replace("\\u003c", "<").replace("\\u003e", ">")
+    assert html.escape(XSS) in data and XSS not in data
+    again = nb.show(result.detections, m=m, layer_name="again")
+    assert again is m
+
+
+def test_folium_fallback_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    import folium
+
+    monkeypatch.setitem(sys.modules, "leafmap.foliumap", None)  # import fails
+    monkeypatch.setattr(nb, "_warned_folium", False)
+    with pytest.warns(UserWarning, match="leafmap is not installed"):
+        m = nb.new_map((32.59, 0.35, 32.6, 0.36))
+    assert type(m) is folium.Map
+
+
+def test_pixel_space_image_and_bad_input(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tiles import ImageryError
+
+    png = tmp_path / "photo.png"
+    Image.fromarray(np.full((300, 400, 3), 120, np.uint8)).save(png)
+    result = nb.Assistant(StubEngine(BOXES)).ask(png, "Find all buildings.")
+    assert len(result.detections) == 0 and len(result.boxes_px) == 3
+    assert "no georeference" in result.note
+    with pytest.raises(ValueError, match="empty"):
+        nb.Assistant(StubEngine(BOXES)).ask(png, "  ")
+    with pytest.raises(ImageryError):
+        nb.open_area(tmp_path / "missing.tif")
+
+
+def test_the_docs_notebook_runs_offline_on_the_embedded_model() -> None:
+    """docs/notebook.ipynb, executed as an analyst would (a kernel, cell by cell)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    book = nbformat.read(ROOT / "docs" / "notebook.ipynb", as_version=4)
+    client = nbclient.NotebookClient(book, timeout=240, kernel_name="python3",
+                                     resources={"metadata": {"path": str(ROOT / "docs")}})
+    client.execute()  # raises CellExecutionError on any failing cell
+    outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
+    texts = [o.get("data", {}) for o in outputs if o.output_type == "execute_result"]
+    assert any("embedded on cpu" in d.get("text/plain", "") for d in texts)
+    answer = next(d["text/markdown"] for d in texts if "text/markdown" in d)
+    assert "Find all buildings" in answer and "Found" in answer and "on the map" in answer
+    assert any("label" in d.get("text/plain", "") and "geometry" in d.get("text/plain", "")
+               for d in texts)
+    maps = [d["text/html"] for d in texts if "leaflet" in d.get("text/html", "").lower()]
+    assert maps, "result.show() displayed no map"
