@@ -240,11 +240,45 @@ def _escaped(frame: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     return out
 
 
+def make_offline(m: Any) -> Any:
+    """Point every script and stylesheet of ``m`` and its layers at folium-offline's copies
+    (as ``data:`` URLs), so the map shows in a notebook with no network. Assets without an
+    offline copy keep their CDN link. Returns ``m``."""
+    import base64
+
+    try:
+        # folium-offline keeps its copies in one table keyed by the CDN URL folium links to.
+        from offlinefolium.elements import _res as offline_copies
+    except ImportError:  # pragma: no cover - a dependency of the package
+        log.warning("folium-offline is not installed: the map loads Leaflet from the network")
+        return m
+
+    def data_url(url: str, kind: str) -> str:
+        text = offline_copies.get(url)
+        if text is None:
+            return url
+        return f"data:{kind};base64," + base64.b64encode(text.encode()).decode("ascii")
+
+    stack = [m]
+    while stack:
+        element = stack.pop()
+        stack.extend(getattr(element, "_children", {}).values())
+        if getattr(element, "default_js", None):
+            element.default_js = [(n, data_url(u, "text/javascript"))
+                                  for n, u in element.default_js]
+        if getattr(element, "default_css", None):
+            element.default_css = [(n, data_url(u, "text/css")) for n, u in element.default_css]
+    return m
+
+
 def show(detections: gpd.GeoDataFrame | Result, m: Any = None, *, chip: Chip | None = None,
-         layer_name: str = "detections", color: str = "#ff3b30", **map_kwargs: Any) -> Any:
+         layer_name: str = "detections", color: str = "#ff3b30", offline: bool = True,
+         **map_kwargs: Any) -> Any:
     """Detections (and the chip's imagery, when given) on a leafmap map; returns the map.
 
-    ``m`` adds the layers to an existing leafmap/folium map instead of a new one.
+    ``m`` adds the layers to an existing leafmap/folium map instead of a new one. ``offline``
+    inlines Leaflet and the other assets (`make_offline`); basemap tiles still need the network,
+    the imagery of the area does not.
     """
     import folium
 
@@ -274,4 +308,4 @@ def show(detections: gpd.GeoDataFrame | Result, m: Any = None, *, chip: Chip | N
             tooltip=folium.GeoJsonTooltip(fields=fields),
         ).add_to(m)
     folium.LayerControl().add_to(m)
-    return m
+    return make_offline(m) if offline else m

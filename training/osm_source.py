@@ -289,8 +289,8 @@ def overpass_query(bounds: tuple[float, float, float, float], keys: tuple[str, .
 def snap(bounds: tuple[float, float, float, float], grid: float) -> tuple[float, ...]:
     """``bounds`` grown outwards to multiples of ``grid`` degrees."""
     w, s, e, n = bounds
-    out = (math.floor(w / grid) * grid, math.floor(s / grid) * grid,
-           math.ceil(e / grid) * grid, math.ceil(n / grid) * grid)
+    out = (max(-180.0, math.floor(w / grid) * grid), max(-90.0, math.floor(s / grid) * grid),
+           min(180.0, math.ceil(e / grid) * grid), min(90.0, math.ceil(n / grid) * grid))
     return tuple(round(v, 6) for v in out)
 
 

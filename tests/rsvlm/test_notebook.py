@@ -82,8 +82,14 @@ def test_show_is_a_leafmap_map_with_escaped_labels() -> None:
     # folium's tooltips set innerHTML from the properties: the label arrives as text.
     data = page.replace("\\u0026", "&").replace("\\u003c", "<").replace("\\u003e", ">")
     assert html.escape(XSS) in data and XSS not in data
+    import re
+
+    assert not re.findall(r'<(?:script|link)[^>]*(?:src|href)="https?://', page)  # offline
+    assert len(re.findall(r'<script src="data:text/javascript;base64,', page)) >= 3
     again = nb.show(result.detections, m=m, layer_name="again")
     assert again is m
+    online = nb.show(result, offline=False).get_root().render()
+    assert 'src="https://cdn.jsdelivr.net/npm/leaflet@' in online
 
 
 def test_folium_fallback_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,3 +136,34 @@ def test_the_docs_notebook_runs_offline_on_the_embedded_model() -> None:
                for d in texts)
     maps = [d["text/html"] for d in texts if "leaflet" in d.get("text/html", "").lower()]
     assert maps, "result.show() displayed no map"
+
+
+@pytest.mark.browser
+def test_the_notebook_map_draws_with_the_network_off(tmp_path: Path) -> None:
+    """In headless Chromium with every http(s) request refused: Leaflet runs, the imagery and
+    the three boxes are drawn."""
+    import re
+    import shutil
+
+    if not Path("/usr/bin/chromium").exists() and shutil.which("chromium") is None:
+        pytest.skip("no Chromium at /usr/bin/chromium: run `make chromium`")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    result = nb.Assistant(StubEngine(BOXES)).ask(KAMPALA, "Find all buildings.", bbox=AREA)
+    page_file = tmp_path / "map.html"
+    page_file.write_text(result.show().get_root().render())
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium")
+                                    or "/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.route(re.compile(r"^https?://"), lambda route: route.abort())
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(page_file.as_uri())
+            page.wait_for_function("document.querySelectorAll('path.leaflet-interactive')"
+                                   ".length === 3", timeout=10000)
+            assert page.evaluate("typeof L") == "object"
+            assert page.evaluate("document.querySelectorAll('img.leaflet-image-layer').length") == 1
+            assert not errors, errors
+        finally:
+            browser.close()
