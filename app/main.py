@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode", choices=["auto", "torch", "onnx", "onnx-int8"], default="auto",
                    help="who runs decode steps on the CPU (default: ONNX Runtime where it can)")
     p.add_argument("--region", default=str(DEMO_REGION),
-                   help="folder with one imagery file and its OSM GeoJSON/GPKG")
+                   help="folder with one imagery file and its OSM GeoJSON/GPKG or .osm.pbf extract")
     p.add_argument("--osm", default=None, metavar="auto|FILE|none",
                    help="OSM features for imagery outside the region (uploads, fetched tiles): "
                         "'auto' asks Overpass (answers cached on disk), FILE is a local "

@@ -309,18 +309,21 @@ class OverpassSource:
         min_interval_s: the least time between two requests from this process.
         grid_deg: areas are snapped outwards to this grid, so nearby questions share an answer.
         max_area_km2: larger areas are refused (use a local extract for those).
+        max_bytes: the largest answer accepted; max_cache_bytes: the cache's size, oldest out.
     """
 
     def __init__(self, endpoint: str | None = None, *, cache_dir: str | os.PathLike[str] | None
                  = None, timeout_s: float = 30.0, min_interval_s: float = 2.0,
                  grid_deg: float = 0.002, max_area_km2: float = 25.0,
-                 max_bytes: int = 64 * 2**20, keys: tuple[str, ...] = FEATURE_KEYS) -> None:
+                 max_bytes: int = 64 * 2**20, max_cache_bytes: int = 512 * 2**20,
+                 keys: tuple[str, ...] = FEATURE_KEYS) -> None:
         self.endpoint = endpoint or os.environ.get(OVERPASS_URL_ENV) or DEFAULT_OVERPASS_URL
         if not re.match(r"https?://", self.endpoint):
             raise OSMError(f"the Overpass endpoint must be an http(s) URL, got {self.endpoint!r}")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.timeout_s, self.min_interval_s = float(timeout_s), float(min_interval_s)
         self.grid_deg, self.max_area_km2, self.max_bytes = grid_deg, max_area_km2, max_bytes
+        self.max_cache_bytes = max_cache_bytes
         self.keys = keys
         self.description = f"Overpass API at {self.endpoint}"
         self.attribution = ATTRIBUTION
@@ -352,17 +355,20 @@ class OverpassSource:
                 raise OSMError(f"the area is {size:.0f} km²; Overpass is asked for at most "
                                f"{self.max_area_km2:g} km² at a time: use a local extract "
                                "(--osm FILE.osm.pbf) for larger areas")
-            path = self._fetch(area)
+            path = self._fetch(area, bounds)
         else:
             log.info("OSM features from the cache: %s", path.name)
         return _clip(read_osm_xml(path), bounds)
 
-    def _fetch(self, area: tuple[float, ...]) -> Path:
+    def _fetch(self, area: tuple[float, ...], bounds: tuple[float, float, float, float]) -> Path:
         import requests
 
         query = overpass_query(area, self.keys, timeout_s=max(1, int(self.timeout_s)),
                                maxsize=self.max_bytes)
         with _REQUEST_LOCK:
+            cached = self.cached_area(bounds)  # fetched meanwhile by another session
+            if cached is not None:
+                return cached
             wait = _LAST_REQUEST.get(self.endpoint, 0.0) + self.min_interval_s - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
@@ -377,7 +383,19 @@ class OverpassSource:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(body)
         os.replace(tmp, path)  # readers never see half an answer
+        self._prune(keep=path)
         return path
+
+    def _prune(self, keep: Path) -> None:
+        """Oldest answers go once the cache holds more than ``max_cache_bytes``."""
+        files = sorted(self.cache_dir.glob("*.osm"), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for old in files:
+            if total <= self.max_cache_bytes:
+                break
+            if old != keep:
+                total -= old.stat().st_size
+                old.unlink(missing_ok=True)
 
     def _post(self, requests: Any, query: str) -> bytes:
         where = f"Overpass at {self.endpoint}"

@@ -108,3 +108,23 @@ def test_app_osm_option(tmp_path: Path, helsinki_pbf: Path) -> None:
     assert isinstance(ctx.osm, PbfSource)
     with pytest.raises(ValueError, match="OSM file not found"):
         make_osm_source(parse_args(["--osm", str(tmp_path / "nope.osm.pbf")]), online=True)
+
+
+def test_a_region_folder_with_an_extract(tmp_path: Path, helsinki_pbf: Path,
+                                         helsinki_raster: Path) -> None:
+    from app.region import Region
+
+    folder = tmp_path / "kamppi"
+    folder.mkdir()
+    (folder / "scene_rgb.tif").symlink_to(helsinki_raster)
+    (folder / "helsinki.osm.pbf").symlink_to(helsinki_pbf)
+    region = Region.load(folder)
+    assert region.osm is not None and len(region.osm) > 50
+    assert "OpenStreetMap contributors" in region.attribution
+    ctx = AppContext(backend=FakeBackend(), region=region, export_dir=tmp_path / "e")
+    _, update = h.start_session(ctx)
+    assert _osm_rows(update.semantics_html) > 50
+    (folder / "helsinki.osm.pbf").unlink()
+    (folder / "broken.osm.pbf").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="broken.osm.pbf"):
+        Region.load(folder)

@@ -108,6 +108,15 @@ def test_requests_are_spaced(overpass_server, tmp_path: Path) -> None:
     assert start2 - end1 >= 0.5
 
 
+def test_the_cache_stays_bounded(overpass_server, tmp_path: Path) -> None:
+    size = len(overpass_server.answer)
+    src = _overpass(overpass_server, tmp_path, max_cache_bytes=int(size * 1.5))
+    src.features(CHIP)
+    src.features((24.9500, 60.1700, 24.9510, 60.1710))
+    cached = list((tmp_path / "cache").glob("*.osm"))
+    assert len(cached) == 1 and "24.950000" in cached[0].name  # the newest answer stays
+
+
 def test_large_areas_and_bad_input_are_refused(tmp_path: Path) -> None:
     src = OverpassSource("http://127.0.0.1:9/api/interpreter", cache_dir=tmp_path)
     with pytest.raises(OSMError, match="km².*local extract"):
