@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.backend import Answer, Backend, BackendNotReady, Session
-from app.html_safe import markdown_text, table
+from app.html_safe import esc, markdown_text, table  # noqa: F401 - app.layout uses h.esc
 from app.map_html import ImageLayer, MapSpec, map_iframe, overlay_layer, render_map
 from app.osm_panel import AreaOSM, features_for, fetch_area, map_layer, panel_html
 from app.region import Region, features_geojson
