@@ -138,16 +138,25 @@ class Assistant:
         return open_area(image, bbox, size=size, allow_network=allow_network)
 
     def ask(self, image: str | Path | Any, question: str, *, bbox: Sequence[float] | None = None,
-            size: int = 512) -> Result:
-        """Ask one question about ``image`` (a chip from `open`, or a path and ``bbox``)."""
+            region: Sequence[float] | None = None, size: int = 512) -> Result:
+        """Ask one question about ``image`` (a chip from `open`, or a path and ``bbox``).
+
+        ``region`` is a lon/lat box ``(W, S, E, N)`` inside the area that the question is about
+        (as a rectangle drawn in the app): the model still sees the whole area.
+        """
         from tiles import Detection
 
         question = str(question or "").strip()
         if not question:
             raise ValueError("The question is empty.")
         chip = open_area(image, bbox, size=size)
+        region_px = None
+        if region is not None:
+            if not chip.georeferenced:
+                raise ValueError("region= needs a georeferenced image (lon/lat box)")
+            region_px = chip.bbox_lonlat_to_box_px(*(float(v) for v in region))
         session = self.engine.session(chip)
-        for _ in session.ask(question):
+        for _ in session.ask(question, region_box_px=region_px):
             pass
         answer = session.last
         source = Path(str(getattr(chip, "source", "") or "")).name

@@ -27,6 +27,7 @@ class StubSession:
         self.chip, self.boxes, self.last = chip, boxes, None
 
     def ask(self, question, region_box_px=None):
+        self.region_box_px = region_box_px
         yield "stub "
         boxes = []
         for label, box, score in self.boxes:
@@ -69,6 +70,18 @@ def test_ask_gives_a_geodataframe_in_lonlat() -> None:
     assert "3 detection(s) on the map" in result._repr_markdown_()
     assert XSS not in result._repr_markdown_()
     assert "detections=3" in repr(result) and len(repr(result)) < 300
+
+
+def test_a_region_inside_the_area_reaches_the_model_in_chip_pixels() -> None:
+    engine = StubEngine([])
+    sessions = []
+    engine.session = lambda chip: sessions.append(StubSession(chip, [])) or sessions[-1]
+    w, s, e, n = AREA
+    half = (w, (s + n) / 2, (w + e) / 2, n)  # the top-left quarter
+    nb.Assistant(engine).ask(KAMPALA, "What is here?", bbox=AREA, region=half)
+    x1, y1, x2, y2 = sessions[0].region_box_px
+    assert x1 == pytest.approx(0, abs=1) and y1 == pytest.approx(0, abs=1)
+    assert x2 == pytest.approx(256, abs=2) and y2 == pytest.approx(256, abs=2)
 
 
 def test_show_is_a_leafmap_map_with_escaped_labels() -> None:
