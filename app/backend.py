@@ -1,9 +1,11 @@
 """The one seam between the app and a model: a `Backend` that opens chat sessions on a chip.
 
 The UI never touches model code. It talks to a `Backend` (``info``, ``new_session(chip)``) whose
-sessions stream answer text and then expose the grounded result as `Answer`. Three backends:
+sessions stream answer text and then expose the grounded result as `rsvlm.answer.Answer` (the
+one result type; its boxes carry shapely geometries in EPSG:4326). Three backends:
 
-- `EngineBackend`: the real model (`rsvlm.loading.load` + `rsvlm.engine.ChatEngine`).
+- `EngineBackend`: the real model (`rsvlm.loading.load` + `rsvlm.engine.ChatEngine`); its
+  sessions are the engine's `ChatSession`s, unchanged.
 - `FakeBackend`: deterministic canned answers in the canonical box grammar, so tests, the load
   script and ``rsvlm-app --fake-model`` exercise parse -> pixels -> chip transform -> map for real.
 - `LoadingBackend`: loads another backend in a thread, so the page comes up at once and shows
@@ -17,32 +19,14 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from rsvlm.answer import Answer, ground
 
 if TYPE_CHECKING:
     from tiles import Chip
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AnswerBox:
-    """One grounded object: chip pixels, and its polygon in EPSG:4326 when the chip has one."""
-
-    label: str
-    box_px: tuple[float, float, float, float]
-    geometry: Any = None  # shapely geometry in EPSG:4326, or None in pixel space
-    angle: float | None = None
-
-
-@dataclass
-class Answer:
-    text: str
-    boxes: list[AnswerBox] = field(default_factory=list)
-    retrieved: list[tuple[str, float]] = field(default_factory=list)
-    timing: dict[str, float] = field(default_factory=dict)
-    prompt: str = ""
 
 
 @runtime_checkable
@@ -68,51 +52,6 @@ class BackendNotReady(RuntimeError):
     """The model is still loading (or failed to load); the message says which."""
 
 
-# --- grounding shared by the fake backend ------------------------------------------------------
-
-_CANONICAL = re.compile(r"<ref>(?P<label>.*?)</ref>\s*<box>\[(?P<nums>[^\]]*)\]</box>", re.S)
-
-
-def parse_answer_boxes(text: str, chip: Chip) -> list[AnswerBox]:
-    """Boxes in ``text`` -> chip pixels -> EPSG:4326 polygons through the chip's transform.
-
-    Uses `rsvlm.boxes.parse_boxes` (every grammar the model family knows) when importable; the
-    fallback reads only the canonical ``<ref>label</ref><box>[x1,y1,x2,y2]</box>`` (0-1000).
-    """
-    out: list[AnswerBox] = []
-    try:
-        from rsvlm.boxes import parse_boxes
-    except ImportError:  # rsvlm.boxes not there yet: canonical grammar only
-        parse_boxes = None
-    if parse_boxes is not None:
-        for pb in parse_boxes(text, image_size=(chip.width, chip.height)):
-            x1, y1, x2, y2 = (float(v) for v in pb.to_pixels(chip.width, chip.height)[:4])
-            out.append(_box(chip, pb.label or "object", (x1, y1, x2, y2), pb.angle))
-        return out
-    for m in _CANONICAL.finditer(text):
-        try:
-            nums = [float(v) for v in m.group("nums").split(",")]
-        except ValueError:
-            continue
-        if len(nums) not in (4, 5):
-            continue
-        x1, y1, x2, y2 = (nums[0] * chip.width / 1000, nums[1] * chip.height / 1000,
-                          nums[2] * chip.width / 1000, nums[3] * chip.height / 1000)
-        out.append(_box(chip, m.group("label").strip() or "object", (x1, y1, x2, y2),
-                        nums[4] if len(nums) == 5 else None))
-    return out
-
-
-def _box(chip: Chip, label: str, box: tuple[float, float, float, float], angle: float | None
-         ) -> AnswerBox:
-    if angle:
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        geom = chip.obb_to_polygon(cx, cy, box[2] - box[0], box[3] - box[1], angle)
-    else:
-        geom = chip.box_to_polygon(box)
-    return AnswerBox(label=label, box_px=box, geometry=geom, angle=angle)
-
-
 # --- fake backend ------------------------------------------------------------------------------
 
 #: Fixed boxes (0-1000 of the chip) the fake model "finds"; tests derive positions from these.
@@ -121,10 +60,10 @@ FAKE_BOXES: tuple[tuple[int, int, int, int], ...] = (
     (550, 500, 800, 760),
     (400, 50, 520, 200),
 )
-FAKE_RETRIEVED: tuple[tuple[str, float], ...] = (
-    ("Dense residential area with small buildings with metal roofs.", 0.71),
-    ("Unpaved roads between closely spaced houses.", 0.64),
-    ("A few trees and bare soil between buildings.", 0.52),
+FAKE_RETRIEVED: tuple[dict[str, Any], ...] = (
+    {"text": "Dense residential area with small buildings with metal roofs.", "score": 0.71},
+    {"text": "Unpaved roads between closely spaced houses.", "score": 0.64},
+    {"text": "A few trees and bare soil between buildings.", "score": 0.52},
 )
 _CLASS_WORDS = re.compile(r"(?:find|count|detect|locate|where are|how many)\s+(?:all\s+|the\s+)?"
                           r"(?P<cls>[\w\- ]+?)s?\b(?:\?|$| in | on )", re.I)
@@ -158,7 +97,7 @@ class FakeSession:
         t0 = time.perf_counter()
         region = "" if region_box_px is None else f" region={list(region_box_px)}"
         prompt = (f"<image> [{self.chip.width}x{self.chip.height} chip]{region}\n"
-                  f"Retrieved: {' | '.join(t for t, _ in FAKE_RETRIEVED)}\n"
+                  f"Retrieved: {' | '.join(r['text'] for r in FAKE_RETRIEVED)}\n"
                   + "".join(f"USER: {q}\nASSISTANT: {a}\n" for q, a in self.turns[-4:])
                   + f"USER: {question}\nASSISTANT:")
         text = self._reply(question)
@@ -168,8 +107,8 @@ class FakeSession:
             yield word
         self.turns.append((question, text))
         del self.turns[:-8]  # bounded history
-        self.last = Answer(text=text, boxes=parse_answer_boxes(text, self.chip),
-                           retrieved=list(FAKE_RETRIEVED),
+        self.last = Answer(text=text, boxes=ground(text, self.chip),
+                           retrieved=[dict(r) for r in FAKE_RETRIEVED],
                            timing={"total_s": time.perf_counter() - t0}, prompt=prompt)
 
 
@@ -191,40 +130,6 @@ class FakeBackend:
 
 # --- the real engine ---------------------------------------------------------------------------
 
-class EngineSession:
-    """Adapts `rsvlm.engine.ChatSession` to `Session`: GeoJSON geometries -> shapely, retrieval
-    hits -> (text, score) pairs."""
-
-    def __init__(self, inner: Any, chip: Chip) -> None:
-        self.inner = inner
-        self.chip = chip
-        self.last: Answer | None = None
-
-    def ask(self, question: str, region_box_px: Sequence[float] | None = None) -> Iterator[str]:
-        from shapely.geometry import shape
-        from shapely.geometry.base import BaseGeometry
-
-        box = None if region_box_px is None else tuple(float(v) for v in region_box_px)
-        yield from self.inner.ask(question, region_box_px=box)
-        a = self.inner.last
-        boxes = []
-        for b in a.boxes or []:
-            geom = b.geometry
-            if geom is not None and not isinstance(geom, BaseGeometry):
-                geom = shape(geom)
-            boxes.append(AnswerBox(label=str(b.label or "object"),
-                                   box_px=tuple(float(v) for v in b.box_px[:4]),
-                                   geometry=geom, angle=getattr(b, "angle", None)))
-        retrieved = []
-        for hit in a.retrieved or []:
-            if isinstance(hit, dict):
-                retrieved.append((str(hit.get("text", "")), float(hit.get("score", 0.0))))
-            else:
-                retrieved.append((str(getattr(hit, "text", hit)), float(getattr(hit, "score", 0))))
-        self.last = Answer(text=a.text, boxes=boxes, retrieved=retrieved,
-                           timing=dict(a.timing or {}), prompt=str(a.prompt or ""))
-
-
 class EngineBackend:
     """The real model through `rsvlm.engine.ChatEngine`."""
 
@@ -240,8 +145,8 @@ class EngineBackend:
         return {**dict(self.loaded.info), "decode": self.engine.info.get("decode"),
                 "state": "ready"}
 
-    def new_session(self, chip: Chip) -> EngineSession:
-        return EngineSession(self.engine.session(chip), chip)
+    def new_session(self, chip: Chip) -> Session:
+        return self.engine.session(chip)
 
     @classmethod
     def load(cls, model: str | None = None, *, device: str | None = None,

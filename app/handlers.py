@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.backend import Answer, Backend, BackendNotReady, Session
+from app.backend import Backend, BackendNotReady, Session
 from app.html_safe import esc, markdown_text, table  # noqa: F401 - app.layout uses h.esc
 from app.map_html import ImageLayer, MapSpec, map_iframe, overlay_layer, render_map
 from app.osm_panel import AreaOSM, features_for, fetch_area, map_layer, panel_html
 from app.region import Region, features_geojson
 
 if TYPE_CHECKING:
+    from rsvlm.answer import Answer
     from tiles import Chip, Detection
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class UserError(ValueError):
 
 def parse_bbox(text: str) -> Bounds:
     """``"W,S,E,N"`` (lon/lat) -> bounds; `UserError` with the reason otherwise."""
-    from tiles.sources.base import check_bbox
+    from tiles import check_bbox
 
     parts = [p for p in str(text).replace(";", ",").replace(" ", ",").split(",") if p]
     if len(parts) != 4:
@@ -154,7 +155,7 @@ def _map(ctx: AppContext, state: SessionState, fit: Bounds | None = None) -> str
 def _semantics(ctx: AppContext, state: SessionState) -> str:
     retrieved = state.last_answer.retrieved if state.last_answer is not None else []
     parts = ["<h4>Retrieved descriptions</h4>",
-             table(["description", "score"], [(t, f"{s:.3f}") for t, s in retrieved],
+             table(["description", "score"], [(r["text"], f"{r['score']:.3f}") for r in retrieved],
                    empty=("ask a question to see what the model retrieved"
                           if state.last_answer is None else
                           "nothing: this model has no semantic database"))]
@@ -256,7 +257,7 @@ def use_view(ctx: AppContext, state: SessionState, payload: str) -> UIUpdate:
         return UIUpdate(notice="The map has not reported its view yet; pan or zoom it once.")
     if ctx.region is not None and ctx.region.bounds_lonlat is not None:
         # Clamp to local imagery so "the view" of a zoomed-out map still means that imagery.
-        from tiles.sources.base import intersects
+        from tiles import intersects
 
         rb = ctx.region.bounds_lonlat
         if intersects(bbox, rb):
@@ -288,7 +289,7 @@ def on_map_click(ctx: AppContext, state: SessionState, payload: str, allow_netwo
                             size=ctx.chip_size)
     except (ImageryError, OSError) as exc:
         return UIUpdate(notice=f"Could not fetch the tile: {exc}")
-    from tiles.overlay import overlay_from_chip
+    from tiles import overlay_from_chip
 
     state.chip, state.chip_source, state.session = chip, ctx.tile_provider, None
     state.last_boxes, state.last_answer = [], None
@@ -390,9 +391,9 @@ def ask(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdat
     state.last_boxes = []
     for b in answer.boxes:
         x1, y1, x2, y2 = (round(v) for v in b.box_px)
-        state.last_boxes.append(((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)), b.label))
+        state.last_boxes.append(((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)), b.name))
         if b.geometry is not None:
-            state.detections.append(Detection(label=b.label, geometry=b.geometry,
+            state.detections.append(Detection(label=b.name, geometry=b.geometry,
                                               source=state.chip_source, question=question))
     del state.detections[:-ctx.max_detections]
     n_geo = sum(b.geometry is not None for b in answer.boxes)
@@ -476,7 +477,7 @@ def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str
         raise RuntimeError("the model returned no answer")
     from tiles import Detection
 
-    dets = [Detection(label=b.label, geometry=b.geometry, source=Path(source).name,
+    dets = [Detection(label=b.name, geometry=b.geometry, source=Path(source).name,
                       question=question) for b in answer.boxes if b.geometry is not None]
     fc = to_feature_collection(dets)
     # Pixel-space boxes have no place on Earth: null geometry, and the box in pixels of the
@@ -486,7 +487,7 @@ def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str
             (x1, x2), (y1, y2) = chip.pixel_to_crs(np.array(b.box_px[0::2]),
                                                    np.array(b.box_px[1::2]))
             fc["features"].append({"type": "Feature", "geometry": None, "properties": {
-                "label": b.label, "box_px": [round(float(v), 2) for v in (x1, y1, x2, y2)],
+                "label": b.name, "box_px": [round(float(v), 2) for v in (x1, y1, x2, y2)],
                 "question": question}})
     return answer.text, json.dumps(fc)
 

@@ -14,6 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from rsvlm.decoding import MODES
+
 logger = logging.getLogger("rsvlm")
 
 
@@ -66,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (ask, scan):
         command.add_argument(
             "--decode",
-            choices=["auto", "torch", "onnx", "onnx-int8"],  # rsvlm.onnx_decode.MODES + auto
+            choices=["auto", *MODES],
             default="auto",
             help="who runs decode steps on the CPU (default: ONNX Runtime where it can, see "
-            "rsvlm.onnx_decode; onnx-int8 is faster and slightly less faithful)",
+            "rsvlm.decoding; onnx-int8 is faster and slightly less faithful)",
         )
 
     sub.add_parser("weights", help="convert the embedded preset's offline weights into the cache")
@@ -109,8 +111,9 @@ def _ask(args: argparse.Namespace) -> int:
         if session.last.text != streamed.strip():  # the box head moved the LM's boxes
             print(f"with the box head's boxes: {session.last.text}")
         for box in session.last.boxes:
-            where = box.geometry["coordinates"][0][:4] if box.geometry else "pixel space"
-            print(f"  [{box.label or 'object'}] px={tuple(round(v) for v in box.box_px)} {where}")
+            where = box.to_dict()["geometry"]["coordinates"][0][:4] if box.geometry else \
+                "pixel space"
+            print(f"  [{box.name}] px={tuple(round(v) for v in box.box_px)} {where}")
     return 0
 
 

@@ -160,10 +160,18 @@ class RSVLMConfig(PretrainedConfig):
         # The LM's own tying decides; the composite only mirrors it (as Llava does).
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
-        self._check()
+        self.check_consistency()
 
     # ------------------------------------------------------------------ validation
-    def _check(self) -> None:
+    def check_consistency(self) -> None:
+        """Raise `ValueError` where the parts disagree; call it again after replacing a
+        sub-config (as `RSVLMForConditionalGeneration.from_parts` does)."""
+        self._check_parts()
+        self._check_connector()
+        self._check_experts_and_heads()
+        self._check_image_tokens()
+
+    def _check_parts(self) -> None:
         vc, tc = self.vision_config, self.text_config
         for name in ("hidden_size", "patch_size", "num_hidden_layers"):
             if getattr(vc, name, None) is None:
@@ -187,6 +195,9 @@ class RSVLMConfig(PretrainedConfig):
                     f"{n_hidden} hidden states of a {vc.num_hidden_layers}-layer vision encoder "
                     f"(valid: {-n_hidden}..{n_hidden - 1})."
                 )
+
+    def _check_connector(self) -> None:
+        vc, tc = self.vision_config, self.text_config
         if self.connector_type not in CONNECTOR_TYPES:
             raise ValueError(
                 f"RSVLMConfig: unknown connector_type {self.connector_type!r}; "
@@ -237,6 +248,9 @@ class RSVLMConfig(PretrainedConfig):
                 )
         if self.prompter_num_tokens <= 0:
             raise ValueError("RSVLMConfig: prompter_num_tokens must be positive.")
+
+    def _check_experts_and_heads(self) -> None:
+        vc, tc = self.vision_config, self.text_config
         if self.experts_every_k_layers <= 0 or self.experts_rank <= 0:
             raise ValueError(
                 "RSVLMConfig: experts_every_k_layers and experts_rank must be positive."
@@ -268,6 +282,9 @@ class RSVLMConfig(PretrainedConfig):
                     f"RSVLMConfig: the box head needs a square patch grid; {vc.model_type} has a "
                     "variable one."
                 )
+
+    def _check_image_tokens(self) -> None:
+        vc, tc = self.vision_config, self.text_config
         if self.image_token_id is not None and not 0 <= self.image_token_id < tc.vocab_size:
             raise ValueError(
                 f"RSVLMConfig: image_token_id {self.image_token_id} is outside the language "

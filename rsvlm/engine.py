@@ -25,7 +25,6 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,50 +38,16 @@ from transformers import (
 )
 
 from rsvlm import prompting
+from rsvlm.answer import Answer, AnswerBox, ground
 from rsvlm.box_head import select_boxes
 from rsvlm.boxes import SCALE, format_region_box, parse_boxes, replace_boxes
-from rsvlm.onnx_decode import attached, decoder_for
+from rsvlm.decoding import DecodeStrategy, choose
 
 logger = logging.getLogger(__name__)
 
 # "Find all buildings", "locate every pool", "each ...": a question for every instance, whatever
 # count the language model wrote ("the largest of all" is still one object).
 _ASKS_FOR_EVERY = re.compile(r"(?<!\bof )\b(?:all|every|each)\b", re.IGNORECASE)
-
-
-@dataclass
-class AnswerBox:
-    """A grounded object: chip pixels and, for a georeferenced chip, a GeoJSON geometry."""
-
-    label: str | None
-    box_px: tuple[float, float, float, float]
-    angle: float | None = None
-    geometry: dict[str, Any] | None = None  # GeoJSON geometry in EPSG:4326
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "box_px": [round(v, 2) for v in self.box_px],
-            "angle": self.angle,
-            "geometry": self.geometry,
-        }
-
-
-@dataclass
-class Answer:
-    text: str
-    boxes: list[AnswerBox] = field(default_factory=list)
-    retrieved: list[dict[str, Any]] = field(default_factory=list)  # {"text", "score", ...}
-    timing: dict[str, float] = field(default_factory=dict)
-    prompt: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "answer": self.text,
-            "boxes": [b.to_dict() for b in self.boxes],
-            "retrieved": self.retrieved,
-            "timing": self.timing,
-        }
 
 
 class _TimedStreamer(TextIteratorStreamer):
@@ -119,7 +84,8 @@ class ChatEngine:
         generation: defaults for ``generate()`` (greedy by default).
         decode_backend: ``auto`` (``$RSVLM_DECODE``, else ``onnx`` where ONNX Runtime can run
             this model, i.e. fp32 on the CPU, else PyTorch), ``torch``, ``onnx`` or ``onnx-int8``:
-            who runs the decode steps and follow-up prompts (`rsvlm.onnx_decode`).
+            who runs the decode steps and follow-up prompts. The engine picks a
+            `rsvlm.decoding.DecodeStrategy` for it once and hooks it around every ``generate()``.
     """
 
     def __init__(
@@ -146,11 +112,12 @@ class ChatEngine:
         self.use_retrieval = self.database is not None and len(self.database) > 0
         # Boxes in answers are placed by the model's box head when it has one (`rsvlm.box_head`).
         self.use_box_head = getattr(self.model, "box_head", None) is not None
-        self._lock = threading.Lock()
-        self._max_cached = max(1, max_cached_sessions)
-        self._cached: OrderedDict[int, weakref.ref[ChatSession]] = OrderedDict()
-        self.decoder = decoder_for(self.model, decode_backend)
-        self.info["decode"] = "torch" if self.decoder is None else self.decoder.mode
+        # The model is shared and its expert routing state lives on its modules: one
+        # generation at a time (chat turns, scan batches).
+        self.generation_lock = threading.Lock()
+        self.caches = SessionCaches(max_cached_sessions)
+        self.decoder: DecodeStrategy = choose(self.model, decode_backend)
+        self.info["decode"] = self.decoder.name
 
     @property
     def device(self) -> torch.device:
@@ -186,19 +153,32 @@ class ChatEngine:
         hits = self.database.search(vec.float().cpu().numpy(), k)[0]
         return [{"text": h.text, "score": round(float(h.score), 4), **(h.metadata or {})} for h in hits]
 
-    # ------------------------------------------------------------------ cache bookkeeping
-    def _touch(self, session: ChatSession) -> None:
+
+class SessionCaches:
+    """Which sessions keep their KV cache: the ``limit`` most recently used (LRU). A session
+    pushed out drops its cache and recomputes its prefix on its next question."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._sessions: OrderedDict[int, weakref.ref[ChatSession]] = OrderedDict()
+
+    def touch(self, session: ChatSession) -> None:
+        """``session`` has just used its cache: keep it; evict the least recently used."""
         key = id(session)
-        self._cached.pop(key, None)
-        self._cached[key] = weakref.ref(session)
-        while len(self._cached) > self._max_cached:
-            _, ref = self._cached.popitem(last=False)
+        self._sessions.pop(key, None)
+        self._sessions[key] = weakref.ref(session)
+        while len(self._sessions) > self.limit:
+            _, ref = self._sessions.popitem(last=False)
             old = ref()
             if old is not None:
-                old._drop_cache()
+                old.drop_cache()
 
-    def _forget(self, session: ChatSession) -> None:
-        self._cached.pop(id(session), None)
+    def forget(self, session: ChatSession) -> None:
+        """``session`` holds no cache any more."""
+        self._sessions.pop(id(session), None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
 
 
 class ChatSession:
@@ -211,7 +191,6 @@ class ChatSession:
         self.turns: list[tuple[str, str]] = []  # (user text incl. region prefix, answer)
         self.retrieved: list[dict[str, Any]] | None = None
         self.last: Answer | None = None
-        self._first_inputs: dict[str, torch.Tensor] = {}
         self._pixels: torch.Tensor | None = None  # the image processor's output, made once
         self._ids: torch.Tensor | None = None  # every token the cache has seen (+ the last one)
         self._cache: DynamicCache | None = None
@@ -226,7 +205,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (keeps the chip and its retrieval)."""
         self.turns.clear()
-        self._drop_cache()
+        self.drop_cache()
         self._ids = None
         self.last = None
 
@@ -246,67 +225,23 @@ class ChatSession:
         if region_box_px is not None:
             region_text = format_region_box(region_box_px, self.chip_width, self.chip_height)
         user_text = prompting.user_turn(question, image_token=None, region_box_text=region_text)
-        with engine._lock:
+        with engine.generation_lock:
             self._cancel.clear()
             t0 = time.perf_counter()
             kwargs, prompt_text, n_uncached = self._inputs_for(user_text, question)
             streamer = _TimedStreamer(engine.processor.tokenizer, timeout=600.0)
-            result: dict[str, Any] = {}
-
-            def run() -> None:
-                try:
-                    with torch.inference_mode(), attached(engine.model, engine.decoder):
-                        result["out"] = engine.model.generate(
-                            **kwargs,
-                            streamer=streamer,
-                            max_new_tokens=max_new_tokens or engine.max_new_tokens,
-                            stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
-                            return_dict_in_generate=True,
-                            pad_token_id=engine.processor.tokenizer.pad_token_id
-                            or engine.processor.tokenizer.eos_token_id,
-                            **engine.generate_kwargs(kwargs["input_ids"].shape[1]),
-                        )
-                except BaseException as exc:  # surfaced in the caller's thread below
-                    result["error"] = exc
-                    streamer.end()
-
-            thread = threading.Thread(target=run, name="rsvlm-generate", daemon=True)
-            thread.start()
             pieces: list[str] = []
-            try:
-                for piece in streamer:
-                    pieces.append(piece)
-                    yield piece
-            finally:
-                if thread.is_alive():  # the consumer went away: stop generating
-                    self._cancel.set()
-                thread.join()
-            if "error" in result:
-                self._drop_cache()  # a half-extended cache must not be reused
-                error = result["error"]
-                from rsvlm.loading import is_cuda_oom
-
-                if is_cuda_oom(error):
-                    torch.cuda.empty_cache()
-                    raise RuntimeError(
-                        "The GPU ran out of memory while answering: ask for fewer new tokens, "
-                        "close other GPU programs, or run the smaller model (--model embedded)."
-                    ) from error
-                raise RuntimeError(f"Generation failed: {error}") from error
-            out = result["out"]
+            for piece in self._stream(kwargs, streamer, max_new_tokens):
+                pieces.append(piece)
+                yield piece
             t_end = time.perf_counter()
-            self._ids = out.sequences
-            self._cache = out.past_key_values
-            eos_ids = _eos_ids(engine)
-            self._ended_with_eos = bool(out.sequences.shape[1]) and int(out.sequences[0, -1]) in eos_ids
-            engine._touch(self)
             text = "".join(pieces).strip()
             placed = self._place_boxes(text, question)
             if placed != text:
                 # The cache holds the coordinates the LM wrote; the conversation now holds the
                 # head's, so the next turn encodes it afresh.
                 text = placed
-                self._drop_cache()
+                self.drop_cache()
             self.turns.append((user_text, text))
             first = streamer.first_token_at
             self.last = Answer(
@@ -322,34 +257,52 @@ class ChatSession:
                 prompt=prompt_text,
             )
 
-    def ground(self, text: str) -> list[AnswerBox]:
-        """Boxes in ``text`` -> chip pixels -> EPSG:4326 geometries (when georeferenced).
+    def _stream(
+        self, kwargs: dict[str, Any], streamer: _TimedStreamer, max_new_tokens: int | None
+    ) -> Iterator[str]:
+        """Run ``generate()`` in a thread (the engine's decode strategy hooked) and yield its
+        text; afterwards the session holds the extended KV cache. Errors come out here."""
+        engine = self.engine
+        result: dict[str, Any] = {}
+        tokenizer = engine.processor.tokenizer
 
-        A box repeated verbatim (same label, coordinates and angle: a small model looping) is
-        kept once; it would otherwise become several identical detections on the map."""
-        boxes = []
-        seen: set[tuple[Any, ...]] = set()
-        for parsed in parse_boxes(text, image_size=(self.chip_width, self.chip_height)):
-            x1, y1, x2, y2 = parsed.to_pixels(self.chip_width, self.chip_height)
-            key = (parsed.label, round(x1, 3), round(y1, 3), round(x2, 3), round(y2, 3),
-                   parsed.angle)
-            if key in seen:
-                continue
-            seen.add(key)
-            geometry = None
-            if getattr(self.chip, "georeferenced", False):
-                if parsed.angle:
-                    poly = self.chip.obb_to_polygon(
-                        (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, parsed.angle
+        def run() -> None:
+            try:
+                with torch.inference_mode(), engine.decoder.hooked(engine.model):
+                    result["out"] = engine.model.generate(
+                        **kwargs,
+                        streamer=streamer,
+                        max_new_tokens=max_new_tokens or engine.max_new_tokens,
+                        stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
+                        return_dict_in_generate=True,
+                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                        **engine.generate_kwargs(kwargs["input_ids"].shape[1]),
                     )
-                else:
-                    poly = self.chip.box_to_polygon((x1, y1, x2, y2))
-                if poly is not None:
-                    from shapely.geometry import mapping
+            except BaseException as exc:  # surfaced in the caller's thread below
+                result["error"] = exc
+                streamer.end()
 
-                    geometry = mapping(poly)
-            boxes.append(AnswerBox(parsed.label, (x1, y1, x2, y2), parsed.angle, geometry))
-        return boxes
+        thread = threading.Thread(target=run, name="rsvlm-generate", daemon=True)
+        thread.start()
+        try:
+            yield from streamer
+        finally:
+            if thread.is_alive():  # the consumer went away: stop generating
+                self._cancel.set()
+            thread.join()
+        if "error" in result:
+            self.drop_cache()  # a half-extended cache must not be reused
+            raise _generation_error(result["error"])
+        out = result["out"]
+        self._ids = out.sequences
+        self._cache = out.past_key_values
+        self._ended_with_eos = bool(out.sequences.shape[1]) and int(
+            out.sequences[0, -1]) in _eos_ids(engine)
+        engine.caches.touch(self)
+
+    def ground(self, text: str) -> list[AnswerBox]:
+        """Boxes in ``text`` on this session's chip (`rsvlm.answer.ground`)."""
+        return ground(text, self.chip, (self.chip_width, self.chip_height))
 
     def _place_boxes(self, text: str, question: str) -> str:
         """The LM's boxes replaced by the box head's: one box when the LM wrote one for a
@@ -396,9 +349,10 @@ class ChatSession:
         return int(getattr(self.chip, "height", None) or self.image.height)
 
     # ------------------------------------------------------------------ internals
-    def _drop_cache(self) -> None:
+    def drop_cache(self) -> None:
+        """Free this session's KV cache; its next question recomputes the conversation."""
         self._cache = None
-        self.engine._forget(self)
+        self.engine.caches.forget(self)
 
     def _inputs_for(self, user_text: str, question: str) -> tuple[dict[str, Any], str, int]:
         """Generation inputs for the next turn, the prompt as text, and the uncached length."""
@@ -442,7 +396,6 @@ class ChatSession:
             semantic_texts=[[r["text"] for r in self.retrieved]],
             queries=[first_question],
         )
-        self._first_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         kwargs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
         if "pixel_values" in kwargs:
             kwargs["pixel_values"] = kwargs["pixel_values"].to(engine.model.dtype)
@@ -471,6 +424,21 @@ class _SuppressTokens(LogitsProcessor):
         if not len(ids):
             return scores
         return scores.index_fill(1, ids, float("-inf"))
+
+
+def _generation_error(error: BaseException) -> RuntimeError:
+    """What the user reads when ``generate()`` failed."""
+    from rsvlm.loading import is_cuda_oom
+
+    if is_cuda_oom(error):
+        torch.cuda.empty_cache()
+        message = ("The GPU ran out of memory while answering: ask for fewer new tokens, close "
+                   "other GPU programs, or run the smaller model (--model embedded).")
+    else:
+        message = f"Generation failed: {error}"
+    exc = RuntimeError(message)
+    exc.__cause__ = error
+    return exc
 
 
 def _eos_ids(engine: ChatEngine) -> set[int]:

@@ -157,6 +157,16 @@ def expert_modules(model: nn.Module) -> list[SemanticExpertsMLP]:
     return [m for m in model.modules() if isinstance(m, SemanticExpertsMLP)]
 
 
+def expert_parameter_ids(model: nn.Module) -> set[int]:
+    """``id()`` of every parameter of the experts and their routers inside `model`: the
+    semantic experts are their own trainable part, apart from the language model's weights."""
+    return {
+        id(p)
+        for w in expert_modules(model)
+        for p in list(w.experts.parameters()) + list(w.router.parameters())
+    }
+
+
 def set_routing(model: nn.Module, token_types: torch.Tensor | None) -> None:
     """Hand the per-position token types to every expert wrapper of `model`."""
     for wrapper in expert_modules(model):
@@ -170,6 +180,7 @@ __all__ = [
     "LowRankExpert",
     "SemanticExpertsMLP",
     "expert_modules",
+    "expert_parameter_ids",
     "find_decoder_layers",
     "inject_semantic_experts",
     "set_routing",

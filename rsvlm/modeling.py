@@ -158,11 +158,6 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
     (a stock `AutoModelForCausalLM`, possibly with semantic experts wrapped around some FFNs),
     ``retrieval_projection`` and, when configured, ``box_head``."""
 
-    # While a chat engine generates on the CPU, decode steps and follow-up prompts run in this
-    # ONNX Runtime graph of the same decoder (`rsvlm.onnx_decode.attached`); not part of the
-    # model's state.
-    onnx_decode_step: Any = None
-
     def __init__(
         self,
         config: RSVLMConfig,
@@ -264,7 +259,7 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
                 "from_parts: config.image_token_id is not set; pass the LLM tokenizer so the "
                 "image token can be added to it."
             )
-        config._check()
+        config.check_consistency()
         # Pretrained parts must not be re-initialised by `post_init`.
         for part in (vision_model, language_model):
             for module in part.modules():
@@ -449,26 +444,8 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
     ) -> RSVLMCausalLMOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        fast = self.onnx_decode_step
-        if (
-            fast is not None
-            and labels is None
-            and pixel_values is None
-            and not torch.is_grad_enabled()
-            and fast.can_step(input_ids, attention_mask, past_key_values)
-            and not self._has_non_text_tokens(input_ids, token_types)
-        ):
-            return RSVLMCausalLMOutput(
-                logits=fast.step(input_ids, past_key_values), past_key_values=past_key_values
-            )
-        vision_kwargs = {
-            k: v
-            for k, v in (
-                ("pixel_attention_mask", pixel_attention_mask),
-                ("spatial_shapes", spatial_shapes),
-            )
-            if v is not None
-        }
+        vision_kwargs = {k: v for k, v in (("pixel_attention_mask", pixel_attention_mask),
+                                            ("spatial_shapes", spatial_shapes)) if v is not None}
         features = None
         if inputs_embeds is None:
             has_cache = past_key_values is not None and past_key_values.get_seq_length() > 0
@@ -495,16 +472,7 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
                 dtype=torch.long,
                 device=inputs_embeds.device,
             )
-        if token_types is not None:
-            # Explicit routing (the engine's prefix) wins over the derived one; generate() may
-            # pass the types of the whole prompt while only its uncached tail runs.
-            seq = types.shape[1]
-            if token_types.shape[1] < seq:
-                raise ValueError(
-                    f"token_types cover {token_types.shape[1]} positions, the input {seq}."
-                )
-            types = token_types[:, -seq:].to(types.device)
-        set_routing(self, types)
+        set_routing(self, _explicit_routing(types, token_types))
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -524,18 +492,6 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
             image_hidden_states=features,
             token_types=types,
         )
-
-    def _has_non_text_tokens(
-        self, input_ids: torch.Tensor, token_types: torch.Tensor | None
-    ) -> bool:
-        """Whether new tokens need image/semantic routing (the ONNX graph routes all as text)."""
-        if self.config.image_token_id is not None and bool(
-            (input_ids == self.config.image_token_id).any()
-        ):
-            return True
-        if token_types is None:
-            return False
-        return bool((token_types[:, -input_ids.shape[1]:] != TOKEN_TYPE_TEXT).any())
 
     def prepare_inputs_for_generation(
         self,
@@ -565,106 +521,16 @@ class RSVLMForConditionalGeneration(RSVLMPreTrainedModel, GenerationMixin):
     def semantic_experts(self) -> list[SemanticExpertsMLP]:
         return expert_modules(self)
 
-    def set_trainable(
-        self,
-        *,
-        vision_tower: bool | None = None,
-        connector: bool | None = None,
-        language_model: bool | None = None,
-        experts: bool | None = None,
-        retrieval_projection: bool | None = None,
-        box_head: bool | None = None,
-    ) -> dict[str, int]:
-        """Set ``requires_grad`` per part (None leaves a part as it is); returns trainable counts.
 
-        ``language_model`` covers the LM's own weights only: the semantic experts are their own
-        part, and peft adapters (LoRA) are left to peft.
-        """
-        expert_params = {
-            id(p)
-            for w in expert_modules(self)
-            for p in list(w.experts.parameters()) + list(w.router.parameters())
-        }
-        adapter_params = _peft_adapter_param_ids(self)
-        parts: dict[str, tuple[nn.Module | None, bool | None]] = {
-            "vision_tower": (self.vision_tower, vision_tower),
-            "connector": (self.connector, connector),
-            "retrieval_projection": (self.retrieval_projection, retrieval_projection),
-            "box_head": (self.box_head, box_head),
-        }
-        for module, flag in parts.values():
-            if module is not None and flag is not None:
-                module.requires_grad_(flag)
-        for p in self.language_model.parameters():
-            if id(p) in expert_params:
-                if experts is not None:
-                    p.requires_grad_(experts)
-            elif id(p) not in adapter_params and language_model is not None:
-                p.requires_grad_(language_model)
-        return self.trainable_parameter_counts()
-
-    def trainable_parameter_counts(self) -> dict[str, int]:
-        expert_params = {
-            id(p)
-            for w in expert_modules(self)
-            for p in list(w.experts.parameters()) + list(w.router.parameters())
-        }
-        counts = {
-            "vision_tower": 0,
-            "connector": 0,
-            "retrieval_projection": 0,
-            "box_head": 0,
-            "experts": 0,
-            "language_model": 0,
-        }
-        for name, module in (
-            ("vision_tower", self.vision_tower),
-            ("connector", self.connector),
-            ("retrieval_projection", self.retrieval_projection),
-            ("box_head", self.box_head),
-        ):
-            if module is not None:
-                counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        for p in self.language_model.parameters():
-            if p.requires_grad:
-                counts["experts" if id(p) in expert_params else "language_model"] += p.numel()
-        return counts
-
-
-def _peft_adapter_param_ids(model: nn.Module) -> set[int]:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # peft is optional at inference time
-        return set()
-    ids: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            for name in module.adapter_layer_names:
-                sub = getattr(module, name, None)
-                if isinstance(sub, nn.Module):
-                    ids.update(id(p) for p in sub.parameters())
-    return ids
-
-
-def lora_target_modules(names: tuple[str, ...] = ("q_proj", "v_proj")) -> str:
-    """A peft ``target_modules`` regex that matches `names` inside the language model only
-    (SigLIP/CLIP vision towers also have ``q_proj``/``v_proj``)."""
-    alternatives = "|".join(names)
-    return rf"language_model\..*\.(?:{alternatives})"
-
-
-def peft_modules_to_save(model: RSVLMForConditionalGeneration) -> list[str]:
-    """peft ``modules_to_save`` for the parts a LoRA adapter should carry besides LoRA itself:
-    the connector, the retrieval projection, the box head and the experts' linears (peft cannot
-    wrap the experts' `ModuleList`, so their ``reduce``/``expand``/``router`` layers are named)."""
-    names = ["connector"]
-    if model.retrieval_projection is not None:
-        names.append("retrieval_projection")
-    if model.box_head is not None:
-        names.append("box_head")
-    if model.config.experts_enabled:
-        names += ["router", "reduce", "expand"]
-    return names
+def _explicit_routing(types: torch.Tensor, token_types: torch.Tensor | None) -> torch.Tensor:
+    """Explicit routing (the engine's prefix) wins over the derived one; generate() may pass
+    the types of the whole prompt while only its uncached tail runs."""
+    if token_types is None:
+        return types
+    seq = types.shape[1]
+    if token_types.shape[1] < seq:
+        raise ValueError(f"token_types cover {token_types.shape[1]} positions, the input {seq}.")
+    return token_types[:, -seq:].to(types.device)
 
 
 def add_image_token(tokenizer: Any, image_token: str = "<image>") -> int:
@@ -691,6 +557,4 @@ __all__ = [
     "RSVLMPreTrainedModel",
     "RetrievalProjection",
     "add_image_token",
-    "lora_target_modules",
-    "peft_modules_to_save",
 ]

@@ -10,7 +10,8 @@
     result.show()                               # a leafmap map: the imagery and the boxes
 
 Everything goes through the engine's public interface (`rsvlm.loading.load`,
-`rsvlm.engine.ChatEngine`, `rsvlm.scan.scan`) and `tiles`; nothing here knows about CRSs.
+`rsvlm.engine.ChatEngine`, its `rsvlm.answer.Answer`, `rsvlm.scan.scan`) and `tiles`; nothing
+here knows about CRSs.
 Maps are `leafmap.foliumap.Map` when leafmap is installed, plain folium otherwise (said once).
 Labels and questions are escaped before they reach a map popup: model output is untrusted text.
 """
@@ -158,18 +159,17 @@ class Assistant:
         session = self.engine.session(chip)
         for _ in session.ask(question, region_box_px=region_px):
             pass
-        answer = session.last
+        answer = session.last  # rsvlm.answer.Answer
         source = Path(str(getattr(chip, "source", "") or "")).name
         dets, boxes_px = [], []
         for b in answer.boxes:
-            label = str(b.label or "object")
-            boxes_px.append((label, tuple(float(v) for v in b.box_px[:4])))
-            geom = _shapely(b.geometry)
-            if geom is not None:
-                dets.append(Detection(label=label, geometry=geom, score=getattr(b, "score", None),
-                                      source=source, question=question))
-        retrieved = [(_field(h, "text"), float(_field(h, "score") or 0.0))
-                     for h in answer.retrieved or []]
+            boxes_px.append((b.name, tuple(float(v) for v in b.box_px[:4])))
+            if b.geometry is not None:
+                dets.append(Detection(label=b.name, geometry=b.geometry,
+                                      score=getattr(b, "score", None), source=source,
+                                      question=question))
+        retrieved = [(str(h.get("text", "")), float(h.get("score") or 0.0))
+                     for h in answer.retrieved]
         note = "" if chip.georeferenced else "no georeference: boxes are in image pixels"
         return Result(question, answer.text, detections_frame(dets), chip, boxes_px, retrieved,
                       answer, note)
@@ -196,20 +196,6 @@ def _plural(word: str) -> str:
     if word.endswith("y") and word[-2:-1] not in "aeiou":
         return word[:-1] + "ies"
     return word + "s"
-
-
-def _field(hit: Any, name: str) -> Any:
-    return hit.get(name) if isinstance(hit, dict) else getattr(hit, name, None)
-
-
-def _shapely(geometry: Any) -> Any:
-    """The engine gives GeoJSON dicts or shapely geometries (None in pixel space)."""
-    if geometry is None:
-        return None
-    from shapely.geometry import shape
-    from shapely.geometry.base import BaseGeometry
-
-    return geometry if isinstance(geometry, BaseGeometry) else shape(geometry)
 
 
 # --- maps ----------------------------------------------------------------------------------------

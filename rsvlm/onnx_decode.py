@@ -5,11 +5,11 @@ must run (SmolLM2-135M: 75-95 ms a token on two cores in eager PyTorch against a
 the same fp32 graph in ONNX Runtime, measured by ``scripts/bench_model.py``), and a follow-up
 question's few prompt tokens take about 0.25 s in eager PyTorch. So the decoder (LoRA merged,
 semantic experts included) is traced once into an ONNX graph that continues a key/value cache by
-one or more text tokens, cached on disk under a hash of its weights, and `attached` to the model
-for the length of a ``generate()`` call. While attached, the model's ``forward`` hands every
-plain text continuation of a non-empty KV cache (decode steps, and follow-up prompts) to
-`OnnxDecodeStep.step`; the multimodal prefill, training and batches run in PyTorch as before, and
-the KV cache stays a transformers `DynamicCache` that follow-up questions keep extending.
+one or more text tokens, cached on disk under a hash of its weights. `OnnxDecode` is the decode
+strategy (`rsvlm.decoding`) the chat engine picks for it: hooked around a ``generate()`` call, it
+hands every plain text continuation of a non-empty KV cache (decode steps, and follow-up prompts)
+to `OnnxDecodeStep.step`; the multimodal prefill, training and batches run in PyTorch as before,
+and the KV cache stays a transformers `DynamicCache` that follow-up questions keep extending.
 
 Expert routing in the graph: every token is a text token (all experts, softmax gate, see
 `rsvlm.experts`), a fixed function of the hidden state, so the traced graph is exact for generated
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -39,10 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from tiles.atomic import atomic_path
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: any number of new tokens (follow-up prompts), not only one
-MODES = ("torch", "onnx", "onnx-int8")
 # Larger decoders would need the external-data ONNX format and are faster on a GPU anyway.
 MAX_PARAMETERS = 1_000_000_000
 KEEP_EXPORTS = 4  # decoders kept in the cache (one per set of trained weights)
@@ -214,14 +215,12 @@ def _fold(path: Path) -> None:
     shape inference cannot handle it (slower by a few percent, same results)."""
     from rsvlm.onnx_shapes import fold_shapes
 
-    folded = path.with_suffix(".folded.onnx")
     try:
-        changed = fold_shapes(path, folded)
+        with atomic_path(path) as folded:
+            changed = fold_shapes(path, folded)
     except Exception as exc:  # an optimisation only: never the reason a decoder is missing
         logger.info("Decoder graph kept unfolded (%s: %s).", type(exc).__name__, exc)
-        folded.unlink(missing_ok=True)
         return
-    os.replace(folded, path)
     logger.debug("Folded shape nodes: %s", dict(changed))
 
 
@@ -273,18 +272,14 @@ class OnnxDecodeStep:
             started = time.perf_counter()
             logger.info("Exporting the decoder to ONNX Runtime (once for these weights)...")
             folder.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
-            try:
+            # Another process may finish the same export first: then its copy stays.
+            with atomic_path(folder, folder=True, replace=False) as tmp:
                 export(lm, tmp / _GRAPH, quantize=quantize)
                 decoder = cls(tmp / _GRAPH, num_layers=num_layers)
                 agreement = decoder.compare(lm, strict=quantize is None) if check else None
                 meta = {"quantize": quantize, "agreement": agreement, "format": FORMAT_VERSION}
                 (tmp / _META).write_text(json.dumps(meta, indent=1))
                 del decoder
-                with contextlib.suppress(FileExistsError, OSError):
-                    os.replace(tmp, folder)  # another process may have won the race: fine
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
             logger.info("Decoder exported in %.1f s: %s", time.perf_counter() - started, folder)
             _prune(folder.parent, keep=KEEP_EXPORTS)
         with contextlib.suppress(OSError):
@@ -449,58 +444,102 @@ def _grouped_query_attention(language_model: nn.Module) -> Iterator[None]:
         config._attn_implementation = saved
 
 
-@contextlib.contextmanager
-def attached(model: nn.Module, decoder: OnnxDecodeStep | None) -> Iterator[None]:
-    """Route ``model``'s decode steps and follow-up prompts through ``decoder`` inside the block."""
-    previous = getattr(model, "onnx_decode_step", None)
-    model.onnx_decode_step = decoder
-    try:
-        yield
-    finally:
-        model.onnx_decode_step = previous
+class OnnxDecode:
+    """The ``onnx`` / ``onnx-int8`` `rsvlm.decoding.DecodeStrategy`: while hooked, the model's
+    plain text continuations of a non-empty KV cache (decode steps and follow-up prompts) run in
+    ``graph``; the multimodal prefill, training (gradients) and batches run in PyTorch as before.
 
+    The hook replaces ``forward`` on the model instance for the length of the block (accelerate's
+    hooks do the same); the class's ``forward`` knows nothing about it."""
 
-def resolve_mode(mode: str | None) -> str:
-    """``auto`` (or None) -> ``$RSVLM_DECODE`` if set, else ``onnx``; validates the name."""
-    chosen = (mode or "auto").lower()
-    if chosen == "auto":
-        chosen = os.environ.get("RSVLM_DECODE", "onnx").lower()
-    if chosen not in MODES:
-        raise ValueError(
-            f"Unknown decode backend {chosen!r}; choose from auto, {', '.join(MODES)}."
+    def __init__(self, graph: OnnxDecodeStep) -> None:
+        self.graph = graph
+        self.name = graph.mode
+
+    def takes(self, model: nn.Module, kwargs: dict[str, Any]) -> bool:
+        """Whether the graph can run this call of ``model.forward`` (keyword arguments)."""
+        input_ids = kwargs.get("input_ids")
+        return (
+            kwargs.get("labels") is None
+            and kwargs.get("pixel_values") is None
+            and kwargs.get("inputs_embeds") is None
+            and not torch.is_grad_enabled()
+            and self.graph.can_step(input_ids, kwargs.get("attention_mask"),
+                                    kwargs.get("past_key_values"))
+            and not _has_non_text_tokens(model, input_ids, kwargs.get("token_types"))
         )
-    return chosen
+
+    @contextlib.contextmanager
+    def hooked(self, model: nn.Module) -> Iterator[None]:
+        from rsvlm.modeling import RSVLMCausalLMOutput
+
+        saved = model.__dict__.get("forward")
+        modeled = model.forward
+
+        @functools.wraps(modeled)  # generate() reads the signature to validate its inputs
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if args or not self.takes(model, kwargs):
+                return modeled(*args, **kwargs)
+            cache = kwargs["past_key_values"]
+            return RSVLMCausalLMOutput(
+                logits=self.graph.step(kwargs["input_ids"], cache), past_key_values=cache
+            )
+
+        model.forward = forward
+        try:
+            yield
+        finally:
+            if saved is None:
+                del model.forward
+            else:
+                model.forward = saved
 
 
-def decoder_for(model: nn.Module, mode: str | None = "auto") -> OnnxDecodeStep | None:
-    """The decode step an engine should attach for ``mode`` (None: PyTorch decodes). ``auto``
-    falls back to PyTorch with a log line when ONNX Runtime cannot run this model."""
-    chosen = resolve_mode(mode)
-    if chosen == "torch":
+def _has_non_text_tokens(
+    model: nn.Module, input_ids: torch.Tensor, token_types: torch.Tensor | None
+) -> bool:
+    """Whether new tokens need image/semantic routing (the graph routes all as text)."""
+    from rsvlm.experts import TOKEN_TYPE_TEXT
+
+    image_token_id = getattr(model.config, "image_token_id", None)
+    if image_token_id is not None and bool((input_ids == image_token_id).any()):
+        return True
+    if token_types is None:
+        return False
+    return bool((token_types[:, -input_ids.shape[1]:] != TOKEN_TYPE_TEXT).any())
+
+
+def dispatch(model: nn.Module, mode: str, explicit: bool) -> OnnxDecode | None:
+    """`rsvlm.decoding` dispatcher: an `OnnxDecode` for ``onnx``/``onnx-int8`` where ONNX Runtime
+    can run ``model``; None otherwise (with a log line), or `RuntimeError` when ``explicit``."""
+    if mode not in ("onnx", "onnx-int8"):
         return None
-    reason = unsupported_reason(model)
+    from rsvlm.modeling import RSVLMForConditionalGeneration
+
+    if isinstance(model, RSVLMForConditionalGeneration):
+        reason = unsupported_reason(model)
+    else:  # the hook routes RSVLM's text steps; other families decode in their own way
+        reason = f"the ONNX decoder is built for rsvlm models, not {type(model).__name__}"
     if reason:
-        if mode not in (None, "auto"):
-            raise RuntimeError(f"Decode backend {chosen!r} cannot run here: {reason}.")
+        if explicit:
+            raise RuntimeError(f"Decode backend {mode!r} cannot run here: {reason}.")
         logger.info("Decoding in PyTorch: %s.", reason)
         return None
-    quantize = "int8" if chosen == "onnx-int8" else None
+    quantize = "int8" if mode == "onnx-int8" else None
     try:
-        return OnnxDecodeStep.for_model(model, quantize=quantize)
+        return OnnxDecode(OnnxDecodeStep.for_model(model, quantize=quantize))
     except Exception as exc:
-        if mode not in (None, "auto"):
+        if explicit:
             raise
         logger.warning("Decoding in PyTorch: the ONNX decoder failed (%s).", exc)
         return None
 
 
 __all__ = [
-    "MODES",
+    "OnnxDecode",
     "OnnxDecodeStep",
-    "attached",
-    "decoder_for",
+    "dispatch",
     "export",
-    "resolve_mode",
     "unsupported_reason",
     "weights_key",
 ]

@@ -96,20 +96,6 @@ class ComponentSpec:
             return str(weights.ensure_embedded_weights(cache_dir, components=[self.id])[self.id])
         return str(weights.embedded_weight_paths(cache_dir)[self.id])
 
-    def is_available_offline(self) -> bool:
-        """True when loading needs no network (converted/convertible, a folder, or HF-cached)."""
-        if self.source == "path":
-            return Path(self.id).expanduser().exists()
-        if self.source == "embedded":
-            from rsvlm import weights
-
-            try:
-                weights.CARRIERS[self.id].locate()
-            except (weights.WeightsError, KeyError):
-                return False
-            return True
-        return hub_repo_cached(self.id, self.revision)
-
 
 @dataclass(frozen=True)
 class ComponentLoad:
@@ -123,7 +109,7 @@ class ComponentLoad:
 
     def load(self) -> Any:
         if self.model_class == "SentenceTransformer":
-            from rsvlm.weights import TextEncoder
+            from rsvlm.text_encoder import TextEncoder
 
             return TextEncoder.from_path(self.location, device=self.kwargs.get("device"))
         import transformers

@@ -141,7 +141,13 @@ class SemanticDatabase:
         self.ef_search = int(ef_search or self.HNSW_EF_SEARCH)
         self.encoder_name = encoder_name
         self.index = _index if _index is not None else self._build_index()
-        self._configure_index()
+        self.set_ef_search(self.ef_search)
+
+    def set_ef_search(self, ef_search: int) -> None:
+        """How widely an HNSW index searches (recall against speed); an exact index ignores it."""
+        self.ef_search = int(ef_search)
+        if self.index_type == "hnsw":
+            self.index.hnsw.efSearch = self.ef_search
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -164,10 +170,6 @@ class SemanticDatabase:
             index.add(self.embeddings)
         return index
 
-    def _configure_index(self) -> None:
-        if self.index_type == "hnsw":
-            self.index.hnsw.efSearch = self.ef_search
-
     @classmethod
     def from_texts(
         cls,
@@ -184,7 +186,7 @@ class SemanticDatabase:
         if any(not t.strip() for t in texts):
             raise ValueError("the database cannot hold empty texts")
         if encoder is None:
-            from rsvlm.weights import text_encoder
+            from rsvlm.text_encoder import text_encoder
 
             encoder = text_encoder()
         if encoder_name is None:
@@ -247,7 +249,7 @@ class SemanticDatabase:
         if isinstance(queries, str):
             queries = [queries]
         if encoder is None:
-            from rsvlm.weights import text_encoder
+            from rsvlm.text_encoder import text_encoder
 
             encoder = text_encoder()
         return self.search(_encode(encoder, list(queries)), k)

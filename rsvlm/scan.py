@@ -15,23 +15,13 @@ How it works:
    padding, as decoder-only batching needs); the same prompt the chat engine builds is used.
    Any ``answer_fn(chips, question) -> list[str]`` can stand in for the model (tests, other
    detectors).
-3. **Boxes to the map.** Boxes are parsed with `rsvlm.boxes`, turned into chip pixels and then,
-   through the chip, into polygons in a *metric* CRS: the raster's own when it is projected,
-   otherwise the UTM zone of the scene's centre. All merging happens there, so IoU is measured
-   on ground areas, not on degrees.
-4. **Merging across chip borders.** The rule, in order:
-
-   * A box is *cut* when it comes within ``border_px`` of a chip edge that is not the raster's
-     edge: the object probably continues in the neighbour chip.
-   * Two boxes (same label, different chips) whose chips overlap are the *same object* when
-     their parts inside the shared strip agree: IoU of ``box_a ∩ strip`` and ``box_b ∩ strip``
-     >= ``iou_threshold``. Both chips saw exactly those pixels, so a whole box and the cut
-     remainder of the same object agree there even though the whole boxes do not. Same objects
-     are merged (union-find) into the envelope of their union.
-   * Score: 1.0 for a merged object or an uncut box; 0.5 (down-weighted) for a cut box that no
-     neighbour confirmed.
-   * Finally class-aware NMS (highest score, then largest area first) removes remaining
-     duplicates whose IoU >= ``iou_threshold``, e.g. a model repeating a box in one chip.
+3. **Boxes to the map.** Boxes are grounded with `rsvlm.answer.ground` (parsed, turned into
+   chip pixels and then, through the chip, into polygons) in a *metric* CRS: the raster's own
+   when it is projected, otherwise the UTM zone of the scene's centre. All merging happens
+   there, so IoU is measured on ground areas, not on degrees.
+4. **Merging across chip borders** (`tiles.grid.merge_boxes`): a box near an inner chip edge is
+   *cut*; boxes of neighbouring chips whose parts inside the shared strip agree are one object;
+   a cut box no neighbour confirmed is down-weighted; class-aware NMS removes what is left over.
 
 ``progress(done, total)`` is called after each batch; ``cancel`` (a `threading.Event`) is
 checked between batches, and a cancelled scan returns what it found so far with
@@ -41,40 +31,23 @@ checked between batches, and a cancelled scan returns what it found so far with
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
+
+from rsvlm.answer import ground
+from tiles.errors import ImageryError
+from tiles.grid import ChipBox, Window, grid_windows, merge_detections, metric_crs
 
 logger = logging.getLogger(__name__)
 
 AnswerFn = Callable[[Sequence[Any], str], list[str]]
 Progress = Callable[[int, int], None]
 
-CUT_SCORE = 0.5  # a box cut by an inner chip border that no neighbour confirmed
-
 
 class ScanError(ValueError):
     """Bad scan input (no georeference, absurd chip size...); the message is for the user."""
-
-
-@dataclass(frozen=True)
-class Window:
-    """One chip of the grid: source-CRS bounds and which of its edges are the raster's edges."""
-
-    index: int
-    bounds: tuple[float, float, float, float]  # minx, miny, maxx, maxy in the source CRS
-    outer: tuple[bool, bool, bool, bool]  # left, bottom, right, top edge lies on the raster edge
-
-
-@dataclass
-class _Box:
-    label: str
-    window: int
-    polygon: Any  # shapely Polygon in the metric CRS
-    cut: bool
 
 
 class ScanResult(list):
@@ -93,58 +66,6 @@ class ScanResult(list):
     @property
     def chips_per_s(self) -> float:
         return self.chips_done / self.seconds if self.seconds > 0 else 0.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Grid
-# ----------------------------------------------------------------------------------------------
-
-
-def _starts(length: int, size: int, step: int) -> list[int]:
-    if length <= size:
-        return [0]
-    starts = list(range(0, length - size, step))
-    starts.append(length - size)  # the last chip ends at the raster's edge
-    return starts
-
-
-def grid_windows(
-    bounds: Sequence[float], resolution: tuple[float, float], chip_size: int, overlap: float
-) -> list[Window]:
-    """Square windows of ``chip_size`` source pixels over ``bounds`` (row-major, top first)."""
-    if not 0 <= overlap < 0.9:
-        raise ScanError(f"overlap must be in [0, 0.9), got {overlap!r}")
-    if chip_size < 16:
-        raise ScanError(f"chip size must be at least 16 pixels, got {chip_size!r}")
-    minx, miny, maxx, maxy = (float(v) for v in bounds)
-    rx, ry = abs(float(resolution[0])), abs(float(resolution[1]))
-    width, height = round((maxx - minx) / rx), round((maxy - miny) / ry)
-    if width < 1 or height < 1:
-        raise ScanError(f"The raster has no area to scan ({width}x{height} pixels).")
-    step = max(1, int(round(chip_size * (1.0 - overlap))))
-    cols, rows = _starts(width, chip_size, step), _starts(height, chip_size, step)
-    windows = []
-    for row in rows:
-        for col in cols:
-            w_px, h_px = min(chip_size, width - col), min(chip_size, height - row)
-            x0, y1 = minx + col * rx, maxy - row * ry
-            x1, y0 = x0 + w_px * rx, y1 - h_px * ry
-            outer = (col == 0, row + h_px >= height, col + w_px >= width, row == 0)
-            windows.append(Window(len(windows), (x0, y0, x1, y1), outer))
-    return windows
-
-
-def metric_crs(source_crs: Any, bounds_lonlat: Sequence[float]) -> Any:
-    """The source CRS when projected (metres or feet), else the UTM zone of the scene centre."""
-    from pyproj import CRS
-
-    crs = CRS.from_user_input(source_crs)
-    if crs.is_projected:
-        return crs
-    lon = (bounds_lonlat[0] + bounds_lonlat[2]) / 2
-    lat = (bounds_lonlat[1] + bounds_lonlat[3]) / 2
-    zone = min(60, max(1, int(math.floor((lon + 180) / 6)) + 1))
-    return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +113,7 @@ def engine_answer_fn(engine: Any, *, max_new_tokens: int = 256) -> AnswerFn:
         if "pixel_values" in kwargs:
             kwargs["pixel_values"] = kwargs["pixel_values"].to(model.dtype)
         try:
-            with engine._lock, torch.inference_mode():  # one generation at a time on the model
+            with engine.generation_lock, torch.inference_mode():  # one generation at a time on the model
                 out = model.generate(
                     **kwargs,
                     max_new_tokens=max_new_tokens,
@@ -238,6 +159,26 @@ def _source_resolution(source: Any) -> tuple[float, float]:
     return float(res[0]), float(res[1])
 
 
+def _check_inputs(source: Any, question: str, engine: Any, answer_fn: AnswerFn | None,
+                  batch_size: int, iou_threshold: float) -> str:
+    """The question, stripped; `ScanError` for what cannot be scanned."""
+    question = (question or "").strip()
+    if not question:
+        raise ScanError('Say what to look for, e.g. "find all buildings".')
+    if (engine is None) == (answer_fn is None):
+        raise ScanError("scan() needs exactly one of engine= or answer_fn=.")
+    if batch_size < 1:
+        raise ScanError(f"batch size must be at least 1, got {batch_size!r}")
+    if not 0 < iou_threshold <= 1:
+        raise ScanError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}")
+    if not getattr(source, "georeferenced", False):
+        raise ScanError(
+            f"{getattr(source, 'name', source)!r} has no georeference: a scan writes map "
+            "coordinates, so it needs a GeoTIFF/COG with a CRS."
+        )
+    return question
+
+
 def scan(
     source: Any,
     question: str,
@@ -270,27 +211,15 @@ def scan(
         progress: ``progress(done, total)`` after each batch.
         cancel: set it to stop between batches; the partial result is returned.
     """
-    from rsvlm.boxes import parse_boxes
     from tiles.export import Detection
-    from tiles.geometry import LONLAT, transform_geometry
 
-    question = (question or "").strip()
-    if not question:
-        raise ScanError('Say what to look for, e.g. "find all buildings".')
-    if (engine is None) == (answer_fn is None):
-        raise ScanError("scan() needs exactly one of engine= or answer_fn=.")
-    if batch_size < 1:
-        raise ScanError(f"batch size must be at least 1, got {batch_size!r}")
-    if not 0 < iou_threshold <= 1:
-        raise ScanError(f"iou_threshold must be in (0, 1], got {iou_threshold!r}")
-    if not getattr(source, "georeferenced", False):
-        raise ScanError(
-            f"{getattr(source, 'name', source)!r} has no georeference: a scan writes map "
-            "coordinates, so it needs a GeoTIFF/COG with a CRS."
-        )
+    question = _check_inputs(source, question, engine, answer_fn, batch_size, iou_threshold)
     answer = answer_fn or engine_answer_fn(engine, max_new_tokens=max_new_tokens)
     t0 = time.perf_counter()
-    windows = grid_windows(source.bounds, _source_resolution(source), chip_size, overlap)
+    try:
+        windows = grid_windows(source.bounds, _source_resolution(source), chip_size, overlap)
+    except ImageryError as exc:
+        raise ScanError(str(exc)) from None
     metric = metric_crs(source.crs, source.bounds_lonlat)
     result = ScanResult(chips_total=len(windows), metric_crs=metric.to_string())
     logger.info(
@@ -302,7 +231,35 @@ def scan(
     )
     out_size = model_size or chip_size
     margin = border_px if border_px is not None else max(2.0, 0.01 * out_size)
-    boxes: list[_Box] = []
+    boxes, t_read, t_model = _answer_windows(source, windows, question, answer, result, metric,
+                                             out_size, margin, batch_size, progress, cancel)
+    result.raw_boxes = len(boxes)
+    tc = time.perf_counter()
+    name = getattr(source, "name", "")
+    for label, polygon, score in merge_detections(boxes, windows, source.crs, metric,
+                                                  iou_threshold):
+        result.append(
+            Detection(label=label, geometry=polygon, score=score, source=name, question=question)
+        )
+    result.seconds = time.perf_counter() - t0
+    result.timing = {
+        "read_s": round(t_read, 3),
+        "model_s": round(t_model, 3),
+        "merge_s": round(time.perf_counter() - tc, 3),
+    }
+    logger.info(
+        "scan: %d boxes -> %d detections in %.1f s", result.raw_boxes, len(result), result.seconds
+    )
+    return result
+
+
+def _answer_windows(source: Any, windows: list[Window], question: str, answer: AnswerFn,
+                    result: ScanResult, metric: Any, out_size: int, margin: float,
+                    batch_size: int, progress: Progress | None,
+                    cancel: threading.Event | None) -> tuple[list[ChipBox], float, float]:
+    """Read and answer the windows batch by batch; the boxes found, and the seconds spent
+    reading and answering. Counts progress and cancellation on ``result``."""
+    boxes: list[ChipBox] = []
     t_read = t_model = 0.0
     for batch in _batches(windows, batch_size):
         if cancel is not None and cancel.is_set():
@@ -320,64 +277,22 @@ def scan(
                 f"The answer function gave {len(texts)} answers for {len(chips)} chips."
             )
         for window, chip, text in zip(batch, chips, texts, strict=True):
-            boxes += _chip_boxes(window, chip, text, metric, margin, parse_boxes)
+            boxes += _chip_boxes(window, chip, text, metric, margin)
         result.chips_done += len(batch)
         if progress is not None:
             progress(result.chips_done, len(windows))
-    result.raw_boxes = len(boxes)
-    tc = time.perf_counter()
-    from shapely.geometry import box as shapely_box
-
-    footprints = {  # only chips that reported something need their area in the metric CRS
-        i: transform_geometry(shapely_box(*windows[i].bounds), source.crs, metric)
-        for i in {b.window for b in boxes}
-    }
-    merged = merge_boxes(boxes, footprints, iou_threshold)
-    name = getattr(source, "name", "")
-    for label, polygon, score in merged:
-        result.append(
-            Detection(
-                label=label,
-                geometry=transform_geometry(polygon, metric, LONLAT),
-                score=score,
-                source=name,
-                question=question,
-            )
-        )
-    result.seconds = time.perf_counter() - t0
-    result.timing = {
-        "read_s": round(t_read, 3),
-        "model_s": round(t_model, 3),
-        "merge_s": round(time.perf_counter() - tc, 3),
-    }
-    logger.info(
-        "scan: %d boxes -> %d detections in %.1f s", result.raw_boxes, len(result), result.seconds
-    )
-    return result
+    return boxes, t_read, t_model
 
 
-def _chip_boxes(
-    window: Window,
-    chip: Any,
-    text: str,
-    metric: Any,
-    margin: float,
-    parse_boxes: Callable[..., Any],
-) -> list[_Box]:
+def _chip_boxes(window: Window, chip: Any, text: str, metric: Any, margin: float
+                ) -> list[ChipBox]:
     out = []
     w, h = chip.width, chip.height
     left, bottom, right, top = window.outer
-    for parsed in parse_boxes(text, image_size=(w, h)):
-        x1, y1, x2, y2 = parsed.to_pixels(w, h)
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
-            continue
-        if parsed.angle:
-            poly = chip.obb_to_polygon(
-                (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, parsed.angle, crs=metric
-            )
-        else:
-            poly = chip.box_to_polygon((x1, y1, x2, y2), crs=metric)
-        if poly is None or poly.is_empty:
+    for box in ground(text, chip, crs=metric, unique=False):
+        x1, y1, x2, y2 = box.box_px
+        poly = box.geometry
+        if x2 - x1 <= 0 or y2 - y1 <= 0 or poly is None or poly.is_empty:
             continue
         cut = (
             (x1 <= margin and not left)
@@ -385,82 +300,9 @@ def _chip_boxes(
             or (y1 <= margin and not top)
             or (y2 >= h - margin and not bottom)
         )
-        label = (parsed.label or "object").strip().lower() or "object"
-        out.append(_Box(label, window.index, poly, cut))
+        label = box.name.strip().lower() or "object"
+        out.append(ChipBox(label, window.index, poly, cut))
     return out
-
-
-def merge_boxes(
-    boxes: list[_Box], footprints: dict[int, Any], iou_threshold: float
-) -> list[tuple[str, Any, float]]:
-    """Cross-border merge, then NMS (module docstring); ``(label, polygon, score)`` best first.
-
-    ``footprints[window]`` is each chip's area in the boxes' (metric) CRS.
-    """
-    if not boxes:
-        return []
-    import shapely
-
-    polys = [b.polygon for b in boxes]
-    parent = list(range(len(boxes)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    left, right = shapely.STRtree(polys).query(polys, predicate="intersects")
-    for i, j in zip(left.tolist(), right.tolist(), strict=True):
-        a, b = boxes[i], boxes[j]
-        if i >= j or a.window == b.window or a.label != b.label:
-            continue
-        strip = footprints[a.window].intersection(footprints[b.window])
-        if strip.is_empty:
-            continue
-        if _iou(a.polygon.intersection(strip), b.polygon.intersection(strip)) >= iou_threshold:
-            parent[find(i)] = find(j)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(boxes)):
-        groups.setdefault(find(i), []).append(i)
-    candidates = []
-    for members in groups.values():
-        first = boxes[members[0]]
-        if len(members) == 1:  # seen by one chip only: down-weighted when cut by its border
-            candidates.append((first.label, first.polygon, CUT_SCORE if first.cut else 1.0))
-        else:  # confirmed by neighbouring chips: one whole object
-            union = shapely.union_all([boxes[m].polygon for m in members]).envelope
-            candidates.append((first.label, union, 1.0))
-    return _nms(candidates, iou_threshold)
-
-
-def _iou(a: Any, b: Any) -> float:
-    if a.is_empty or b.is_empty:
-        return 0.0
-    inter = a.intersection(b).area
-    union = a.area + b.area - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
-def _nms(
-    candidates: list[tuple[str, Any, float]], iou_threshold: float
-) -> list[tuple[str, Any, float]]:
-    """Class-aware NMS; an R-tree limits the IoU tests to boxes that touch."""
-    import shapely
-
-    order = sorted(candidates, key=lambda c: (-c[2], -c[1].area))
-    tree = shapely.STRtree([c[1] for c in order])
-    suppressed = [False] * len(order)
-    kept = []
-    for i, (label, poly, score) in enumerate(order):
-        if suppressed[i]:
-            continue
-        kept.append((label, poly, score))
-        for j in tree.query(poly, predicate="intersects").tolist():
-            same = j > i and not suppressed[j] and order[j][0] == label
-            if same and _iou(poly, order[j][1]) >= iou_threshold:
-                suppressed[j] = True
-    return kept
 
 
 __all__ = [
@@ -469,8 +311,7 @@ __all__ = [
     "ScanResult",
     "Window",
     "engine_answer_fn",
-    "grid_windows",
-    "merge_boxes",
+    "grid_windows",  # re-exported from tiles.grid
     "metric_crs",
     "scan",
 ]

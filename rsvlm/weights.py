@@ -28,8 +28,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from tiles.atomic import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -152,20 +152,6 @@ def _locked(folder: Path) -> Iterator[None]:
         except ImportError:  # Windows: no advisory lock; conversions are idempotent anyway
             pass
         yield
-
-
-@contextlib.contextmanager
-def _atomic_folder(folder: Path) -> Iterator[Path]:
-    """Write into a temporary sibling and rename at the end: a crash never leaves half a model."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        yield tmp
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_marker(folder: Path, fingerprint: dict[str, Any], **extra: Any) -> None:
@@ -338,7 +324,7 @@ def convert_dinov2(out_dir: Path, onnx_path: Path | None = None) -> Path:
         logger.info("Converting DINOv2 ViT-S/14 from %s into %s (once)...", onnx_path, out_dir)
         start = time.perf_counter()
         model = _load_dinov2_from_onnx(onnx_path)
-        with _atomic_folder(out_dir) as tmp:
+        with atomic_path(out_dir, folder=True) as tmp:
             model.save_pretrained(tmp)
             dinov2_image_processor().save_pretrained(tmp)
             _write_marker(tmp, fingerprint, seconds=round(time.perf_counter() - start, 2))
@@ -444,7 +430,7 @@ def convert_smollm2(out_dir: Path, gguf_path: Path | None = None) -> Path:
         del loaded
         if not tokenizer.chat_template:
             raise WeightsError(f"{gguf_path} carries no chat template; the instruct model needs it")
-        with _atomic_folder(out_dir) as tmp:
+        with atomic_path(out_dir, folder=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             _write_marker(tmp, fingerprint, seconds=round(time.perf_counter() - start, 2))
@@ -463,66 +449,6 @@ def minilm_path() -> Path:
     if not (folder / "modules.json").is_file():
         raise WeightsError(f"{folder} is not a sentence-transformers folder (no modules.json)")
     return folder
-
-
-class TextEncoder:
-    """Sentence encoder returning L2-normalised float32 vectors, ``(n, dim)``.
-
-    Wraps a ``SentenceTransformer`` so that callers (the retrieval database, training) see one
-    small interface: ``encode(texts) -> np.ndarray`` and ``dim``.
-    """
-
-    def __init__(self, model: Any, name: str = "") -> None:
-        self.model = model
-        self.name = name
-        # sentence-transformers 6 renamed the method; keep working with both.
-        get_dim = (
-            getattr(model, "get_embedding_dimension", None)
-            or model.get_sentence_embedding_dimension
-        )
-        self.dim = int(get_dim())
-
-    @classmethod
-    def from_path(cls, path: str | os.PathLike[str], device: str | None = None) -> TextEncoder:
-        from sentence_transformers import SentenceTransformer
-
-        return cls(
-            SentenceTransformer(str(path), device=device or "cpu", local_files_only=True),
-            name=str(path),
-        )
-
-    def encode(self, texts: str | Sequence[str], batch_size: int = 64) -> np.ndarray:
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(
-            texts,
-            batch_size=batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=len(texts) > 1000,
-        )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
-
-    def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
-        return self.encode(texts)
-
-
-_TEXT_ENCODERS: dict[tuple[str, str], TextEncoder] = {}
-
-
-def text_encoder(
-    path: str | os.PathLike[str] | None = None, device: str | None = None
-) -> TextEncoder:
-    """The retriever's text encoder (all-MiniLM-L6-v2 unless ``path`` names another), cached."""
-    folder = str(Path(path) if path else minilm_path())
-    key = (folder, device or "cpu")
-    if key not in _TEXT_ENCODERS:
-        logger.info("Loading text encoder %s", folder)
-        _TEXT_ENCODERS[key] = TextEncoder.from_path(folder, device=device)
-    return _TEXT_ENCODERS[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,7 +558,6 @@ __all__ = [
     "TEXT_ENCODER",
     "VISION",
     "Carrier",
-    "TextEncoder",
     "WeightsError",
     "check_dinov2_conversion",
     "convert_dinov2",
@@ -645,5 +570,4 @@ __all__ = [
     "image_to_dinov2_input",
     "minilm_path",
     "onnx_backbone_outputs",
-    "text_encoder",
 ]

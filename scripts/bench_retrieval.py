@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for ef in (int(x) for x in args.ef_search.split(",")):
-        db.ef_search = ef
-        db._configure_index()
+        db.set_ef_search(ef)
         db.search(queries[:20], args.k)  # warm up
         found = np.empty((args.queries, args.k), dtype=np.int64)
         t0 = time.perf_counter()

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from tiles.atomic import atomic_path
+
 log = logging.getLogger("bench_tiles")
 
 BLOCK = 512
@@ -59,7 +61,6 @@ def make_tiled_raster(path: Path, size: int, *, overviews: bool = True) -> Path:
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part.tif")
     tex = _texture()
     strip_w = -(-size // BLOCK) * BLOCK
     reps = strip_w // BLOCK
@@ -79,35 +80,35 @@ def make_tiled_raster(path: Path, size: int, *, overviews: bool = True) -> Path:
         jpeg_quality=85,
         BIGTIFF="IF_SAFER",
     )
-    t0 = time.perf_counter()
-    with (
-        rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS", GDAL_CACHEMAX=512 * 2**20),
-        rasterio.open(tmp, "w", **profile) as dst,
-    ):
-        strip_base = np.tile(tex, (1, 1, reps))
-        for r in range(0, size, BLOCK):
-            h = min(BLOCK, size - r)
-            # Shift the colours per strip and per column block so tiles are not all identical.
-            shift = np.uint8((r // BLOCK) * 7 % 50)
-            strip = strip_base[:, :h, :size] + shift
-            dst.write(strip, window=((r, r + h), (0, size)))
-    log.info("wrote %s in %.0f s", tmp, time.perf_counter() - t0)
-    if overviews:
+    with atomic_path(path) as tmp:
         t0 = time.perf_counter()
-        factors = [f for f in (2, 4, 8, 16, 32, 64, 128) if size // f >= 256] or [2]
         with (
-            rasterio.Env(
-                GDAL_NUM_THREADS="ALL_CPUS",
-                COMPRESS_OVERVIEW="JPEG",
-                PHOTOMETRIC_OVERVIEW="YCBCR",
-                INTERLEAVE_OVERVIEW="PIXEL",
-                GDAL_TIFF_OVR_BLOCKSIZE=str(BLOCK),
-            ),
-            rasterio.open(tmp, "r+") as dst,
+            rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS", GDAL_CACHEMAX=512 * 2**20),
+            rasterio.open(tmp, "w", **profile) as dst,
         ):
-            dst.build_overviews(factors, Resampling.average)
-        log.info("overviews %s in %.0f s", factors, time.perf_counter() - t0)
-    os.replace(tmp, path)
+            strip_base = np.tile(tex, (1, 1, reps))
+            for r in range(0, size, BLOCK):
+                h = min(BLOCK, size - r)
+                # Shift the colours per strip and per column block so tiles are not all identical.
+                shift = np.uint8((r // BLOCK) * 7 % 50)
+                strip = strip_base[:, :h, :size] + shift
+                dst.write(strip, window=((r, r + h), (0, size)))
+        log.info("wrote %s in %.0f s", tmp, time.perf_counter() - t0)
+        if overviews:
+            t0 = time.perf_counter()
+            factors = [f for f in (2, 4, 8, 16, 32, 64, 128) if size // f >= 256] or [2]
+            with (
+                rasterio.Env(
+                    GDAL_NUM_THREADS="ALL_CPUS",
+                    COMPRESS_OVERVIEW="JPEG",
+                    PHOTOMETRIC_OVERVIEW="YCBCR",
+                    INTERLEAVE_OVERVIEW="PIXEL",
+                    GDAL_TIFF_OVR_BLOCKSIZE=str(BLOCK),
+                ),
+                rasterio.open(tmp, "r+") as dst,
+            ):
+                dst.build_overviews(factors, Resampling.average)
+            log.info("overviews %s in %.0f s", factors, time.perf_counter() - t0)
     return path
 
 

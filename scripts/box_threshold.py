@@ -28,9 +28,10 @@ THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 def find_all_items(data: Path, split: str) -> list[tuple[Path, str, list[tuple[float, ...]]]]:
     """(image, question, OSM boxes in pixels) of the split's "find all" questions."""
-    from training.evaluate import _question, split_records
+    from training.dataset_files import question_of
+    from training.evaluate import split_records
 
-    return [(data / r["image"], _question(r), [tuple(b) for b in r["meta"]["boxes_px"]])
+    return [(data / r["image"], question_of(r), [tuple(b) for b in r["meta"]["boxes_px"]])
             for r in split_records(data, split, "grounding")
             if (r.get("meta") or {}).get("type") == "find_all"]
 

@@ -102,7 +102,9 @@ def run_examples(model: Path, data: Path, out: Path, n: int) -> list[dict[str, A
     from rsvlm.loading import load
 
     engine = ChatEngine(load(str(model)), max_cached_sessions=1)
-    rows = [json.loads(line) for line in (data / "val.jsonl").read_text().splitlines()]
+    from training.dataset_files import read_split
+
+    rows = read_split(data, "val")
     demo = [r for r in rows if r["image"].split("/")[1] in DEMO_REGIONS]
     truth = {r["image"]: r["meta"]["boxes_px"] for r in demo
              if r["task"] == "grounding" and r["meta"]["type"] == "find_all"}

@@ -20,13 +20,11 @@ from pathlib import Path
 
 def val_chips(data: Path) -> list[tuple[str, str, str | None]]:
     """(image, region, scene label of its description) of every validation region chip."""
-    scene = {}
-    for line in (data / "texts.jsonl").read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        if r.get("level") == "scene" and r.get("scene"):
-            scene[r["image"]] = r["scene"]
-    chips = [json.loads(line) for line in
-             (data / "chips.jsonl").read_text(encoding="utf-8").splitlines()]
+    from training.dataset_files import read_chips, read_texts
+
+    scene = {r["image"]: r["scene"] for r in read_texts(data)
+             if r.get("level") == "scene" and r.get("scene")}
+    chips = read_chips(data)
     return [(c["image"], c["region"], scene.get(c["image"])) for c in chips
             if c.get("split") == "val" and not c.get("origin")]
 

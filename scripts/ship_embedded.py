@@ -51,7 +51,7 @@ def ship(run: Path, data: Path, dest: Path, regions: tuple[str, ...],
 
     from rsvlm.loading import ADAPTER_DIR, SEMANTIC_DB_DIR, TRAINED_JSON, TRAINED_TENSORS
     from rsvlm.retrieval import SemanticDatabase
-    from training.fit import database_rows
+    from training.dataset_files import database_rows
 
     if not (run / TRAINED_TENSORS).is_file():
         raise SystemExit(f"{run} holds no {TRAINED_TENSORS}: is it a run's final/ folder?")

@@ -19,6 +19,23 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("RSVLM_DECODE", "torch")
 
 
+def _tiny_for_fit(cfg, architecture):
+    """``model: tiny`` in a fit config: the tiny random model of `rsvlm.testing`."""
+    from rsvlm.testing import tiny_model, tiny_processor
+
+    model = tiny_model(seed=cfg.seed, **architecture)
+    return model, tiny_processor(model.config)
+
+
+def _register_tiny() -> None:
+    from training.model_setup import register_model_builder
+
+    register_model_builder("tiny", _tiny_for_fit)
+
+
+_register_tiny()
+
+
 # --- OSM: the Helsinki extract (shared data) and a local server replaying an Overpass answer ---
 
 SHARED_OSM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "osm" / "pyrosm"

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tiles.atomic import atomic_path
 from tiles.errors import ImageryError
 
 PROPERTIES = ("label", "score", "source", "question", "time")
@@ -86,16 +85,8 @@ def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise ImageryError(
             f"Cannot export to {str(path)!r}: folder {str(path.parent)!r} does not exist."
         )
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        tmp.unlink()  # some writers (GDAL) refuse to write over an existing file
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tiles.atomic import atomic_path
 from training.augment import augment_choices, dihedral_context, dihedral_pixels
 from training.captions import RegionStats, Rewriter, caption_samples, descriptions
 from training.classification import (
@@ -210,10 +210,9 @@ def _write_png(pixels: Any, path: Path, compress: int) -> None:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
     # No metadata chunks, fixed compression: identical pixels give identical bytes.
-    Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG", compress_level=compress)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG", compress_level=compress)
 
 
 def _record(sample_id: str, image: str, s: Sample) -> dict[str, Any]:
@@ -354,11 +353,9 @@ def build_dataset(out_dir: str | Path, regions: Sequence[RegionSpec] = (),
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def dataset_card(records: dict[str, list[dict]], class_counts: Counter[str], cfg: BuildConfig,

@@ -62,9 +62,6 @@ class RegionStats:
     def vocabulary(self) -> list[str]:
         return sorted(self.chip_counts)
 
-    def frequency(self, cls: str) -> float:
-        return self.chip_counts.get(cls, 0) / max(self.n_chips, 1)
-
 
 def caption_repeats(ctx: ChipContext, stats: RegionStats, max_repeats: int = 3) -> int:
     """Number of caption variants for a chip: more for chips with rare classes."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from training.build import BuildConfig, RegionBuilder
 from training.classification import classification_prompt, scan_image_folder
+from training.dataset_files import question_of
 from training.metrics import box_iou, caption_scores, match_boxes, match_choice, vqa_correct
 from training.region import RegionSpec, load_region
 from training.samples import rng_for
@@ -153,9 +154,9 @@ def score_vqa(items: list[tuple[Any, str, str, dict[str, Any]]], answer: AnswerF
 
 
 def _pred_boxes(text: str, width: int, height: int) -> list[tuple[float, float, float, float]]:
-    from rsvlm.boxes import parse_boxes
+    from rsvlm.answer import ground
 
-    return [tuple(b.to_pixels(width, height)) for b in parse_boxes(text)]
+    return [b.box_px for b in ground(text, None, (width, height), unique=False)]
 
 
 def eval_grounding(spec: RegionSpec, answer: AnswerFn, *, seed: int = 0,
@@ -260,15 +261,9 @@ def is_dataset(path: str | Path) -> bool:
 
 def split_records(data_dir: Path, split: str, task: str) -> list[dict[str, Any]]:
     """The records of one task in a `build-data` split (``train`` / ``val``)."""
-    path = data_dir / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: build the dataset with `rsvlm-train build-data`")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    return [r for r in rows if r["task"] == task]
+    from training.dataset_files import read_split
 
-
-def _question(record: dict[str, Any]) -> str:
-    return record["conversations"][0]["value"].replace("<image>", "").strip()
+    return [r for r in read_split(data_dir, split) if r["task"] == task]
 
 
 def sample_rows(rows: list[dict[str, Any]], data_dir: Path, task: str, split: str, seed: int,
@@ -305,7 +300,7 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
         report = score_classification([(data_dir / r["image"], r["meta"]["cls"]) for r in rows],
                                       classes, answer, progress)
     elif source == "vqa":
-        report = score_vqa([(_rgb(data_dir / r["image"]), _question(r),
+        report = score_vqa([(_rgb(data_dir / r["image"]), question_of(r),
                              r["conversations"][1]["value"], {**r["meta"], "image": r["image"]})
                             for r in rows],
                            answer, progress)
@@ -313,7 +308,7 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
         items = []
         for r in rows:
             image = _rgb(data_dir / r["image"])
-            items.append((image, _question(r), r["meta"], image.size))
+            items.append((image, question_of(r), r["meta"], image.size))
         report = score_grounding(items, answer, progress)
     else:
         refs: dict[str, list[str]] = defaultdict(list)
@@ -375,7 +370,7 @@ def engine_answer_fn(model: str | None = None, device: str | None = None,
             pass
         text = session.last.text  # as the app shows it: boxes placed by the box head, if any
         # What the prompter was given, for scores that separate retrieval from the LM.
-        answer.retrieved = session.retrieved if engine.use_retrieval else None  # type: ignore[attr-defined]
+        answer.retrieved = session.last.retrieved if engine.use_retrieval else None  # type: ignore[attr-defined]
         return text
 
     return answer

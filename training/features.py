@@ -13,7 +13,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from tiles.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -93,30 +94,29 @@ class FeatureCache:
         n_levels = len(vision_tower.feature_layers)
         shape = (len(images), n_levels, 1 if pooled else vision_tower.num_patches,
                  vision_tower.hidden_size)
-        tmp = folder / "features.tmp.npy"
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
-        device = next(vision_tower.parameters()).device
-        bar = tqdm(total=len(images), desc="vision features (cached once)", unit="img",
-                   disable=not progress)
-        for start in range(0, len(images), batch_size):
-            names = images[start:start + batch_size]
-            pil = []
-            for name in names:
-                with Image.open(image_root / name) as im:
-                    pil.append(im.convert("RGB"))
-            pixels = image_processor(pil, return_tensors="pt")["pixel_values"].to(device)
-            with torch.inference_mode():
-                levels = vision_tower(pixels)
-            stacked = torch.stack([lv.float() for lv in levels], dim=1)
-            if pooled:
-                stacked = stacked.mean(dim=2, keepdim=True)
-            stacked = stacked.cpu().numpy()
-            arr[start:start + len(names)] = stacked.astype(np.float16)
-            bar.update(len(names))
-        bar.close()
-        arr.flush()
-        del arr
-        os.replace(tmp, folder / "features.npy")
+        with atomic_path(folder / "features.npy") as tmp:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+            device = next(vision_tower.parameters()).device
+            bar = tqdm(total=len(images), desc="vision features (cached once)", unit="img",
+                       disable=not progress)
+            for start in range(0, len(images), batch_size):
+                names = images[start:start + batch_size]
+                pil = []
+                for name in names:
+                    with Image.open(image_root / name) as im:
+                        pil.append(im.convert("RGB"))
+                pixels = image_processor(pil, return_tensors="pt")["pixel_values"].to(device)
+                with torch.inference_mode():
+                    levels = vision_tower(pixels)
+                stacked = torch.stack([lv.float() for lv in levels], dim=1)
+                if pooled:
+                    stacked = stacked.mean(dim=2, keepdim=True)
+                stacked = stacked.cpu().numpy()
+                arr[start:start + len(names)] = stacked.astype(np.float16)
+                bar.update(len(names))
+            bar.close()
+            arr.flush()
+            del arr
         (folder / "meta.json").write_text(json.dumps({"images": images, "shape": list(shape)}))
         return cls(folder)
 

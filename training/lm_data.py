@@ -7,7 +7,6 @@ Images enter as feature-cache row indices (see `training.features`) or as pixels
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,12 +31,10 @@ class Example:
 
 
 def read_examples(data_dir: str | Path, split: str, tasks: Sequence[str] | None) -> list[Example]:
-    path = Path(data_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: build it with `rsvlm-train build-data`")
+    from training.dataset_files import read_split
+
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
+    for r in read_split(Path(data_dir), split):
         if tasks and r["task"] not in tasks:
             continue
         conv = r["conversations"]

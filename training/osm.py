@@ -230,12 +230,6 @@ def classify(tags: dict[str, object]) -> Semantic | None:
     return None
 
 
-def noun_phrase(sem: Semantic, *, with_attributes: bool = True) -> str:
-    """`a paved residential road`, `an asbestos roof building`..."""
-    words = " ".join([*sem.attributes[:2], sem.detail]) if with_attributes else sem.detail
-    return f"{article(words)} {words}"
-
-
 def article(word: str) -> str:
     return "an" if word[:1].lower() in "aeio" else "a"
 

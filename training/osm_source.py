@@ -35,6 +35,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tiles.atomic import atomic_path
+
 if TYPE_CHECKING:
     import geopandas as gpd
 
@@ -380,15 +382,14 @@ class OverpassSource:
         log.info("Overpass: %d bytes for %s in %.1f s", len(body), area, time.monotonic() - t0)
         path = self._cache_path(area)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(body)
-        os.replace(tmp, path)  # readers never see half an answer
+        with atomic_path(path) as tmp:  # readers never see half an answer
+            tmp.write_bytes(body)
         self._prune(keep=path)
         return path
 
     def _prune(self, keep: Path) -> None:
         """Oldest answers go once the cache holds more than ``max_cache_bytes``."""
-        files = sorted(self.cache_dir.glob("*.osm"), key=lambda p: p.stat().st_mtime)
+        files = sorted(self.cache_dir.glob("[!.]*.osm"), key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in files)
         for old in files:
             if total <= self.max_cache_bytes:

@@ -11,6 +11,7 @@ from rsvlm.boxes import parse_boxes, replace_boxes
 from rsvlm.configuration import RSVLMConfig
 from rsvlm.engine import ChatEngine
 from rsvlm.testing import TINY_IMAGE_TOKEN_ID, tiny_config, tiny_model, tiny_processor
+from training.model_setup import set_trainable
 
 
 def test_head_gives_every_patch_a_logit_and_an_ordered_box_inside_the_image() -> None:
@@ -84,7 +85,7 @@ def test_model_box_head_saves_loads_and_stays_out_of_models_without_it(tmp_path)
         tiny_model().predict_boxes(torch.zeros(1, 3, 28, 28), torch.ones(1, 2, dtype=torch.long),
                                    torch.ones(1, 2, dtype=torch.long))
     model = tiny_model(box_head_dim=16, box_head_layers=1, box_head_heads=2)
-    counts = model.set_trainable(vision_tower=False, connector=False, language_model=False,
+    counts = set_trainable(model, vision_tower=False, connector=False, language_model=False,
                                  experts=False, retrieval_projection=False, box_head=True)
     assert counts["box_head"] == sum(p.numel() for p in model.box_head.parameters()) > 0
     assert sum(counts.values()) == counts["box_head"]

@@ -57,7 +57,12 @@ def test_follow_up_reuses_cache_and_matches_full_recompute(connector: str) -> No
     # The cached continuation generates what a full forward over the same tokens predicts.
     ids = session._ids
     n_new = follow.timing["new_tokens"]
-    inputs = {k: v for k, v in session._first_inputs.items()}
+    # The first turn's image-side inputs, as the engine built them.
+    processor = engine.processor
+    inputs = processor(text=processor.image_token, images=[session.image],
+                       semantic_texts=[[r["text"] for r in session.retrieved]],
+                       queries=["describe the image"])
+    inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     with torch.inference_mode():
         logits = engine.model(input_ids=ids, **inputs).logits
     predicted = logits[0, -n_new - 1 : -1].argmax(-1)
@@ -88,8 +93,8 @@ def test_grounding_georeferenced_and_pixel_space() -> None:
     (box,) = session.ground(text)
     assert box.label == "building"
     assert box.box_px == pytest.approx((0, 0, 48, 32), abs=0.1)
-    lons = [p[0] for p in box.geometry["coordinates"][0]]
-    lats = [p[1] for p in box.geometry["coordinates"][0]]
+    lons = [p[0] for p in box.to_dict()["geometry"]["coordinates"][0]]
+    lats = [p[1] for p in box.to_dict()["geometry"]["coordinates"][0]]
     assert 32.0 < min(lons) < max(lons) < 33.5 and 0.2 < min(lats) < max(lats) < 0.5
     plain = _engine().session(_chip(georeferenced=False))
     (box,) = plain.ground(text)

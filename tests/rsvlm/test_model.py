@@ -11,6 +11,7 @@ from rsvlm.configuration import RSVLMConfig
 from rsvlm.experts import TOKEN_TYPE_IMAGE, TOKEN_TYPE_SEMANTIC, TOKEN_TYPE_TEXT
 from rsvlm.modeling import RSVLMForConditionalGeneration
 from rsvlm.testing import TINY_IMAGE_TOKEN_ID, tiny_config, tiny_model
+from training.model_setup import set_trainable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -285,7 +286,8 @@ def test_gradient_checkpointing_keeps_routing():
 
 def test_set_trainable_is_structural():
     model = tiny_model(connector_type="semantic_prompter").train()
-    counts = model.set_trainable(
+    counts = set_trainable(
+        model,
         vision_tower=False,
         connector=True,
         language_model=False,

@@ -7,18 +7,14 @@ import os
 import pytest
 import torch
 
-from rsvlm.modeling import (
-    NON_QUANTIZED_MODULES,
-    RSVLMForConditionalGeneration,
-    lora_target_modules,
-    peft_modules_to_save,
-)
+from rsvlm.modeling import NON_QUANTIZED_MODULES, RSVLMForConditionalGeneration
 from rsvlm.testing import (
     QUANTIZABLE_TEXT_WIDTHS,
     TINY_IMAGE_TOKEN_ID,
     tiny_model,
     tiny_text_config,
 )
+from training.model_setup import lora_target_modules, peft_modules_to_save, set_trainable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 peft = pytest.importorskip("peft")
@@ -145,7 +141,7 @@ def test_4bit_quantizes_only_the_language_model(tmp_path):
 def test_qlora_backward_on_4bit(tmp_path):
     _, qmodel = _quantized(tmp_path, connector_type="mlp")
     peft_model = _lora(qmodel)
-    qmodel.set_trainable(connector=True, experts=True)
+    set_trainable(qmodel, connector=True, experts=True)
     batch = _batch(qmodel.config)
     out = peft_model(**batch)
     out.loss.backward()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import html
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,17 +26,21 @@ class StubSession:
         self.chip, self.boxes, self.last = chip, boxes, None
 
     def ask(self, question, region_box_px=None):
+        from rsvlm.answer import Answer, ground
+        from rsvlm.boxes import format_box
+
         self.region_box_px = region_box_px
         yield "stub "
-        boxes = []
-        for label, box, score in self.boxes:
-            geom = self.chip.box_to_polygon(box)
-            from shapely.geometry import mapping
-
-            boxes.append(SimpleNamespace(label=label, box_px=box, score=score,
-                                         geometry=None if geom is None else mapping(geom)))
-        self.last = SimpleNamespace(text="stub answer", boxes=boxes, timing={}, prompt="",
-                                    retrieved=[{"text": "dense residential", "score": 0.7}])
+        w, h = self.chip.width, self.chip.height
+        text = "".join(format_box("object", (x1 * 1000 / w, y1 * 1000 / h, x2 * 1000 / w,
+                                             y2 * 1000 / h))
+                       for _, (x1, y1, x2, y2), _ in self.boxes)
+        boxes = ground(text, self.chip)
+        for box, (label, _, score) in zip(boxes, self.boxes, strict=True):
+            box.label = label  # any text a model may write, markup included
+            box.score = score  # a box head's confidence, where the model has one
+        self.last = Answer(text=text or "stub answer", boxes=boxes,
+                           retrieved=[{"text": "dense residential", "score": 0.7}])
 
 
 class StubEngine:

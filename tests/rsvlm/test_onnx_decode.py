@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from rsvlm import onnx_decode
+from rsvlm.decoding import choose, resolve_mode
 from rsvlm.engine import ChatEngine
-from rsvlm.onnx_decode import OnnxDecodeStep, attached, decoder_for, resolve_mode
+from rsvlm.onnx_decode import OnnxDecode, OnnxDecodeStep
 from rsvlm.testing import TINY_IMAGE_TOKEN_ID, tiny_model, tiny_processor
 
 pytest.importorskip("onnxruntime")
@@ -57,12 +58,12 @@ def test_onnx_decode_gives_the_pytorch_answers_with_follow_ups(cache, connector)
     settings = {"max_new_tokens": 8, "generation": {"repetition_penalty": 1.05}}
     torch_engine = ChatEngine(loaded, decode_backend="torch", **settings)
     onnx_engine = ChatEngine(loaded, decode_backend="onnx", **settings)
-    assert torch_engine.decoder is None and torch_engine.info["decode"] == "torch"
+    assert torch_engine.decoder.name == "torch" and torch_engine.info["decode"] == "torch"
     assert onnx_engine.info["decode"] == "onnx"
     expected = _conversation(torch_engine)
     lengths = []
-    run = onnx_engine.decoder.run
-    onnx_engine.decoder.run = lambda ids, *a: lengths.append(ids.shape[1]) or run(ids, *a)
+    run = onnx_engine.decoder.graph.run
+    onnx_engine.decoder.graph.run = lambda ids, *a: lengths.append(ids.shape[1]) or run(ids, *a)
     got = _conversation(onnx_engine)
     assert got == expected
     # The graph really ran the decode steps (the first answer's first token comes from the
@@ -108,17 +109,21 @@ def test_int8_decoder_runs_and_says_so(cache) -> None:
     assert engine.info["decode"] == "onnx-int8"
     session = engine.session(_image())
     list(session.ask("describe the image"))
-    assert session.last.timing["new_tokens"] >= 1 and engine.decoder.steps >= 1
+    assert session.last.timing["new_tokens"] >= 1 and engine.decoder.graph.steps >= 1
 
 
 def test_auto_falls_back_to_pytorch_where_onnx_cannot_run(cache, monkeypatch) -> None:
     monkeypatch.delenv("RSVLM_DECODE", raising=False)
     model = _model().to(torch.bfloat16)
     assert onnx_decode.unsupported_reason(model) is not None
-    assert decoder_for(model, "auto") is None  # with a log line, no error
+    assert choose(model, "auto").name == "torch"  # with a log line, no error
     with pytest.raises(RuntimeError, match="cannot run here"):
-        decoder_for(model, "onnx")
+        choose(model, "onnx")
     assert not cache.exists()
+    other_family = torch.nn.Linear(2, 2)  # e.g. a pretrained VLM backend's model
+    assert choose(other_family, "auto").name == "torch"
+    with pytest.raises(RuntimeError, match="built for rsvlm models"):
+        choose(other_family, "onnx-int8")
 
 
 def test_decode_backend_names(monkeypatch) -> None:
@@ -130,13 +135,15 @@ def test_decode_backend_names(monkeypatch) -> None:
         resolve_mode("gguf")
 
 
-def test_attached_decoder_is_bypassed_with_gradients_and_for_prompts(cache) -> None:
+def test_hooked_decoder_is_bypassed_with_gradients_and_for_prompts(cache) -> None:
     model = _model()
     decoder = OnnxDecodeStep.for_model(model)
+    strategy = OnnxDecode(decoder)
     from transformers import DynamicCache
 
     ids = torch.tensor([[4, 5, 6, 7]])
-    with attached(model, decoder):
+    more = torch.tensor([[9, 10, 11]])
+    with strategy.hooked(model):
         cache_kv = DynamicCache(config=model.config.text_config)
         with torch.no_grad():
             model(input_ids=ids, past_key_values=cache_kv, use_cache=True)  # a prompt: PyTorch
@@ -154,27 +161,25 @@ def test_attached_decoder_is_bypassed_with_gradients_and_for_prompts(cache) -> N
         # A text continuation of several tokens (a follow-up prompt) runs in the graph too, with
         # the causal mask over the cache and the new tokens: same logits and cache as PyTorch.
         reference = copy.deepcopy(cache_kv)
-        more = torch.tensor([[9, 10, 11]])
         with torch.no_grad():
             out = model(input_ids=more, past_key_values=cache_kv, use_cache=True)
         assert decoder.steps == 2 and cache_kv.get_seq_length() == 9
-        model.onnx_decode_step = None
-        with torch.no_grad():
-            want = model(input_ids=more, past_key_values=reference, use_cache=True)
-        model.onnx_decode_step = decoder
-        torch.testing.assert_close(out.logits[:, -1], want.logits[:, -1], atol=1e-4, rtol=1e-4)
-        for got_layer, want_layer in zip(cache_kv.layers, reference.layers, strict=True):
-            torch.testing.assert_close(got_layer.keys, want_layer.keys, atol=1e-4, rtol=1e-4)
-        # Image or semantic tokens need their routing: PyTorch.
-        with torch.no_grad():
-            model(
-                input_ids=more,
-                past_key_values=cache_kv,
-                token_types=torch.ones_like(more),
-                use_cache=True,
-            )
-        assert decoder.steps == 2 and cache_kv.get_seq_length() == 12
-    assert model.onnx_decode_step is None
+    assert "forward" not in model.__dict__  # unhooked: the class's forward again
+    with torch.no_grad():
+        want = model(input_ids=more, past_key_values=reference, use_cache=True)
+    assert decoder.steps == 2
+    torch.testing.assert_close(out.logits[:, -1], want.logits[:, -1], atol=1e-4, rtol=1e-4)
+    for got_layer, want_layer in zip(cache_kv.layers, reference.layers, strict=True):
+        torch.testing.assert_close(got_layer.keys, want_layer.keys, atol=1e-4, rtol=1e-4)
+    # Image or semantic tokens need their routing: PyTorch.
+    with strategy.hooked(model), torch.no_grad():
+        model(
+            input_ids=more,
+            past_key_values=cache_kv,
+            token_types=torch.ones_like(more),
+            use_cache=True,
+        )
+    assert decoder.steps == 2 and cache_kv.get_seq_length() == 12
 
 
 def test_shape_folding_keeps_the_graph_exact_and_drops_shape_nodes(

@@ -10,7 +10,7 @@ import pytest
 from shapely.geometry import box as shapely_box
 
 import tiles
-from rsvlm.scan import ScanError, grid_windows, metric_crs, scan
+from rsvlm.scan import ScanError, scan
 from tiles.geometry import transform_geometry
 
 UTM = "EPSG:32636"  # 1 m pixels near Kampala
@@ -72,26 +72,6 @@ def _truth_answer_fn(objects: dict[str, tuple[float, float, float, float]], crs:
 
 def _utm_bounds(det) -> tuple[float, ...]:
     return transform_geometry(det.geometry, "EPSG:4326", UTM).bounds
-
-
-def test_grid_covers_the_raster_with_full_size_chips() -> None:
-    windows = grid_windows((0, 0, 1000, 600), (1.0, 1.0), 256, 0.125)
-    xs = sorted({w.bounds[0] for w in windows})
-    assert xs[0] == 0 and max(w.bounds[2] for w in windows) == 1000
-    assert all(
-        w.bounds[2] - w.bounds[0] == 256 and w.bounds[3] - w.bounds[1] == 256 for w in windows
-    )
-    steps = np.diff(xs)
-    assert steps.max() <= 224 and steps.min() > 0  # overlap of at least 32 px everywhere
-    assert windows[0].outer == (True, False, False, True)  # top-left chip: left and top edges
-    with pytest.raises(ScanError, match="overlap"):
-        grid_windows((0, 0, 10, 10), (1, 1), 256, 0.95)
-
-
-def test_metric_crs_is_the_source_crs_or_a_utm_zone() -> None:
-    assert metric_crs(UTM, (32.5, 0.3, 32.6, 0.4)).to_epsg() == 32636
-    assert metric_crs("EPSG:4326", (32.5, 0.3, 32.6, 0.4)).to_epsg() == 32636
-    assert metric_crs("EPSG:4326", (-70.1, -33.5, -70.0, -33.4)).to_epsg() == 32719
 
 
 def test_objects_across_chip_borders_are_reported_once(tmp_path: Path) -> None:
@@ -297,7 +277,7 @@ def test_gpu_out_of_memory_in_a_batch_says_to_lower_the_batch_size(
     class Engine:
         processor, generation, use_retrieval = tiny_engine.processor, {}, False
         generate_kwargs = staticmethod(lambda prompt_length: {})
-        model, device, _lock = OOMModel(), torch.device("cpu"), threading.Lock()
+        model, device, generation_lock = OOMModel(), torch.device("cpu"), threading.Lock()
 
     answer = engine_answer_fn(Engine())
     raster = _write_raster(tmp_path / "o.tif", width=128, height=128)

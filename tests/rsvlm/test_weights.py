@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from rsvlm import weights
+from rsvlm.text_encoder import text_encoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -104,8 +105,8 @@ def test_unwritable_cache_is_reported(tmp_path: Path) -> None:
 
 
 def test_minilm_text_encoder() -> None:
-    encoder = weights.text_encoder()
-    assert weights.text_encoder() is encoder  # loaded once per process
+    encoder = text_encoder()
+    assert text_encoder() is encoder  # loaded once per process
     vectors = encoder.encode(
         [
             "an airport with runways and parked airplanes",

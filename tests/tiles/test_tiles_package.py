@@ -32,3 +32,23 @@ def test_import_is_light():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     ).stdout.strip()
     assert out == "[]"
+
+
+def _imports(package: Path) -> list[tuple[Path, str]]:
+    found = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found += [(path, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.append((path, node.module))
+    return found
+
+
+def test_app_uses_only_what_tiles_exports_and_crs_work_stays_in_tiles():
+    root = TILES.parent
+    for path, name in _imports(root / "app"):
+        assert not name.startswith("tiles."), (path, name)  # `from tiles import ...` only
+    for package in ("app", "rsvlm"):
+        for path, name in _imports(root / package):
+            assert name.split(".")[0] not in {"pyproj", "rasterio", "affine"}, (path, name)

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from training.box_targets import assign_patches, box_head_loss, generalized_iou
 from training.build import BuildConfig, build_dataset
-from training.fit import FitConfig, StageConfig, build_model, fit, grounding_boxes, load_parts
+from training.dataset_files import grounding_boxes
+from training.fit import FitConfig, StageConfig, fit
+from training.model_setup import build_model, load_parts
 from training.region import load_region
 
 
@@ -80,6 +82,6 @@ def test_fit_trains_the_box_head_and_exports_it(grounding_data: Path, tmp_path: 
     # The exported head loads into a fresh model and predicts what the trained one did.
     fresh, processor, _, _ = build_model(cfg)
     before = fresh.box_head.score.weight.clone()
-    fresh = load_parts(fresh, final, cfg).eval()
+    fresh = load_parts(fresh, final).eval()
     assert not torch.equal(before, fresh.box_head.score.weight)
     assert torch.equal(fresh.box_head.score.weight, saved["box_head.score.weight"])

@@ -149,8 +149,8 @@ def test_config_file_round_trip(tmp_path: Path) -> None:
 def test_answer_only_loss_equals_the_models_own_loss(dataset: Path) -> None:
     """lm_loss projects only answer positions onto the vocabulary; the value must not change."""
     from rsvlm.testing import tiny_model, tiny_processor
-    from training.fit import lm_loss
     from training.lm_data import LMCollator, read_examples
+    from training.losses import lm_loss
 
     model = tiny_model(seed=0)
     collate = LMCollator(tiny_processor(model.config), 200, image_root=dataset)
@@ -251,7 +251,7 @@ def test_the_repos_fit_configs_load_and_name_real_architecture_fields() -> None:
 
 
 def test_database_rows_hold_each_training_text_once(tmp_path) -> None:
-    from training.fit import database_rows
+    from training.dataset_files import database_rows
 
     rows = [
         {"text": "An aerial image of a port.", "split": "train", "cls": "port", "image": "a.png"},
@@ -277,27 +277,28 @@ def test_database_rows_hold_each_training_text_once(tmp_path) -> None:
 
 def test_augmented_views_origins_and_stage_filter(small_region: Path, tmp_path: Path) -> None:
     from rsvlm.testing import tiny_model, tiny_processor
-    from training.fit import _origins, _stage_batches
+    from training.dataset_files import view_origins
+    from training.stage_kinds import stage_batches
 
     spec = load_region(small_region, chip_size=128, val_fraction=0.2, block_chips=2)
     data = tmp_path / "aug"
     build_dataset(data, [spec], [], BuildConfig(seed=0, tasks=("grounding",), augment=1),
                   progress=False)
-    origins = _origins(data)
+    origins = view_origins(data)
     assert origins and all("_d" in Path(k).name and "_d" not in Path(v).name
                            for k, v in origins.items())
     cfg = _config(data, tmp_path / "run")
     model = tiny_model(retrieval_embed_dim=384)
     processor = tiny_processor(model.config)
-    everything, _ = _stage_batches(cfg, 1, StageConfig("g"), model, processor, None)
-    originals, _ = _stage_batches(cfg, 1, StageConfig("g", augmented=False), model, processor,
-                                  None)
+    everything, _ = stage_batches(cfg, StageConfig("g"), model, processor, None)
+    originals, _ = stage_batches(cfg, StageConfig("g", augmented=False), model, processor,
+                                 None)
     assert {e.image for e in everything} - {e.image for e in originals} == set(origins)
     assert not {e.image for e in originals} & set(origins)
 
 
 def test_scene_classes_group_retrieval_positives(tmp_path: Path) -> None:
-    from training.fit import _scene_texts
+    from training.dataset_files import scene_texts
 
     rows = [{"text": "This image shows a park.", "level": "scene", "cls": "park",
              "image": "a.png", "region": "aid", "split": "train"},
@@ -307,14 +308,14 @@ def test_scene_classes_group_retrieval_positives(tmp_path: Path) -> None:
              "split": "train"},
             {"text": "held back", "level": "scene", "image": "d.png", "split": "val"}]
     (tmp_path / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    scenes = _scene_texts(tmp_path)
+    scenes = scene_texts(tmp_path)
     assert scenes == {"a.png": ("This image shows a park.", "aid:park"),
                       "b.png": ("A park seen from above.", "aid:park"),
                       "c.png": ("Four buildings.", None)}
 
 
 def test_overrides_that_disagree_with_init_parts_are_refused(tmp_path: Path) -> None:
-    from training.fit import build_model
+    from training.model_setup import build_model
 
     init = tmp_path / "parts"
     init.mkdir()
@@ -326,7 +327,7 @@ def test_overrides_that_disagree_with_init_parts_are_refused(tmp_path: Path) -> 
 
 
 def test_database_positives_are_own_texts_and_the_scene_class(tmp_path: Path) -> None:
-    from training.fit import database_positives, database_rows
+    from training.dataset_files import database_positives, database_rows
 
     rows = [{"text": "This image shows a park.", "level": "scene", "cls": "park",
              "image": "a.png", "region": "aid", "split": "train"},
@@ -374,15 +375,17 @@ def test_a_retriever_reinitialised_and_trained_against_the_whole_database(
     every database text) falls as it trains."""
     from rsvlm.loading import apply_trained_parts
     from rsvlm.testing import tiny_model
+    from training.dataset_files import scene_texts
     from training.features import FeatureCache, cached_vision
-    from training.fit import _database_batches, _reinit_retrieval_projection, _scene_texts
+    from training.model_setup import reinit_retrieval_projection
+    from training.stage_data import database_batches
 
     trained = tiny_model(retrieval_embed_dim=384)
     proj = trained.retrieval_projection
     with torch.no_grad():
         proj.fc1.weight.fill_(1.0)
         proj.logit_scale.fill_(4.0)
-    _reinit_retrieval_projection(trained)
+    reinit_retrieval_projection(trained)
     assert proj.fc1.weight.std() > 0 and float(proj.logit_scale) == pytest.approx(2.6592, 1e-4)
 
     cfg = _config(dataset, tmp_path / "run")
@@ -398,7 +401,7 @@ def test_a_retriever_reinitialised_and_trained_against_the_whole_database(
     model = apply_trained_parts(tiny_model(retrieval_embed_dim=384), Path(result["final"]))
     (cache_dir,) = (tmp_path / "run" / "feature_cache").iterdir()
     cache = FeatureCache(cache_dir)
-    data, collate = _database_batches(cfg, dataset, sorted(_scene_texts(dataset)), cache)
+    data, collate = database_batches(cfg, dataset, sorted(scene_texts(dataset)), cache)
     with torch.inference_mode(), cached_vision(model, cache):
         batch = collate(data)
         full = model.embed_image_for_retrieval(batch["rows"])
@@ -420,23 +423,23 @@ def test_retrieval_trains_on_views_of_classified_images_only(small_region: Path,
     """A rotated scene keeps its class sentences as positives; a rotated region chip is left
     out (its description names positions the rotation moved). The run caches what its stages
     read, pooled when they are all retrieval stages."""
-    from training.features import FeatureCache, cached_vision
-    from training.fit import (
-        _class_views,
-        _database_batches,
-        _scene_texts,
-        _stage_images,
+    from training.dataset_files import (
+        class_views,
         database_positives,
         database_rows,
+        scene_texts,
     )
+    from training.features import FeatureCache, cached_vision
+    from training.stage_data import database_batches
+    from training.stage_kinds import stage_images
 
     spec = load_region(small_region, chip_size=128, val_fraction=0.2, block_chips=2)
     data = tmp_path / "aug"
     build_dataset(data, [spec], [image_folder], BuildConfig(seed=0, tasks=("grounding",),
                                                             augment=1),
                   folder_val_fraction=0.25, progress=False)
-    scenes = _scene_texts(data)
-    views = _class_views(data, scenes)
+    scenes = scene_texts(data)
+    views = class_views(data, scenes)
     chips = [json.loads(x) for x in (data / "chips.jsonl").read_text().splitlines()]
     region_views = {c["image"] for c in chips
                     if c.get("origin") and c["id"].startswith(f"{spec.name}/")}
@@ -449,12 +452,12 @@ def test_retrieval_trains_on_views_of_classified_images_only(small_region: Path,
     stage = StageConfig("retriever", kind="retrieval", train=["retrieval_projection"],
                         epochs=1, lr=1e-3, negatives="database", positives="any")
     cfg.stages = [stage]
-    images = _stage_images(cfg)
+    images = stage_images(cfg)
     assert {str((data / v).resolve()) for v in views} <= set(images)
     assert not {str((data / v).resolve()) for v in region_views} & set(images)
     box_cfg = _config(data, tmp_path / "run2")
     box_cfg.stages = [StageConfig("b", kind="boxes", train=["box_head"])]
-    assert not {str((data / v).resolve()) for v in folder_views} & set(_stage_images(box_cfg))
+    assert not {str((data / v).resolve()) for v in folder_views} & set(stage_images(box_cfg))
 
     result = fit(cfg, progress=False)
     (cache_dir,) = (tmp_path / "run" / "feature_cache").iterdir()
@@ -462,7 +465,7 @@ def test_retrieval_trains_on_views_of_classified_images_only(small_region: Path,
     assert cache.array.shape[2] == 1  # pooled: one mean per level
     texts, _ = database_rows(data)
     positives = database_positives(data, texts)
-    rows, collate = _database_batches(cfg, data, sorted(scenes), cache, views)
+    rows, collate = database_batches(cfg, data, sorted(scenes), cache, views)
     by_row = dict(rows)
     for view, origin in views.items():
         assert by_row[cache.rows[str((data / view).resolve())]] == positives[origin]

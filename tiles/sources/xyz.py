@@ -14,7 +14,6 @@ import math
 import os
 import re
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from affine import Affine
 
 from tiles import geometry
+from tiles.atomic import atomic_path
 from tiles.chip import Chip
 from tiles.errors import ImageryError
 from tiles.sources.base import Size, Source, chip_grid
@@ -187,10 +187,8 @@ class HTTPStore(TileStore):
             log.info("tile %s/%s/%s: HTTP %s", z, x, y, resp.status_code)
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            f.write(resp.content)
-        os.replace(tmp, path)  # readers never see half a tile
+        with atomic_path(path) as tmp:  # readers never see half a tile
+            tmp.write_bytes(resp.content)
         return resp.content
 
     def close(self) -> None:
