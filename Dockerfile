@@ -53,9 +53,12 @@ RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin rsvlm \
     && mkdir -p /home/rsvlm/.cache/rsvlm /home/rsvlm/.cache/huggingface \
     && chown -R rsvlm:rsvlm /home/rsvlm/.cache
 USER 1000:1000
+# No telemetry: Gradio's analytics and version check, and the Hugging Face hub's usage pings.
 ENV HOME=/home/rsvlm \
     HF_HOME=/home/rsvlm/.cache/huggingface \
-    RSVLM_CACHE=/home/rsvlm/.cache/rsvlm/weights
+    RSVLM_CACHE=/home/rsvlm/.cache/rsvlm/weights \
+    GRADIO_ANALYTICS_ENABLED=False \
+    HF_HUB_DISABLE_TELEMETRY=1
 VOLUME ["/home/rsvlm/.cache"]
 
 EXPOSE 7860

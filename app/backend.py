@@ -133,12 +133,16 @@ class FakeBackend:
 class EngineBackend:
     """The real model through `rsvlm.engine.ChatEngine`."""
 
-    def __init__(self, loaded: Any, decode: str | None = "auto") -> None:
+    def __init__(self, loaded: Any, decode: str | None = "auto", *,
+                 semantic_context: bool = True, osm: Callable[[Any], list[str]] | None = None
+                 ) -> None:
         from rsvlm.engine import ChatEngine
 
         self.loaded = loaded
         # Bounded answers on CPU; the first start with new weights exports the CPU decoder.
-        self.engine = ChatEngine(loaded, max_new_tokens=160, decode_backend=decode)
+        # ``osm(chip)``: OSM lines a pretrained model's prompt gets as context.
+        self.engine = ChatEngine(loaded, max_new_tokens=160, decode_backend=decode,
+                                 semantic_context=semantic_context, osm=osm)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -152,14 +156,18 @@ class EngineBackend:
     def load(cls, model: str | None = None, *, device: str | None = None,
              quantize: bool | None = None,
              progress: Callable[[str], None] | None = None,
-             decode: str | None = "auto") -> EngineBackend:
+             decode: str | None = "auto", adapter: str | None = None,
+             allow_untrained: bool = False, semantic_context: bool = True,
+             osm: Callable[[Any], list[str]] | None = None) -> EngineBackend:
         from rsvlm.loading import load
 
-        loaded = load(model, device=device, quantize=quantize, progress=progress)
-        if progress is not None and loaded.info.get("device") == "cpu":
+        loaded = load(model, device=device, quantize=quantize, progress=progress,
+                      adapter=adapter, allow_untrained=allow_untrained, retriever="embedded")
+        if progress is not None and loaded.info.get("device") == "cpu" \
+                and not loaded.info.get("pretrained"):
             progress("Preparing the decoder (the first start with new weights exports it "
                      "to ONNX Runtime, about 30 s) ...")
-        return cls(loaded, decode=decode)
+        return cls(loaded, decode=decode, semantic_context=semantic_context, osm=osm)
 
 
 class LoadingBackend:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +21,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.backend import Backend, BackendNotReady, Session
+from app.files import FileStore, SessionFiles
+from app.guards import (
+    MAX_QUESTION_CHARS,
+    UserError,
+    check_class,
+    check_question,
+    checked_chip,
+    chip_summary,
+    public,
+    reject,
+)
 from app.html_safe import esc, markdown_text, table  # noqa: F401 - app.layout uses h.esc
 from app.map_html import ImageLayer, MapSpec, map_iframe, overlay_layer, render_map
-from app.osm_panel import AreaOSM, features_for, fetch_area, map_layer, panel_html
+from app.osm_panel import AreaOSM, AreaStore, features_for, fetch_area, map_layer, panel_html
 from app.region import Region, features_geojson
 
 if TYPE_CHECKING:
@@ -40,7 +50,7 @@ QUICK_ACTIONS = {
     "find": "Find all {cls} in this image.",
     "count": "How many {cls} are in this image?",
 }
-MAX_QUESTION_CHARS = 2000
+__all__ = ["MAX_QUESTION_CHARS", "AppContext", "SessionState", "UIUpdate", "UserError"]
 TILE_PROVIDER = "Esri.WorldImagery"
 
 
@@ -60,9 +70,14 @@ class AppContext:
     region_layer: ImageLayer | None = None
     region_osm: dict[str, Any] | None = None
     osm: Any = None  # training.osm_source.OSMSource for imagery outside the region, or None
+    osm_areas: AreaStore = field(default_factory=AreaStore)  # fetched areas (prompt context)
+    #: Fraction of a chip that must be imagery (see `app.guards`).
+    min_coverage: float = 0.25
+    #: Per-session folders for uploads and exports, under ``export_dir`` (see `app.files`).
+    files: FileStore = field(init=False)
 
     def __post_init__(self) -> None:
-        self.export_dir.mkdir(parents=True, exist_ok=True)
+        self.files = FileStore(self.export_dir)
         if self.region is not None and self.region_layer is None:
             self.region_layer = overlay_layer(self.region.preview, f"Imagery: {self.region.name}",
                                               self.region.attribution)
@@ -86,6 +101,12 @@ class SessionState:
     last_boxes: list[tuple[tuple[int, int, int, int], str]] = field(default_factory=list)
     last_answer: Answer | None = None
     exports: list[Path] = field(default_factory=list)
+    files: SessionFiles | None = None  # this session's folder (uploads, exports)
+
+    def close(self) -> None:
+        """Remove the session's files (the session has ended)."""
+        if self.files is not None:
+            self.files.close()
 
 
 @dataclass
@@ -101,23 +122,25 @@ class UIUpdate:
     notice: str | None = None  # a message for this user (bad input, model not ready, failure)
 
 
-class UserError(ValueError):
-    """Bad input from the user; the message is shown as is."""
-
-
 # --- parsing what the browser sends -------------------------------------------------------------
 
 def parse_bbox(text: str) -> Bounds:
     """``"W,S,E,N"`` (lon/lat) -> bounds; `UserError` with the reason otherwise."""
     from tiles import check_bbox
 
-    parts = [p for p in str(text).replace(";", ",").replace(" ", ",").split(",") if p]
+    text = str(text)
+    parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
     if len(parts) != 4:
-        raise UserError(f"A bbox is four numbers W,S,E,N (lon/lat); got {text!r}.")
+        shown = text if len(text) <= 60 else text[:60] + "…"
+        raise UserError(f"A bbox is four numbers W,S,E,N (lon/lat); got {shown!r}.")
     try:
-        return tuple(check_bbox(parts))  # type: ignore[return-value]
+        w, s, e, n = check_bbox(parts)
     except ValueError as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError(str(exc)[:300]) from exc
+    if not (s >= -90 and n <= 90 and w >= -360 and e <= 360):
+        raise UserError(f"The bbox {[w, s, e, n]} is not lon/lat: latitudes must be within "
+                        "-90..90 and longitudes within -360..360 (W,S,E,N order).")
+    return (w, s, e, n)
 
 
 def bbox_from_geojson(text: str) -> Bounds:
@@ -192,9 +215,10 @@ def _full_update(ctx: AppContext, state: SessionState, fit: Bounds | None = None
 
 # --- session start, chips -----------------------------------------------------------------------
 
-def start_session(ctx: AppContext) -> tuple[SessionState, UIUpdate]:
-    """A fresh tab: the whole region is the chip."""
-    state = SessionState()
+def start_session(ctx: AppContext, key: str | None = None) -> tuple[SessionState, UIUpdate]:
+    """A fresh tab: the whole region is the chip. ``key`` names its file folder (Gradio's
+    session hash), so the folder can be removed when the tab goes."""
+    state = SessionState(files=ctx.files.open(key))
     if ctx.region is not None:
         _set_chip(ctx, state, str(ctx.region.imagery), None)
     return state, _full_update(ctx, state)
@@ -204,21 +228,22 @@ def _set_chip(ctx: AppContext, state: SessionState, source: str, bbox: Bounds | 
     from tiles import open_source
 
     with open_source(source) as src:
-        chip = src.chip(bbox, crs="EPSG:4326", size=ctx.chip_size)
+        chip = checked_chip(src, bbox, size=ctx.chip_size, min_coverage=ctx.min_coverage)
     state.chip, state.chip_source, state.session = chip, source, None
     state.last_boxes, state.last_answer = [], None
 
 
 def _source_for(ctx: AppContext, state: SessionState, bbox: Bounds) -> str | None:
-    """The local imagery under the centre of ``bbox``: the upload first, then the region."""
-    cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
+    """The local imagery ``bbox`` overlaps: the upload first, then the region."""
+    from tiles import intersects
+
     candidates = []
     if state.upload_layer is not None and state.upload_georeferenced:
         candidates.append((state.upload_path, state.upload_layer.bounds_lonlat))
     if ctx.region is not None and ctx.region.bounds_lonlat is not None:
         candidates.append((str(ctx.region.imagery), ctx.region.bounds_lonlat))
-    for path, (w, s, e, n) in candidates:
-        if w <= cx <= e and s <= cy <= n:
+    for path, bounds in candidates:
+        if intersects(bbox, bounds):
             return path
     return None
 
@@ -229,12 +254,14 @@ def select_bbox(ctx: AppContext, state: SessionState, bbox: Bounds) -> UIUpdate:
 
     source = _source_for(ctx, state, bbox)
     if source is None:
+        reject("bbox", "no local imagery under the rectangle")
         return UIUpdate(notice="There is no local imagery under that rectangle. Draw inside the "
                                "imagery, upload a GeoTIFF, or click the basemap to fetch a tile.")
     try:
         _set_chip(ctx, state, source, bbox)
-    except ImageryError as exc:
-        return UIUpdate(notice=str(exc))
+    except (ImageryError, UserError) as exc:
+        reject("bbox", str(exc))
+        return UIUpdate(notice=public(str(exc)))
     return _full_update(ctx, state)
 
 
@@ -288,14 +315,15 @@ def on_map_click(ctx: AppContext, state: SessionState, payload: str, allow_netwo
             chip = src.chip((b.west, b.south, b.east, b.north), crs="EPSG:4326",
                             size=ctx.chip_size)
     except (ImageryError, OSError) as exc:
-        return UIUpdate(notice=f"Could not fetch the tile: {exc}")
+        reject("map click", str(exc))
+        return UIUpdate(notice=public(f"Could not fetch the tile: {exc}"))
     from tiles import overlay_from_chip
 
     state.chip, state.chip_source, state.session = chip, ctx.tile_provider, None
     state.last_boxes, state.last_answer = [], None
     state.upload_layer = overlay_layer(overlay_from_chip(chip), "Fetched tile")
     state.upload_georeferenced, state.upload_path = False, ""
-    state.osm_area = fetch_area(ctx.osm, chip.bounds_lonlat)
+    state.osm_area = fetch_area(ctx.osm, chip.bounds_lonlat, ctx.osm_areas)
     return _full_update(ctx, state)
 
 
@@ -308,27 +336,36 @@ def upload(ctx: AppContext, state: SessionState, path: str | None) -> UIUpdate:
 
     if not path:
         return UIUpdate()
+    name = Path(path).name
+    if state.files is not None:  # out of Gradio's upload folder, into the session's own
+        try:
+            path = str(state.files.adopt(path))
+        except OSError as exc:
+            reject("upload", f"gone before it was read ({type(exc).__name__})")
+            return UIUpdate(notice=f"{name} is no longer on the server; upload it again.")
     size_mb = os.path.getsize(path) / 1e6
     if size_mb > ctx.max_upload_mb:
-        return UIUpdate(notice=f"{Path(path).name} is {size_mb:.1f} MB; the limit is "
+        reject("upload", f"{size_mb:.1f} MB over the {ctx.max_upload_mb:g} MB limit")
+        return UIUpdate(notice=f"{name} is {size_mb:.1f} MB; the limit is "
                                f"{ctx.max_upload_mb:g} MB.")
     try:
         with open_source(path) as src:
             georef = src.georeferenced
-            layer = overlay_layer(src.preview(1024), f"Upload: {Path(path).name}") if georef \
-                else None
-            chip = src.chip(None, size=ctx.chip_size)
-    except ImageryError as exc:
-        return UIUpdate(notice=f"{Path(path).name}: {exc}")
+            layer = overlay_layer(src.preview(1024), f"Upload: {name}") if georef else None
+            chip = checked_chip(src, None, size=ctx.chip_size, min_coverage=ctx.min_coverage)
+    except (ImageryError, UserError) as exc:
+        reject("upload", str(exc))
+        return UIUpdate(notice=public(f"{name}: {exc}"))
     except Exception as exc:  # a reader crash must not end the session
         log.exception("upload failed")
-        return UIUpdate(notice=f"{Path(path).name} could not be read as imagery "
+        return UIUpdate(notice=f"{name} could not be read as imagery "
                                f"({type(exc).__name__}).")
     state.upload_path, state.upload_layer, state.upload_georeferenced = path, layer, georef
-    state.osm_area = fetch_area(ctx.osm, layer.bounds_lonlat if layer is not None else None)
+    state.osm_area = fetch_area(ctx.osm, layer.bounds_lonlat if layer is not None else None,
+                                ctx.osm_areas)
     state.chip, state.chip_source, state.session = chip, path, None
     state.last_boxes, state.last_answer = [], None
-    note = None if georef else (f"{Path(path).name} has no georeference: answers are in pixel "
+    note = None if georef else (f"{name} has no georeference: answers are in pixel "
                                 "space (shown on the image, not on the map).")
     fit = layer.bounds_lonlat if layer is not None else None
     return _full_update(ctx, state, fit=fit, notice=note)
@@ -341,16 +378,18 @@ def quick_question(action: str, cls: str = "buildings") -> str:
     template = QUICK_ACTIONS.get(action)
     if template is None:
         raise UserError(f"Unknown quick action {action!r}.")
-    return template.format(cls=(cls or "buildings").strip()[:60])
+    return template.format(cls=check_class(cls))
 
 
 def ask(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdate]:
     """Stream the answer into the chat, then ground its boxes on the map, chip and table."""
     from tiles import Detection
 
-    question = (question or "").strip()[:MAX_QUESTION_CHARS]
-    if not question:
-        yield UIUpdate(notice="Type a question first.")
+    try:
+        question = check_question(question)
+    except UserError as exc:
+        reject("question", str(exc))
+        yield UIUpdate(notice=str(exc) if (question or "").strip() else "Type a question first.")
         return
     if state.chip is None:
         yield UIUpdate(notice="No imagery yet: upload an image or draw a rectangle on the map.")
@@ -382,7 +421,7 @@ def ask(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdat
         return
     except Exception as exc:  # one failed request must not take the session or server down
         log.exception("answer failed")
-        msg = f"Sorry, this answer failed ({type(exc).__name__}: {exc})."
+        msg = public(f"Sorry, this answer failed ({type(exc).__name__}: {exc}).")
         history[-1] = {"role": "assistant", "content": markdown_text(msg)}
         state.session = None  # a broken session is not reused
         yield UIUpdate(chat=list(history), notice=msg)
@@ -398,6 +437,9 @@ def ask(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdat
     del state.detections[:-ctx.max_detections]
     n_geo = sum(b.geometry is not None for b in answer.boxes)
     footer = f"{time.perf_counter() - t0:.1f} s"
+    cover = state.chip.meta.get("coverage", 1.0)
+    if cover < 0.995:  # say how much of the chip is imagery at all
+        footer = f"imagery covers {cover:.0%} of the chip · " + footer
     if answer.boxes:
         where = "on the map and the chip" if n_geo else "on the chip (pixel space)"
         footer = f"{len(answer.boxes)} object(s) grounded {where} · " + footer
@@ -430,11 +472,13 @@ def export(ctx: AppContext, state: SessionState, fmt: str = "geojson") -> tuple[
         return None, f"Unknown export format {fmt!r}."
     for old in state.exports:  # keep one file per session: disk stays flat
         old.unlink(missing_ok=True)
-    path = ctx.export_dir / f"detections-{uuid.uuid4().hex[:8]}{suffix}"
+    if state.files is None:
+        state.files = ctx.files.open()
+    path = state.files.export_path("detections", suffix)
     try:
         (write_geojson if fmt == "geojson" else write_gpkg)(state.detections, path)
     except ImageryError as exc:
-        return None, str(exc)
+        return None, public(str(exc))
     state.exports = [path]
     return path, f"Exported {len(state.detections)} detections ({fmt})."
 
@@ -448,11 +492,11 @@ def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str
     Bad input raises `UserError` with the reason."""
     from tiles import ImageryError, open_source, to_feature_collection
 
-    question = (question or "").strip()[:MAX_QUESTION_CHARS]
-    if not question:
-        raise UserError("The question is empty.")
+    question = check_question(question)
     box = parse_bbox(bbox) if bbox and bbox.strip() else None
     if image_path:
+        if not os.path.isfile(image_path):
+            raise UserError("The uploaded image is no longer on the server; upload it again.")
         if os.path.getsize(image_path) / 1e6 > ctx.max_upload_mb:
             raise UserError(f"The image is larger than {ctx.max_upload_mb:g} MB.")
         source = image_path
@@ -462,10 +506,9 @@ def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str
         raise UserError("Give an image: no region is loaded.")
     try:
         with open_source(source) as src:
-            chip = src.chip(box if src.georeferenced else None, crs="EPSG:4326",
-                            size=ctx.chip_size)
+            chip = checked_chip(src, box, size=ctx.chip_size, min_coverage=ctx.min_coverage)
     except ImageryError as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError(public(str(exc))) from exc
     try:
         session = ctx.backend.new_session(chip)
         for _ in session.ask(question):
@@ -489,6 +532,7 @@ def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str
             fc["features"].append({"type": "Feature", "geometry": None, "properties": {
                 "label": b.name, "box_px": [round(float(v), 2) for v in (x1, y1, x2, y2)],
                 "question": question}})
+    fc["chip"] = chip_summary(chip)  # a foreign member (RFC 7946 §6.1): coverage, bounds
     return answer.text, json.dumps(fc)
 
 

@@ -12,7 +12,11 @@ from typing import Any
 import gradio as gr
 
 from app import handlers as h
+from app.files import LEASES
+from app.guards import reject
 from app.handlers import AppContext, SessionState, UIUpdate
+from app.serving import client_of
+from tiles import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +78,12 @@ class Page:
 
 
 def build_layout(ctx: AppContext) -> tuple[gr.Blocks, Page]:
-    with gr.Blocks(title="RS-VLM: chat with the map") as demo:
-        state = gr.State(None, time_to_live=3 * 3600)
+    # analytics_enabled=False: no telemetry or version check from this page (see docs/app.md).
+    # delete_cache: Gradio's own copies (uploads, chip images, served exports) go after 3 h.
+    with gr.Blocks(title="RS-VLM: chat with the map", analytics_enabled=False,
+                   delete_cache=(1800, 3 * 3600)) as demo:
+        # The session's files go with its state (expiry) or its tab (`demo.unload` in `wire`).
+        state = gr.State(None, time_to_live=3 * 3600, delete_callback=_close_state)
         with gr.Row():
             gr.Markdown("## RS-VLM — ask the map", elem_id="rsvlm-title")
             status = gr.Markdown(h.status_markdown(ctx), elem_id="rsvlm-status")
@@ -156,6 +164,15 @@ def build_layout(ctx: AppContext) -> tuple[gr.Blocks, Page]:
     return demo, page
 
 
+def _close_state(state: SessionState | None) -> None:
+    if state is not None:
+        state.close()
+
+
+def _session_key(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
 def _values(update: UIUpdate) -> list[Any]:
     """An `UIUpdate` as output values (``gr.skip()`` where a panel stays as it is)."""
     if update.notice:
@@ -175,12 +192,12 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
     outs = [p.state, *p.outputs()]
     private: dict[str, Any] = {"api_visibility": "private"}
 
-    def start() -> list[Any]:
-        state, update = h.start_session(ctx)
+    def start(request: gr.Request) -> list[Any]:
+        state, update = h.start_session(ctx, _session_key(request))
         return [state, *_values(update)]
 
-    def ensure(state: SessionState | None) -> SessionState:
-        return state if state is not None else h.start_session(ctx)[0]
+    def ensure(state: SessionState | None, request: gr.Request | None = None) -> SessionState:
+        return state if state is not None else h.start_session(ctx, _session_key(request))[0]
 
     def on_draw(state: SessionState | None, payload: str) -> list[Any]:
         state = ensure(state)
@@ -194,9 +211,13 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
         state = ensure(state)
         return [state, *_values(h.on_map_click(ctx, state, payload, allow))]
 
-    def on_upload(state: SessionState | None, path: str | None) -> list[Any]:
-        state = ensure(state)
-        return [state, *_values(h.upload(ctx, state, path))]
+    def on_upload(state: SessionState | None, path: str | None, request: gr.Request
+                  ) -> list[Any]:
+        state = ensure(state, request)
+        try:
+            return [state, *_values(h.upload(ctx, state, path))]
+        finally:
+            release_memory()  # a big decode's memory goes back to the system
 
     def on_ask(state: SessionState | None, question: str) -> Iterator[list[Any]]:
         state = ensure(state)
@@ -207,15 +228,22 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
         state = ensure(state)
         return [state, *_values(h.clear_chat(state))]
 
-    def on_export(state: SessionState | None, fmt: str) -> Any:
-        path, message = h.export(ctx, ensure(state), fmt)
+    def on_export(state: SessionState | None, fmt: str, request: gr.Request) -> Any:
+        state = ensure(state, request)
+        path, message = h.export(ctx, state, fmt)
         if path is None:
             gr.Warning(message)
             return gr.skip()
         gr.Info(message)
+        if state.files is not None:  # Gradio serves a copy: to this browser, for this session
+            state.files.served(path, client_of(request))
         return gr.File(value=str(path), visible=True)
 
     demo.load(start, None, outs, **private)
+    def on_unload(request: gr.Request) -> None:
+        ctx.files.close(_session_key(request) or "")
+
+    demo.unload(on_unload)
     p.timer.tick(lambda: (h.status_markdown(ctx), gr.Timer(active=not h.backend_ready(ctx))),
                  None, [p.status, p.timer], queue=False, **private)
     p.drawn.change(on_draw, [p.state, p.drawn], outs, **private)
@@ -230,7 +258,13 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
         lambda: "", None, p.question, **private)
     def quick(action: str):
         def run(state: SessionState | None, cls: str) -> Iterator[list[Any]]:
-            yield from on_ask(state, h.quick_question(action, cls))
+            try:
+                question = h.quick_question(action, cls)
+            except h.UserError as exc:
+                reject("quick action", str(exc))
+                yield [ensure(state), *_values(UIUpdate(notice=str(exc)))]
+                return
+            yield from on_ask(state, question)
 
         return run
 
@@ -238,25 +272,41 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
                            (p.quick_find, "find"), (p.quick_count, "count")):
         button.click(quick(action), [p.state, p.quick_class], **ask_args)
     p.clear.click(on_clear, [p.state], outs, **private)
-    p.export_geojson.click(lambda s: on_export(s, "geojson"), [p.state], p.export_file,
-                           **private)
-    p.export_gpkg.click(lambda s: on_export(s, "gpkg"), [p.state], p.export_file, **private)
+    def export_as(fmt: str):
+        def run(state: SessionState | None, request: gr.Request) -> Any:
+            return on_export(state, fmt, request)
+
+        return run
+
+    p.export_geojson.click(export_as("geojson"), [p.state], p.export_file, **private)
+    p.export_gpkg.click(export_as("gpkg"), [p.state], p.export_file, **private)
 
     # --- gradio_client API ------------------------------------------------------------------
-    def api_ask(image: str | None, bbox: str, question: str) -> tuple[str, str]:
+    def api_call(endpoint: str, image: str | None, bbox: str, question: Any
+                 ) -> tuple[str, str]:
+        """A stateless API call: rejections are one log line and a `gr.Error` without a
+        traceback; the uploaded file is deleted once answered."""
         try:
-            return h.api_ask(ctx, image, bbox, question)
+            text = question() if callable(question) else question
+            with LEASES.lease(image):  # the upload is deleted once no call uses it
+                return h.api_ask(ctx, image, bbox, text)
         except h.UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            reject(endpoint, str(exc))
+            raise gr.Error(str(exc), print_exception=False) from None
+        finally:
+            release_memory()
+
+    def api_ask(image: str | None, bbox: str, question: str) -> tuple[str, str]:
+        return api_call("/ask", image, bbox, question)
 
     def api_find(image: str | None, bbox: str, cls: str) -> tuple[str, str]:
-        return api_ask(image, bbox, h.quick_question("find", cls))
+        return api_call("/find", image, bbox, lambda: h.quick_question("find", cls))
 
     def api_describe(image: str | None, bbox: str) -> tuple[str, str]:
-        return api_ask(image, bbox, h.quick_question("describe"))
+        return api_call("/describe", image, bbox, lambda: h.quick_question("describe"))
 
     def api_classify(image: str | None, bbox: str) -> tuple[str, str]:
-        return api_ask(image, bbox, h.quick_question("classify"))
+        return api_call("/classify", image, bbox, lambda: h.quick_question("classify"))
 
     pair = [p.api_answer, p.api_geojson]
     api_button = gr.Button(visible=False)

@@ -11,6 +11,8 @@ text nodes.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,11 +48,54 @@ class AreaOSM:
         return self.features.iloc[sorted(idx)]
 
 
-def fetch_area(osm: Any, bounds: Bounds | None) -> AreaOSM | None:
+class AreaStore:
+    """The areas fetched lately (shared by sessions), so a model's prompt context can reuse
+    them without another request or read (`prompt_lines`)."""
+
+    def __init__(self, max_areas: int = 32) -> None:
+        self._areas: OrderedDict[Bounds, AreaOSM] = OrderedDict()
+        self._max = max_areas
+        self._lock = threading.Lock()
+
+    def add(self, area: AreaOSM | None) -> AreaOSM | None:
+        if area is not None and area.features is not None:
+            with self._lock:
+                self._areas[area.bounds] = area
+                self._areas.move_to_end(area.bounds)
+                while len(self._areas) > self._max:
+                    self._areas.popitem(last=False)
+        return area
+
+    def find(self, bounds: Bounds | None) -> AreaOSM | None:
+        """The latest area that holds the centre of ``bounds``."""
+        if bounds is None:
+            return None
+        with self._lock:
+            areas = list(self._areas.values())
+        return next((a for a in reversed(areas) if _inside(bounds, a.bounds)), None)
+
+
+def prompt_lines(region: Any, store: AreaStore, chip: Any, max_lines: int = 8) -> list[str]:
+    """``OSM key=value: count`` lines of the chip's features (the panel's), for a pretrained
+    model's prompt: the region's file on the region, a fetched area elsewhere."""
+    from rsvlm.backends.semantics import tag_lines
+
+    bounds = getattr(chip, "bounds_lonlat", None)
+    features, _, _ = features_for(region, store.find(bounds), bounds)
+    return tag_lines(features, max_lines)
+
+
+def fetch_area(osm: Any, bounds: Bounds | None, store: AreaStore | None = None
+               ) -> AreaOSM | None:
     """Features of ``bounds`` from the app's OSM source; a failure becomes the note (never
     raises: the upload or chip it belongs to still works without OSM)."""
     if osm is None or bounds is None:
         return None
+    area = _fetch(osm, bounds)
+    return store.add(area) if store is not None else area
+
+
+def _fetch(osm: Any, bounds: Bounds) -> AreaOSM:
     from training.osm_source import OSMError
 
     try:

@@ -3,7 +3,7 @@
     rsvlm ask IMAGE "question" [--bbox W,S,E,N] [--region-box x1,y1,x2,y2] [--model PRESET|DIR] [--json]
     rsvlm scan RASTER "find all X" --out detections.geojson [--chip-size 512] [--batch-size 4]
     rsvlm weights            # convert the embedded preset's offline weights into the cache
-    rsvlm which              # which model would run here, and why
+    rsvlm which [--gpu-memory-gb N] [--offline]   # which model would run (here), and why
 """
 
 from __future__ import annotations
@@ -66,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--max-new-tokens", type=int, default=256)
 
     for command in (ask, scan):
+        command.add_argument("--adapter", default=None,
+                             help="LoRA adapter folder for a pretrained --model (rsvlm-train fit --base)")
+        command.add_argument("--allow-untrained", action="store_true",
+                             help="load a preset whose connector is untrained (large): answers are noise")
+        command.add_argument("--no-context", action="store_true",
+                             help="ablation: leave retrieved descriptions and OSM features out of the prompt")
+        command.add_argument("--retriever", choices=["embedded", "none"], default="embedded",
+                             help="for a pretrained --model: whose retrieved descriptions go into "
+                             "the prompt (default: the embedded model's retriever)")
+        command.add_argument("--osm", default=None,
+                             help="OSM features (GeoJSON/GPKG) whose tags of each chip go into a "
+                             "pretrained model's prompt")
+        command.add_argument("--quantize", choices=["4bit", "none"], default=None,
+                             help="4-bit NF4 (default on CUDA for pretrained models) or none")
         command.add_argument(
             "--decode",
             choices=["auto", *MODES],
@@ -75,14 +89,43 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     sub.add_parser("weights", help="convert the embedded preset's offline weights into the cache")
-    sub.add_parser("which", help="say which model runs by default here, and why")
+    which = sub.add_parser("which", help="say which model runs by default here, and why")
+    which.add_argument("--gpu-memory-gb", type=float, default=None,
+                       help="explain the choice for a machine with a CUDA GPU of this much memory")
+    which.add_argument("--offline", action="store_true",
+                       help="as if the Hugging Face hub were unreachable")
     return parser
+
+
+def _load(args: argparse.Namespace):
+    from rsvlm.loading import load
+
+    quantize = None if args.quantize is None else args.quantize == "4bit"
+    return load(args.model, quantize=quantize, adapter=args.adapter,
+                allow_untrained=args.allow_untrained,
+                retriever=None if args.retriever == "none" else args.retriever)
+
+
+def _osm(args: argparse.Namespace):
+    if not args.osm:
+        return None
+    from rsvlm.backends.semantics import osm_context
+
+    return osm_context(args.osm)
+
+
+def _which(args: argparse.Namespace) -> int:
+    from rsvlm.backends.choice import explain
+    from rsvlm.presets import _cuda_memory_gb
+
+    memory = args.gpu_memory_gb if args.gpu_memory_gb is not None else _cuda_memory_gb()
+    print(explain(cuda_memory_gb=memory, offline=True if args.offline else None))
+    return 0
 
 
 def _ask(args: argparse.Namespace) -> int:
     import tiles
     from rsvlm.engine import ChatEngine
-    from rsvlm.loading import load
 
     with tiles.open_source(args.image) as source:
         if not source.georeferenced:
@@ -90,10 +133,11 @@ def _ask(args: argparse.Namespace) -> int:
         if args.bbox is not None and not source.georeferenced:
             raise tiles.ImageryError(f"--bbox needs a georeferenced image; {args.image} has none.")
         chip = source.chip(args.bbox, crs=args.crs, size=args.size)
-    loaded = load(args.model)
+    loaded = _load(args)
     logger.info("model: %s", loaded.info.get("summary", loaded.info))
     session = ChatEngine(
-        loaded, max_new_tokens=args.max_new_tokens, decode_backend=args.decode
+        loaded, max_new_tokens=args.max_new_tokens, decode_backend=args.decode,
+        semantic_context=not args.no_context, osm=_osm(args),
     ).session(chip)
     stream = session.ask(args.question, region_box_px=args.region_box)
     if args.json:
@@ -119,16 +163,16 @@ def _ask(args: argparse.Namespace) -> int:
 
 def _scan(args: argparse.Namespace) -> int:
     import tiles
-    from rsvlm import loading
     from rsvlm.engine import ChatEngine
     from rsvlm.scan import scan
     from tiles.export import write_geojson, write_gpkg
 
     with tiles.open_source(args.raster) as source:
-        loaded = loading.load(args.model)
+        loaded = _load(args)
         logger.info("model: %s", loaded.info.get("summary", loaded.info))
         engine = ChatEngine(
-            loaded, max_new_tokens=args.max_new_tokens, decode_backend=args.decode
+            loaded, max_new_tokens=args.max_new_tokens, decode_backend=args.decode,
+            semantic_context=not args.no_context, osm=_osm(args),
         )
 
         def progress(done: int, total: int) -> None:
@@ -174,11 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name}: {path}")
             return 0
         if args.command == "which":
-            from rsvlm.presets import default_preset_choice
-
-            name, why = default_preset_choice()
-            print(f"{name}: {why}")
-            return 0
+            return _which(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line for the user; the traceback with -v

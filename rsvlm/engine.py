@@ -86,7 +86,18 @@ class ChatEngine:
             this model, i.e. fp32 on the CPU, else PyTorch), ``torch``, ``onnx`` or ``onnx-int8``:
             who runs the decode steps and follow-up prompts. The engine picks a
             `rsvlm.decoding.DecodeStrategy` for it once and hooks it around every ``generate()``.
+        semantic_context: False switches the retrieved descriptions off (the ablation).
+
+    A pretrained family's model (`rsvlm.backends.loader.load_pretrained`) gets a
+    `rsvlm.backends.engine.PretrainedEngine` instead: same seams, that family's prompts and boxes.
     """
+
+    def __new__(cls, loaded: Any = None, *args: Any, **kwargs: Any) -> ChatEngine:
+        if cls is ChatEngine and getattr(loaded, "family", None) is not None:
+            from rsvlm.backends.engine import PretrainedEngine
+
+            return super().__new__(PretrainedEngine)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -96,6 +107,8 @@ class ChatEngine:
         max_new_tokens: int = 256,
         generation: dict[str, Any] | None = None,
         decode_backend: str | None = "auto",
+        semantic_context: bool = True,
+        osm: Any = None,
     ) -> None:
         self.model = loaded.model
         self.processor = loaded.processor
@@ -109,7 +122,8 @@ class ChatEngine:
             "suppress_tokens": [self.processor.image_token_id],
             **(generation or {}),
         }
-        self.use_retrieval = self.database is not None and len(self.database) > 0
+        self.use_retrieval = (semantic_context and self.database is not None
+                              and len(self.database) > 0)
         # Boxes in answers are placed by the model's box head when it has one (`rsvlm.box_head`).
         self.use_box_head = getattr(self.model, "box_head", None) is not None
         # The model is shared and its expert routing state lives on its modules: one

@@ -109,6 +109,9 @@ def load(
     fallback: str | None = None,
     architecture: dict[str, Any] | None = None,
     merge_lora: bool = True,
+    adapter: str | Path | None = None,
+    allow_untrained: bool = False,
+    retriever: Any = None,
 ) -> LoadedModel:
     """Load a model for chat.
 
@@ -128,6 +131,15 @@ def load(
             "mlp"}`` for an ablation); the trained parts' own ``trained.json`` wins over both.
         merge_lora: merge the trained LoRA adapter into the LM (faster answers); False keeps a
             `peft.PeftModel` (to train the adapter further). 4-bit models never merge.
+        adapter: a LoRA adapter folder for a pretrained family (`rsvlm-train fit --base`).
+        allow_untrained: load a preset whose connector has never been trained (the `large`
+            research preset); without it such a load is refused, as its answers are noise.
+        retriever: for a pretrained family, the retriever of its semantic context
+            (`rsvlm.backends.retriever.EmbeddedRetriever`, or ``"embedded"`` to load that one).
+
+    A hub id or folder of a pretrained family (Qwen2.5-VL, Qwen3-VL, Florence-2, LLaVA), or the
+    name of one of `rsvlm.backends.choice.PRETRAINED_PRESETS`, loads through
+    `rsvlm.backends.loader.load_pretrained`.
     """
     say = progress or (lambda msg: logger.info("%s", msg))
     t0 = time.perf_counter()
@@ -137,6 +149,29 @@ def load(
         name, why = default_preset_choice()
     else:
         name, why = str(model), "chosen by the user"
+    from rsvlm.backends.choice import PRETRAINED_PRESETS
+    from rsvlm.backends.loader import is_pretrained_location, load_pretrained
+
+    if name in PRETRAINED_PRESETS or is_pretrained_location(name):
+        location = PRETRAINED_PRESETS[name].repo if name in PRETRAINED_PRESETS else name
+        if _device(device).startswith("cuda"):  # say so before a 16 GB download, not after
+            from rsvlm.backends.choice import memory_check
+
+            problem = memory_check(name, _cuda_free_gb(_device(device)),
+                                   quantized=quantize is not False)
+            if problem:
+                raise GPUMemoryError(problem)
+        if retriever == "embedded":
+            retriever = _embedded_retriever(say)
+        loaded = load_pretrained(location, device=_device(device), quantize=quantize,
+                                 adapter=adapter, retriever=retriever, progress=say,
+                                 merge_lora=merge_lora)
+        loaded.info.update(preset=name, why=why, load_s=round(time.perf_counter() - t0, 2))
+        loaded.info["summary"] = (f"{name} ({loaded.info['family']}) on {loaded.info['device']} "
+                                  f"({loaded.info['precision']}), loaded in "
+                                  f"{loaded.info['load_s']:.1f} s")
+        say(f"Model ready: {loaded.info['summary']}. Why this model: {why}")
+        return loaded
     path = Path(name).expanduser()
     parts_manifest = _read_manifest(path) if path.is_dir() else None
     if parts_manifest is not None:
@@ -148,6 +183,13 @@ def load(
         if device is None and "cuda" not in preset.devices:
             device = "cpu"
         trained_dir = preset.trained_weights_dir if trained is True else (Path(trained) if trained else None)
+        if trained is True and trained_dir is None and not allow_untrained:
+            from rsvlm.presets import PresetError
+
+            raise PresetError(
+                f"the '{preset.name}' preset has no trained connector, so its answers are noise; "
+                "load it only to train it (--allow-untrained), or run a pretrained model "
+                "(`rsvlm which` names one)")
         try:
             loaded = _load_preset(preset, device=_device(device), quantize=quantize,
                                   trained_dir=trained_dir, say=say, architecture=architecture,
@@ -169,6 +211,18 @@ def load(
     )
     say(f"Model ready: {loaded.info['summary']}. Why this model: {why}")
     return loaded
+
+
+def _embedded_retriever(say: Callable[[str], None]) -> Any:
+    """The embedded model's retriever for a pretrained backend's context, or None (said why)."""
+    from rsvlm.backends.retriever import EmbeddedRetriever
+
+    try:
+        say("Loading the embedded model's retriever (semantic context for the prompt) ...")
+        return EmbeddedRetriever.embedded()
+    except Exception as exc:  # the model answers without retrieved context
+        say(f"No retriever: {exc}")
+        return None
 
 
 def _load_preset(preset: Any, *, device: str, quantize: bool | None, trained_dir: Path | None,

@@ -397,54 +397,21 @@ def default_preset_choice(
     *,
     cuda_memory_gb: float | None | str = "auto",
     offline: bool | None = None,
-    cached: bool | None = None,
+    cached: bool | dict[str, bool] | None = None,
 ) -> tuple[str, str]:
-    """``(preset name, human-readable reason)`` when the user names no model.
+    """``(model name, human-readable reason)`` when the user names none.
 
-    The large preset in 4-bit on a CUDA machine where its weights are cached or downloadable,
-    otherwise the embedded preset. Whether the hub is reachable cannot be checked without the
-    network, so "downloadable" means: not offline (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``
-    unset). The keyword arguments override the detection (tests, the CLI's --explain).
+    On a CUDA machine a pretrained Qwen-VL-class model in 4-bit (7-8 B when the GPU has the
+    memory, else 3-4 B) whose weights are cached or downloadable, otherwise the embedded preset
+    (`rsvlm.backends.choice.default_choice`). The untrained `large` preset is never chosen.
+    Whether the hub is reachable cannot be checked without the network, so "downloadable" means
+    not offline (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` unset). The keyword arguments
+    override the detection (tests, ``rsvlm which --gpu-memory-gb``).
     """
+    from rsvlm.backends.choice import default_choice
+
     memory = _cuda_memory_gb() if cuda_memory_gb == "auto" else cuda_memory_gb
-    if memory is None:
-        return DEFAULT_PRESET, "no CUDA GPU found, so the embedded model runs on the CPU"
-    try:
-        large = load_preset(LARGE_PRESET)
-    except PresetError as exc:
-        return DEFAULT_PRESET, f"the large preset is unavailable ({exc})"
-    need = float(large.min_gpu_memory_gb or 0)
-    if memory < need:
-        return DEFAULT_PRESET, (
-            f"the GPU has {memory:.0f} GB, the large model needs about {need:.0f} GB in 4-bit; "
-            "using the embedded model"
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:
-        return (
-            DEFAULT_PRESET,
-            "bitsandbytes is not usable here, so the large model cannot load in 4-bit",
-        )
-    repos = [s.id for s in large.components.values() if s.source == "hub"]
-    if cached is None:
-        cached = all(hub_repo_cached(repo) for repo in repos)
-    if cached:
-        return (
-            LARGE_PRESET,
-            f"CUDA GPU ({memory:.0f} GB) and the large model's weights are cached ({', '.join(repos)})",
-        )
-    if offline is None:
-        offline = _hub_offline()
-    if offline:
-        return DEFAULT_PRESET, (
-            f"CUDA GPU found, but the large model's weights ({', '.join(repos)}) are not cached and "
-            "the Hugging Face hub is switched off (HF_HUB_OFFLINE); using the embedded model"
-        )
-    return LARGE_PRESET, (
-        f"CUDA GPU ({memory:.0f} GB): the large model ({', '.join(repos)}) will be downloaded "
-        "from the Hugging Face hub on first use (about 17 GB) and run in 4-bit"
-    )
+    return default_choice(cuda_memory_gb=memory, offline=offline, cached=cached)
 
 
 __all__ = [

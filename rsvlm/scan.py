@@ -79,6 +79,9 @@ def engine_answer_fn(engine: Any, *, max_new_tokens: int = 256) -> AnswerFn:
     The prompt, retrieval and generation settings are the engine's, so a chip scanned here gets
     the answer a one-chip chat would (up to the numerics of padding).
     """
+    if hasattr(engine, "answer_chips"):  # a pretrained family (rsvlm.backends.engine)
+        return lambda chips, question: engine.answer_chips(chips, question,
+                                                           max_new_tokens=max_new_tokens)
     import torch
 
     from rsvlm import prompting

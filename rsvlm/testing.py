@@ -296,3 +296,23 @@ __all__ = [
     "tiny_text_config",
     "tiny_tokenizer",
 ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rsvlm.testing tiny-checkpoint --family F --out DIR``."""
+    import argparse
+
+    from rsvlm.backends.tiny import FAMILIES, write_tiny_checkpoint
+
+    parser = argparse.ArgumentParser(prog="python -m rsvlm.testing")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tiny = sub.add_parser("tiny-checkpoint", help="a tiny random checkpoint in a family's hub layout")
+    tiny.add_argument("--family", required=True, choices=FAMILIES)
+    tiny.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    print(write_tiny_checkpoint(args.family, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

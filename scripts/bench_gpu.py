@@ -24,6 +24,7 @@ quantization and bf16 compute, vision tower, connector, experts, embeddings and 
     python scripts/bench_gpu.py                      # on a CUDA machine: the real shapes
     python scripts/bench_gpu.py --tiny               # tiny shapes on the CPU (the test suite runs this)
     python scripts/bench_gpu.py --json out.json --markdown out.md
+    python scripts/bench_gpu.py --backends qwen2_5_vl,qwen3_vl,florence2   # + pretrained backends
 
 The tokenizer is a small word-level stand-in (Qwen's is not available offline); prompt lengths
 are dominated by the 1161 image tokens the connector emits, which are exact.
@@ -495,7 +496,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             log.info("scene %s written in %.1f s", scene, time.perf_counter() - t0)
         rows = []
-        for mode in args.modes:
+        for mode in [] if args.only_backends else args.modes:
             log.info("benchmarking %s ...", mode)
             try:
                 rows.append(bench_mode(config, processor, mode, args, scene, bandwidth))
@@ -503,9 +504,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({"mode": mode, "error": f"out of GPU memory: {exc}"})
                 gc.collect()
                 torch.cuda.empty_cache()
+        backend_rows = _backends_module().run_backends(
+            args, scene, timed_generate, decode_bytes_per_step, bandwidth) if args.backends else []
     env["scene_size"] = args.scene_size
     env["chip_size"] = args.chip_size
-    return {"env": env, "rows": rows}
+    return {"env": env, "rows": rows, "backend_rows": backend_rows}
+
+
+def _backends_module() -> Any:
+    """`scripts/bench_backends.py` (the pretrained backends), loaded next to this script."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_backends", Path(__file__).with_name("bench_backends.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -529,6 +543,18 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {r.get('decode_tok_s_b4', '')} | {round(r.get('bw_fraction_b1', 0), 3)} "
             f"| {r['weights_gb']} | {r.get('peak_gb', '')} | {scene} |"
         )
+    if result.get("backend_rows"):
+        lines += ["", "Pretrained backends (random weights of the real shapes):",
+                  "", "| backend | mode | first token (s) | decode tok/s b1 | weights (GiB) "
+                  "| peak (GiB) | scene chips/s |", "|---|---|---|---|---|---|---|"]
+    for r in result.get("backend_rows", []):
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['mode']} | {r['error']} |  |  |  |  |")
+            continue
+        scene = r.get("scene", {}).get("chips_per_s", "")
+        lines.append(f"| {r['repo']} | {r['mode']} | {r['first_token_s']} "
+                     f"| {r['decode_tok_s_b1']} | {r['weights_gb']} | {r.get('peak_gb', '')} "
+                     f"| {scene} |")
     return "\n".join(lines) + "\n"
 
 
@@ -553,6 +579,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="stop the scan after this many chips (throughput from those)",
     )
+    p.add_argument("--backends", default="",
+                   help="pretrained backends too: comma list of qwen2_5_vl, qwen3_vl, florence2 "
+                   "(random weights of Qwen2.5-VL-7B / Qwen3-VL-8B / Florence-2-large shapes)")
+    p.add_argument("--only-backends", action="store_true",
+                   help="skip the large preset's rows (only the pretrained backends)")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--markdown", default=None, help="write the table as Markdown here")
     args = p.parse_args(argv)
@@ -568,6 +599,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     args.scene_modes = [m.strip() for m in args.scene_modes.split(",") if m.strip()]
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2")
     return args

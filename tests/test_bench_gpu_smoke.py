@@ -63,3 +63,38 @@ def test_real_shapes_match_the_public_configs() -> None:
     assert (vc.hidden_size, vc.num_hidden_layers, vc.intermediate_size) == (1152, 27, 4304)
     assert (vc.image_size, vc.patch_size) == (384, 14)
     assert bench.decode_bytes_per_step.__doc__  # the bound is documented where it is computed
+
+
+def test_bench_gpu_tiny_pretrained_backends(tmp_path: Path) -> None:
+    bench = _load()
+    printed: list[str] = []
+    result = bench.main(["--tiny", "--only-backends", "--backends", "qwen2_5_vl,florence2",
+                         "--batches", "1", "--scene-size", "300"], out=printed.append)
+    assert result["rows"] == []
+    rows = {(r["backend"], r["mode"]): r for r in result["backend_rows"]}
+    assert set(rows) == {(f, m) for f in ("qwen2_5_vl", "florence2") for m in ("nf4", "bf16")}
+    for (_family, mode), row in rows.items():
+        assert row["first_token_s"] > 0 and row["decode_tok_s_b1"] > 0
+        assert (row["nf4_linears"] > 0) == (mode == "nf4")
+    assert rows[("qwen2_5_vl", "nf4")]["scene"]["chips_done"] == 9
+    assert "| tiny qwen2_5_vl | nf4 |" in printed[0]
+
+
+def test_backend_real_shapes_have_the_published_sizes(tmp_path: Path) -> None:
+    import importlib.util
+
+    import torch
+
+    from rsvlm.backends import family_for
+    from rsvlm.backends.tiny import write_tiny_checkpoint
+
+    path = SCRIPT.with_name("bench_backends.py")
+    spec = importlib.util.spec_from_file_location("bench_backends", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # parameters of the hub checkpoints: 8.29 B, 8.77 B, 0.77 B (model cards / safetensors index)
+    for family, billions in (("qwen2_5_vl", 8.29), ("qwen3_vl", 8.77), ("florence2", 0.77)):
+        config = module.real_config(family, write_tiny_checkpoint(family, tmp_path / family))
+        with torch.device("meta"):
+            model = family_for(family).transformers_class()(config)
+        assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - billions) < 0.01, family

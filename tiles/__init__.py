@@ -10,6 +10,7 @@ from tiles.chip import Chip
 from tiles.errors import ImageryError
 from tiles.export import Detection, to_feature_collection, write_geojson, write_gpkg
 from tiles.grid import ChipBox, Window, grid_windows, merge_boxes, merge_detections, metric_crs
+from tiles.limits import release_memory, tune_allocator
 from tiles.overlay import Overlay, overlay_from_chip
 from tiles.sources import (
     PlainImageSource,
@@ -42,7 +43,9 @@ __all__ = [
     "open_source",
     "output_shape",
     "overlay_from_chip",
+    "release_memory",
     "to_feature_collection",
     "write_geojson",
+    "tune_allocator",
     "write_gpkg",
 ]

@@ -83,8 +83,19 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default=None)
     pr.add_argument("--seed", type=int, default=0)
 
-    f = sub.add_parser("fit", help="curriculum training from a YAML/JSON config")
-    f.add_argument("--config", required=True)
+    f = sub.add_parser("fit", help="curriculum training from a YAML/JSON config, or (--base) a "
+                       "LoRA/QLoRA adapter on a pretrained backend")
+    f.add_argument("--config", default=None, help="curriculum config (the rsvlm family)")
+    f.add_argument("--base", default=None,
+                   help="pretrained backend to adapt: hub id, folder or preset (qwen2.5-vl-7b ...)")
+    f.add_argument("--data", default=None, help="with --base: a build-data folder")
+    f.add_argument("--out", default=None, help="with --base: the adapter folder to write")
+    f.add_argument("--qlora", action="store_true", help="with --base: train over the NF4 model")
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--grad-accum", type=int, default=4)
+    f.add_argument("--lora-r", type=int, default=16)
+    f.add_argument("--limit", type=int, default=None, help="with --base: at most N examples")
+    f.add_argument("--device", default=None, help="with --base: cpu to force the CPU")
     f.add_argument("--resume", default=None, help="checkpoint folder, 'latest', or 'auto' (latest if any, else start)")
     f.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     return parser
@@ -163,6 +174,21 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    if args.base:
+        from training.fit_pretrained import PretrainedFitConfig, fit_pretrained
+
+        if not args.data or not args.out:
+            raise ValueError("fit --base needs --data (a build-data folder) and --out")
+        cfg = PretrainedFitConfig(base=args.base, data=args.data, output_dir=args.out,
+                                  qlora=args.qlora, max_steps=args.max_steps or 200, lr=args.lr,
+                                  grad_accum=args.grad_accum, lora_r=args.lora_r,
+                                  lora_alpha=2 * args.lora_r, limit=args.limit, device=args.device)
+        out = fit_pretrained(cfg)
+        print(json.dumps({"adapter": str(out), "load_with": f"--model {args.base} --adapter {out}"},
+                         indent=2))
+        return 0
+    if not args.config:
+        raise ValueError("fit needs --config (curriculum) or --base (adapter on a pretrained model)")
     from training.fit import fit_from_config
 
     result = fit_from_config(args.config, resume=args.resume, max_steps=args.max_steps)

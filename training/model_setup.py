@@ -190,7 +190,7 @@ def build_model(cfg: FitConfig) -> tuple[Any, Any, str, dict[str, Any]]:
     # The shipped adapter stays an adapter (not merged), so further training continues it and
     # the exported adapter still applies to the stock LM.
     loaded = load(cfg.model, device="cpu", trained=trained, merge_lora=False,
-                  architecture=dict(cfg.model_overrides) or None)
+                  architecture=dict(cfg.model_overrides) or None, allow_untrained=True)
     preset = loaded.info.get("preset", cfg.model)
     # The whole architecture goes into trained.json, so the parts keep loading into the shape
     # they were trained in even if the preset's defaults change later.

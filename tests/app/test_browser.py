@@ -116,6 +116,15 @@ def test_draw_ask_export_and_escaping(app_url: str, tmp_path: Path) -> None:
                 link.click()
             path = tmp_path / "export.geojson"
             dl.value.save_as(path)
+            # The export is served to this browser only: another client gets a 404 (app.serving).
+            import urllib.error
+            import urllib.request
+
+            href = link.get_attribute("href") or ""
+            url = href if href.startswith("http") else app_url.rstrip("/") + href
+            with pytest.raises(urllib.error.HTTPError) as other:
+                urllib.request.urlopen(url, timeout=10)
+            assert other.value.code == 404
             import geopandas as gpd
 
             frame = gpd.read_file(path)

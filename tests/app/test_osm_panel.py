@@ -96,18 +96,20 @@ def test_osm_tags_are_escaped_in_the_panel_and_the_map(demo_region, tmp_path: Pa
 def test_app_osm_option(tmp_path: Path, helsinki_pbf: Path) -> None:
     from app.main import make_osm_source
 
-    args = parse_args(["--offline", "--fake-model"])
-    assert make_osm_source(args, online=False) is None  # offline by default: no Overpass
+    assert make_osm_source(parse_args(["--fake-model"])) is None  # no network unless asked
+    assert make_osm_source(parse_args(["--fake-model", "--basemaps"])) is None
+    with pytest.raises(ValueError, match="--offline"):
+        make_osm_source(parse_args(["--offline", "--osm", "auto"]))
     args = parse_args(["--fake-model", "--osm", "auto", "--overpass-url",
                        "http://127.0.0.1:1/api/interpreter"])
-    osm = make_osm_source(args, online=False)
+    osm = make_osm_source(args)
     assert isinstance(osm, OverpassSource) and osm.endpoint == "http://127.0.0.1:1/api/interpreter"
     assert osm.attribution == ATTRIBUTION
     args = parse_args(["--fake-model", "--region", "", "--osm", str(helsinki_pbf)])
     ctx = build_context(args, FakeBackend())
     assert isinstance(ctx.osm, PbfSource)
     with pytest.raises(ValueError, match="OSM file not found"):
-        make_osm_source(parse_args(["--osm", str(tmp_path / "nope.osm.pbf")]), online=True)
+        make_osm_source(parse_args(["--osm", str(tmp_path / "nope.osm.pbf")]))
 
 
 def test_a_region_folder_with_an_extract(tmp_path: Path, helsinki_pbf: Path,
@@ -128,3 +130,33 @@ def test_a_region_folder_with_an_extract(tmp_path: Path, helsinki_pbf: Path,
     (folder / "broken.osm.pbf").write_bytes(b"nope")
     with pytest.raises(ValueError, match="broken.osm.pbf"):
         Region.load(folder)
+
+
+def test_an_uploads_features_reach_a_pretrained_models_prompt(
+        demo_region, tmp_path: Path, helsinki_pbf: Path, helsinki_raster: Path) -> None:
+    """The prompt context of a pretrained family (tiny Qwen2.5-VL) gets the features the panel
+    shows for an upload outside the region, from the area fetched at upload (no second read)."""
+    import functools
+
+    from app.backend import EngineBackend
+    from app.osm_panel import AreaStore, prompt_lines
+    from rsvlm.backends.tiny import write_tiny_checkpoint
+    from rsvlm.loading import load
+
+    store = AreaStore()
+    loaded = load(str(write_tiny_checkpoint("qwen2_5_vl", tmp_path / "tiny")), device="cpu")
+    backend = EngineBackend(loaded, osm=functools.partial(prompt_lines, demo_region, store))
+    source = PbfSource(helsinki_pbf)
+    ctx = AppContext(backend=backend, region=demo_region, export_dir=tmp_path / "e", osm=source,
+                     osm_areas=store)
+    state, _ = h.start_session(ctx)
+    h.upload(ctx, state, str(helsinki_raster))
+    reads = []
+    source.features = lambda bounds: reads.append(bounds)  # a second read would show here
+    updates = list(h.ask(ctx, state, "Describe this image."))
+    prompt = updates[-1].prompt
+    assert "OSM highway=" in prompt or "OSM building=" in prompt, prompt
+    assert not reads
+    # On the region, the region's own features are the context.
+    state2, _ = h.start_session(ctx)
+    assert "OSM building=yes" in list(h.ask(ctx, state2, "Describe this image."))[-1].prompt

@@ -27,7 +27,7 @@ def test_too_little_free_gpu_memory_is_said_before_loading(monkeypatch: pytest.M
     monkeypatch.setattr(loading, "_cuda_free_gb", lambda device: 3.0)
     monkeypatch.setattr(loading, "_assemble", lambda *a, **k: pytest.fail("must not load"))
     with pytest.raises(loading.GPUMemoryError) as info:
-        loading.load("large", device="cuda")
+        loading.load("large", device="cuda", allow_untrained=True)
     message = str(info.value)
     assert "--model embedded" in message and "3.0 GiB are free" in message
     assert "--quantize" not in message  # already 4-bit: no point suggesting it
@@ -49,7 +49,8 @@ def test_fallback_preset_is_loaded_when_asked(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(loading, "_load_preset", fake)
     said: list[str] = []
-    loaded = loading.load("large", device="cuda", fallback="embedded", progress=said.append)
+    loaded = loading.load("large", device="cuda", fallback="embedded", progress=said.append,
+                          allow_untrained=True)
     assert loaded.info["preset"] == "embedded"
     assert loaded.info["why"].startswith("fallback:") and "out of memory" in loaded.info["why"]
     assert any("instead" in m for m in said)
@@ -69,10 +70,10 @@ def test_out_of_memory_while_loading_becomes_a_readable_error(
 
     monkeypatch.setattr(loading, "_assemble", oom)
     with pytest.raises(loading.GPUMemoryError, match="ran out of memory.*--model embedded") as info:
-        loading.load("large", device="cuda")  # 4-bit already: --quantize would not help
+        loading.load("large", device="cuda", allow_untrained=True)  # 4-bit already: --quantize would not help
     assert "--quantize" not in str(info.value)
     with pytest.raises(loading.GPUMemoryError, match="--quantize"):  # bf16 load: 4-bit would help
-        loading.load("large", device="cuda", quantize=False)
+        loading.load("large", device="cuda", quantize=False, allow_untrained=True)
 
 
 def test_is_cuda_oom() -> None:

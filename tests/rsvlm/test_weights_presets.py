@@ -112,14 +112,37 @@ def test_preset_round_trips_through_a_file(tmp_path: Path) -> None:
 def test_default_choice() -> None:
     name, why = default_preset_choice(cuda_memory_gb=None)
     assert name == "embedded" and "no CUDA GPU" in why
+    # A pretrained Qwen-VL in 4-bit on a GPU; the untrained large preset never.
     name, why = default_preset_choice(cuda_memory_gb=24.0, cached=True)
-    assert name == "large" and "cached" in why
+    assert name == "qwen2.5-vl-7b" and "cached" in why and "4-bit" in why
+    name, why = default_preset_choice(cuda_memory_gb=24.0,
+                                      cached={"Qwen/Qwen3-VL-8B-Instruct": True})
+    assert name == "qwen3-vl-8b"  # a cached model of the tier wins over a download
     name, why = default_preset_choice(cuda_memory_gb=24.0, cached=False, offline=True)
     assert name == "embedded" and "HF_HUB_OFFLINE" in why
     name, why = default_preset_choice(cuda_memory_gb=24.0, cached=False, offline=False)
-    assert name == "large" and "downloaded" in why
+    assert name == "qwen2.5-vl-7b" and "downloaded" in why
+    name, why = default_preset_choice(cuda_memory_gb=8.0, cached=False, offline=False)
+    assert name == "qwen2.5-vl-3b" and "needs about 10 GiB" in why
     name, why = default_preset_choice(cuda_memory_gb=4.0, cached=True)
-    assert name == "embedded" and "4 GB" in why
+    assert name == "embedded" and "qwen2.5-vl-3b" in why and "6 GiB" in why
+    for memory in (None, 4.0, 8.0, 16.0, 80.0):
+        for cached in (True, False):
+            assert default_preset_choice(cuda_memory_gb=memory, cached=cached)[0] != "large"
+
+
+def test_which_explains_a_gpu_machine_without_one(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from rsvlm.cli import main
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["which", "--gpu-memory-gb", "24", "--offline"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("embedded:") and "HF_HUB_OFFLINE" in out and "qwen2.5-vl-7b" in out
+    assert main(["which", "--gpu-memory-gb", "12"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(("qwen2.5-vl-7b:", "qwen3-vl-8b:")) and "4-bit NF4" in first
 
 
 def test_hub_cache_detection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from affine import Affine
 
-from tiles import display, geometry
+from tiles import display, geometry, limits
 from tiles.chip import Chip
 from tiles.errors import ImageryError
 from tiles.sources.base import (
@@ -44,7 +44,7 @@ BLOCK_CACHE_BYTES = 64 * 2**20
 _gdal_configured = False
 
 
-def _configure_gdal() -> None:
+def configure_gdal() -> None:
     global _gdal_configured
     if not _gdal_configured:
         _gdal_configured = True
@@ -52,6 +52,21 @@ def _configure_gdal() -> None:
             from rasterio.env import set_gdal_config
 
             set_gdal_config("GDAL_CACHEMAX", BLOCK_CACHE_BYTES)
+
+
+#: GDAL drivers that decode the whole picture on the first read, whatever the window.
+WHOLE_DECODE_DRIVERS = {"WEBP", "GIF"}
+
+
+def _png_interlaced(path: str) -> bool:
+    """Interlaced (Adam7) PNGs are decoded whole by GDAL; Pillow tells from the header."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return bool(img.info.get("interlace"))
+    except Exception:  # unreadable by Pillow: GDAL's own errors will say why
+        return False
 
 
 class NotARasterError(ImageryError):
@@ -89,7 +104,7 @@ class RasterSource(Source):
         import rasterio
         from rasterio.errors import RasterioError
 
-        _configure_gdal()
+        configure_gdal()
         # One GDAL dataset handle must not be read from two threads at once (the UI serves
         # several sessions from threads); chips of one source are serialised.
         self._lock = threading.Lock()
@@ -120,6 +135,7 @@ class RasterSource(Source):
             )
         for dt in set(ds.dtypes):
             display.check_dtype(dt)
+        self._check_decode_memory()
         colorinterp = [c.name for c in ds.colorinterp]
         self.palette = None
         if ds.count == 1 and colorinterp[0] == "palette":
@@ -145,7 +161,7 @@ class RasterSource(Source):
         if ds.crs is None:
             self.crs = None
             self.bounds = (0.0, 0.0, float(ds.width), float(ds.height))
-            log.info("%s has no CRS: chips are in pixel space", self.name)
+            log.debug("%s has no CRS: chips are in pixel space", self.name)
             return
         self.crs = geometry.as_crs(ds.crs)
         t = ds.transform
@@ -156,6 +172,24 @@ class RasterSource(Source):
             self._reader = self._stack.enter_context(WarpedVRT(ds, add_alpha=add_alpha))
             self._mask_mode = "mask"
         self.bounds = tuple(float(v) for v in self._reader.bounds)  # type: ignore[assignment]
+
+    def _check_decode_memory(self) -> None:
+        """Refuse files whose smallest read would blow the decode budget (`tiles.limits`): one
+        huge compressed strip or tile, or a driver that decodes the whole picture at once."""
+        ds = self._ds
+        if ds.driver in WHOLE_DECODE_DRIVERS or (ds.driver == "PNG" and _png_interlaced(ds.name)):
+            limits.check_whole_decode(self.name, ds.width, ds.height, ds.driver)
+            return
+        rows, cols = ds.block_shapes[0]
+        interleaved = ds.count if ds.profile.get("interleave") == "pixel" else 1
+        block = rows * cols * interleaved * max(np.dtype(d).itemsize for d in ds.dtypes)
+        if block > limits.max_block_bytes():
+            raise ImageryError(
+                f"{self.name!r} is stored in blocks of {cols}x{rows} px x {interleaved} band(s) "
+                f"({limits.describe_mb(block)} each, limit {limits.describe_mb(limits.max_block_bytes())}"
+                "): reading any part of it would decompress a whole block. Save it tiled "
+                "(`gdal_translate -co TILED=YES` or `-of COG`)."
+            )
 
     def _pick_mask_mode(self) -> str:
         """How to tell valid pixels: an alpha band, GDAL's mask band, nodata values, or not at all.
