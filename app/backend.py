@@ -60,6 +60,8 @@ FAKE_BOXES: tuple[tuple[int, int, int, int], ...] = (
     (550, 500, 800, 760),
     (400, 50, 520, 200),
 )
+#: The fake model's confidence in each of `FAKE_BOXES` (so score filters have something to do).
+FAKE_SCORES: tuple[float, ...] = (0.92, 0.81, 0.47)
 FAKE_RETRIEVED: tuple[dict[str, Any], ...] = (
     {"text": "Dense residential area with small buildings with metal roofs.", "score": 0.71},
     {"text": "Unpaved roads between closely spaced houses.", "score": 0.64},
@@ -107,7 +109,7 @@ class FakeSession:
             yield word
         self.turns.append((question, text))
         del self.turns[:-8]  # bounded history
-        self.last = Answer(text=text, boxes=ground(text, self.chip),
+        self.last = Answer(text=text, boxes=ground(text, self.chip, scores=FAKE_SCORES),
                            retrieved=[dict(r) for r in FAKE_RETRIEVED],
                            timing={"total_s": time.perf_counter() - t0}, prompt=prompt)
 

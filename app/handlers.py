@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.answers import count_phrase, number_range, readable_answer, streaming_text
 from app.backend import Backend, BackendNotReady, Session
 from app.files import FileStore, SessionFiles
 from app.guards import (
@@ -36,9 +38,9 @@ from app.html_safe import esc, markdown_text, table  # noqa: F401 - app.layout u
 from app.map_html import ImageLayer, MapSpec, map_iframe, overlay_layer, render_map
 from app.osm_panel import AreaOSM, AreaStore, features_for, fetch_area, map_layer, panel_html
 from app.region import Region, features_geojson
+from rsvlm.answer import Answer
 
 if TYPE_CHECKING:
-    from rsvlm.answer import Answer
     from tiles import Chip, Detection
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,10 @@ class AppContext:
     osm_areas: AreaStore = field(default_factory=AreaStore)  # fetched areas (prompt context)
     #: Fraction of a chip that must be imagery (see `app.guards`).
     min_coverage: float = 0.25
+    #: How long a question waits for a model that is still loading before it gives up.
+    ready_timeout_s: float = 900.0
+    #: Find/count questions about areas larger than a chip at native resolution are scanned.
+    scan_large_areas: bool = True
     #: Per-session folders for uploads and exports, under ``export_dir`` (see `app.files`).
     files: FileStore = field(init=False)
 
@@ -101,6 +107,9 @@ class SessionState:
     last_boxes: list[tuple[tuple[int, int, int, int], str]] = field(default_factory=list)
     last_answer: Answer | None = None
     exports: list[Path] = field(default_factory=list)
+    first_number: int = 1  # the number (map, chip, table) of ``detections[0]``
+    min_score: float = 0.0  # detections scored below are hidden in the table and on the map
+    cancel: threading.Event = field(default_factory=threading.Event)  # the Stop button
     files: SessionFiles | None = None  # this session's folder (uploads, exports)
 
     def close(self) -> None:
@@ -119,6 +128,7 @@ class UIUpdate:
     semantics_html: str | None = None
     detections_html: str | None = None
     prompt: str | None = None
+    progress_html: str | None = None  # the whole-scene progress bar ("" hides it)
     notice: str | None = None  # a message for this user (bad input, model not ready, failure)
 
 
@@ -167,18 +177,40 @@ def _map(ctx: AppContext, state: SessionState, fit: Bounds | None = None) -> str
     from tiles import to_feature_collection
 
     images = [layer for layer in (ctx.region_layer, state.upload_layer) if layer is not None]
-    dets = to_feature_collection(state.detections) if state.detections else None
+    dets = None
+    if state.detections:
+        dets = to_feature_collection(state.detections)
+        for i, feature in enumerate(dets["features"]):  # the numbers of the chat and the table
+            feature["properties"]["n"] = state.first_number + i
     chip_bounds = state.chip.bounds_lonlat if state.chip is not None else None
     spec = MapSpec(images=images, osm=map_layer(ctx.region_osm, state.osm_area),
                    detections=dets, chip_bounds=chip_bounds,
-                   fit_bounds=fit or chip_bounds, online=ctx.online)
+                   fit_bounds=fit or chip_bounds, online=ctx.online, min_score=state.min_score)
     return map_iframe(render_map(spec))
+
+
+def distinct_descriptions(retrieved: list[dict[str, Any]]) -> list[tuple[str, float, int]]:
+    """Retrieved rows (``{"text", "score", ...}``) without repeats: ``(text, best score, times
+    retrieved)``, best first. The database can hold one description for many chips; it is
+    shown once."""
+    best: dict[str, tuple[str, float, int]] = {}
+    for row in retrieved:
+        text, score = row.get("text", ""), float(row.get("score") or 0.0)
+        key = " ".join(str(text).split()).casefold()
+        old = best.get(key)
+        if old is None:
+            best[key] = (str(text), float(score), 1)
+        else:
+            best[key] = (old[0], max(old[1], float(score)), old[2] + 1)
+    return sorted(best.values(), key=lambda r: -r[1])
 
 
 def _semantics(ctx: AppContext, state: SessionState) -> str:
     retrieved = state.last_answer.retrieved if state.last_answer is not None else []
+    rows = [(t, f"{s:.3f}" + (f" (×{n})" if n > 1 else ""))
+            for t, s, n in distinct_descriptions(retrieved)]
     parts = ["<h4>Retrieved descriptions</h4>",
-             table(["description", "score"], [(r["text"], f"{r['score']:.3f}") for r in retrieved],
+             table(["description", "score"], rows,
                    empty=("ask a question to see what the model retrieved"
                           if state.last_answer is None else
                           "nothing: this model has no semantic database"))]
@@ -190,13 +222,22 @@ def _semantics(ctx: AppContext, state: SessionState) -> str:
     return "\n".join(parts)
 
 
+def _shown(det: Detection, min_score: float) -> bool:
+    return det.score is None or det.score >= min_score
+
+
 def _detections_table(state: SessionState) -> str:
+    numbered = [(state.first_number + i, d) for i, d in enumerate(state.detections)]
+    shown = [(n, d) for n, d in numbered if _shown(d, state.min_score)]
     rows = []
-    for i, det in enumerate(state.detections[-200:], start=max(1, len(state.detections) - 199)):
+    for n, det in shown[-200:]:
         c = det.geometry.centroid
-        rows.append((i, det.label, f"{c.x:.6f}", f"{c.y:.6f}", det.question))
-    return table(["#", "label", "lon", "lat", "question"], rows,
-                 caption=f"{len(state.detections)} detections this session (exportable)",
+        score = "" if det.score is None else f"{det.score:.2f}"
+        rows.append((n, det.label, score, f"{c.x:.6f}", f"{c.y:.6f}", det.question))
+    caption = f"{len(state.detections)} detections this session (exportable)"
+    if len(shown) != len(numbered):
+        caption += f"; {len(shown)} shown with score ≥ {state.min_score:.2f}"
+    return table(["#", "label", "score", "lon", "lat", "question"], rows, caption=caption,
                  empty="no detections yet")
 
 
@@ -381,10 +422,49 @@ def quick_question(action: str, cls: str = "buildings") -> str:
     return template.format(cls=check_class(cls))
 
 
-def ask(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdate]:
-    """Stream the answer into the chat, then ground its boxes on the map, chip and table."""
-    from tiles import Detection
+def wait_until_ready(ctx: AppContext, poll_s: float = 0.5) -> Iterator[str]:
+    """Wait (bounded by ``ctx.ready_timeout_s``) for a model that is still loading, yielding its
+    loading progress every ``poll_s``; `BackendNotReady` when it failed or took too long."""
+    t0 = time.perf_counter()
+    while True:
+        info = ctx.backend.info
+        state = info.get("state", "ready")
+        if state == "ready":
+            return
+        if state == "failed":
+            raise BackendNotReady(f"The model failed to load: {info.get('why', '')}")
+        waited = time.perf_counter() - t0
+        if waited > ctx.ready_timeout_s:
+            raise BackendNotReady(f"The model is still loading after {waited:.0f} s "
+                                  f"({info.get('why', '')}); try again later.")
+        yield f"Waiting for the model to load ({info.get('why', '')})"
+        time.sleep(poll_s)
 
+
+def _say(history: list[dict[str, Any]], text: str) -> None:
+    history[-1] = {"role": "assistant", "content": markdown_text(text)}
+
+
+def _wants_scan(ctx: AppContext, state: SessionState, question: str) -> bool:
+    from app.scene import asks_to_find, needs_scan
+
+    if not (ctx.scan_large_areas and state.chip is not None and state.chip.georeferenced
+            and state.chip_source and Path(state.chip_source).is_file()
+            and asks_to_find(question)):
+        return False  # a fetched basemap tile is one look: there is no raster to tile
+    from tiles import ImageryError, open_source
+
+    try:
+        with open_source(state.chip_source) as src:
+            return needs_scan(src, state.chip.bounds, ctx.chip_size)
+    except (ImageryError, OSError):  # not a local raster (a fetched tile): one look
+        return False
+
+
+def ask(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdate]:
+    """Stream the answer into the chat, then ground its boxes on the map, chip and table. A
+    find/count question about an area larger than a chip at native resolution scans it in tiles
+    (progress bar, Stop button) instead."""
     try:
         question = check_question(question)
     except UserError as exc:
@@ -398,59 +478,206 @@ def ask(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdat
     history.append({"role": "user", "content": markdown_text(question)})
     history.append({"role": "assistant", "content": "…"})
     del history[:-ctx.max_history]
+    state.cancel.clear()
     yield UIUpdate(chat=list(history))
-    t0 = time.perf_counter()
-    text = ""
     try:
-        if state.session is None:
-            state.session = ctx.backend.new_session(state.chip)
-        last_yield = 0.0
-        for delta in state.session.ask(question):
-            text += delta
-            history[-1] = {"role": "assistant", "content": markdown_text(text)}
-            now = time.perf_counter()
-            if now - last_yield > 0.05:  # enough for a live stream, not a flood of diffs
-                last_yield = now
-                yield UIUpdate(chat=list(history))
-        answer = state.session.last
-        if answer is None:
-            raise RuntimeError("the model returned no answer")
+        for message in wait_until_ready(ctx):
+            _say(history, message)
+            yield UIUpdate(chat=list(history))
+            if state.cancel.is_set():
+                raise BackendNotReady("Stopped while the model was loading.")
+        if _wants_scan(ctx, state, question):
+            yield from _ask_scene(ctx, state, question)
+        else:
+            yield from _ask_chip(ctx, state, question)
     except BackendNotReady as exc:
-        history[-1] = {"role": "assistant", "content": markdown_text(str(exc))}
-        yield UIUpdate(chat=list(history), notice=str(exc))
-        return
+        _say(history, str(exc))
+        yield UIUpdate(chat=list(history), notice=str(exc), progress_html="")
     except Exception as exc:  # one failed request must not take the session or server down
         log.exception("answer failed")
         msg = public(f"Sorry, this answer failed ({type(exc).__name__}: {exc}).")
-        history[-1] = {"role": "assistant", "content": markdown_text(msg)}
+        _say(history, msg)
         state.session = None  # a broken session is not reused
-        yield UIUpdate(chat=list(history), notice=msg)
+        yield UIUpdate(chat=list(history), notice=msg, progress_html="")
+
+
+def _add_detections(ctx: AppContext, state: SessionState, dets: list[Detection]) -> list[int]:
+    """Append ``dets`` to the session's detections; returns their numbers."""
+    start = state.first_number + len(state.detections)
+    state.detections.extend(dets)
+    extra = len(state.detections) - ctx.max_detections
+    if extra > 0:  # bounded: the oldest go, the numbers of the rest stay
+        del state.detections[:extra]
+        state.first_number += extra
+    return list(range(start, start + len(dets)))
+
+
+def _ask_chip(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdate]:
+    from app.scene import asks_to_find
+    from tiles import Detection
+
+    history = state.history
+    t0 = time.perf_counter()
+    if state.session is None:
+        state.session = ctx.backend.new_session(state.chip)
+    text, last_yield = "", 0.0
+    stream = state.session.ask(question)
+    try:
+        for delta in stream:
+            text += delta
+            now = time.perf_counter()
+            if now - last_yield > 0.05:  # enough for a live stream, not a flood of diffs
+                last_yield = now
+                _say(history, streaming_text(text))
+                yield UIUpdate(chat=list(history))
+            if state.cancel.is_set():
+                break
+    finally:
+        stream.close()  # a stopped answer stops generating
+    if state.cancel.is_set():
+        _say(history, streaming_text(text) + " (stopped)")
+        state.session = None  # its conversation holds half an answer
+        yield UIUpdate(chat=list(history))
         return
+    answer = state.session.last
+    if answer is None:
+        raise RuntimeError("the model returned no answer")
     state.last_answer = answer
+    geo = [b for b in answer.boxes if b.geometry is not None]
+    if geo:
+        numbers = _add_detections(ctx, state, [
+            Detection(label=b.name, geometry=b.geometry, score=b.score,
+                      source=state.chip_source, question=question) for b in geo])
+        where = "on the map"
+    else:  # pixel space: numbered on the chip only, per answer
+        numbers, where = list(range(1, len(answer.boxes) + 1)), "on the chip"
+    by_box = dict(zip((id(b) for b in (geo or answer.boxes)), numbers, strict=True))
     state.last_boxes = []
     for b in answer.boxes:
         x1, y1, x2, y2 = (round(v) for v in b.box_px)
-        state.last_boxes.append(((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)), b.name))
-        if b.geometry is not None:
-            state.detections.append(Detection(label=b.name, geometry=b.geometry,
-                                              source=state.chip_source, question=question))
-    del state.detections[:-ctx.max_detections]
-    n_geo = sum(b.geometry is not None for b in answer.boxes)
+        n = by_box.get(id(b))
+        state.last_boxes.append(((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)),
+                                 f"#{n} {b.name}" if n is not None else b.name))
+    readable = readable_answer(answer.text, [b.name for b in answer.boxes],
+                               [by_box.get(id(b), 0) for b in answer.boxes], where=where,
+                               asks_for_all=asks_to_find(question))
     footer = f"{time.perf_counter() - t0:.1f} s"
     cover = state.chip.meta.get("coverage", 1.0)
     if cover < 0.995:  # say how much of the chip is imagery at all
         footer = f"imagery covers {cover:.0%} of the chip · " + footer
-    if answer.boxes:
-        where = "on the map and the chip" if n_geo else "on the chip (pixel space)"
-        footer = f"{len(answer.boxes)} object(s) grounded {where} · " + footer
     history[-1] = {"role": "assistant",
-                   "content": markdown_text(answer.text) + f"\n\n*{markdown_text(footer)}*"}
-    update = _full_update(ctx, state) if n_geo else UIUpdate(
+                   "content": markdown_text(readable) + f"\n\n*{markdown_text(footer)}*"}
+    update = _full_update(ctx, state) if geo else UIUpdate(
         chip_image=_chip_view(state), semantics_html=_semantics(ctx, state),
         detections_html=_detections_table(state))
     update.chat = list(history)
-    update.prompt = answer.prompt
+    update.prompt = f"{answer.prompt}\n\n--- raw answer of the model ---\n{answer.text}"
+    update.progress_html = ""
     yield update
+
+
+def progress_html(done: int, total: int, note: str = "") -> str:
+    """The whole-scene progress bar."""
+    pct = 100.0 * done / total if total else 0.0
+    return (f'<div class="rsvlm-progress"><progress max="{int(total)}" value="{int(done)}">'
+            f'{pct:.0f}%</progress> <span>{int(done)} of {int(total)} tiles read'
+            f'{esc(note)}</span></div>')
+
+
+def _ask_scene(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdate]:
+    """Scan the question area tile by tile in a worker thread, reporting progress; the Stop
+    button (or the client going away) ends it after the current tile, keeping what was found."""
+    from app.scene import scan_area, tile_count
+    from tiles import open_source
+
+    history, chip, cancel = state.history, state.chip, state.cancel
+    with open_source(state.chip_source) as src:
+        done: dict[str, Any] = {"tiles": (0, tile_count(src, chip.bounds, ctx.chip_size))}
+
+    def progress(n: int, total: int) -> None:
+        done["tiles"] = (n, total)
+
+    def work() -> None:
+        try:
+            done["result"] = scan_area(ctx.backend, state.chip_source, chip.bounds, question,
+                                       chip_size=ctx.chip_size, progress=progress,
+                                       cancel=cancel)
+        except Exception as exc:  # re-raised in the handler's thread
+            done["error"] = exc
+
+    worker = threading.Thread(target=work, name="rsvlm-scene-scan", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.25)
+            n, total = done["tiles"]
+            stopping = " (stopping…)" if cancel.is_set() else ""
+            _say(history, f"Scanning the whole area tile by tile{stopping}: {n} of {total} "
+                          "tiles read.")
+            yield UIUpdate(chat=list(history), progress_html=progress_html(n, total, stopping))
+    finally:
+        if worker.is_alive():  # the client went away: stop after the current tile
+            cancel.set()
+    if "error" in done:
+        from rsvlm.scan import ScanError
+
+        if isinstance(done["error"], ScanError):
+            raise BackendNotReady(str(done["error"])) from done["error"]
+        raise done["error"]
+    yield _scene_update(ctx, state, question, done["result"])
+
+
+def _scene_update(ctx: AppContext, state: SessionState, question: str, result: Any
+                  ) -> UIUpdate:
+    for det in result.detections:
+        det.source = state.chip_source
+    numbers = _add_detections(ctx, state, result.detections)
+    state.last_boxes = []
+    for n, det in zip(numbers, result.detections, strict=True):
+        px = state.chip.geometry_to_pixels(det.geometry)
+        if px is not None and not px.is_empty:
+            x1, y1, x2, y2 = (round(v) for v in px.bounds)
+            state.last_boxes.append(((x1, y1, x2, y2), f"#{n} {det.label}"))
+    tiles = f"{result.tiles_read} tile{'s' if result.tiles_read != 1 else ''}"
+    if result.detections:
+        found = (f"Found {count_phrase([d.label for d in result.detections])} "
+                 f"(numbered {number_range(numbers)} on the map)")
+    else:
+        found = "Found nothing to mark"
+    if result.cancelled:
+        text = f"Stopped after {tiles} of {result.tiles_total}. {found} so far."
+    else:
+        text = f"{found}, reading the whole area in {tiles}."
+    footer = f"{result.seconds:.1f} s"
+    state.history[-1] = {"role": "assistant",
+                         "content": markdown_text(text) + f"\n\n*{markdown_text(footer)}*"}
+    # The semantics panel shows what the tiles retrieved, each description once.
+    state.last_answer = Answer(text=text, retrieved=list(result.retrieved))
+    update = _full_update(ctx, state)
+    update.chat = list(state.history)
+    update.prompt = (f"Whole-area scan: {result.tiles_read} of {result.tiles_total} tiles of "
+                     f"{ctx.chip_size} px, question {question!r}\n"
+                     f"\n--- exact prompt, tile 1 ---\n{result.prompt}\n" + "".join(
+                         f"\n--- raw answer, tile {i} ---\n{raw}\n"
+                         for i, raw in enumerate(result.raw, start=1)))
+    update.progress_html = ""
+    return update
+
+
+def stop(state: SessionState) -> UIUpdate:
+    """The Stop button: the running answer or scan ends after its current token or tile."""
+    state.cancel.set()
+    return UIUpdate()
+
+
+def set_min_score(ctx: AppContext, state: SessionState, value: float) -> UIUpdate:
+    """Hide detections scored below ``value`` on the map and in the table (exports keep all,
+    with their scores, for QGIS to filter)."""
+    try:
+        state.min_score = min(max(float(value), 0.0), 1.0)
+    except (TypeError, ValueError):
+        return UIUpdate(notice="The minimum score is a number between 0 and 1.")
+    return UIUpdate(map_html=_map(ctx, state), detections_html=_detections_table(state))
 
 
 def clear_chat(state: SessionState) -> UIUpdate:
@@ -485,12 +712,21 @@ def export(ctx: AppContext, state: SessionState, fmt: str = "geojson") -> tuple[
 
 # --- API ------------------------------------------------------------------------------------------
 
-def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str
-            ) -> tuple[str, str]:
+Say = Callable[[str, "int | None", "int | None"], None]
+
+
+def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str, *,
+            say: Say | None = None, cancel: threading.Event | None = None) -> tuple[str, str]:
     """One stateless question for `gradio_client`: an image file, or a bbox ``W,S,E,N`` over the
-    loaded region (empty: the whole region). Returns (answer text, detections GeoJSON text).
-    Bad input raises `UserError` with the reason."""
-    from tiles import ImageryError, open_source, to_feature_collection
+    loaded region (empty: the whole region). Returns (readable answer, detections GeoJSON text);
+    the FeatureCollection also carries ``answer``, ``raw_answer`` (the model's own text) and,
+    for a whole-area scan, ``tiles_read``/``tiles_total``/``cancelled``.
+
+    A model that is still loading is waited for (bounded); ``say(message, done, total)`` hears
+    the loading and scan progress; ``cancel`` stops a scan after its current tile. Bad input
+    raises `UserError` with the reason."""
+    from app.scene import asks_to_find, needs_scan
+    from tiles import ImageryError, open_source
 
     question = check_question(question)
     box = parse_bbox(bbox) if bbox and bbox.strip() else None
@@ -507,9 +743,18 @@ def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str
     try:
         with open_source(source) as src:
             chip = checked_chip(src, box, size=ctx.chip_size, min_coverage=ctx.min_coverage)
+            scene = (ctx.scan_large_areas and chip.georeferenced and asks_to_find(question)
+                     and needs_scan(src, chip.bounds, ctx.chip_size))
     except ImageryError as exc:
         raise UserError(public(str(exc))) from exc
     try:
+        for message in wait_until_ready(ctx):
+            if say is not None:
+                say(message, None, None)
+            if cancel is not None and cancel.is_set():
+                raise UserError("Cancelled while the model was loading.")
+        if scene:
+            return _api_scene(ctx, source, chip, question, say, cancel)
         session = ctx.backend.new_session(chip)
         for _ in session.ask(question):
             pass
@@ -518,22 +763,69 @@ def api_ask(ctx: AppContext, image_path: str | None, bbox: str, question: str
     answer = session.last
     if answer is None:
         raise RuntimeError("the model returned no answer")
-    from tiles import Detection
+    return _api_chip_answer(chip, source, question, answer)
 
-    dets = [Detection(label=b.name, geometry=b.geometry, source=Path(source).name,
-                      question=question) for b in answer.boxes if b.geometry is not None]
+
+def _api_chip_answer(chip: Chip, source: str, question: str, answer: Answer) -> tuple[str, str]:
+    from app.scene import asks_to_find
+    from tiles import Detection, to_feature_collection
+
+    geo = [b for b in answer.boxes if b.geometry is not None]
+    dets = [Detection(label=b.name, geometry=b.geometry, score=b.score,
+                      source=Path(source).name, question=question) for b in geo]
     fc = to_feature_collection(dets)
+    for i, feature in enumerate(fc["features"], start=1):
+        feature["properties"]["n"] = i
     # Pixel-space boxes have no place on Earth: null geometry, and the box in pixels of the
     # uploaded image (the chip may be resized; its transform maps chip -> image pixels).
-    for b in answer.boxes:
-        if b.geometry is None:
-            (x1, x2), (y1, y2) = chip.pixel_to_crs(np.array(b.box_px[0::2]),
-                                                   np.array(b.box_px[1::2]))
-            fc["features"].append({"type": "Feature", "geometry": None, "properties": {
-                "label": b.name, "box_px": [round(float(v), 2) for v in (x1, y1, x2, y2)],
-                "question": question}})
+    pixel = [b for b in answer.boxes if b.geometry is None]
+    for i, b in enumerate(pixel, start=len(geo) + 1):
+        (x1, x2), (y1, y2) = chip.pixel_to_crs(np.array(b.box_px[0::2]),
+                                               np.array(b.box_px[1::2]))
+        fc["features"].append({"type": "Feature", "geometry": None, "properties": {
+            "n": i, "label": b.name, "score": b.score,
+            "box_px": [round(float(v), 2) for v in (x1, y1, x2, y2)], "question": question}})
+    ordered = geo + pixel
+    numbers = {id(b): i for i, b in enumerate(ordered, start=1)}
+    readable = readable_answer(answer.text, [b.name for b in answer.boxes],
+                               [numbers[id(b)] for b in answer.boxes],
+                               where="on the map" if geo or not pixel else "on the image",
+                               asks_for_all=asks_to_find(question))
     fc["chip"] = chip_summary(chip)  # a foreign member (RFC 7946 §6.1): coverage, bounds
-    return answer.text, json.dumps(fc)
+    fc.update(answer=readable, raw_answer=answer.text)
+    return readable, json.dumps(fc)
+
+
+def _api_scene(ctx: AppContext, source: str, chip: Chip, question: str, say: Say | None,
+               cancel: threading.Event | None) -> tuple[str, str]:
+    from app.scene import scan_area
+    from rsvlm.scan import ScanError
+    from tiles import to_feature_collection
+
+    def progress(done: int, total: int) -> None:
+        if say is not None:
+            say(f"{done} of {total} tiles read", done, total)
+
+    try:
+        result = scan_area(ctx.backend, source, chip.bounds, question, chip_size=ctx.chip_size,
+                           progress=progress, cancel=cancel)
+    except ScanError as exc:
+        raise UserError(public(str(exc))) from exc
+    for det in result.detections:
+        det.source = Path(source).name
+    fc = to_feature_collection(result.detections)
+    for i, feature in enumerate(fc["features"], start=1):
+        feature["properties"]["n"] = i
+    numbers = list(range(1, len(result.detections) + 1))
+    found = (f"Found {count_phrase([d.label for d in result.detections])} (numbered "
+             f"{number_range(numbers)})" if result.detections else "Found nothing to mark")
+    tiles = f"{result.tiles_read} tile{'s' if result.tiles_read != 1 else ''}"
+    text = (f"Stopped after {tiles} of {result.tiles_total}. {found} so far."
+            if result.cancelled else f"{found}, reading the whole area in {tiles}.")
+    fc["chip"] = chip_summary(chip)
+    fc.update(answer=text, raw_answer="\n".join(result.raw), tiles_read=result.tiles_read,
+              tiles_total=result.tiles_total, cancelled=result.cancelled)
+    return text, json.dumps(fc)
 
 
 # --- status ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ import gradio as gr
 
 from app import handlers as h
 from app.files import LEASES
-from app.guards import reject
+from app.guards import public, reject
 from app.handlers import AppContext, SessionState, UIUpdate
 from app.serving import client_of
 from tiles import release_memory
@@ -27,11 +28,15 @@ CSS = """
   text-align: left; vertical-align: top; word-break: break-word; }
 .rsvlm-table caption { text-align: left; font-weight: 600; padding: 4px 0; }
 #rsvlm-semantics h4 { margin: 6px 0 2px 0; }
+#rsvlm-semantics .rsvlm-table td:nth-child(2), #rsvlm-semantics .rsvlm-table th:nth-child(2) {
+  white-space: nowrap; word-break: normal; }
+.rsvlm-progress { display: flex; gap: 8px; align-items: center; font-size: 13px; }
+.rsvlm-progress progress { flex: 1; height: 14px; }
 """
 
 #: Order of the panels an `UIUpdate` fills.
 PANELS = ("map_html", "chip_image", "chat", "semantics_html", "detections_html", "prompt",
-          "notice")
+          "progress_html", "notice")
 
 
 @dataclass
@@ -47,6 +52,9 @@ class Page:
     semantics_html: gr.HTML
     detections_html: gr.HTML
     prompt: gr.Code
+    progress_html: gr.HTML
+    stop: gr.Button
+    min_score: gr.Slider
     notice: gr.Markdown
     question: gr.Textbox
     send: gr.Button
@@ -110,6 +118,10 @@ def build_layout(ctx: AppContext) -> tuple[gr.Blocks, Page]:
                                           show_label=False, scale=5, elem_id="rsvlm-question",
                                           max_length=h.MAX_QUESTION_CHARS)
                     send = gr.Button("Ask", variant="primary", scale=1, elem_id="rsvlm-send")
+                with gr.Row(equal_height=True):
+                    progress_html = gr.HTML("", elem_id="rsvlm-progress")
+                    stop = gr.Button("Stop", size="sm", variant="stop", elem_id="rsvlm-stop",
+                                     scale=0, min_width=70)
                 with gr.Row():
                     quick_classify = gr.Button("Classify scene", size="sm",
                                                elem_id="rsvlm-classify")
@@ -119,7 +131,8 @@ def build_layout(ctx: AppContext) -> tuple[gr.Blocks, Page]:
                     quick_class = gr.Textbox("buildings", show_label=False, max_length=60,
                                              elem_id="rsvlm-class", min_width=90)
                     clear = gr.Button("Clear chat", size="sm")
-                with gr.Accordion("Exact prompt of the last answer", open=False):
+                with gr.Accordion("Exact prompt and raw answer of the last question",
+                                  open=False):
                     prompt = gr.Code("", language=None, elem_id="rsvlm-prompt", lines=6)
         with gr.Row(equal_height=False):
             chip_image = gr.AnnotatedImage(label="Chip (what the model sees) and its boxes",
@@ -131,6 +144,9 @@ def build_layout(ctx: AppContext) -> tuple[gr.Blocks, Page]:
             with gr.Column(scale=3):
                 detections_html = gr.HTML("", elem_id="rsvlm-detections")
             with gr.Column(scale=1):
+                min_score = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Minimum score",
+                                      info="hides weaker detections on the map and here",
+                                      elem_id="rsvlm-min-score")
                 export_geojson = gr.Button("Export GeoJSON", elem_id="rsvlm-export-geojson")
                 export_gpkg = gr.Button("Export GeoPackage", elem_id="rsvlm-export-gpkg")
                 export_file = gr.File(label="Export", elem_id="rsvlm-export-file",
@@ -152,7 +168,8 @@ def build_layout(ctx: AppContext) -> tuple[gr.Blocks, Page]:
             api_info = gr.JSON()
     page = Page(state=state, status=status, timer=timer, map_html=map_html,
                 chip_image=chip_image, chat=chat, semantics_html=semantics_html,
-                detections_html=detections_html, prompt=prompt, notice=notice,
+                detections_html=detections_html, prompt=prompt, progress_html=progress_html,
+                stop=stop, min_score=min_score, notice=notice,
                 question=question, send=send, clear=clear, quick_classify=quick_classify,
                 quick_describe=quick_describe, quick_find=quick_find, quick_count=quick_count,
                 quick_class=quick_class, use_view=use_view, allow_network=allow_network,
@@ -224,6 +241,14 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
         for update in h.ask(ctx, state, question):
             yield [state, *_values(update)]
 
+    def on_stop(state: SessionState | None) -> None:
+        if state is not None:
+            h.stop(state)
+
+    def on_min_score(state: SessionState | None, value: float) -> list[Any]:
+        state = ensure(state)
+        return [state, *_values(h.set_min_score(ctx, state, value))]
+
     def on_clear(state: SessionState | None) -> list[Any]:
         state = ensure(state)
         return [state, *_values(h.clear_chat(state))]
@@ -272,6 +297,10 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
                            (p.quick_find, "find"), (p.quick_count, "count")):
         button.click(quick(action), [p.state, p.quick_class], **ask_args)
     p.clear.click(on_clear, [p.state], outs, **private)
+    # Not queued: it must get through while the answer it stops holds a queue slot.
+    p.stop.click(on_stop, [p.state], None, queue=False, **private)
+    p.min_score.release(on_min_score, [p.state, p.min_score], outs, **private)
+
     def export_as(fmt: str):
         def run(state: SessionState | None, request: gr.Request) -> Any:
             return on_export(state, fmt, request)
@@ -282,31 +311,69 @@ def wire(ctx: AppContext, demo: gr.Blocks, p: Page) -> None:
     p.export_gpkg.click(export_as("gpkg"), [p.state], p.export_file, **private)
 
     # --- gradio_client API ------------------------------------------------------------------
-    def api_call(endpoint: str, image: str | None, bbox: str, question: Any
-                 ) -> tuple[str, str]:
-        """A stateless API call: rejections are one log line and a `gr.Error` without a
-        traceback; the uploaded file is deleted once answered."""
+    def api_call(endpoint: str, image: str | None, bbox: str, question: Any,
+                 progress: gr.Progress) -> Iterator[tuple[str, str]]:
+        """A stateless API call. A generator, so that a client's ``job.cancel()`` (which closes
+        it) stops a scan after its current tile and ``job.status()`` shows the loading and scan
+        progress. Rejections are one log line and a `gr.Error` without a traceback; the
+        uploaded file is deleted once answered."""
+        cancel = threading.Event()
+        done: dict[str, Any] = {}
+        said: dict[str, Any] = {"message": "Starting", "n": None, "total": None}
+
+        def say(message: str, n: int | None, total: int | None) -> None:
+            said.update(message=message, n=n, total=total)
+
+        def work() -> None:
+            try:
+                text = question() if callable(question) else question
+                with LEASES.lease(image):  # the upload is deleted once no call uses it
+                    done["out"] = h.api_ask(ctx, image, bbox, text, say=say, cancel=cancel)
+            except Exception as exc:  # re-raised below, in the request's thread
+                done["error"] = exc
+            finally:
+                release_memory()
+
+        worker = threading.Thread(target=work, name="rsvlm-api", daemon=True)
+        worker.start()
         try:
-            text = question() if callable(question) else question
-            with LEASES.lease(image):  # the upload is deleted once no call uses it
-                return h.api_ask(ctx, image, bbox, text)
-        except h.UserError as exc:
-            reject(endpoint, str(exc))
-            raise gr.Error(str(exc), print_exception=False) from None
+            while worker.is_alive():
+                worker.join(0.5)
+                if worker.is_alive():  # progress is reported from the request's own thread
+                    n, total = said["n"], said["total"]
+                    progress((n, total) if n is not None and total else None,
+                             desc=said["message"])
+                    yield said["message"] + " …", ""
         finally:
-            release_memory()
+            cancel.set()  # the client went away: a scan stops after its current tile
+        error = done.get("error")
+        if isinstance(error, h.UserError):
+            reject(endpoint, str(error))
+            raise gr.Error(str(error), print_exception=False) from None
+        if error is not None:
+            log.error("%s failed: %s", endpoint, type(error).__name__, exc_info=error)
+            raise gr.Error(public(f"The request failed ({type(error).__name__}: {error})."),
+                           print_exception=False) from None
+        yield done["out"]
 
-    def api_ask(image: str | None, bbox: str, question: str) -> tuple[str, str]:
-        return api_call("/ask", image, bbox, question)
+    def api_ask(image: str | None, bbox: str, question: str,
+                progress: gr.Progress = gr.Progress()) -> Iterator[tuple[str, str]]:
+        yield from api_call("/ask", image, bbox, question, progress)
 
-    def api_find(image: str | None, bbox: str, cls: str) -> tuple[str, str]:
-        return api_call("/find", image, bbox, lambda: h.quick_question("find", cls))
+    def api_find(image: str | None, bbox: str, cls: str,
+                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple[str, str]]:
+        yield from api_call("/find", image, bbox, lambda: h.quick_question("find", cls),
+                            progress)
 
-    def api_describe(image: str | None, bbox: str) -> tuple[str, str]:
-        return api_call("/describe", image, bbox, lambda: h.quick_question("describe"))
+    def api_describe(image: str | None, bbox: str,
+                     progress: gr.Progress = gr.Progress()) -> Iterator[tuple[str, str]]:
+        yield from api_call("/describe", image, bbox, lambda: h.quick_question("describe"),
+                            progress)
 
-    def api_classify(image: str | None, bbox: str) -> tuple[str, str]:
-        return api_call("/classify", image, bbox, lambda: h.quick_question("classify"))
+    def api_classify(image: str | None, bbox: str,
+                     progress: gr.Progress = gr.Progress()) -> Iterator[tuple[str, str]]:
+        yield from api_call("/classify", image, bbox, lambda: h.quick_question("classify"),
+                            progress)
 
     pair = [p.api_answer, p.api_geojson]
     api_button = gr.Button(visible=False)

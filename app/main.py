@@ -150,14 +150,18 @@ def make_osm_source(args: argparse.Namespace):
 
 def launch(ctx: AppContext, *, host: str, port: int, auth: dict[str, str] | None,
            concurrency: int, max_upload_mb: float, prevent_thread_lock: bool = False):
+    import threading
+
     from starlette.middleware import Middleware
 
     from app.guards import quiet_gradio_input_errors
     from app.layout import CSS, build_demo
-    from app.map_html import BRIDGE_JS
+    from app.map_html import BRIDGE_JS, warm_up
     from app.serving import OwnedFiles
 
     quiet_gradio_input_errors()
+    # leafmap takes seconds to import: build the map page while the server starts.
+    threading.Thread(target=warm_up, args=(ctx.online,), name="map-warm-up", daemon=True).start()
     demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=max(1, concurrency), max_size=256)
     # Session folders are never in allowed_paths: Gradio serves only its own cache copies of

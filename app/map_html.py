@@ -1,11 +1,14 @@
-"""The map panel: a self-contained Leaflet page (folium-offline inlines Leaflet, Leaflet.draw and
-their CSS) shown in an ``<iframe srcdoc>``, so the map renders with no network at all.
+"""The map panel: a self-contained leafmap page shown in an ``<iframe srcdoc>``; every script and
+stylesheet is inlined (folium-offline carries Leaflet, Leaflet.draw and the fullscreen control),
+so the map renders with no network at all.
 
-folium builds the page, the map and the draw control; our own layers (imagery overlays, OSM
-features, the chip rectangle, detections) are added by one small script from JSON data, because
-that lets popups be built from DOM text nodes: an OSM tag or a model label can never become HTML.
-The page talks to the app by ``postMessage`` (``rsvlm-draw``, ``rsvlm-view``, ``rsvlm-click``);
-the parent page's bridge script (`BRIDGE_JS`) writes the payloads into hidden textboxes.
+leafmap (`leafmap.foliumap.Map`) builds the page, its basemap catalogue (online only), the
+layer control, fullscreen and scale; folium's draw control draws the rectangle. Our own layers
+(imagery overlays, OSM features, the chip rectangle, numbered detections) are added by one small
+script from JSON data, because that lets popups and labels be built from DOM text nodes: an OSM
+tag or a model label can never become HTML (folium's GeoJSON popups write tags as HTML). The page
+talks to the app by ``postMessage`` (``rsvlm-draw``, ``rsvlm-view``, ``rsvlm-click``); the parent
+page's bridge script (`BRIDGE_JS`) writes the payloads into hidden textboxes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -22,8 +26,8 @@ from app.html_safe import json_for_script
 if TYPE_CHECKING:
     from tiles import Overlay
 
-#: xyzservices providers offered as basemaps when the network is usable.
-BASEMAPS = (("Satellite (Esri)", "Esri.WorldImagery"), ("OpenStreetMap", "OpenStreetMap.Mapnik"))
+#: leafmap basemap catalogue entries offered when the network is usable (the first is shown).
+BASEMAPS = ("SATELLITE", "OpenStreetMap")
 MAP_HEIGHT_PX = 560
 
 
@@ -45,6 +49,7 @@ class MapSpec:
     chip_bounds: tuple[float, float, float, float] | None = None
     fit_bounds: tuple[float, float, float, float] | None = None
     online: bool = False
+    min_score: float = 0.0  # detections scored below are hidden (unscored ones stay)
 
 
 def overlay_layer(overlay: Overlay, name: str, attribution: str = "") -> ImageLayer | None:
@@ -63,23 +68,8 @@ def overlay_layer(overlay: Overlay, name: str, attribution: str = "") -> ImageLa
     return ImageLayer(name, url, tuple(float(v) for v in overlay.bounds_lonlat), attribution)
 
 
-@lru_cache(maxsize=4)
-def _basemap_data(online: bool) -> tuple[dict[str, Any], ...]:
-    if not online:
-        return ()
-    import xyzservices.providers as xyz
-
-    out = []
-    for label, key in BASEMAPS:
-        provider = xyz.query_name(key)
-        out.append({"name": label, "url": provider.build_url(),
-                    "attribution": provider.get("html_attribution", provider.get("attribution", "")),
-                    "maxNativeZoom": int(provider.get("max_zoom", 19))})
-    return tuple(out)
-
-
 _APP_JS = """
-(function (map, drawn, D) {
+(function (map, drawn, control, D) {
   function post(type, payload) {
     try { window.parent.postMessage({type: type, payload: payload}, "*"); } catch (e) {}
   }
@@ -96,38 +86,41 @@ _APP_JS = """
     });
     return div;
   }
+  function number(n) {  // a text node: a label can never become HTML
+    var span = document.createElement("span");
+    span.textContent = String(n);
+    return span;
+  }
   function ll(b) { return [[b[1], b[0]], [b[3], b[2]]]; }
-  var bases = {}, overlays = {};
-  D.basemaps.forEach(function (bm, i) {
-    var layer = L.tileLayer(bm.url, {attribution: bm.attribution, maxNativeZoom: bm.maxNativeZoom,
-                                     maxZoom: 22});
-    if (i === 0) layer.addTo(map);
-    bases[bm.name] = layer;
-  });
   D.images.forEach(function (im) {
-    overlays[im.name] = L.imageOverlay(im.url, ll(im.bounds), {attribution: im.attribution})
-      .addTo(map);
+    control.addOverlay(L.imageOverlay(im.url, ll(im.bounds), {attribution: im.attribution})
+      .addTo(map), im.name);
   });
   if (D.osm) {
-    overlays["OSM features"] = L.geoJSON(D.osm, {
+    control.addOverlay(L.geoJSON(D.osm, {
       style: {color: "#ffd400", weight: 1, fillOpacity: 0.08, className: "rsvlm-osm"},
       onEachFeature: function (f, layer) { layer.bindPopup(popup(f.properties)); }
-    }).addTo(map);
+    }).addTo(map), "OSM features");
   }
   if (D.chip) {
-    overlays["Question area"] = L.rectangle(ll(D.chip), {
+    control.addOverlay(L.rectangle(ll(D.chip), {
       color: "#00e5ff", weight: 2, dashArray: "6 4", fill: false, className: "rsvlm-chip",
-      interactive: false}).addTo(map);
+      interactive: false}).addTo(map), "Question area");
   }
   if (D.detections && D.detections.features.length) {
-    overlays["Detections"] = L.geoJSON(D.detections, {
+    var shown = D.detections.features.filter(function (f) {
+      var s = f.properties.score;
+      return s === null || s === undefined || s >= D.minScore;
+    });
+    control.addOverlay(L.geoJSON({type: "FeatureCollection", features: shown}, {
       style: {color: "#ff2d6f", weight: 2, fillOpacity: 0.2, className: "rsvlm-det"},
       onEachFeature: function (f, layer) {
-        layer.bindPopup(popup(f.properties, ["label", "score", "question", "time"]));
+        layer.bindPopup(popup(f.properties, ["n", "label", "score", "question", "time"]));
+        layer.bindTooltip(number(f.properties.n), {permanent: true, direction: "center",
+                                                   className: "rsvlm-num", opacity: 0.9});
       }
-    }).addTo(map);
+    }).addTo(map), "Detections (score \\u2265 " + D.minScore + ")");
   }
-  L.control.layers(bases, overlays, {collapsed: false}).addTo(map);
   if (D.fit) { map.fitBounds(ll(D.fit)); }
   // The iframe can be laid out after this script runs (Gradio re-renders the component): a map
   // fitted while its container had no size shows the wrong place, so refit once it has one.
@@ -164,26 +157,73 @@ _APP_JS = """
                                       t: Date.now()});
   });
   window.rsvlmMap = map;
-})(%(map)s, drawnItems_%(draw)s, %(data)s);
+})(%(map)s, drawnItems_%(draw)s, %(control)s, %(data)s);
 """
 
+#: Assets the page needs, inlined from folium-offline's copies: Leaflet, Leaflet.draw and
+#: leafmap's fullscreen control. Everything else folium/leafmap link (jQuery, Bootstrap, icon
+#: fonts, awesome-markers: about 1.3 MB) serves markers and popups we never use and is left out,
+#: because the page is re-sent with every map update.
+_KEEP_ASSETS = ("leaflet.js", "leaflet.css", "leaflet.draw.js", "leaflet.draw.css",
+                "Control.FullScreen.min.js", "Control.FullScreen.css")
+_ASSET_TAG = re.compile(
+    r'<script[^>]*\bsrc="(?P<js>[^"]+)"[^>]*>\s*</script>'
+    r'|<link[^>]*\brel="stylesheet"[^>]*\bhref="(?P<css>[^"]+)"[^>]*/?>')
+_STYLE = ("<style>html,body{margin:0;height:100%;background:#d9dde3}"
+          ".leaflet-container,.leaflet-control-layers{font:12px/1.4 sans-serif}"
+          ".leaflet-control-attribution{font-size:10px}"
+          ".rsvlm-popup{font:12px/1.4 sans-serif;max-width:260px;word-break:break-word}"
+          ".rsvlm-num{background:#ff2d6f;color:#fff;border:0;border-radius:9px;"
+          "padding:0 5px;font:bold 11px/16px sans-serif;box-shadow:none}"
+          ".rsvlm-num:before{display:none}</style>")
 
-@lru_cache(maxsize=1)
-def _base_page() -> tuple[str, str, str]:
-    """folium's page (Leaflet, Leaflet.draw, CSS inline; about 1.5 MB), rendered once.
 
-    Returns (page, map variable, draw control variable); only our data script changes between
-    renders, so re-rendering folium for every answer would be wasted time.
+class MapAssetError(RuntimeError):
+    """A script or stylesheet the map needs has no offline copy."""
+
+
+def inline_assets(page: str) -> str:
+    """``page`` with every external script and stylesheet inlined from folium-offline's copies
+    or left out (see `_KEEP_ASSETS`), so the map needs no network. Raises `MapAssetError` when
+    a needed asset has no offline copy."""
+    # folium-offline keeps its copies in one table keyed by the CDN URL folium links to.
+    from offlinefolium.elements import _res as offline_copies
+
+    def replace(m: re.Match[str]) -> str:
+        url = m.group("js") or m.group("css")
+        if url.rsplit("/", 1)[-1] not in _KEEP_ASSETS:
+            return ""
+        text = offline_copies.get(url)
+        if text is None:
+            raise MapAssetError(f"No offline copy of {url}: the map would need the network.")
+        text = text.replace("</script", "<\\/script") if m.group("js") else text
+        return f"<script>{text}</script>" if m.group("js") else f"<style>{text}</style>"
+
+    return _ASSET_TAG.sub(replace, page)
+
+
+@lru_cache(maxsize=2)
+def _base_page(online: bool) -> tuple[str, str, str, str]:
+    """leafmap's page (the map, its basemap catalogue when ``online``, layer control, fullscreen,
+    scale, a rectangle-only draw control) with its assets inlined; rendered once per ``online``.
+
+    Returns (page, map variable, draw control variable, layer control variable); only our data
+    script changes between renders. leafmap takes about 2 s to import (it brings ipyleaflet,
+    plotly and pandas), so it is imported here, on first use, never when the app starts.
     """
-    import offlinefolium as folium
+    import leafmap.foliumap as leafmap
     from branca.element import Element
-    from offlinefolium import plugins
+    from folium import LayerControl, plugins
 
-    m = folium.Map(location=[0, 0], zoom_start=2, tiles=None, max_zoom=22, control_scale=True)
-    # Leaflet and Leaflet.draw only: folium's jQuery, Bootstrap and icon fonts (about 1.3 MB we
-    # never use) would be re-sent and re-parsed with every map update.
-    m.default_js = [(n, u) for n, u in m.default_js if n == "leaflet"]
-    m.default_css = [(n, u) for n, u in m.default_css if n == "leaflet_css"]
+    # leafmap's fullscreen_control also sets Leaflet's ``fullscreenControl`` map option, whose
+    # init hook adds a second button: the control is added once, here.
+    m = leafmap.Map(center=[0, 0], zoom=2, tiles=None, max_zoom=22, draw_control=False,
+                    fullscreen_control=False, scale_control=True, search_control=False,
+                    layers_control=False)
+    plugins.Fullscreen(position="topleft").add_to(m)
+    if online:
+        for i, name in enumerate(BASEMAPS):
+            m.add_basemap(name, show=i == 0)
     draw = plugins.Draw(
         position="topleft", show_geometry_on_click=False,
         draw_options={"polyline": False, "polygon": False, "circle": False, "marker": False,
@@ -191,32 +231,37 @@ def _base_page() -> tuple[str, str, str]:
         edit_options={"edit": False, "remove": True},
     )
     draw.add_to(m)
+    control = LayerControl(collapsed=False)
+    control.add_to(m)
     root = m.get_root()
-    root.header.add_child(Element(
-        "<style>html,body{margin:0;height:100%;background:#d9dde3}"
-        ".leaflet-container,.leaflet-control-layers{font:12px/1.4 sans-serif}"
-        ".leaflet-control-attribution{font-size:10px}"
-        ".rsvlm-popup{font:12px/1.4 sans-serif;max-width:260px;word-break:break-word}</style>"))
-    return root.render(), m.get_name(), draw.get_name()
+    root.header.add_child(Element(_STYLE))
+    return inline_assets(root.render()), m.get_name(), draw.get_name(), control.get_name()
+
+
+def warm_up(online: bool) -> None:
+    """Build the base page now (imports leafmap), so the first visitor does not wait for it."""
+    _base_page(online)
 
 
 def render_map(spec: MapSpec) -> str:
     """The whole Leaflet page as HTML text (JS and CSS inline)."""
-    page, map_name, draw_name = _base_page()
+    page, map_name, draw_name, control_name = _base_page(spec.online)
     fit = spec.fit_bounds or spec.chip_bounds or (spec.images[0].bounds_lonlat if spec.images
                                                   else None)
     data = {
-        "basemaps": list(_basemap_data(spec.online)),
         "images": [{"name": i.name, "url": i.url, "bounds": i.bounds_lonlat,
                     "attribution": html.escape(i.attribution)} for i in spec.images],
         "osm": spec.osm,
         "detections": spec.detections,
+        "minScore": float(spec.min_score),
         "chip": spec.chip_bounds,
         "fit": fit,
         "local": [i.bounds_lonlat for i in spec.images],
     }
-    script = f"<script>{_APP_JS % {'map': map_name, 'draw': draw_name, 'data': json_for_script(data)}}</script>"
-    # After folium's own scripts, so the map and the draw control exist.
+    script = "<script>" + _APP_JS % {"map": map_name, "draw": draw_name,
+                                     "control": control_name,
+                                     "data": json_for_script(data)} + "</script>"
+    # After leafmap's own scripts, so the map, the draw control and the layer control exist.
     head, sep, tail = page.rpartition("</html>")
     return f"{head}{script}\n{sep}{tail}" if sep else page + script
 

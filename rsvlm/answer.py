@@ -27,6 +27,7 @@ class AnswerBox:
     box_px: tuple[float, float, float, float]
     angle: float | None = None
     geometry: Any = None  # a shapely geometry (EPSG:4326 unless `ground` was given a crs)
+    score: float | None = None  # the model's confidence in this box, where it has one
 
     @property
     def name(self) -> str:
@@ -45,6 +46,7 @@ class AnswerBox:
             "box_px": [round(v, 2) for v in self.box_px],
             "angle": self.angle,
             "geometry": geometry,
+            "score": None if self.score is None else round(float(self.score), 4),
         }
 
 
@@ -75,6 +77,7 @@ def ground(
     *,
     crs: Any = None,
     unique: bool = True,
+    scores: Sequence[float] | None = None,
 ) -> list[AnswerBox]:
     """Boxes in ``text`` -> chip pixels -> polygons in ``crs`` (EPSG:4326 by default).
 
@@ -82,13 +85,14 @@ def ground(
     georeferenced gives pixel boxes without geometry); ``size`` overrides its pixel size. With
     ``unique``, a box repeated verbatim (same label, coordinates and angle: a small model looping)
     is kept once; it would otherwise become several identical detections on the map.
+    ``scores[i]`` is the model's confidence of the i-th box of ``text`` (a box head's), if any.
     """
     width, height = (int(v) for v in (size or (chip.width, chip.height)))
     georeferenced = bool(getattr(chip, "georeferenced", False))
     to_crs = {} if crs is None else {"crs": crs}
     boxes: list[AnswerBox] = []
     seen: set[tuple[Any, ...]] = set()
-    for parsed in parse_boxes(text, image_size=(width, height)):
+    for i, parsed in enumerate(parse_boxes(text, image_size=(width, height))):
         x1, y1, x2, y2 = (float(v) for v in parsed.to_pixels(width, height)[:4])
         key = (parsed.label, round(x1, 3), round(y1, 3), round(x2, 3), round(y2, 3), parsed.angle)
         if unique and key in seen:
@@ -102,7 +106,8 @@ def ground(
                 )
             else:
                 geometry = chip.box_to_polygon((x1, y1, x2, y2), **to_crs)
-        boxes.append(AnswerBox(parsed.label, (x1, y1, x2, y2), parsed.angle, geometry))
+        score = float(scores[i]) if scores is not None and i < len(scores) else None
+        boxes.append(AnswerBox(parsed.label, (x1, y1, x2, y2), parsed.angle, geometry, score))
     return boxes
 
 

@@ -157,7 +157,8 @@ def _ask(args: argparse.Namespace) -> int:
         for box in session.last.boxes:
             where = box.to_dict()["geometry"]["coordinates"][0][:4] if box.geometry else \
                 "pixel space"
-            print(f"  [{box.name}] px={tuple(round(v) for v in box.box_px)} {where}")
+            score = "" if box.score is None else f" score={box.score:.2f}"
+            print(f"  [{box.name}]{score} px={tuple(round(v) for v in box.box_px)} {where}")
     return 0
 
 
@@ -201,7 +202,10 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from tiles.cli_args import attach_values
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(attach_values(argv, ("--bbox", "--region-box")))
     logging.basicConfig(
         level=logging.INFO if args.verbose or args.command == "weights" else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -250,7 +250,9 @@ class ChatSession:
                 yield piece
             t_end = time.perf_counter()
             text = "".join(pieces).strip()
+            self._placed_scores = None
             placed = self._place_boxes(text, question)
+            scores = self._placed_scores if placed != text else None
             if placed != text:
                 # The cache holds the coordinates the LM wrote; the conversation now holds the
                 # head's, so the next turn encodes it afresh.
@@ -260,7 +262,7 @@ class ChatSession:
             first = streamer.first_token_at
             self.last = Answer(
                 text=text,
-                boxes=self.ground(text),
+                boxes=self.ground(text, scores),
                 retrieved=list(self.retrieved or []),
                 timing={
                     "first_token_s": round((first or t_end) - t0, 4),
@@ -314,15 +316,17 @@ class ChatSession:
             out.sequences[0, -1]) in _eos_ids(engine)
         engine.caches.touch(self)
 
-    def ground(self, text: str) -> list[AnswerBox]:
-        """Boxes in ``text`` on this session's chip (`rsvlm.answer.ground`)."""
-        return ground(text, self.chip, (self.chip_width, self.chip_height))
+    def ground(self, text: str, scores: list[float] | None = None) -> list[AnswerBox]:
+        """Boxes in ``text`` on this session's chip (`rsvlm.answer.ground`); ``scores[i]`` is
+        the box head's confidence of the i-th box of ``text`` when it placed them."""
+        return ground(text, self.chip, (self.chip_width, self.chip_height), scores=scores)
 
     def _place_boxes(self, text: str, question: str) -> str:
         """The LM's boxes replaced by the box head's: one box when the LM wrote one for a
         referring question, else every object the head finds, under the LM's first label. A
         question that asks for every instance gets all the head finds even when the LM wrote one
-        box: a small LM undercounts, and the head's scores say how many there are."""
+        box: a small LM undercounts, and the head's scores say how many there are. The head's score
+        of each placed box is left in ``_placed_scores`` (the answer's boxes carry them)."""
         engine = self.engine
         if not engine.use_box_head:
             return text
@@ -344,6 +348,7 @@ class ChatSession:
         found = select_boxes(logits[0], boxes[0], single=single,
                              threshold=model.config.box_head_threshold)
         label = next((b.label for b in written if b.label), None)
+        self._placed_scores = [float(score) for score, _ in found]
         return replace_boxes(text, [(label, [v * SCALE for v in box]) for _, box in found],
                              image_size=size).strip()
 
@@ -417,6 +422,7 @@ class ChatSession:
         return kwargs, prompt_text, int(inputs["input_ids"].shape[1])
 
     _first_query: str = ""
+    _placed_scores: list[float] | None = None
 
 
 class _SuppressTokens(LogitsProcessor):

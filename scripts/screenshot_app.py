@@ -56,14 +56,17 @@ def main() -> None:
                 "n => document.querySelectorAll(\"#rsvlm-chat .message.bot, "
                 "#rsvlm-chat [data-testid='bot']\").length > n", arg=before,
                 timeout=args.timeout_s * 1000)
-            # Streaming: wait until the answer stops changing.
+            # Streaming or scanning: wait until the answer is final and stops changing.
             last, stable = "", 0
             waited = 0
+            busy = ("so far…", "Scanning the whole area", "Waiting for the model", "…")
             while stable < 4 and waited < args.timeout_s:
                 page.wait_for_timeout(1000)
                 waited += 1
                 text = bot.last.inner_text().strip()
-                stable = stable + 1 if text and text == last else 0
+                done = text and not any(b in text for b in busy) and \
+                    page.locator("#rsvlm-progress progress").count() == 0
+                stable = stable + 1 if done and text == last else 0
                 last = text
             page.wait_for_timeout(1500)  # boxes drawn onto the map
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,11 @@ from tiles.sources import (
     open_source,
     output_shape,
 )
+from tiles.sources.area import AreaSource
 from tiles.sources.base import check_bbox, intersects
 
 __all__ = [
+    "AreaSource",
     "Chip",
     "ChipBox",
     "Detection",

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tiles.chip import Chip
+from tiles.cli_args import attach_values
 from tiles.errors import ImageryError
 from tiles.sources import open_source
 
@@ -101,7 +102,8 @@ def write_chip(chip: Chip, out: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(attach_values(argv, ("--bbox",)))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

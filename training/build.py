@@ -64,6 +64,7 @@ class BuildConfig:
     descriptions: bool = True  # scene/object texts for the semantic database
     png_compress: int = 3  # zlib level of chip PNGs: 3 is ~3x faster than 6 for ~5% more bytes
     augment: int = 0  # rotated/mirrored copies per training chip (0-7; training.augment)
+    bbox_lonlat: tuple[float, float, float, float] | None = None  # only chips overlapping it
     rewrite: Rewriter | None = field(default=None, repr=False)  # optional caption paraphraser
     # Where OSM features come from (`training.osm_source`): None = the region's vector files.
     osm: OSMSource | None = field(default=None, repr=False)
@@ -101,6 +102,7 @@ class RegionBuilder:
         from tqdm.auto import tqdm
 
         from tiles.geometry import LONLAT, transform_bounds
+        from tiles.sources.base import intersects
 
         spec, records = self.spec, []
         infos = [raster_info(p) for p in spec.rasters]
@@ -116,6 +118,9 @@ class RegionBuilder:
             if splits[cell.chip_id] == "gap":
                 continue
             lonlat = transform_bounds(cell.bounds, info.crs, LONLAT)
+            if self.config.bbox_lonlat is not None and not intersects(lonlat,
+                                                                      self.config.bbox_lonlat):
+                continue
             size = spec.chip_size
             gsd = ground_resolution(lonlat, size, (cell.bounds[2] - cell.bounds[0]) / size)
             objs = chip_objects(features_by_crs[key], cell.bounds, size, size, gsd)

@@ -24,6 +24,18 @@ def _add_region_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _lonlat_bbox(text: str) -> tuple[float, float, float, float]:
+    from tiles.sources.base import check_bbox
+
+    parts = [p for p in text.replace(" ", ",").split(",") if p]
+    try:
+        if len(parts) != 4:
+            raise ValueError(f"expected 4 numbers, got {len(parts)}")
+        return tuple(check_bbox([float(p) for p in parts]))  # type: ignore[return-value]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--bbox is W,S,E,N in lon/lat: {exc}") from exc
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsvlm-train", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -35,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--image-folder", action="append", default=[], metavar="DIR",
                    help="scene classification folder in ImageFolder layout")
     b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--bbox", type=_lonlat_bbox, default=None, metavar="W,S,E,N",
+                   help="only chips that overlap this lon/lat area (default: whole regions)")
     _add_region_args(b)
     b.add_argument("--val-fraction", type=float, default=None, help="held-out share (0.1)")
     b.add_argument("--block-chips", type=int, default=None,
@@ -102,7 +116,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from tiles.cli_args import attach_values
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(attach_values(argv, ("--bbox",)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -141,7 +158,7 @@ def _build_data(args: argparse.Namespace) -> int:
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     osm = open_osm(args.osm, endpoint=args.overpass_url)
     config = BuildConfig(seed=args.seed, tasks=tasks, balance=not args.no_balance,
-                         augment=args.augment,
+                         augment=args.augment, bbox_lonlat=args.bbox,
                          rewrite=rewrite, osm=osm)
     result = build_dataset(args.out, regions, args.image_folder, config,
                            folder_val_fraction=args.val_fraction or 0.1,

@@ -128,7 +128,8 @@ def test_plain_picture_is_answered_in_pixel_space(ctx: AppContext, tmp_path: Pat
     final = last(h.ask(ctx, state, "Find all trees"))
     assert len(final.chip_image[1]) == len(FAKE_BOXES) and not state.detections
     (x1, y1, x2, y2), label = final.chip_image[1][0]
-    assert label == "tree" and x1 == round(FAKE_BOXES[0][0] * state.chip.width / 1000)
+    assert label == "#1 tree" and x1 == round(FAKE_BOXES[0][0] * state.chip.width / 1000)
+    assert "Found 3 trees (numbered 1–3 on the chip)" in final.chat[-1]["content"].replace("\\", "")
     text, geojson = h.api_ask(ctx, str(png), "", "Find all trees")
     features = json.loads(geojson)["features"]
     assert len(features) == len(FAKE_BOXES) and all(f["geometry"] is None for f in features)
@@ -229,21 +230,36 @@ def test_loading_backend_reports_progress_then_serves(ctx: AppContext) -> None:
     lctx = AppContext(backend=loading, region=ctx.region, export_dir=ctx.export_dir)
     assert "Loading model" in h.status_markdown(lctx) and not h.backend_ready(lctx)
     assert "converting weights" in h.status_markdown(lctx)
+    assert loading.info["state"] == "loading"
     state, _ = h.start_session(lctx)
-    waiting = last(h.ask(lctx, state, "Describe"))
-    assert waiting.notice and "loading" in waiting.notice
+    # A question while the model loads waits for it, showing the loading progress...
+    asking = h.ask(lctx, state, "Describe")
+    first_two = [next(asking), next(asking)]
+    assert "Waiting for the model to load" in str(first_two[-1].chat[-1]["content"])
+    assert "converting weights" in str(first_two[-1].chat[-1]["content"])
     gate.set()
-    assert loading.wait(10)
+    final = last(asking)  # ...and is answered once it is there
+    assert final.notice is None and "closely spaced" in str(final.chat[-1]["content"])
     assert h.backend_ready(lctx) and "fake" in h.status_markdown(lctx)
-    assert last(h.ask(lctx, state, "Describe")).notice is None
+    assert loading.info["state"] == "ready"
+    # The wait is bounded.
+    gate2 = threading.Event()
+    slow = LoadingBackend(lambda progress: (gate2.wait(10), FakeBackend())[1])
+    sctx = AppContext(backend=slow, region=ctx.region, export_dir=ctx.export_dir,
+                      ready_timeout_s=0.3)
+    with pytest.raises(h.UserError, match="still loading"):
+        h.api_ask(sctx, None, "", "Describe this image.")
+    gate2.set()
 
     def broken(progress) -> FakeBackend:
         raise OSError("weights not found")
 
     failed = LoadingBackend(broken)
     failed.wait(10)
-    assert "failed to load" in h.status_markdown(
-        AppContext(backend=failed, region=None, export_dir=ctx.export_dir))
+    fctx = AppContext(backend=failed, region=ctx.region, export_dir=ctx.export_dir)
+    assert "failed to load" in h.status_markdown(fctx) and failed.info["state"] == "failed"
+    with pytest.raises(h.UserError, match="failed to load: OSError: weights not found"):
+        h.api_ask(fctx, None, "", "Describe this image.")
 
 
 def test_state_stays_bounded(ctx: AppContext) -> None:

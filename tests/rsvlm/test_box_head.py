@@ -183,6 +183,30 @@ def test_a_placed_answer_is_what_the_conversation_and_the_map_keep(monkeypatch) 
     assert session.last.timing["prefill_tokens"] > session.engine.model.config.num_image_tokens
 
 
+def test_answer_boxes_carry_the_heads_scores(monkeypatch) -> None:
+    """The head's confidence of each placed box reaches `Answer.boxes` (and so the map, the
+    table and the exports); boxes the LM wrote itself have none."""
+    session = _session(box_head=True)
+    engine = session.engine
+    question = "Where is the largest building?"
+    real = type(session)._place_boxes
+
+    def lm_wrote_a_box(self, text, q):  # the tiny LM writes noise: give it one box
+        return real(self, "<ref>building</ref><box>[0,0,500,500]</box>", q)
+
+    monkeypatch.setattr(type(session), "_place_boxes", lm_wrote_a_box)
+    list(session.ask(question))
+    ids, mask = engine.processor.encode_queries([question])
+    with torch.no_grad():
+        logits, boxes = engine.model.predict_boxes(session._pixel_values(), ids, mask)
+    (best_score, _), = select_boxes(logits[0], boxes[0], single=True)
+    (box,) = session.last.boxes
+    assert box.score == pytest.approx(best_score, abs=1e-6)
+    assert session.last.to_dict()["boxes"][0]["score"] == pytest.approx(best_score, abs=1e-4)
+    plain = _session(box_head=False)
+    assert [b.score for b in plain.ground("<ref>x</ref><box>[0,0,10,10]</box>")] == [None]
+
+
 def test_trained_parts_missing_a_parts_tensors_are_refused(tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 

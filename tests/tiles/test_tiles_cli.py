@@ -96,3 +96,20 @@ def test_python_dash_m(demo_raster):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["count"] == 3
+
+
+def test_bbox_with_negative_coordinates_as_users_write_them(raster_factory, tmp_path, capsys):
+    """`--bbox -122.5,37.7,...` (west of Greenwich) is a value, not an unknown option."""
+    raster = raster_factory(name="sf.tif", crs="EPSG:4326", res=1e-4, origin=(-122.45, 37.78))
+    out = tmp_path / "chip.png"
+    bbox = "-122.445,37.772,-122.43,37.779"
+    assert main(["chip", str(raster), "--bbox", bbox, "--size", "64", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    w, s, e, n = printed["bounds_lonlat"]
+    assert (w, s, e, n) == pytest.approx((-122.445, 37.772, -122.43, 37.779), abs=2e-4)
+    # Southern latitudes first too, and a single negative value stays what argparse made it.
+    from tiles.cli_args import attach_values
+
+    assert attach_values(["--bbox", "-0.9,-51.9,-0.8,-51.8", "--size", "-3"], ["--bbox"]) == [
+        "--bbox=-0.9,-51.9,-0.8,-51.8", "--size", "-3"]
+    assert attach_values(["--bbox", "--out", "x"], ["--bbox"]) == ["--bbox", "--out", "x"]

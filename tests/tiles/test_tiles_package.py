@@ -52,3 +52,24 @@ def test_app_uses_only_what_tiles_exports_and_crs_work_stays_in_tiles():
     for package in ("app", "rsvlm"):
         for path, name in _imports(root / package):
             assert name.split(".")[0] not in {"pyproj", "rasterio", "affine"}, (path, name)
+
+
+def test_area_source_is_a_window_of_its_source(demo_raster):
+    """`tiles.AreaSource`: bounds clipped to the source, lon/lat bounds, whole-area chips."""
+    import pytest
+
+    from tiles import AreaSource, ImageryError, open_source
+
+    with open_source(demo_raster) as src:
+        minx, miny, maxx, maxy = src.bounds
+        half = (minx - 50, miny, (minx + maxx) / 2, maxy + 50)  # overhangs west and north
+        area = AreaSource(src, half)
+        assert area.bounds == (minx, miny, (minx + maxx) / 2, maxy)
+        w, s, e, n = area.bounds_lonlat
+        sw, ss, se, sn = src.bounds_lonlat
+        assert w == pytest.approx(sw) and e < se and (s, n) == pytest.approx((ss, sn))
+        chip = area.chip(size=256)
+        assert chip.bounds == pytest.approx(area.bounds) and (chip.width, chip.height) == (192, 256)
+        assert area.info()["bounds"] == list(area.bounds)
+        with pytest.raises(ImageryError, match="does not overlap"):
+            AreaSource(src, (0, 0, 1, 1))

@@ -207,3 +207,26 @@ def test_caption_rewrite_hook(small_region: Path) -> None:
     assert any(not s.meta["rewritten"] for s in samples)  # empty rewrites keep the template
     assert keeps_numbers("Three buildings, 120 m² and 4 roads.", "4 roads; 120 m² of roofs")
     assert not keeps_numbers("It covers 120 m².", "It covers about 100 m².")
+
+
+def test_cli_build_data_bbox_takes_negative_coordinates(tmp_path: Path, capsys) -> None:
+    """A region west of Greenwich (UTM 10N, San Francisco) limited with `--bbox -122...`."""
+    from tiles.geometry import LONLAT, transform_bounds
+    from training.synthetic import make_region
+
+    region = tmp_path / "sf"
+    make_region(region, 512, 512, n_buildings=20, n_roads=1, n_parking=1, n_trees=5, seed=3,
+                crs="EPSG:32610", origin=(550000.0, 4180000.0))
+    w, s, e, n = transform_bounds((550010.0, 4180000.0 - 66.8, 550066.8, 4179990.0),
+                                  "EPSG:32610", LONLAT)  # inside the north-west chip
+    assert w < 0
+    base = ["build-data", "--region", str(region), "--chip-size", "256", "--tasks", "caption",
+            "--quiet", "--val-fraction", "0"]
+    assert main([*base, "--out", str(tmp_path / "all")]) == 0
+    every = json.loads(capsys.readouterr().out)
+    assert main([*base, "--out", str(tmp_path / "west"), "--bbox", f"{w},{s},{e},{n}"]) == 0
+    west = json.loads(capsys.readouterr().out)
+    assert 0 < west["train"]["samples"] < every["train"]["samples"]
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage and the reason
+        main([*base, "--out", str(tmp_path / "bad"), "--bbox", "-122.5,37.9,-122.6,38"])
+    assert exit_info.value.code == 2 and "W < E" in capsys.readouterr().err
