@@ -34,9 +34,10 @@ from app.guards import (
     public,
     reject,
 )
-from app.html_safe import esc, markdown_text, table
+from app.html_safe import esc, markdown_text, table  # noqa: F401 - app.layout uses h.esc
 from app.map_html import ImageLayer, MapSpec, map_iframe, overlay_layer, render_map
-from app.region import Region, features_geojson, tag_counts
+from app.osm_panel import AreaOSM, AreaStore, features_for, fetch_area, map_layer, panel_html
+from app.region import Region, features_geojson
 from rsvlm.answer import Answer
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ class AppContext:
     tile_provider: str = TILE_PROVIDER
     region_layer: ImageLayer | None = None
     region_osm: dict[str, Any] | None = None
+    osm: Any = None  # training.osm_source.OSMSource for imagery outside the region, or None
+    osm_areas: AreaStore = field(default_factory=AreaStore)  # fetched areas (prompt context)
     #: Fraction of a chip that must be imagery (see `app.guards`).
     min_coverage: float = 0.25
     #: How long a question waits for a model that is still loading before it gives up.
@@ -97,6 +100,7 @@ class SessionState:
     upload_path: str = ""
     upload_layer: ImageLayer | None = None
     upload_georeferenced: bool = False
+    osm_area: AreaOSM | None = None  # OSM features of the upload / fetched tile's area
     view_bbox: Bounds | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     detections: list[Detection] = field(default_factory=list)
@@ -179,7 +183,8 @@ def _map(ctx: AppContext, state: SessionState, fit: Bounds | None = None) -> str
         for i, feature in enumerate(dets["features"]):  # the numbers of the chat and the table
             feature["properties"]["n"] = state.first_number + i
     chip_bounds = state.chip.bounds_lonlat if state.chip is not None else None
-    spec = MapSpec(images=images, osm=ctx.region_osm, detections=dets, chip_bounds=chip_bounds,
+    spec = MapSpec(images=images, osm=map_layer(ctx.region_osm, state.osm_area),
+                   detections=dets, chip_bounds=chip_bounds,
                    fit_bounds=fit or chip_bounds, online=ctx.online, min_score=state.min_score)
     return map_iframe(render_map(spec))
 
@@ -210,11 +215,10 @@ def _semantics(ctx: AppContext, state: SessionState) -> str:
                           if state.last_answer is None else
                           "nothing: this model has no semantic database"))]
     bounds = state.chip.bounds_lonlat if state.chip is not None else None
-    feats = ctx.region.osm_in(bounds) if ctx.region is not None else None
-    n = 0 if feats is None else len(feats)
+    feats, source, note = features_for(ctx.region, state.osm_area, bounds)
     where = "this chip" if bounds else "no georeferenced chip"
-    parts += [f"<h4>OSM features in {esc(where)}: {n}</h4>",
-              table(["tag", "value", "count"], tag_counts(feats), empty="no OSM features here")]
+    attribution = state.osm_area.attribution if state.osm_area is not None else ""
+    parts.append(panel_html(feats, where, source, note, attribution))
     return "\n".join(parts)
 
 
@@ -360,6 +364,7 @@ def on_map_click(ctx: AppContext, state: SessionState, payload: str, allow_netwo
     state.last_boxes, state.last_answer = [], None
     state.upload_layer = overlay_layer(overlay_from_chip(chip), "Fetched tile")
     state.upload_georeferenced, state.upload_path = False, ""
+    state.osm_area = fetch_area(ctx.osm, chip.bounds_lonlat, ctx.osm_areas)
     return _full_update(ctx, state)
 
 
@@ -397,6 +402,8 @@ def upload(ctx: AppContext, state: SessionState, path: str | None) -> UIUpdate:
         return UIUpdate(notice=f"{name} could not be read as imagery "
                                f"({type(exc).__name__}).")
     state.upload_path, state.upload_layer, state.upload_georeferenced = path, layer, georef
+    state.osm_area = fetch_area(ctx.osm, layer.bounds_lonlat if layer is not None else None,
+                                ctx.osm_areas)
     state.chip, state.chip_source, state.session = chip, path, None
     state.last_boxes, state.last_answer = [], None
     note = None if georef else (f"{name} has no georeference: answers are in pixel "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import socket
@@ -13,6 +14,7 @@ from app.auth import ENV_VAR as AUTH_ENV_VAR
 from app.auth import load_credentials, throttled_auth
 from app.backend import Backend, EngineBackend, FakeBackend, LoadingBackend
 from app.handlers import AppContext
+from app.osm_panel import AreaStore, prompt_lines
 from app.region import DEMO_REGION, Region
 
 log = logging.getLogger("app")
@@ -34,7 +36,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode", choices=["auto", "torch", "onnx", "onnx-int8"], default="auto",
                    help="who runs decode steps on the CPU (default: ONNX Runtime where it can)")
     p.add_argument("--region", default=str(DEMO_REGION),
-                   help="folder with one imagery file and its OSM GeoJSON/GPKG")
+                   help="folder with one imagery file and its OSM GeoJSON/GPKG or .osm.pbf extract")
+    p.add_argument("--osm", default=None, metavar="auto|FILE|none",
+                   help="OSM features for imagery outside the region (uploads, fetched tiles): "
+                        "'auto' asks Overpass (answers cached on disk), FILE is a local "
+                        ".osm.pbf extract or vector file, 'none' shows none (the default: the "
+                        "app makes no network connection unless asked)")
+    p.add_argument("--overpass-url", default=None, metavar="URL",
+                   help="Overpass interpreter URL for --osm auto (default $RSVLM_OVERPASS_URL "
+                        "or overpass-api.de)")
     p.add_argument("--auth-file", default=None, metavar="FILE",
                    help="require a login: USER:PASSWORD lines in FILE (chmod 600); or set "
                         f"${AUTH_ENV_VAR}=USER:PASSWORD")
@@ -73,7 +83,7 @@ def network_reachable(host: str = "server.arcgisonline.com", timeout: float = 1.
         return False
 
 
-def make_backend(args: argparse.Namespace) -> Backend:
+def make_backend(args: argparse.Namespace, osm_areas: AreaStore | None = None) -> Backend:
     if args.fake_model:
         return FakeBackend()
     quantize = {"4bit": True, "none": False}.get(args.quantize)
@@ -82,40 +92,60 @@ def make_backend(args: argparse.Namespace) -> Backend:
         decode=args.decode, adapter=getattr(args, "adapter", None),
         allow_untrained=getattr(args, "allow_untrained", False),
         semantic_context=not getattr(args, "no_semantic_context", False),
-        osm=_region_osm(args)),
+        osm=_prompt_osm(args, osm_areas)),
         name=args.model or "default")
 
 
-def _region_osm(args: argparse.Namespace):
-    """``osm(chip)`` lines of the region's OSM features (a pretrained model's prompt context)."""
-    if not args.region:
+def _prompt_osm(args: argparse.Namespace, osm_areas: AreaStore | None):
+    """``osm(chip)`` lines for a pretrained model's prompt context: the region's OSM features
+    on the region, the features fetched for an upload or tile (`--osm`) elsewhere."""
+    region = None
+    if args.region:
+        try:
+            region = Region.load(args.region)
+        except Exception:  # the app still starts; the region loader reports the problem itself
+            region = None
+    if (region is None or region.osm is None) and not getattr(args, "osm", None):
         return None
-    try:
-        region = Region.load(args.region)
-    except Exception:  # the app still starts; the region loader reports the problem itself
-        return None
-    if region.osm is None:
-        return None
-    from rsvlm.backends.semantics import osm_context
-
-    return osm_context(region.osm)
+    store = osm_areas if osm_areas is not None else AreaStore()
+    return functools.partial(prompt_lines, region, store)
 
 
-def build_context(args: argparse.Namespace, backend: Backend) -> AppContext:
+def build_context(args: argparse.Namespace, backend: Backend,
+                  osm_areas: AreaStore | None = None) -> AppContext:
     region = Region.load(args.region) if args.region else None
     files_dir = Path(args.files_dir) if args.files_dir else \
         Path(tempfile.gettempdir()) / f"rsvlm-app-{os.getuid() if hasattr(os, 'getuid') else 0}"
     # The only network probe: made when basemaps are asked for, never by default.
     online = bool(args.basemaps) and not args.offline and network_reachable()
     log.info("basemaps: %s", "online (xyzservices)" if online else "offline (local imagery only)")
+    osm = make_osm_source(args)
     ctx = AppContext(backend=backend, region=region, export_dir=files_dir,
-                     chip_size=args.chip_size, max_upload_mb=args.max_upload_mb, online=online)
+                     chip_size=args.chip_size, max_upload_mb=args.max_upload_mb, online=online,
+                     osm=osm, osm_areas=osm_areas if osm_areas is not None else AreaStore())
     st = files_dir.stat()
     if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o077):
         raise ValueError(f"{files_dir} (for uploads and exports) must be a folder of this user "
                          "that no one else can read; remove it or give --files-dir")
     ctx.files.sweep(SESSION_MAX_AGE_S)
     return ctx
+
+
+def make_osm_source(args: argparse.Namespace):
+    """The OSM source for imagery outside the region (`training.osm_source`), or None."""
+    from training.osm_source import open_osm
+
+    choice = getattr(args, "osm", None) or "none"  # Overpass sees the area: only when asked
+    if choice == "auto" and getattr(args, "offline", False):
+        raise ValueError("--osm auto asks an Overpass server on the internet; --offline "
+                         "forbids it (give --osm FILE.osm.pbf)")
+    try:
+        # Bounded: an upload waits for its area's features at most this long.
+        osm = open_osm(choice, endpoint=getattr(args, "overpass_url", None), timeout_s=20.0)
+    except RuntimeError as exc:  # OSMError: a missing file or a bad URL
+        raise ValueError(str(exc)) from exc
+    log.info("OSM features outside the region: %s", osm.description if osm else "none")
+    return osm
 
 
 def launch(ctx: AppContext, *, host: str, port: int, auth: dict[str, str] | None,
@@ -155,9 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     from tiles import tune_allocator
 
     tune_allocator()  # freed decode buffers go back to the system (see tiles.limits)
-    backend = make_backend(args)
+    osm_areas = AreaStore()  # what uploads fetched, shared with the model's prompt context
+    backend = make_backend(args, osm_areas)
     try:
-        ctx = build_context(args, backend)
+        ctx = build_context(args, backend, osm_areas)
     except ValueError as exc:
         raise SystemExit(f"rsvlm-app: {exc}") from exc
     print(f"rsvlm-app: http://{args.host}:{args.port}  (model: {backend.info.get('preset')}, "

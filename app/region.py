@@ -49,8 +49,17 @@ class Region:
             preview = src.preview(preview_size)
             bounds = src.bounds_lonlat
         osm_files = sorted(p for p in folder.iterdir() if p.suffix.lower() in OSM_SUFFIXES)
+        extracts = sorted(p for p in folder.iterdir() if p.name.lower().endswith(".osm.pbf"))
         osm = None
-        if osm_files:
+        if not osm_files and extracts and bounds is not None:
+            # An extract may cover a country: only the imagery's area is read (pyrosm).
+            from training.osm_source import OSMError, PbfSource
+
+            try:
+                osm = PbfSource(extracts[0]).features(bounds)
+            except OSMError as exc:
+                raise ValueError(str(exc)) from exc
+        elif osm_files:
             import geopandas as gpd
 
             osm = gpd.read_file(osm_files[0])
@@ -62,6 +71,8 @@ class Region:
         if attribution_file.exists():
             attribution = ("Imagery © OpenAerialMap contributors (CC BY 4.0); "
                            "map data © OpenStreetMap contributors (ODbL)")
+        elif extracts:
+            attribution = "Map data © OpenStreetMap contributors (ODbL)"
         log.info("region %s: %s, %d OSM features", folder.name, imagery.name,
                  0 if osm is None else len(osm))
         return cls(folder.name, imagery, osm, preview, bounds, attribution)

@@ -1,7 +1,7 @@
 """`rsvlm` command line: ask a question about an image or a georeferenced area.
 
     rsvlm ask IMAGE "question" [--bbox W,S,E,N] [--region-box x1,y1,x2,y2] [--model PRESET|DIR] [--json]
-    rsvlm scan RASTER "find all X" --out detections.geojson [--chip-size 512] [--batch-size 4]
+    rsvlm scan RASTERS "find all X" --out detections.geojson [--engine local|ray] [--chip-size 512]
     rsvlm weights            # convert the embedded preset's offline weights into the cache
     rsvlm which [--gpu-memory-gb N] [--offline]   # which model would run (here), and why
 """
@@ -53,17 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=256)
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
-    scan = sub.add_parser("scan", help="find objects over a whole raster by sliding chips")
-    scan.add_argument("raster", help="georeferenced raster (GeoTIFF/COG)")
-    scan.add_argument("question", help='what to look for, e.g. "find all buildings"')
-    scan.add_argument("--out", required=True, help="output file (.geojson, or .gpkg)")
-    scan.add_argument("--gpkg", action="store_true", help="write a GeoPackage")
-    scan.add_argument("--model", default=None, help="preset name (embedded, large) or a model dir")
-    scan.add_argument("--chip-size", type=int, default=512, help="chip side in raster pixels")
-    scan.add_argument("--overlap", type=float, default=0.125, help="overlap between chips (0-0.9)")
-    scan.add_argument("--batch-size", type=int, default=4, help="chips per generate call")
-    scan.add_argument("--iou", type=float, default=0.5, help="IoU for merging/NMS")
-    scan.add_argument("--max-new-tokens", type=int, default=256)
+    scan = sub.add_parser("scan", help="find objects over whole rasters by sliding chips")
+    from rsvlm.scanning.cli import add_scan_arguments
+
+    add_scan_arguments(scan)
 
     for command in (ask, scan):
         command.add_argument("--adapter", default=None,
@@ -163,42 +156,9 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    import tiles
-    from rsvlm.engine import ChatEngine
-    from rsvlm.scan import scan
-    from tiles.export import write_geojson, write_gpkg
+    from rsvlm.scanning.cli import run_scan
 
-    with tiles.open_source(args.raster) as source:
-        loaded = _load(args)
-        logger.info("model: %s", loaded.info.get("summary", loaded.info))
-        engine = ChatEngine(
-            loaded, max_new_tokens=args.max_new_tokens, decode_backend=args.decode,
-            semantic_context=not args.no_context, osm=_osm(args),
-        )
-
-        def progress(done: int, total: int) -> None:
-            sys.stderr.write(f"\rscan: {done}/{total} chips")
-            sys.stderr.flush()
-
-        result = scan(
-            source,
-            args.question,
-            engine=engine,
-            chip_size=args.chip_size,
-            overlap=args.overlap,
-            batch_size=args.batch_size,
-            iou_threshold=args.iou,
-            max_new_tokens=args.max_new_tokens,
-            progress=progress,
-        )
-    sys.stderr.write("\n")
-    gpkg = args.gpkg or str(args.out).lower().endswith(".gpkg")
-    (write_gpkg if gpkg else write_geojson)(list(result), args.out)
-    print(
-        f"{len(result)} detections from {result.raw_boxes} boxes in {result.chips_done} chips "
-        f"({result.chips_per_s:.2f} chips/s) -> {args.out}"
-    )
-    return 0
+    return run_scan(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

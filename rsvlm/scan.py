@@ -298,15 +298,21 @@ def _answer_windows(source: Any, windows: list[Window], question: str, answer: A
                 f"The answer function gave {len(texts)} answers for {len(chips)} chips."
             )
         for window, chip, text in zip(batch, chips, texts, strict=True):
-            boxes += _chip_boxes(window, chip, text, metric, margin)
+            boxes += chip_boxes(window, chip, text, metric, margin)
         result.chips_done += len(batch)
         if progress is not None:
             progress(result.chips_done, len(windows))
     return boxes, t_read, t_model
 
 
-def _chip_boxes(window: Window, chip: Any, text: str, metric: Any, margin: float
-                ) -> list[ChipBox]:
+def chip_boxes(window: Window, chip: Any, text: str, metric: Any, margin: float
+               ) -> list[ChipBox]:
+    """The boxes of one chip's answer as polygons in ``metric``, each marked cut or not.
+
+    A box is cut when it comes within ``margin`` chip pixels of an edge that is not outer
+    (``window.outer``); `rsvlm.scanning` calls this with map-wide outer edges (seams between
+    rasters are not outer).
+    """
     out = []
     w, h = chip.width, chip.height
     left, bottom, right, top = window.outer
@@ -331,6 +337,7 @@ __all__ = [
     "ScanError",
     "ScanResult",
     "Window",
+    "chip_boxes",
     "engine_answer_fn",
     "grid_windows",  # re-exported from tiles.grid
     "metric_crs",

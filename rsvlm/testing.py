@@ -316,3 +316,137 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ----------------------------------------------------------------------------------------------
+# Answerer factories for scan tests (picklable: Ray actors build them in their own process)
+# ----------------------------------------------------------------------------------------------
+
+
+class ObjectsAnswerer:
+    """A perfect detector: every object's part inside the chip, in the canonical box grammar.
+
+    ``objects`` maps ``"label#id"`` to ``(minx, miny, maxx, maxy)`` in ``crs``. Each call of the
+    answer function is appended to ``calls_file`` (one line per chip: the chip's bounds), when
+    given, so a test can count how often a window was read across processes.
+    """
+
+    def __init__(
+        self,
+        objects: dict[str, tuple[float, float, float, float]],
+        crs: str,
+        calls_file: str | None = None,
+    ) -> None:
+        self.objects, self.crs, self.calls_file = dict(objects), crs, calls_file
+
+    def __repr__(self) -> str:
+        return f"ObjectsAnswerer({sorted(self.objects.items())!r}, {self.crs!r})"
+
+    def __call__(self):
+        from shapely.geometry import box
+
+        from tiles.geometry import transform_geometry
+
+        def answer(chips, question):
+            texts = []
+            for chip in chips:
+                parts = []
+                for label, bounds in self.objects.items():
+                    geom = transform_geometry(box(*bounds), self.crs, chip.crs)
+                    x1, y1, x2, y2 = chip.geometry_to_pixels(geom, crs=chip.crs).bounds
+                    x1, y1 = max(0.0, x1), max(0.0, y1)
+                    x2, y2 = min(chip.width, x2), min(chip.height, y2)
+                    if x2 - x1 < 1 or y2 - y1 < 1:
+                        continue
+                    n = [round(v) for v in chip.px_to_norm((x1, y1, x2, y2))]
+                    name = label.split("#")[0]
+                    parts.append(f"<ref>{name}</ref><box>[{n[0]},{n[1]},{n[2]},{n[3]}]</box>")
+                texts.append(" ".join(parts) or "nothing here")
+            if self.calls_file:
+                with open(self.calls_file, "a", encoding="utf-8") as fh:
+                    fh.writelines(f"{chip.source} {chip.bounds}\n" for chip in chips)
+            return texts
+
+        return answer
+
+
+class TinyModelAnswerer:
+    """The tiny random model of `tiny_model` behind `rsvlm.scan.engine_answer_fn`.
+
+    ``answers_file``: each answer is appended there (``source bounds -> text``), so a test can
+    compare what two engines' models said, not only the boxes.
+    """
+
+    def __init__(self, max_new_tokens: int = 5, seed: int = 0, answers_file: str | None = None):
+        self.max_new_tokens, self.seed, self.answers_file = max_new_tokens, seed, answers_file
+
+    def __repr__(self) -> str:
+        return f"TinyModelAnswerer({self.max_new_tokens}, {self.seed})"
+
+    def __call__(self):
+        from rsvlm.engine import ChatEngine
+        from rsvlm.scan import engine_answer_fn
+
+        model = tiny_model(
+            seed=self.seed, connector_type="semantic_prompter", image_token_id=TINY_IMAGE_TOKEN_ID
+        )
+
+        class Loaded:
+            processor = tiny_processor(model.config)
+            database = None
+            info = {"preset": "tiny"}
+
+        Loaded.model = model
+        engine = ChatEngine(
+            Loaded(), max_new_tokens=self.max_new_tokens, generation={"repetition_penalty": 1.0}
+        )
+        answer = engine_answer_fn(engine, max_new_tokens=self.max_new_tokens)
+        if not self.answers_file:
+            return answer
+
+        def logged(chips, question):
+            texts = answer(chips, question)
+            with open(self.answers_file, "a", encoding="utf-8") as fh:
+                fh.writelines(
+                    f"{c.source} {[round(v, 3) for v in c.bounds]} -> {t!r}\n"
+                    for c, t in zip(chips, texts, strict=True)
+                )
+            return texts
+
+        return logged
+
+
+class KillOnce:
+    """Wraps an answerer factory; the first process to answer its ``after``-th batch is killed.
+
+    SIGKILL, as the kernel's OOM killer or a lost node would: no exception, no clean-up. The
+    marker file makes it happen once per test, whichever actor (or restarted actor) gets there.
+    """
+
+    def __init__(self, inner: Any, marker: str, after: int = 2) -> None:
+        self.inner, self.marker, self.after = inner, marker, after
+
+    def __repr__(self) -> str:
+        return repr(self.inner)  # the run is the same scan as without the kill
+
+    def __call__(self):
+        import os
+        import signal
+
+        answer = self.inner()
+        calls = [0]
+
+        def killing(chips, question):
+            calls[0] += 1
+            if calls[0] >= self.after:
+                try:
+                    fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.close(fd)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return answer(chips, question)
+
+        return killing
+

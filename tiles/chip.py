@@ -36,6 +36,19 @@ class Chip:
     #: How the chip was made (zoom, bands, stretch, overview...), for logs and the UI.
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_coefficients(
+        cls, pixels: np.ndarray, crs: Any, coefficients: Sequence[float], source: str = ""
+    ) -> Chip:
+        """A chip from its pixels, CRS and the six numbers ``(a, b, c, d, e, f)`` of its
+        transform: how a chip crosses a process boundary as plain arrays (`rsvlm.scanning`)."""
+        return cls(
+            pixels=pixels,
+            crs=None if crs is None else geometry.as_crs(crs),
+            transform=Affine(*(float(v) for v in coefficients[:6])),
+            source=source,
+        )
+
     def __post_init__(self) -> None:
         if self.pixels.ndim != 3 or self.pixels.shape[2] != 3 or self.pixels.dtype != np.uint8:
             raise ValueError(

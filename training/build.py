@@ -12,7 +12,7 @@ import json
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from training.classification import (
     split_of_item,
 )
 from training.grounding import grounding_samples, region_samples
+from training.osm_source import OSMSource
 from training.region import (
     ChipContext,
     GridCell,
@@ -35,6 +36,7 @@ from training.region import (
     assign_splits,
     chip_grid,
     chip_objects,
+    classify_features,
     ground_resolution,
     raster_info,
     read_features,
@@ -64,6 +66,8 @@ class BuildConfig:
     augment: int = 0  # rotated/mirrored copies per training chip (0-7; training.augment)
     bbox_lonlat: tuple[float, float, float, float] | None = None  # only chips overlapping it
     rewrite: Rewriter | None = field(default=None, repr=False)  # optional caption paraphraser
+    # Where OSM features come from (`training.osm_source`): None = the region's vector files.
+    osm: OSMSource | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.augment <= 7:
@@ -110,7 +114,7 @@ class RegionBuilder:
             info = infos[i]
             key = info.crs.to_wkt()
             if key not in features_by_crs:
-                features_by_crs[key] = read_features(spec.vectors, info.crs)
+                features_by_crs[key] = self._features(infos, info.crs)
             if splits[cell.chip_id] == "gap":
                 continue
             lonlat = transform_bounds(cell.bounds, info.crs, LONLAT)
@@ -129,6 +133,26 @@ class RegionBuilder:
             self.stats.add(ctx)
         self._records = records
         return records
+
+    def _features(self, infos: list[RasterInfo], crs: Any) -> Any:
+        """Classified features in ``crs``: from the build's OSM source over the rasters' area
+        when it has one (in place of the region's vector files), else the region's files."""
+        osm = self.config.osm
+        if osm is None:
+            return read_features(self.spec.vectors, crs)
+        from tiles.geometry import LONLAT, transform_bounds
+
+        boxes = [transform_bounds(i.bounds, i.crs, LONLAT) for i in infos if i.crs == crs]
+        area = (min(b[0] for b in boxes), min(b[1] for b in boxes),
+                max(b[2] for b in boxes), max(b[3] for b in boxes))
+        if self.spec.vectors:
+            log.info("%s: OSM features from %s, not from %s", self.spec.name, osm.description,
+                     ", ".join(p.name for p in self.spec.vectors))
+        features = classify_features([osm.features(area)], crs)
+        log.info("%s: %d visible OSM features (%d classes) from %s", self.spec.name,
+                 len(features), features["cls"].nunique() if len(features) else 0,
+                 osm.description)
+        return features
 
     def chips(self, progress: bool = False) -> Iterator[tuple[ChipRecord, Any]]:
         """(record, tiles.Chip) for chips with enough valid pixels, in grid order."""
@@ -360,9 +384,13 @@ def dataset_card(records: dict[str, list[dict]], class_counts: Counter[str], cfg
             "answers": {k: dict(sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))[:30])
                         for k, v in sorted(answers.items())},
         }
-    cfg_dict = {k: v for k, v in asdict(cfg).items() if k != "rewrite"}
+    # Generators and sources are objects (locks, models): the card records what they were.
+    cfg_dict = {f.name: getattr(cfg, f.name) for f in fields(cfg)
+                if f.name not in {"rewrite", "osm"}}
     cfg_dict["tasks"] = list(cfg.tasks)
     cfg_dict["rewrite"] = cfg.rewrite is not None
+    if cfg.osm is not None:
+        cfg_dict["osm"] = {"source": cfg.osm.description, "attribution": cfg.osm.attribution}
     return {
         "format": "llava-jsonl",
         "config": cfg_dict,

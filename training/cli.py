@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
                         "classification image (0-7), boxes and positions moved along (0)")
     b.add_argument("--rewrite-model", default=None, metavar="DIR",
                    help="local causal LM folder to paraphrase captions (slow; optional)")
+    b.add_argument("--osm", default=None, metavar="auto|FILE",
+                   help="OSM features for the regions' area, in place of their vector files: "
+                        "'auto' asks Overpass when online (answers cached on disk), FILE is a "
+                        "local .osm.pbf extract or a vector file (default: the regions' files)")
+    b.add_argument("--overpass-url", default=None, metavar="URL",
+                   help="Overpass interpreter URL for --osm auto (default $RSVLM_OVERPASS_URL "
+                        "or overpass-api.de)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="evaluate a model on classification / vqa / grounding / "
@@ -136,11 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("accelerate").setLevel(logging.WARNING)
     from tiles import ImageryError
     from training.classification import DatasetError
+    from training.osm_source import OSMError
     from training.region import RegionError
 
     try:
         return _COMMANDS[args.command](args)
-    except (RegionError, DatasetError, ImageryError, FileNotFoundError, ValueError) as exc:
+    except (RegionError, DatasetError, ImageryError, OSMError, FileNotFoundError,
+            ValueError) as exc:
         if args.verbose:
             raise
         print(f"rsvlm-train {args.command}: error: {exc}", file=sys.stderr)
@@ -149,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _build_data(args: argparse.Namespace) -> int:
     from training.build import BuildConfig, build_dataset
+    from training.osm_source import open_osm
     from training.region import load_region
 
     if not args.region and not args.image_folder:
@@ -162,9 +172,10 @@ def _build_data(args: argparse.Namespace) -> int:
 
         rewrite = LLMRewriter(args.rewrite_model)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    osm = open_osm(args.osm, endpoint=args.overpass_url)
     config = BuildConfig(seed=args.seed, tasks=tasks, balance=not args.no_balance,
                          augment=args.augment, bbox_lonlat=args.bbox,
-                         rewrite=rewrite)
+                         rewrite=rewrite, osm=osm)
     result = build_dataset(args.out, regions, args.image_folder, config,
                            folder_val_fraction=args.val_fraction or 0.1,
                            progress=not args.quiet)

@@ -139,9 +139,6 @@ def read_features(paths: list[Path], crs: Any) -> Any:
     Columns: geometry, cls, plural, detail, attributes, tags (pruned dict), osm_id, kind.
     `.osm.pbf` files are read with GDAL's OSM driver (all layers); other formats with pyogrio.
     """
-    import geopandas as gpd
-    import pandas as pd
-
     frames = []
     for path in paths:
         for frame in _read_vector(path):
@@ -149,9 +146,24 @@ def read_features(paths: list[Path], crs: Any) -> Any:
                 log.warning("%s has no CRS; assuming EPSG:4326", path)
                 frame = frame.set_crs("EPSG:4326")
             frames.append(frame.to_crs(crs))
-    columns = ["cls", "plural", "detail", "attributes", "tags", "osm_id", "kind", "geometry"]
+    gdf = classify_features(frames, crs)
+    log.info("read %d visible features (%d classes) from %d files", len(gdf),
+             gdf["cls"].nunique() if len(gdf) else 0, len(paths))
+    return gdf
+
+
+FEATURE_COLUMNS = ["cls", "plural", "detail", "attributes", "tags", "osm_id", "kind", "geometry"]
+
+
+def classify_features(frames: list[Any], crs: Any) -> Any:
+    """Raw feature frames (one column per tag, GDAL's ``other_tags`` or not) -> the visible,
+    classified features in `crs` (the columns of `read_features`); the rest is dropped."""
+    import geopandas as gpd
+    import pandas as pd
+
+    frames = [f.to_crs(crs) for f in frames if len(f)]
     if not frames:
-        return gpd.GeoDataFrame(columns=columns, geometry="geometry", crs=crs)
+        return gpd.GeoDataFrame(columns=FEATURE_COLUMNS, geometry="geometry", crs=crs)
     raw = pd.concat(frames, ignore_index=True)
     rows = []
     geoms = []
@@ -174,10 +186,7 @@ def read_features(paths: list[Path], crs: Any) -> Any:
             "kind": _kind(geom.geom_type),
         })
         geoms.append(geom)
-    gdf = gpd.GeoDataFrame(rows, columns=columns[:-1], geometry=geoms, crs=crs)
-    log.info("read %d visible features (%d classes) from %d files", len(gdf),
-             gdf["cls"].nunique() if len(gdf) else 0, len(paths))
-    return gdf
+    return gpd.GeoDataFrame(rows, columns=FEATURE_COLUMNS[:-1], geometry=geoms, crs=crs)
 
 
 def _id_text(v: Any) -> str:
