@@ -225,6 +225,37 @@ def _record(sample_id: str, image: str, s: Sample) -> dict[str, Any]:
             "meta": s.meta}
 
 
+@dataclass
+class _Collected:
+    """What `build_dataset` gathers before writing: samples with their ids and image paths,
+    database texts, chip metadata rows and counts for the dataset card."""
+
+    out: Path
+    cfg: BuildConfig
+    pairs: list[tuple[str, Sample]] = field(default_factory=list)  # (image path, sample)
+    ids: list[str] = field(default_factory=list)
+    texts: list[dict[str, Any]] = field(default_factory=list)
+    chip_rows: list[dict[str, Any]] = field(default_factory=list)
+    class_counts: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+    augmented: int = 0
+
+    def add(self, sample_id: str, image: str, s: Sample) -> None:
+        self.ids.append(sample_id)
+        self.pairs.append((image, s))
+
+    def add_chip(self, region: str, builder: RegionBuilder, ctx: ChipContext, image: str,
+                 **extra: str) -> None:
+        """A chip's metadata row and its instruction samples."""
+        self.chip_rows.append({"id": f"{region}/{ctx.chip_id}", "image": image,
+                               "split": ctx.split, "classes": ctx.classes,
+                               "n_objects": len(ctx.objects), **extra, **ctx.meta})
+        per_task: Counter[str] = Counter()
+        for s in builder.samples_for(ctx):
+            self.add(f"{region}/{ctx.chip_id}/{s.task}/{per_task[s.task]}", image, s)
+            per_task[s.task] += 1
+
+
 def build_dataset(out_dir: str | Path, regions: Sequence[RegionSpec] = (),
                   image_folders: Sequence[str | Path] = (),
                   config: BuildConfig | None = None, *, folder_val_fraction: float = 0.1,
@@ -234,109 +265,118 @@ def build_dataset(out_dir: str | Path, regions: Sequence[RegionSpec] = (),
     Layout: train.jsonl, val.jsonl (LLaVA conversations), texts.jsonl (semantic database
     descriptions), chips.jsonl (chip metadata), images/, dataset_card.json, dataset_card.md.
     """
-    import numpy as np
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     cfg = config or BuildConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pairs: list[tuple[str, Sample]] = []  # (image path, sample)
-    ids: list[str] = []
-    texts: list[dict[str, Any]] = []
-    chip_rows: list[dict[str, Any]] = []
-    class_counts: Counter[str] = Counter()
-    skipped = 0
-    augmented = 0
     names = [r.name for r in regions] + [Path(f).name for f in image_folders]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"two inputs share the name {dupes[0]!r} (their images would collide); "
                          "give regions a `name:` in a spec file")
-    def add_chip(region: str, builder: RegionBuilder, ctx: ChipContext, image: str,
-                 **extra: str) -> None:
-        """A chip's metadata row and its instruction samples."""
-        chip_rows.append({"id": f"{region}/{ctx.chip_id}", "image": image, "split": ctx.split,
-                          "classes": ctx.classes, "n_objects": len(ctx.objects), **extra,
-                          **ctx.meta})
-        per_task: Counter[str] = Counter()
-        for s in builder.samples_for(ctx):
-            ids.append(f"{region}/{ctx.chip_id}/{s.task}/{per_task[s.task]}")
-            per_task[s.task] += 1
-            pairs.append((image, s))
-
+    acc = _Collected(out, cfg)
     for spec in regions:
-        builder = RegionBuilder(spec, cfg)
-        builder.contexts(progress)
-        n_ctx = len(builder.contexts())
-        n_done = 0
-        for rec, chip in builder.chips(progress):
-            ctx = rec.ctx
-            n_done += 1
-            image = f"images/{spec.name}/{ctx.chip_id}.png"
-            _write_png(chip.pixels, out / image, cfg.png_compress)
-            for o in ctx.objects:
-                class_counts[o.cls] += 1
-            add_chip(spec.name, builder, ctx, image)
-            if cfg.augment and ctx.split == "train":
-                # Views of a training chip: instruction samples only (no database texts, which
-                # would repeat the chip's own), each remembering its origin for retrieval.
-                for k in augment_choices(cfg.augment, cfg.seed, spec.name, ctx.chip_id):
-                    view = dihedral_context(ctx, k)
-                    view_image = f"images/{spec.name}/{view.chip_id}.png"
-                    _write_png(dihedral_pixels(chip.pixels, k), out / view_image,
-                               cfg.png_compress)
-                    add_chip(spec.name, builder, view, view_image, origin=image)
-                    augmented += 1
-            if cfg.descriptions:
-                rng = rng_for(cfg.seed, spec.name, ctx.chip_id, "descriptions")
-                for row in descriptions(ctx, builder.stats, rng):
-                    texts.append({**row, "image": image, "region": spec.name,
-                                  "split": ctx.split})
-        skipped += n_ctx - n_done
+        _collect_region(acc, spec, progress)
     for folder in image_folders:
-        classes, items = scan_image_folder(folder)
-        name = Path(folder).name
-        for item in tqdm(items, desc=f"{name}: images", disable=not progress, unit="img"):
-            image = f"images/{name}/{item.folder}/{item.path.stem}.png"
-            with Image.open(item.path) as im:
-                _write_png(np.asarray(im.convert("RGB")), out / image, cfg.png_compress)
-            split = split_of_item(item, cfg.seed, folder_val_fraction)
-            s = classification_sample(item, classes)
-            s.meta["split"] = split
-            s.meta["dataset"] = name
-            ids.append(f"{name}/{item.folder}/{item.path.stem}/classification/0")
-            pairs.append((image, s))
-            rng = rng_for(cfg.seed, name, item.folder, item.path.stem, "scene")
-            if "caption" in cfg.tasks:
-                cap = scene_caption_sample(item, rng)
-                cap.meta.update({"split": split, "dataset": name})
-                ids.append(f"{name}/{item.folder}/{item.path.stem}/caption/0")
-                pairs.append((image, cap))
-            if cfg.descriptions:
-                texts.append({"text": scene_caption(item.label, rng), "level": "scene",
+        _collect_image_folder(acc, folder, folder_val_fraction, progress)
+    return _write_dataset(acc, regions, image_folders)
+
+
+def _collect_region(acc: _Collected, spec: RegionSpec, progress: bool) -> None:
+    """A region's chips (and their augmented views) as PNGs, samples and database texts."""
+    cfg, out = acc.cfg, acc.out
+    builder = RegionBuilder(spec, cfg)
+    builder.contexts(progress)
+    n_ctx = len(builder.contexts())
+    n_done = 0
+    for rec, chip in builder.chips(progress):
+        ctx = rec.ctx
+        n_done += 1
+        image = f"images/{spec.name}/{ctx.chip_id}.png"
+        _write_png(chip.pixels, out / image, cfg.png_compress)
+        for o in ctx.objects:
+            acc.class_counts[o.cls] += 1
+        acc.add_chip(spec.name, builder, ctx, image)
+        if cfg.augment and ctx.split == "train":
+            # Views of a training chip: instruction samples only (no database texts, which
+            # would repeat the chip's own), each remembering its origin for retrieval.
+            for k in augment_choices(cfg.augment, cfg.seed, spec.name, ctx.chip_id):
+                view = dihedral_context(ctx, k)
+                view_image = f"images/{spec.name}/{view.chip_id}.png"
+                _write_png(dihedral_pixels(chip.pixels, k), out / view_image,
+                           cfg.png_compress)
+                acc.add_chip(spec.name, builder, view, view_image, origin=image)
+                acc.augmented += 1
+        if cfg.descriptions:
+            rng = rng_for(cfg.seed, spec.name, ctx.chip_id, "descriptions")
+            for row in descriptions(ctx, builder.stats, rng):
+                acc.texts.append({**row, "image": image, "region": spec.name,
+                                  "split": ctx.split})
+    acc.skipped += n_ctx - n_done
+
+
+def _collect_image_folder(acc: _Collected, folder: str | Path, folder_val_fraction: float,
+                          progress: bool) -> None:
+    """An ImageFolder set's images as PNGs with classification (and caption) samples."""
+    import numpy as np
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    cfg, out = acc.cfg, acc.out
+    classes, items = scan_image_folder(folder)
+    name = Path(folder).name
+    for item in tqdm(items, desc=f"{name}: images", disable=not progress, unit="img"):
+        image = f"images/{name}/{item.folder}/{item.path.stem}.png"
+        with Image.open(item.path) as im:
+            _write_png(np.asarray(im.convert("RGB")), out / image, cfg.png_compress)
+        split = split_of_item(item, cfg.seed, folder_val_fraction)
+        s = classification_sample(item, classes)
+        s.meta["split"] = split
+        s.meta["dataset"] = name
+        acc.add(f"{name}/{item.folder}/{item.path.stem}/classification/0", image, s)
+        rng = rng_for(cfg.seed, name, item.folder, item.path.stem, "scene")
+        if "caption" in cfg.tasks:
+            cap = scene_caption_sample(item, rng)
+            cap.meta.update({"split": split, "dataset": name})
+            acc.add(f"{name}/{item.folder}/{item.path.stem}/caption/0", image, cap)
+        if cfg.descriptions:
+            acc.texts.append({"text": scene_caption(item.label, rng), "level": "scene",
                               "cls": item.label, "classes": [item.label], "image": image,
                               "region": name, "split": split})
-            if cfg.augment and split == "train":
-                # A scene class does not depend on which way is up: the views get the image's
-                # class instructions (no database texts), and remember their origin.
-                view_id = f"{item.folder}/{item.path.stem}"
-                pixels = None
-                for k in augment_choices(cfg.augment, cfg.seed, name, view_id):
-                    if pixels is None:
-                        with Image.open(item.path) as im:
-                            pixels = np.asarray(im.convert("RGB"))
-                    view_image = f"images/{name}/{item.folder}/{item.path.stem}_d{k}.png"
-                    _write_png(dihedral_pixels(pixels, k), out / view_image, cfg.png_compress)
-                    chip_rows.append({"id": f"{name}/{view_id}_d{k}", "image": view_image,
-                                      "split": split, "classes": [item.label], "n_objects": 0,
-                                      "origin": image})
-                    view = classification_sample(item, classes)
-                    view.meta.update({"split": split, "dataset": name, "view": k})
-                    ids.append(f"{name}/{view_id}_d{k}/classification/0")
-                    pairs.append((view_image, view))
-                    augmented += 1
-    keyed = [(sid, (image, s)) for sid, (image, s) in zip(ids, pairs, strict=True)]
+        if cfg.augment and split == "train":
+            _collect_image_views(acc, item, classes, name, image, split)
+
+
+def _collect_image_views(acc: _Collected, item: Any, classes: Any, name: str, image: str,
+                         split: str) -> None:
+    """Dihedral views of a training image. A scene class does not depend on which way is
+    up: the views get the image's class instructions (no database texts), and remember their
+    origin."""
+    import numpy as np
+    from PIL import Image
+
+    cfg, out = acc.cfg, acc.out
+    view_id = f"{item.folder}/{item.path.stem}"
+    pixels = None
+    for k in augment_choices(cfg.augment, cfg.seed, name, view_id):
+        if pixels is None:
+            with Image.open(item.path) as im:
+                pixels = np.asarray(im.convert("RGB"))
+        view_image = f"images/{name}/{item.folder}/{item.path.stem}_d{k}.png"
+        _write_png(dihedral_pixels(pixels, k), out / view_image, cfg.png_compress)
+        acc.chip_rows.append({"id": f"{name}/{view_id}_d{k}", "image": view_image,
+                              "split": split, "classes": [item.label], "n_objects": 0,
+                              "origin": image})
+        view = classification_sample(item, classes)
+        view.meta.update({"split": split, "dataset": name, "view": k})
+        acc.add(f"{name}/{view_id}_d{k}/classification/0", view_image, view)
+        acc.augmented += 1
+
+
+def _write_dataset(acc: _Collected, regions: Sequence[RegionSpec],
+                   image_folders: Sequence[str | Path]) -> BuildResult:
+    """Balance, split and write the JSONL files and the dataset card."""
+    cfg, out = acc.cfg, acc.out
+    keyed = [(sid, (image, s)) for sid, (image, s) in zip(acc.ids, acc.pairs, strict=True)]
     if cfg.balance:
         kept = balance_answers(((sid, s) for sid, (_, s) in keyed), cfg.seed)
         keep_ids = {sid for sid, _ in kept}
@@ -346,10 +386,10 @@ def build_dataset(out_dir: str | Path, regions: Sequence[RegionSpec] = (),
         records["val" if s.meta.get("split") == "val" else "train"].append(_record(sid, image, s))
     for split, rows in records.items():
         _write_jsonl(out / f"{split}.jsonl", rows)
-    _write_jsonl(out / "texts.jsonl", texts)
-    _write_jsonl(out / "chips.jsonl", chip_rows)
-    card = dataset_card(records, class_counts, cfg, regions, image_folders, skipped, len(texts),
-                        augmented)
+    _write_jsonl(out / "texts.jsonl", acc.texts)
+    _write_jsonl(out / "chips.jsonl", acc.chip_rows)
+    card = dataset_card(records, acc.class_counts, cfg, regions, image_folders, acc.skipped,
+                        len(acc.texts), acc.augmented)
     (out / "dataset_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     (out / "dataset_card.md").write_text(card_markdown(card))
     log.info("wrote %d train / %d val samples to %s", len(records["train"]),

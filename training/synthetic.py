@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,26 +24,46 @@ def make_region(out_dir: str | Path, width: int = 1024, height: int = 1024, *,
                 crs: str = "EPSG:32636", origin: tuple[float, float] = (500000.0, 40000.0),
                 block: int = 1024) -> tuple[Path, Path]:
     """Write `image.tif` and `osm.geojson` into out_dir; returns their paths."""
-    import rasterio
-    from rasterio.features import rasterize
     from rasterio.transform import from_origin
-    from rasterio.windows import Window
-    from shapely.geometry import LineString, Point, Polygon, mapping
+    from shapely.geometry import mapping
 
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     x0, y0 = origin
     transform = from_origin(x0, y0, res, res)
-    W, H = width * res, height * res
-    feats: list[tuple[object, dict, str]] = []
+    area = (x0, y0, width * res, height * res)
+    feats = _features(rng, area, n_water=n_water, n_parking=n_parking, n_roads=n_roads,
+                      n_buildings=n_buildings, n_trees=n_trees)
+    tif = out / "image.tif"
+    _write_raster(tif, feats, width, height, crs, transform, seed, block)
+    gj = out / "osm.geojson"
+    features = [{"type": "Feature", "properties": tags, "geometry": mapping(g)}
+                for g, tags, _ in feats]
+    gj.write_text(json.dumps({"type": "FeatureCollection",
+                              "crs": {"type": "name", "properties": {"name": crs}},
+                              "features": features}))
+    return tif, gj
 
-    def rect(cx: float, cy: float, w: float, h: float, angle: float) -> Polygon:
-        c, s = math.cos(angle), math.sin(angle)
-        pts = [(dx * c - dy * s + cx, dx * s + dy * c + cy)
-               for dx, dy in ((-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2))]
-        return Polygon(pts)
 
+def _rect(cx: float, cy: float, w: float, h: float, angle: float) -> Any:
+    from shapely.geometry import Polygon
+
+    c, s = math.cos(angle), math.sin(angle)
+    pts = [(dx * c - dy * s + cx, dx * s + dy * c + cy)
+           for dx, dy in ((-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2))]
+    return Polygon(pts)
+
+
+def _features(rng: np.random.Generator, area: tuple[float, float, float, float], *,
+              n_water: int, n_parking: int, n_roads: int, n_buildings: int,
+              n_trees: int) -> list[tuple[Any, dict, str]]:
+    """(geometry, OSM tags, kind) of the region's objects; ``area`` is (x0, y0, W, H) in CRS
+    units, with y0 the top edge."""
+    from shapely.geometry import LineString, Point
+
+    x0, y0, W, H = area
+    feats: list[tuple[Any, dict, str]] = []
     for i in range(n_water):
         cx, cy = x0 + rng.uniform(0.1, 0.9) * W, y0 - rng.uniform(0.1, 0.9) * H
         r = rng.uniform(0.03, 0.08) * min(W, H)
@@ -50,7 +71,7 @@ def make_region(out_dir: str | Path, width: int = 1024, height: int = 1024, *,
                       "water"))
     for i in range(n_parking):
         cx, cy = x0 + rng.uniform(0.1, 0.9) * W, y0 - rng.uniform(0.1, 0.9) * H
-        feats.append((rect(cx, cy, rng.uniform(25, 60), rng.uniform(20, 40), 0.0),
+        feats.append((_rect(cx, cy, rng.uniform(25, 60), rng.uniform(20, 40), 0.0),
                       {"amenity": "parking", "surface": "asphalt", "osm_id": 8000 + i},
                       "parking"))
     for i in range(n_roads):
@@ -70,18 +91,25 @@ def make_region(out_dir: str | Path, width: int = 1024, height: int = 1024, *,
                 "source": "survey", "addr:street": "Main St"}
         if i % 7 == 0:
             tags["building:levels"] = str(1 + i % 4)
-        feats.append((rect(cx, cy, w, h, rng.uniform(0, math.pi)), tags, "building"))
+        feats.append((_rect(cx, cy, w, h, rng.uniform(0, math.pi)), tags, "building"))
     for i in range(n_trees):
         cx, cy = x0 + rng.uniform(0, 1) * W, y0 - rng.uniform(0, 1) * H
         feats.append((Point(cx, cy), {"natural": "tree", "osm_id": 6000 + i}, "tree"))
+    return feats
 
-    tif = out / "image.tif"
+
+def _write_raster(tif: Path, feats: list[tuple[Any, dict, str]], width: int, height: int,
+                  crs: str, transform: Any, seed: int, block: int) -> None:
+    """Draw the objects over a noisy grass background, block by block."""
+    import rasterio
+    from rasterio.features import rasterize
+    from rasterio.windows import Window
+    from shapely import STRtree, box
+
     profile = {"driver": "GTiff", "width": width, "height": height, "count": 3, "dtype": "uint8",
                "crs": crs, "transform": transform, "tiled": True, "blockxsize": 256,
                "blockysize": 256}
     # Drawn shapes per kind, with a spatial index so each block rasterizes only its own shapes.
-    from shapely import STRtree, box
-
     drawn: dict[str, list] = {}
     for g, _, kind in feats:
         g = g.buffer(3.0) if kind == "road" else g.buffer(2.0) if kind == "tree" else g
@@ -110,10 +138,3 @@ def make_region(out_dir: str | Path, width: int = 1024, height: int = 1024, *,
                     for b in range(3):
                         img[b][m] = _COLORS[name][b]
                 ds.write(img, window=win)
-    gj = out / "osm.geojson"
-    features = [{"type": "Feature", "properties": tags, "geometry": mapping(g)}
-                for g, tags, _ in feats]
-    gj.write_text(json.dumps({"type": "FeatureCollection",
-                              "crs": {"type": "name", "properties": {"name": crs}},
-                              "features": features}))
-    return tif, gj

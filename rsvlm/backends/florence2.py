@@ -231,23 +231,38 @@ def convert_original(src: str | Path, out: str | Path, *, instruction_following:
 
     ``src`` is a local folder (``huggingface_hub.snapshot_download`` of the repo). Raises
     `ValueError` when ``src`` is not in the original layout or a weight does not land."""
-    import torch
-    from transformers import (
-        AddedToken,
-        AutoImageProcessor,
-        AutoTokenizer,
-        Florence2Config,
-        Florence2ForConditionalGeneration,
-        Florence2Processor,
-        Florence2VisionConfig,
-    )
+    from transformers import AutoImageProcessor, Florence2Config, Florence2Processor
 
     src, out = Path(src), Path(out)
     original = json.loads((src / "config.json").read_text())
     if not is_original_layout(original):
         raise ValueError(f"{src} is not a Florence-2 checkpoint in the original layout")
+    vision_config = _vision_config(original)
+    tokenizer = _convert_tokenizer(src, out, int(original["text_config"].get("vocab_size", 0)))
+    image_processor = AutoImageProcessor.from_pretrained(str(src))
+    preprocessor = json.loads((src / "preprocessor_config.json").read_text())
+    image_processor.image_seq_length = int(preprocessor.get("image_seq_length", 577))
+    config = Florence2Config(text_config=dict(original["text_config"]), vision_config=vision_config,
+                             image_token_id=tokenizer.image_token_id)
+    model = _convert_weights(src, config)
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                   post_processor_config=None)
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    (out / CONVERSION_MARK).write_text(json.dumps({"source": str(src), "layout": "florence2-original",
+                                                   "instruction_following": instruction_following},
+                                                  indent=2))
+    logger.info("converted %s into %s", src, out)
+    return out
+
+
+def _vision_config(original: dict[str, Any]) -> Any:
+    """The native vision config from the original one's DaViT fields."""
+    from transformers import Florence2VisionConfig
+
     vision = dict(original["vision_config"])
-    vision_config = Florence2VisionConfig(
+    return Florence2VisionConfig(
         embed_dim=vision["dim_embed"], depths=vision["depths"], num_heads=vision["num_heads"],
         num_groups=vision["num_groups"], window_size=vision.get("window_size", 12),
         patch_size=vision["patch_size"], patch_stride=vision["patch_stride"],
@@ -256,8 +271,14 @@ def convert_original(src: str | Path, out: str | Path, *, instruction_following:
         max_temporal_embeddings=vision["visual_temporal_embedding"]["max_temporal_embeddings"],
         max_position_embeddings=vision["image_pos_embed"]["max_pos_embeddings"],
     )
+
+
+def _convert_tokenizer(src: Path, out: Path, rows: int) -> Any:
+    """The tokenizer with Florence-2's added tokens and the image token, saved into ``out``
+    and read back from there; ``rows`` is the checkpoint's embedding rows (0: unknown)."""
+    from transformers import AddedToken, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    rows = int(original["text_config"].get("vocab_size", 0))
     if len(tokenizer) < rows:  # Florence-2's processor adds its task/location tokens at run time
         tokenizer.add_special_tokens({"additional_special_tokens": list(ORIGINAL_ADDED_TOKENS)})
     if rows and len(tokenizer) != rows:
@@ -274,12 +295,14 @@ def convert_original(src: str | Path, out: str | Path, *, instruction_following:
     tok_config = json.loads(config_path.read_text())
     tok_config["extra_special_tokens"] = {"image_token": "<image>"}
     config_path.write_text(json.dumps(tok_config, indent=2))
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
-    image_processor = AutoImageProcessor.from_pretrained(str(src))
-    preprocessor = json.loads((src / "preprocessor_config.json").read_text())
-    image_processor.image_seq_length = int(preprocessor.get("image_seq_length", 577))
-    config = Florence2Config(text_config=dict(original["text_config"]), vision_config=vision_config,
-                             image_token_id=tokenizer.image_token_id)
+    return AutoTokenizer.from_pretrained(str(out))
+
+
+def _convert_weights(src: Path, config: Any) -> Any:
+    """The native model holding the original checkpoint's weights (renamed, tied)."""
+    import torch
+    from transformers import Florence2ForConditionalGeneration
+
     state = _read_state(src)
     mapping = key_mapping(config, list(state))
     missing = sorted(k for k in mapping if k not in state and not k.startswith("language_model.model"))
@@ -297,13 +320,4 @@ def convert_original(src: str | Path, out: str | Path, *, instruction_following:
         raise ValueError(f"{src}: conversion left weights unmatched: missing {absent[:3]}, "
                          f"unexpected {result.unexpected_keys[:3]}")
     model.tie_weights()
-    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                   post_processor_config=None)
-    model.save_pretrained(str(out))
-    processor.save_pretrained(str(out))
-    (out / CONVERSION_MARK).write_text(json.dumps({"source": str(src), "layout": "florence2-original",
-                                                   "instruction_following": instruction_following},
-                                                  indent=2))
-    logger.info("converted %s into %s", src, out)
-    return out
+    return model

@@ -355,14 +355,37 @@ class RasterSource(Source):
 
         Returns data (H, W, 3), valid mask (H, W) and read metadata.
         """
-        from rasterio.enums import Resampling
-        from rasterio.errors import RasterioError
-
         reader = self._reader
         part = split_window(col, row, width, height, reader.width, reader.height, out_w, out_h)
         if part is None:
             raise ImageryError(f"The requested area does not overlap {self.name!r}.")
         h, w = part.r1 - part.r0, part.c1 - part.c0
+        factor = self._overview_factor(part, w, h)
+        window, read_shape, box = self._plan_read(part, factor, w, h)
+        band, mask = self._read_bands(window, read_shape, box)
+        if box is not None:
+            nearest = self.palette is not None or self.resampling == "nearest"
+            band, mask = _resize(band, mask, box, (w, h), nearest=nearest)
+        if self.palette is not None:
+            band = display.apply_colormap(band[..., 0], self.palette)
+        if band.shape[:2] == (out_h, out_w):  # the usual case: the request is inside the source
+            data = band
+            valid = np.ones((out_h, out_w), dtype=bool) if mask is None else mask
+        else:
+            data = np.zeros((out_h, out_w, 3), dtype=band.dtype)
+            valid = np.zeros((out_h, out_w), dtype=bool)
+            data[part.r0 : part.r1, part.c0 : part.c1] = band
+            valid[part.r0 : part.r1, part.c0 : part.c1] = True if mask is None else mask
+        meta = {
+            "overview_factor": factor,
+            "bands": list(self.rgb_bands),
+            "band_mapping": self.band_reason,
+        }
+        return data, valid, meta
+
+    def _overview_factor(self, part: Any, w: int, h: int) -> int:
+        """The coarsest overview no coarser than the output, refusing reads that would touch
+        more than `MAX_SOURCE_PIXELS` source pixels."""
         scale = min(part.width / w, part.height / h)  # source pixels per output pixel
         factors = [f for f in (self._ds.overviews(1) or []) if f <= scale] or [1]
         touched = part.width * part.height / max(factors) ** 2
@@ -372,9 +395,17 @@ class RasterSource(Source):
                 "because the raster has no overviews at that scale. Ask for a smaller area, or "
                 "add overviews once (`gdaladdo FILE 2 4 8 16 32 64`)."
             )
-        factor = max(factors)
-        plan = self._plan_read(part, factor, w, h)
-        window, read_shape, box = plan
+        return max(factors)
+
+    def _read_bands(
+        self, window: Any, read_shape: tuple[int, int], box: Any
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The RGB bands (read pixels, (H, W, 3)) of one planned read and their valid mask
+        (None: all valid)."""
+        from rasterio.enums import Resampling
+        from rasterio.errors import RasterioError
+
+        reader = self._reader
         indexes = sorted(
             set(self.rgb_bands) | ({self.alpha} if self._mask_mode == "alpha" else set())
         )
@@ -417,25 +448,7 @@ class RasterSource(Source):
         if band.dtype.kind == "f":
             finite = np.isfinite(band).all(axis=-1)
             mask = finite if mask is None else mask & finite
-        if box is not None:
-            nearest = self.palette is not None or self.resampling == "nearest"
-            band, mask = _resize(band, mask, box, (w, h), nearest=nearest)
-        if self.palette is not None:
-            band = display.apply_colormap(band[..., 0], self.palette)
-        if band.shape[:2] == (out_h, out_w):  # the usual case: the request is inside the source
-            data = band
-            valid = np.ones((out_h, out_w), dtype=bool) if mask is None else mask
-        else:
-            data = np.zeros((out_h, out_w, 3), dtype=band.dtype)
-            valid = np.zeros((out_h, out_w), dtype=bool)
-            data[part.r0 : part.r1, part.c0 : part.c1] = band
-            valid[part.r0 : part.r1, part.c0 : part.c1] = True if mask is None else mask
-        meta = {
-            "overview_factor": max(factors),
-            "bands": list(self.rgb_bands),
-            "band_mapping": self.band_reason,
-        }
-        return data, valid, meta
+        return band, mask
 
     def _plan_read(self, part: Any, factor: int, w: int, h: int):
         """Window, read shape and crop box (in read pixels) for one read.
