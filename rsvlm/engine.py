@@ -34,7 +34,6 @@ from transformers import (
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
-    TextIteratorStreamer,
 )
 
 from rsvlm import prompting
@@ -42,28 +41,13 @@ from rsvlm.answer import Answer, AnswerBox, ground
 from rsvlm.box_head import select_boxes
 from rsvlm.boxes import SCALE, format_region_box, parse_boxes, replace_boxes
 from rsvlm.decoding import DecodeStrategy, choose
+from rsvlm.streaming import TimedStreamer
 
 logger = logging.getLogger(__name__)
 
 # "Find all buildings", "locate every pool", "each ...": a question for every instance, whatever
 # count the language model wrote ("the largest of all" is still one object).
 _ASKS_FOR_EVERY = re.compile(r"(?<!\bof )\b(?:all|every|each)\b", re.IGNORECASE)
-
-
-class _TimedStreamer(TextIteratorStreamer):
-    """A text streamer that also records when the first new token arrived."""
-
-    def __init__(self, tokenizer: Any, **kwargs: Any) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)
-        self.first_token_at: float | None = None
-        self.n_new = 0
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.next_tokens_are_prompt:
-            self.n_new += int(value.numel())
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-        super().put(value)
 
 
 class _Cancelled(StoppingCriteria):
@@ -254,7 +238,7 @@ class ChatSession:
             self._cancel.clear()
             t0 = time.perf_counter()
             kwargs, prompt_text, n_uncached = self._inputs_for(user_text, question)
-            streamer = _TimedStreamer(engine.processor.tokenizer, timeout=600.0)
+            streamer = TimedStreamer(engine.processor.tokenizer)
             pieces: list[str] = []
             for piece in self._stream(kwargs, streamer, max_new_tokens):
                 pieces.append(piece)
@@ -285,7 +269,7 @@ class ChatSession:
             )
 
     def _stream(
-        self, kwargs: dict[str, Any], streamer: _TimedStreamer, max_new_tokens: int | None
+        self, kwargs: dict[str, Any], streamer: TimedStreamer, max_new_tokens: int | None
     ) -> Iterator[str]:
         """Run ``generate()`` in a thread (the engine's decode strategy hooked) and yield its
         text; afterwards the session holds the extended KV cache. Errors come out here."""

@@ -20,7 +20,7 @@ knows a CRS stays in `tiles`. The merge rule (see `merge_boxes`):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,29 +130,21 @@ def merge_boxes(
     import shapely
 
     polys = [b.polygon for b in boxes]
-    parent = list(range(len(boxes)))
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    def links() -> Iterator[tuple[int, int]]:
+        left, right = shapely.STRtree(polys).query(polys, predicate="intersects")
+        for i, j in zip(left.tolist(), right.tolist(), strict=True):
+            a, b = boxes[i], boxes[j]
+            if i >= j or a.window == b.window or a.label != b.label:
+                continue
+            strip = footprints[a.window].intersection(footprints[b.window])
+            if strip.is_empty:
+                continue
+            if _iou(a.polygon.intersection(strip), b.polygon.intersection(strip)) >= iou_threshold:
+                yield i, j
 
-    left, right = shapely.STRtree(polys).query(polys, predicate="intersects")
-    for i, j in zip(left.tolist(), right.tolist(), strict=True):
-        a, b = boxes[i], boxes[j]
-        if i >= j or a.window == b.window or a.label != b.label:
-            continue
-        strip = footprints[a.window].intersection(footprints[b.window])
-        if strip.is_empty:
-            continue
-        if _iou(a.polygon.intersection(strip), b.polygon.intersection(strip)) >= iou_threshold:
-            parent[find(i)] = find(j)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(boxes)):
-        groups.setdefault(find(i), []).append(i)
     candidates = []
-    for members in groups.values():
+    for members in linked_groups(len(boxes), links()):
         first = boxes[members[0]]
         if len(members) == 1:  # seen by one chip only: down-weighted when cut by its border
             candidates.append((first.label, first.polygon, CUT_SCORE if first.cut else 1.0))
@@ -160,6 +152,24 @@ def merge_boxes(
             union = shapely.union_all([boxes[m].polygon for m in members]).envelope
             candidates.append((first.label, union, 1.0))
     return _nms(candidates, iou_threshold)
+
+
+def linked_groups(n: int, links: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """Items ``0..n-1`` grouped by the links between them (union-find), ordered by first member."""
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in links:
+        parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    return list(groups.values())
 
 
 def _iou(a: Any, b: Any) -> float:

@@ -21,11 +21,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rsvlm.backends import conventions
 from rsvlm.backends.base import context_text
 from rsvlm.boxes import pixels_to_norm
+from rsvlm.streaming import TimedStreamer
 
 logger = logging.getLogger(__name__)
 
@@ -36,21 +37,6 @@ class _Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
-
-
-class _TimedStreamer(TextIteratorStreamer):
-    def __init__(self, tokenizer: Any, *, skip_special_tokens: bool) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=skip_special_tokens,
-                         timeout=600.0)
-        self.first_token_at: float | None = None
-        self.n_new = 0
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.next_tokens_are_prompt:
-            self.n_new += int(value.numel())
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-        super().put(value)
 
 
 class PretrainedSession:
@@ -124,7 +110,7 @@ class PretrainedSession:
             history = self.turns if family.conversational else []
             encoded = family.encode(processor, self.image, [*history, (user, None)], context)
             kwargs, n_uncached = self._generation_inputs(encoded.inputs)
-            streamer = _TimedStreamer(processor.tokenizer,
+            streamer = TimedStreamer(processor.tokenizer,
                                       skip_special_tokens=not family.stream_special_tokens)
             result: dict[str, Any] = {}
 
@@ -170,7 +156,7 @@ class PretrainedSession:
         text = tokenizer.decode(new, skip_special_tokens=not self.family.stream_special_tokens)
         return self.family.clean(text)
 
-    def _answer(self, raw: str, encoded: Any, streamer: _TimedStreamer, t0: float, t_end: float,
+    def _answer(self, raw: str, encoded: Any, streamer: TimedStreamer, t0: float, t_end: float,
                 n_uncached: int) -> Any:
         from rsvlm.answer import Answer, ground
 

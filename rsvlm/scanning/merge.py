@@ -15,11 +15,11 @@ area's metric CRS, so ``m`` and IoU are ground quantities.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tiles.grid import CUT_SCORE
+from tiles.grid import CUT_SCORE, linked_groups
 
 Key = tuple[int, int]
 
@@ -81,27 +81,19 @@ def merge_area(
     if not boxes:
         return []
     polys = [b.polygon for b in boxes]
-    parent = list(range(len(boxes)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
     reach = 2 * margin_frac * max(f.area for f in footprints.values()) ** 0.5
-    left, right = shapely.STRtree(polys).query(polys, predicate="dwithin", distance=reach)
-    for i, j in zip(left.tolist(), right.tolist(), strict=True):
-        a, b = boxes[i], boxes[j]
-        if i >= j or a.key == b.key or a.label != b.label:
-            continue
-        if same_object(a, b, footprints, iou_threshold, margin_frac):
-            parent[find(i)] = find(j)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(boxes)):
-        groups.setdefault(find(i), []).append(i)
+
+    def links() -> Iterator[tuple[int, int]]:
+        left, right = shapely.STRtree(polys).query(polys, predicate="dwithin", distance=reach)
+        for i, j in zip(left.tolist(), right.tolist(), strict=True):
+            a, b = boxes[i], boxes[j]
+            if i >= j or a.key == b.key or a.label != b.label:
+                continue
+            if same_object(a, b, footprints, iou_threshold, margin_frac):
+                yield i, j
+
     candidates = []
-    for members in groups.values():
+    for members in linked_groups(len(boxes), links()):
         first = boxes[members[0]]
         if len(members) == 1:  # seen by one window only: down-weighted when cut
             candidates.append(
