@@ -314,7 +314,7 @@ class ChatSession:
     def _perceived(self, question: str,
                    region_box_px: tuple[float, float, float, float] | None) -> Answer | None:
         """The detector's answer to an object question, or None (the LM answers)."""
-        from rsvlm.perception import object_question, perception_answer
+        from rsvlm.perception import answered_detections, object_question, perception_answer
 
         perception = self.engine.perception
         asked = object_question(question, perception.config.labels) if perception else None
@@ -324,12 +324,15 @@ class ChatSession:
         with self.engine.generation_lock:
             if self.detections is None:
                 self.detections = perception.detect(self.image)
+            if self.retrieved is None:  # the semantics panel shows them for every answer
+                self.retrieved = self.engine.retrieve(self._pixel_values())
         size = (self.chip_width, self.chip_height)
-        text = perception_answer(asked[0], asked[1],
-                                 perception.select(self.detections, asked[0]), size,
-                                 region_box_px)
+        selected = perception.select(self.detections, asked[0])
+        text = perception_answer(asked[0], asked[1], selected, size, region_box_px)
+        scores = [d.score for d in answered_detections(asked[1], selected, size, region_box_px)]
         took = round(time.perf_counter() - t0, 4)
-        return Answer(text=text, boxes=self.ground(text), retrieved=list(self.retrieved or []),
+        return Answer(text=text, boxes=self.ground(text, scores if asked[0] == "find_all" else None),
+                      retrieved=list(self.retrieved or []),
                       timing={"first_token_s": took, "total_s": took, "new_tokens": 0,
                               "prefill_tokens": 0, "detector": 1.0},
                       prompt=f"(answered by the detector: {asked[0]} of {asked[1]})")

@@ -152,6 +152,15 @@ def _centre_in(det: Detection, box: tuple[float, float, float, float] | None,
     return box[0] <= cx <= box[2] and box[1] <= cy <= box[3]
 
 
+def answered_detections(label: str, detections: list[Detection], size: tuple[int, int],
+                        region_box_px: tuple[float, float, float, float] | None = None
+                        ) -> list[Detection]:
+    """The detections an answer about ``label`` states, in the order its boxes are written
+    (top to bottom, then left to right), so the i-th box and the i-th score belong together."""
+    mine = [d for d in detections if d.label == label and _centre_in(d, region_box_px, size)]
+    return sorted(mine, key=lambda d: (d.box[1], d.box[0]))
+
+
 def perception_answer(kind: str, label: str, detections: list[Detection],
                       size: tuple[int, int],
                       region_box_px: tuple[float, float, float, float] | None = None) -> str:
@@ -159,14 +168,13 @@ def perception_answer(kind: str, label: str, detections: list[Detection],
     box in the canonical grammar. Counts and boxes are the detections', nothing else."""
     from rsvlm.boxes import format_box
 
-    mine = [d for d in detections if d.label == label and _centre_in(d, region_box_px, size)]
+    mine = answered_detections(label, detections, size, region_box_px)
     if kind == "presence":
         return "yes" if mine else "no"
     if kind == "count":
         return str(len(mine))
     if not mine:
         return f"I find no {_PLURALS.get(label, label + 's')} in this image."
-    mine = sorted(mine, key=lambda d: (d.box[1], d.box[0]))
     return "".join(format_box(label, [v * 1000 for v in d.box]) for d in mine)
 
 

@@ -84,6 +84,11 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
     assert session.detections is not None and count == str(len(session.detections)) == "16"
     found = "".join(session.ask("Find all buildings in the image."))
     assert len(session.last.boxes) == len(session.detections)
+    # Each box carries its detection's score (the table's filter and the exports read it), and
+    # retrieval ran for the semantics panel although the LM never did.
+    assert sorted(b.score for b in session.last.boxes) == pytest.approx(
+        sorted(d.score for d in session.detections))
+    assert session.retrieved is not None
     assert len(parse_boxes(found)) == 16
     # Counts and presence at their own threshold; boxes at the find-all one.
     perception.config.count_threshold = 0.99  # above every score (sigmoid(3) = 0.95)
