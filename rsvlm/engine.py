@@ -32,7 +32,6 @@ from transformers import (
     DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
-    StoppingCriteria,
     StoppingCriteriaList,
 )
 
@@ -41,21 +40,13 @@ from rsvlm.answer import Answer, AnswerBox, ground
 from rsvlm.box_head import select_boxes
 from rsvlm.boxes import SCALE, format_region_box, parse_boxes, replace_boxes
 from rsvlm.decoding import DecodeStrategy, choose
-from rsvlm.streaming import TimedStreamer
+from rsvlm.streaming import CancelOnEvent, TimedStreamer
 
 logger = logging.getLogger(__name__)
 
 # "Find all buildings", "locate every pool", "each ...": a question for every instance, whatever
 # count the language model wrote ("the largest of all" is still one object).
 _ASKS_FOR_EVERY = re.compile(r"(?<!\bof )\b(?:all|every|each)\b", re.IGNORECASE)
-
-
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
 
 class ChatEngine:
@@ -284,7 +275,7 @@ class ChatSession:
                         **kwargs,
                         streamer=streamer,
                         max_new_tokens=max_new_tokens or engine.max_new_tokens,
-                        stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
+                        stopping_criteria=StoppingCriteriaList([CancelOnEvent(self._cancel)]),
                         return_dict_in_generate=True,
                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                         **engine.generate_kwargs(kwargs["input_ids"].shape[1]),

@@ -1,12 +1,14 @@
-"""The text streamer every backend's sessions share: it also records first-token time."""
+"""What every backend's sessions share around `generate()`: a streamer that records the
+first-token time, and a stop that a cancelled answer sets."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, TextIteratorStreamer
 
 
 class TimedStreamer(TextIteratorStreamer):
@@ -25,3 +27,13 @@ class TimedStreamer(TextIteratorStreamer):
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
         super().put(value)
+
+
+class CancelOnEvent(StoppingCriteria):
+    """Stops generation once ``event`` is set (the consumer went away or pressed Stop)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)

@@ -140,7 +140,7 @@ def merge_boxes(
             strip = footprints[a.window].intersection(footprints[b.window])
             if strip.is_empty:
                 continue
-            if _iou(a.polygon.intersection(strip), b.polygon.intersection(strip)) >= iou_threshold:
+            if polygon_iou(a.polygon.intersection(strip), b.polygon.intersection(strip)) >= iou_threshold:
                 yield i, j
 
     candidates = []
@@ -172,7 +172,8 @@ def linked_groups(n: int, links: Iterable[tuple[int, int]]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _iou(a: Any, b: Any) -> float:
+def polygon_iou(a: Any, b: Any) -> float:
+    """Intersection over union of two shapely polygons (0 when either is empty)."""
     if a.is_empty or b.is_empty:
         return 0.0
     inter = a.intersection(b).area
@@ -196,7 +197,7 @@ def _nms(
         kept.append((label, poly, score))
         for j in tree.query(poly, predicate="intersects").tolist():
             same = j > i and not suppressed[j] and order[j][0] == label
-            if same and _iou(poly, order[j][1]) >= iou_threshold:
+            if same and polygon_iou(poly, order[j][1]) >= iou_threshold:
                 suppressed[j] = True
     return kept
 

@@ -21,22 +21,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from rsvlm.backends import conventions
 from rsvlm.backends.base import context_text
 from rsvlm.boxes import pixels_to_norm
-from rsvlm.streaming import TimedStreamer
+from rsvlm.streaming import CancelOnEvent, TimedStreamer
 
 logger = logging.getLogger(__name__)
-
-
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
 
 class PretrainedSession:
@@ -120,7 +112,7 @@ class PretrainedSession:
                         result["out"] = engine.model.generate(
                             **kwargs, streamer=streamer,
                             max_new_tokens=max_new_tokens or engine.max_new_tokens,
-                            stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
+                            stopping_criteria=StoppingCriteriaList([CancelOnEvent(self._cancel)]),
                             return_dict_in_generate=True, **engine.generation)
                 except BaseException as exc:  # surfaced in the caller's thread below
                     result["error"] = exc

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tiles.grid import CUT_SCORE, linked_groups
+from tiles.grid import CUT_SCORE, linked_groups, polygon_iou
 
 Key = tuple[int, int]
 
@@ -40,14 +40,6 @@ class Merged:
     members: list[int] = field(default_factory=list)  # indexes into the raw boxes
 
 
-def _iou(a: Any, b: Any) -> float:
-    if a.is_empty or b.is_empty:
-        return 0.0
-    inter = a.intersection(b).area
-    union = a.area + b.area - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
 def _grow(geom: Any, m: float) -> Any:
     return geom.buffer(m, join_style="mitre") if m > 0 else geom
 
@@ -66,7 +58,7 @@ def same_object(
         pa, pb = _grow(a.polygon, m), _grow(b.polygon, m)
     if strip.is_empty or strip.area <= 0:
         return False
-    return _iou(pa.intersection(strip), pb.intersection(strip)) >= iou_threshold
+    return polygon_iou(pa.intersection(strip), pb.intersection(strip)) >= iou_threshold
 
 
 def merge_area(
@@ -122,7 +114,7 @@ def nms(candidates: list[Merged], iou_threshold: float) -> list[Merged]:
         for j in tree.query(cand.polygon, predicate="intersects").tolist():
             other = order[j]
             same = j > i and not suppressed[j] and other.label == cand.label
-            if same and _iou(cand.polygon, other.polygon) >= iou_threshold:
+            if same and polygon_iou(cand.polygon, other.polygon) >= iou_threshold:
                 suppressed[j] = True
                 cand.members = sorted(cand.members + other.members)  # provenance
     return kept
