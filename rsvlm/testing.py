@@ -329,6 +329,8 @@ class ObjectsAnswerer:
     ``objects`` maps ``"label#id"`` to ``(minx, miny, maxx, maxy)`` in ``crs``. Each call of the
     answer function is appended to ``calls_file`` (one line per chip: the chip's bounds), when
     given, so a test can count how often a window was read across processes.
+    ``seconds_per_chip`` stands in for a model's time: with an instant answerer one actor can
+    drain the whole queue before another is handed a batch.
     """
 
     def __init__(
@@ -336,18 +338,23 @@ class ObjectsAnswerer:
         objects: dict[str, tuple[float, float, float, float]],
         crs: str,
         calls_file: str | None = None,
+        seconds_per_chip: float = 0.0,
     ) -> None:
         self.objects, self.crs, self.calls_file = dict(objects), crs, calls_file
+        self.seconds_per_chip = seconds_per_chip
 
     def __repr__(self) -> str:
         return f"ObjectsAnswerer({sorted(self.objects.items())!r}, {self.crs!r})"
 
     def __call__(self):
+        import time
+
         from shapely.geometry import box
 
         from tiles.geometry import transform_geometry
 
         def answer(chips, question):
+            time.sleep(self.seconds_per_chip * len(chips))
             texts = []
             for chip in chips:
                 parts = []

@@ -53,6 +53,10 @@ class RayOptions:
     cpus_per_actor: float | None = None
     gpus_per_actor: float | None = None  # default 1 when the cluster has GPUs, else 0
     object_store_mb: int | None = None  # local Ray only
+    # Every actor is up before the first window is handed out: otherwise the first actor to
+    # start takes the whole scan while the others load, and a cluster too small for the pool
+    # fails with a clear timeout instead of running on one actor.
+    actor_start_timeout_s: int = 600
 
 
 def ensure_ray(options: RayOptions) -> Any:
@@ -141,6 +145,8 @@ def run_ray(
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the run shows one bar for the whole scan
     context.execution_options.preserve_order = False
+    if context.wait_for_min_actors_s <= 0:  # a value the user set for the cluster is kept
+        context.wait_for_min_actors_s = options.actor_start_timeout_s
     res = actor_resources(ray.cluster_resources(), options)
     logger.info(
         "ray: %d actor(s), %g CPU / %g GPU / %d thread(s) each",

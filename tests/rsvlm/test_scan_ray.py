@@ -81,8 +81,9 @@ def test_actor_resources_follow_the_cluster() -> None:
 
 def test_ray_engine_finds_what_the_local_engine_finds(ray_session, city, tmp_path) -> None:
     local = _scan(city, tmp_path / "local.geojson", "local")
+    slow = ObjectsAnswerer(OBJECTS, UTM, seconds_per_chip=0.05)  # batches queue up, as with a model
     dist = _scan(city, tmp_path / "ray.geojson", "ray", ray_options=RayOptions(actors=2),
-                 batch_size=3)  # fmt: skip
+                 batch_size=3, answerer=slow)  # fmt: skip
     assert not dist["complete"] and dist["workers"]["actors"] == 2
     assert len(dist["workers"]["peak_rss_mb"]) == 2  # two processes answered
     assert dist["windows"]["read"] == local["windows"]["read"] == 48 + 1  # one far window is read
