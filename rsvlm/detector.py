@@ -4,12 +4,14 @@ The box head (`rsvlm.box_head`) places the boxes the language model asks for; th
 objects by itself, so that presence, counts and "find all" rest on what is in the image rather
 than on a retrieved neighbour's text. CenterNet-style (Zhou et al. 2019): per patch of a finer
 grid than the chat view's (the tower run at `input_size`, 448 px -> 32 x 32 patches of 14 px),
-a centre heatmap per class and a box (centre offset inside the patch, log width and height in
-patches). Peaks of the heatmap above a threshold are the detections.
+a centre heatmap per class and a box (log distances from the patch's centre to the four edges,
+as in FCOS). Peaks of the heatmap above a threshold are the detections, each with the box its
+patch predicts.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,12 +55,37 @@ class DenseDetector(nn.Module):
         return self.heat(x), self.box(x)
 
 
+def suppress(dets: list[Detection], iou: float = 0.5, contained: float = 0.8) -> list[Detection]:
+    """Greedy non-maximum suppression per class, highest score first: a box goes when it
+    overlaps a kept one by `iou`, or lies `contained` inside it (or it inside the box): two
+    peaks on one large roof give a box and a part of it, whose IoU alone can stay low."""
+    kept: list[Detection] = []
+    for d in sorted(dets, key=lambda d: -d.score):
+        ax1, ay1, ax2, ay2 = d.box
+        a_area = max(ax2 - ax1, 0.0) * max(ay2 - ay1, 0.0)
+        for k in kept:
+            if k.label != d.label:
+                continue
+            bx1, by1, bx2, by2 = k.box
+            inter = max(min(ax2, bx2) - max(ax1, bx1), 0.0) * max(min(ay2, by2) - max(ay1, by1), 0.0)
+            b_area = max(bx2 - bx1, 0.0) * max(by2 - by1, 0.0)
+            union = a_area + b_area - inter
+            if union > 0 and (inter / union >= iou
+                              or inter >= contained * max(min(a_area, b_area), 1e-12)):
+                break
+        else:
+            kept.append(d)
+    return kept
+
+
 def decode(heat: torch.Tensor, box: torch.Tensor, labels: list[str], threshold: float,
-           max_detections: int = 200) -> list[list[Detection]]:
-    """Heatmap peaks (3 x 3 local maxima) scoring above `threshold` -> detections per image."""
+           max_detections: int = 200, nms: bool = True) -> list[list[Detection]]:
+    """Heatmap peaks (3 x 3 local maxima) scoring above `threshold` -> detections per image,
+    overlapping boxes suppressed (`suppress`)."""
     prob = heat.sigmoid()
     peaks = prob * (F.max_pool2d(prob, 3, stride=1, padding=1) == prob)
     b, k, g, _ = prob.shape
+    edges = box_edges(box)  # (b, 4, g, g): x1, y1, x2, y2 in patches
     out: list[list[Detection]] = []
     for i in range(b):
         flat = peaks[i].flatten()
@@ -68,29 +95,41 @@ def decode(heat: torch.Tensor, box: torch.Tensor, labels: list[str], threshold: 
         for idx in keep.tolist():
             cls, cell = divmod(idx, g * g)
             row, col = divmod(cell, g)
-            dx, dy, lw, lh = box[i, :, row, col].tolist()
-            cx = (col + torch.sigmoid(torch.tensor(dx)).item()) / g
-            cy = (row + torch.sigmoid(torch.tensor(dy)).item()) / g
-            w = min(float(torch.exp(torch.tensor(lw).clamp(max=4.0))), g) / g
-            h = min(float(torch.exp(torch.tensor(lh).clamp(max=4.0))), g) / g
-            x1, y1 = max(cx - w / 2, 0.0), max(cy - h / 2, 0.0)
-            x2, y2 = min(cx + w / 2, 1.0), min(cy + h / 2, 1.0)
+            x1, y1, x2, y2 = (min(max(v / g, 0.0), 1.0) for v in edges[i, :, row, col].tolist())
             dets.append(Detection(labels[cls], float(flat[idx]), (x1, y1, x2, y2)))
-        out.append(dets)
+        out.append(suppress(dets) if nms else dets)
     return out
+
+
+def box_edges(box: torch.Tensor) -> torch.Tensor:
+    """The head's box channels (log distances from each patch's centre to the left, top, right
+    and bottom edges, FCOS-style, in patches) -> (x1, y1, x2, y2) in patches, per patch."""
+    g = box.shape[-1]
+    centre = torch.arange(g, dtype=box.dtype, device=box.device) + 0.5
+    cx, cy = centre.view(1, 1, g), centre.view(1, g, 1)
+    dist = box.clamp(max=math.log(2 * g)).exp()
+    return torch.stack([cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]], 1)
 
 
 def detection_targets(boxes: list[torch.Tensor], classes: list[torch.Tensor], grid: int,
                       n_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gaussian centre heatmaps (batch, classes, grid, grid), box targets (batch, 4, grid, grid)
-    and the mask of centre patches (batch, grid, grid). Boxes in 0-1 of the image."""
+    """Gaussian centre heatmaps (batch, classes, grid, grid), box targets (batch, 4, grid, grid:
+    x1, y1, x2, y2 in patches) and their weights (batch, grid, grid). Boxes in 0-1 of the image.
+
+    Every patch whose centre lies inside an object (the smallest one where objects overlap)
+    learns that object's box, weighted by the centre heatmap there: the box is read at the peak,
+    but a few dozen labelled objects per region give too few centre patches alone to learn
+    sizes from (FCOS, Tian et al. 2019)."""
     b = len(boxes)
     heat = torch.zeros(b, n_classes, grid, grid)
     target = torch.zeros(b, 4, grid, grid)
-    mask = torch.zeros(b, grid, grid, dtype=torch.bool)
+    weight = torch.zeros(b, grid, grid)
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    px, py = xs + 0.5, ys + 0.5
     for i, (bx, cl) in enumerate(zip(boxes, classes, strict=True)):
-        for (x1, y1, x2, y2), c in zip((bx * grid).tolist(), cl.tolist(), strict=True):
+        objects = sorted(zip((bx * grid).tolist(), cl.tolist(), strict=True),
+                         key=lambda o: -(o[0][2] - o[0][0]) * (o[0][3] - o[0][1]))
+        for (x1, y1, x2, y2), c in objects:  # largest first: smaller ones overwrite
             w, h = max(x2 - x1, 1e-3), max(y2 - y1, 1e-3)
             cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
             col, row = min(int(cx), grid - 1), min(int(cy), grid - 1)
@@ -99,18 +138,16 @@ def detection_targets(boxes: list[torch.Tensor], classes: list[torch.Tensor], gr
             g = torch.exp(-((xs - col) ** 2 + (ys - row) ** 2) / (2 * sigma ** 2))
             heat[i, c] = torch.maximum(heat[i, c], g)
             heat[i, c, row, col] = 1.0
-            off_x = min(max(cx - col, 1e-3), 1 - 1e-3)
-            off_y = min(max(cy - row, 1e-3), 1 - 1e-3)
-            target[i, :, row, col] = torch.tensor([
-                torch.logit(torch.tensor(off_x)).item(), torch.logit(torch.tensor(off_y)).item(),
-                float(torch.log(torch.tensor(w))), float(torch.log(torch.tensor(h)))])
-            mask[i, row, col] = True
-    return heat, target, mask
+            inside = (px > x1) & (px < x2) & (py > y1) & (py < y2)
+            inside[row, col] = True  # an object smaller than a patch still has its centre
+            target[i, :, inside] = torch.tensor([x1, y1, x2, y2]).view(4, 1)
+            weight[i, inside] = g[inside].clamp(min=0.1)
+    return heat, target, weight
 
 
 def detection_loss(heat_logits: torch.Tensor, box: torch.Tensor, heat: torch.Tensor,
-                   target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """CenterNet's penalty-reduced focal loss on the heatmap + L1 on the centre patches' boxes."""
+                   target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss on the heatmap + GIoU of the boxes, weighted."""
     p = heat_logits.sigmoid().clamp(1e-4, 1 - 1e-4)
     pos = heat.eq(1.0).float()
     neg = 1.0 - pos
@@ -118,8 +155,21 @@ def detection_loss(heat_logits: torch.Tensor, box: torch.Tensor, heat: torch.Ten
     neg_loss = -(torch.log(1 - p) * p ** 2 * (1 - heat) ** 4 * neg).sum()
     n_pos = pos.sum().clamp(min=1.0)
     loss = (pos_loss + neg_loss) / n_pos
+    mask = weight > 0
     if mask.any():
-        pred = box.permute(0, 2, 3, 1)[mask]
+        pred = box_edges(box).permute(0, 2, 3, 1)[mask]
         true = target.permute(0, 2, 3, 1)[mask]
-        loss = loss + F.l1_loss(pred, true, reduction="sum") / n_pos
+        w = weight[mask]
+        loss = loss + 2.0 * ((1 - generalized_iou(pred, true)) * w).sum() / w.sum()
     return loss
+
+
+def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU (Rezatofighi et al. 2019) of matching rows of (n, 4) x1, y1, x2, y2 boxes."""
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    union = area_a + area_b - inter
+    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).prod(1)
+    return inter / union.clamp(min=1e-6) - (hull - union) / hull.clamp(min=1e-6)

@@ -319,7 +319,8 @@ class ChatSession:
                 self.retrieved = self.engine.retrieve(self._pixel_values())
         size = (self.chip_width, self.chip_height)
         selected = perception.select(self.detections, asked[0])
-        text = perception_answer(asked[0], asked[1], selected, size, region_box_px)
+        ground_m2 = getattr(self.chip, "ground_area_m2", None)
+        text = perception_answer(asked[0], asked[1], selected, size, region_box_px, ground_m2)
         scores = [d.score for d in answered_detections(asked[1], selected, size, region_box_px)]
         took = round(time.perf_counter() - t0, 4)
         return Answer(text=text, boxes=self.ground(text, scores if asked[0] == "find_all" else None),

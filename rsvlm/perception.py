@@ -4,8 +4,9 @@ Trained parts may hold a ``detector/`` folder (``detector.json`` + ``detector.sa
 With it, questions about the objects it detects are answered from its detections, not from
 the language model's reading of retrieved neighbours (which repeats the nearest training
 description on a region it never saw): presence ("Is there a building?"), counts ("How many
-buildings are there?", also inside a drawn box) and "find all" (every detection as a box).
-Everything else goes to the language model as before.
+buildings are there?", also inside a drawn box), "find all" (every detection as a box) and
+whether the area is rural or urban (the training data's own rule, `urban_or_rural`, applied to
+the detected buildings). Everything else goes to the language model as before.
 
 The detector runs the frozen vision tower once more, at its own input size (448 px: a 32 x 32
 grid, finer than the chat view's 16 x 16), only for such questions.
@@ -109,12 +110,36 @@ class Perception:
         """The detections that answer a question of ``kind``: boxes at `threshold`, presence
         and counts at `count_threshold` (each chosen for its own metric)."""
         cut = self.config.threshold
-        if kind in {"presence", "count"} and self.config.count_threshold is not None:
+        if kind in {"presence", "count", "rural_urban"} and self.config.count_threshold is not None:
             cut = self.config.count_threshold
         return [d for d in detections if d.score >= cut]
 
 
 # --------------------------------------------------------------------------- questions
+
+# RSVQA's rural/urban split as the training data states it (`training.captions.scene_kind`):
+# buildings cover a tenth of the ground, or stand 12 or more to the hectare.
+URBAN_COVERAGE = 0.10
+URBAN_PER_HA = 12.0
+
+
+def urban_or_rural(coverage: float, per_ha: float | None) -> str:
+    """'urban' or 'rural' from building coverage (0-1 of the ground) and buildings per hectare
+    (None when the ground size is unknown: a plain photo)."""
+    dense = per_ha is not None and per_ha >= URBAN_PER_HA
+    return "urban" if coverage >= URBAN_COVERAGE or dense else "rural"
+
+
+def scene_of_detections(detections: list[Detection], label: str = "building",
+                        ground_m2: float | None = None, area_frac: float = 1.0) -> str:
+    """`urban_or_rural` of the detected ``label``s in an area that is ``area_frac`` of the image
+    and ``ground_m2`` on the ground: box areas over it (a box covers a little more than its
+    footprint, so coverage errs towards urban) and their number per hectare."""
+    mine = [d for d in detections if d.label == label]
+    coverage = sum((d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) for d in mine)
+    per_ha = len(mine) / (ground_m2 / 10_000) if ground_m2 else None
+    return urban_or_rural(min(coverage / max(area_frac, 1e-9), 1.0), per_ha)
+
 
 _PLURALS = {"building": "buildings"}
 
@@ -125,9 +150,12 @@ def _label_pattern(label: str) -> str:
 
 
 def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
-    """("presence" | "count" | "find_all", label) when the question asks that about a class the
-    detector knows; None otherwise (the language model answers)."""
+    """("presence" | "count" | "find_all" | "rural_urban", label) when the question asks that
+    about a class the detector knows (rural or urban: about its buildings); None otherwise (the
+    language model answers)."""
     q = " ".join(question.lower().split())
+    if "building" in labels and re.search(r"\brural\b.*\burban\b|\burban\b.*\brural\b", q):
+        return "rural_urban", "building"
     for label in labels:
         obj = _label_pattern(label)
         if re.search(rf"\bhow many {obj}\b", q):
@@ -163,12 +191,20 @@ def answered_detections(label: str, detections: list[Detection], size: tuple[int
 
 def perception_answer(kind: str, label: str, detections: list[Detection],
                       size: tuple[int, int],
-                      region_box_px: tuple[float, float, float, float] | None = None) -> str:
-    """The answer to an object question from the detections: "yes"/"no", the count, or every
-    box in the canonical grammar. Counts and boxes are the detections', nothing else."""
+                      region_box_px: tuple[float, float, float, float] | None = None,
+                      ground_m2: float | None = None) -> str:
+    """The answer to an object question from the detections: "yes"/"no", the count, every box
+    in the canonical grammar, or "rural"/"urban" (``ground_m2``: the chip's ground area, when
+    known). Counts and boxes are the detections', nothing else."""
     from rsvlm.boxes import format_box
 
     mine = answered_detections(label, detections, size, region_box_px)
+    if kind == "rural_urban":
+        frac = 1.0
+        if region_box_px is not None:  # the drawn box's share of the chip
+            x1, y1, x2, y2 = region_box_px
+            frac = max(x2 - x1, 0.0) * max(y2 - y1, 0.0) / max(size[0] * size[1], 1)
+        return scene_of_detections(mine, label, ground_m2 * frac if ground_m2 else None, frac)
     if kind == "presence":
         return "yes" if mine else "no"
     if kind == "count":

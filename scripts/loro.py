@@ -71,13 +71,34 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
                  for i in range(n_views)]
         data = {"eval": cache_views(tower, evals, path.with_name(f"{name}.eval.pt")),
                 "train": cache_views(tower, train, path.with_name(f"{name}.train.pt"))}
-        torch.save({"region": name, "eval": len(evals), "train": len(train)}, path)
+        torch.save({"region": name, "eval": len(evals), "train": len(train),
+                    "gsd": items[0].gsd}, path)
         log.info("cached %s: %d eval tiles, %d views in %.0f s", name, len(data["eval"]["names"]),
                  len(train), time.perf_counter() - t0)
 
 
 def _load(out: Path, name: str, part: str) -> dict:
     return torch.load(out / "cache" / f"{name}.{part}.pt", weights_only=False)
+
+
+def scene_accuracy(preds: list, truths: list, sizes: list, gsd: float, threshold: float
+                   ) -> dict[str, Any]:
+    """Rural/urban as the chat path answers it (`rsvlm.perception.scene_of_detections` on the
+    detections at the count threshold) against the same rule on the labelled boxes."""
+    from rsvlm.detector import Detection
+    from rsvlm.perception import scene_of_detections
+
+    hits, urban = [], 0
+    for pred, truth, (w, h) in zip(preds, truths, sizes, strict=True):
+        ground = w * h * gsd * gsd
+        said = scene_of_detections([Detection("building", d[4], tuple(d[:4])) for d in pred
+                                    if d[4] >= threshold], ground_m2=ground)
+        true = scene_of_detections([Detection("building", 1.0, tuple(b)) for b in
+                                    truth.tolist()], ground_m2=ground)
+        hits.append(said == true)
+        urban += true == "urban"
+    return {"accuracy": sum(hits) / len(hits) if hits else None, "urban_tiles": urban,
+            "tiles": len(hits)}
 
 
 def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim: int = 64,
@@ -110,6 +131,7 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim
     threshold = choose_threshold(sel_p, sel_t, sel_s)
     count_threshold = choose_threshold(sel_p, sel_t, sel_s, THRESHOLDS, metric="count")
     test = _load(out, held, "eval")
+    meta = torch.load(out / "cache" / f"{held}.pt", weights_only=False)
     preds = predict(head, test["features"], 0.1)
     counted = score_detections(preds, test["boxes"], test["sizes"], count_threshold)
     report = {"held_out": held, "trained_on": others, "train_views": len(x),
@@ -119,6 +141,8 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim
               # Presence and counts at the threshold chosen for counting on the selection set.
               "count_threshold": count_threshold, "counting_at_count_threshold": {
                   **counted["counting"], "presence": counted["presence"]},
+              "rural_urban": (scene_accuracy(preds, test["boxes"], test["sizes"], meta["gsd"],
+                                             count_threshold) if "gsd" in meta else None),
               "per_tile": [{"tile": n, "true": len(b), "predicted": sum(d[4] >= threshold
                                                                        for d in p)}
                            for n, b, p in zip(test["names"], test["boxes"], preds, strict=True)]}
@@ -164,6 +188,16 @@ def _rescore(out: Path, held: str, others: list[str], report: dict) -> dict:
     return report
 
 
+def _scene_cell(r: dict) -> str:
+    ru = r.get("rural_urban")
+    return f"{_fmt(ru['accuracy'])} ({ru['urban_tiles']}/{ru['tiles']})" if ru else "–"
+
+
+def _scene_mean(rows: list[dict]) -> str:
+    acc = [r["rural_urban"]["accuracy"] for r in rows if r.get("rural_urban")]
+    return f"{sum(acc) / len(acc):.3f}" if acc else ""
+
+
 def _fmt(v: object) -> str:
     return "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
@@ -171,8 +205,8 @@ def _fmt(v: object) -> str:
 def table(out: Path, baseline: Path | None) -> str:
     rows = [json.loads(p.read_text()) for p in sorted((out / "folds").glob("*.json"))]
     lines = ["| held-out region | tiles | objects | detector F1 | P | R | presence | "
-             "count exact | count within 20 % | count MAPE | threshold |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "count exact | count within 20 % | count MAPE | rural/urban (urban tiles) | threshold |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         # Presence and counts at their own threshold when the fold chose one.
         c = r.get("counting_at_count_threshold") or r["counting"]
@@ -180,7 +214,7 @@ def table(out: Path, baseline: Path | None) -> str:
         lines.append(f"| {r['held_out']} | {r['n']} | {r['true']} | {_fmt(r['f1'])} | "
                      f"{_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(presence)} | "
                      f"{_fmt(c['exact'])} | {_fmt(c['within_20pct'])} | {_fmt(c['mape'])} | "
-                     f"{r['threshold']}"
+                     f"{_scene_cell(r)} | {r['threshold']}"
                      + (f" / {r['count_threshold']}" if "count_threshold" in r else "") + " |")
     if rows:
         def mean(get: Any) -> float:
@@ -193,7 +227,7 @@ def table(out: Path, baseline: Path | None) -> str:
                      f"{mean(lambda r: r['precision']):.3f} | {mean(lambda r: r['recall']):.3f} | "
                      f"{mean(lambda r: cnt(r).get('presence', r['presence'])):.3f} | "
                      f"{mean(lambda r: cnt(r)['exact']):.3f} | "
-                     f"{mean(lambda r: cnt(r)['within_20pct']):.3f} | | |")
+                     f"{mean(lambda r: cnt(r)['within_20pct']):.3f} | | {_scene_mean(rows)} | |")
     text = "\n".join(lines) + "\n"
     if baseline is not None and baseline.is_dir():
         text += "\n" + baseline_table(baseline)

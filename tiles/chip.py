@@ -83,6 +83,16 @@ class Chip:
             return None
         return geometry.transform_bounds(self.bounds, self.crs, geometry.LONLAT)
 
+    @property
+    def ground_area_m2(self) -> float | None:
+        """The chip's area on the ellipsoid in square metres (None in pixel space)."""
+        poly = self.box_to_polygon((0, 0, self.width, self.height))
+        if poly is None:
+            return None
+        from pyproj import Geod
+
+        return abs(Geod(ellps="WGS84").geometry_area_perimeter(poly)[0])
+
     def to_image(self) -> Image.Image:
         from PIL import Image
 

@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rsvlm.perception import urban_or_rural
 from training.osm import article, number_word, plural_of
 from training.region import ChipContext, ChipObject
 from training.samples import (
@@ -78,7 +79,7 @@ def scene_kind(ctx: ChipContext) -> str:
     chip_m2 = ctx.width * ctx.height * ctx.gsd**2
     coverage = sum(o.area_m2 for o in buildings) / max(chip_m2, 1e-9)
     per_ha = len(buildings) / max(chip_m2 / 10000, 1e-9)
-    return "urban" if coverage >= 0.10 or per_ha >= 12 else "rural"
+    return urban_or_rural(coverage, per_ha)  # the detector answers by the same rule
 
 
 def scene_phrase(ctx: ChipContext) -> str:

@@ -3,8 +3,10 @@ count it states is the number of detections it was given), and the chat path aro
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from affine import Affine
 from PIL import Image
 
 from rsvlm.boxes import parse_boxes
@@ -29,7 +31,8 @@ from rsvlm.perception import (
     ("Where is the largest building?", None),
     ("Describe this remote sensing image.", None),
     ("How many roads are there?", None),
-    ("Is it a rural or an urban area?", None),
+    ("Is it a rural or an urban area?", ("rural_urban", "building")),
+    ("Is this an urban or a rural area? Answer with a single word.", ("rural_urban", "building")),
 ])
 def test_object_questions(question, expected) -> None:
     assert object_question(question, ["building"]) == expected
@@ -54,6 +57,30 @@ def test_the_answer_states_the_detections_it_was_given(n: int) -> None:
     assert summary.startswith(f"Detected: {n} building")
 
 
+def test_rural_or_urban_follows_the_training_datas_rule() -> None:
+    from tiles import Chip
+
+    def grid(n: int, side: float) -> list[Detection]:  # n x n buildings of side (0-1) each
+        return [Detection("building", 0.9, (i / n, j / n, i / n + side, j / n + side))
+                for i in range(n) for j in range(n)]
+
+    size = (500, 500)
+    # 9 buildings covering 9 % of the chip: rural, unless the ground says 9 per 0.5 ha.
+    sparse = grid(3, 0.1)
+    assert perception_answer("rural_urban", "building", sparse, size) == "rural"
+    assert perception_answer("rural_urban", "building", sparse, size, None, 20_000) == "rural"
+    assert perception_answer("rural_urban", "building", sparse, size, None, 5_000) == "urban"
+    assert perception_answer("rural_urban", "building", grid(4, 0.1), size) == "urban"  # 16 %
+    assert perception_answer("rural_urban", "building", [], size, None, 5_000) == "rural"
+    # A drawn box over the top-left building alone: 1 % of the chip holds 100 % of it... urban.
+    assert perception_answer("rural_urban", "building", sparse, size, (0, 0, 50, 50)) == "urban"
+    # The ground area of a 100 m x 100 m UTM chip.
+    chip = Chip(np.zeros((100, 100, 3), np.uint8), "EPSG:32636",
+                Affine(1.0, 0, 455_000, 0, -1.0, 40_000))
+    assert chip.ground_area_m2 == pytest.approx(10_000, rel=0.01)
+    assert Chip(np.zeros((10, 10, 3), np.uint8), None, Affine.identity()).ground_area_m2 is None
+
+
 def _tiny_perception(tmp_path: Path, bias: float) -> tuple[Perception, object]:
     from rsvlm.testing import tiny_image_processor, tiny_model
 
@@ -64,6 +91,8 @@ def _tiny_perception(tmp_path: Path, bias: float) -> tuple[Perception, object]:
     with torch.no_grad():
         head.heat.weight.zero_()
         head.heat.bias.fill_(bias)  # a flat map: every patch a peak when above the threshold
+        head.box.weight.zero_()
+        head.box.bias.fill_(-0.7)  # a box of 1 patch around each centre: none overlap
     save_detector(head, cfg, tmp_path)
     perception = Perception.load(tmp_path, model.vision_tower.model, tiny_image_processor())
     return perception, model
@@ -90,6 +119,8 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
         sorted(d.score for d in session.detections))
     assert session.retrieved is not None
     assert len(parse_boxes(found)) == 16
+    # 16 boxes of 1/16 of the image each (-0.7 = log 0.5 patch to every edge): all built up.
+    assert "".join(session.ask("Is it a rural or an urban area?")) == "urban"
     # Counts and presence at their own threshold; boxes at the find-all one.
     perception.config.count_threshold = 0.99  # above every score (sigmoid(3) = 0.95)
     strict = engine.session(image)

@@ -7,17 +7,29 @@ import numpy as np
 import pytest
 import torch
 
-from rsvlm.detector import DenseDetector, decode, detection_loss, detection_targets
+from rsvlm.detector import (
+    DenseDetector,
+    Detection,
+    decode,
+    detection_loss,
+    detection_targets,
+    suppress,
+)
 from training.detection import _rot90_boxes, augment_view, score_detections, train_detector
 from training.labelled import LabelledImage, crop_boxes, mask_boxes, tiles
 
 
 def test_targets_decode_back_to_the_boxes() -> None:
     boxes = torch.tensor([[0.10, 0.20, 0.30, 0.35], [0.55, 0.60, 0.90, 0.95]])
-    heat, target, mask = detection_targets([boxes], [torch.zeros(2, dtype=torch.long)], 16, 1)
-    assert mask.sum() == 2 and heat.max() == 1.0
+    heat, target, weight = detection_targets([boxes], [torch.zeros(2, dtype=torch.long)], 16, 1)
+    # Every patch whose centre is inside a box learns it: 3 x 3 and 5 x 5 patches.
+    assert (weight > 0).sum() == 3 * 3 + 5 * 5 and heat.max() == 1.0
+    centre = torch.arange(16) + 0.5
+    cx, cy = centre.view(1, 16).expand(16, 16), centre.view(16, 1).expand(16, 16)
+    dist = torch.stack([cx - target[0, 0], cy - target[0, 1], target[0, 2] - cx,
+                        target[0, 3] - cy]).clamp(min=1e-3)
     logits = torch.logit(heat.clamp(1e-4, 1 - 1e-4))
-    (dets,) = decode(logits, target, ["building"], threshold=0.99)
+    (dets,) = decode(logits, dist.log().unsqueeze(0), ["building"], threshold=0.99)
     got = sorted(d.box for d in dets)
     assert len(got) == 2
     assert np.allclose(got, boxes.tolist(), atol=1e-3)
@@ -26,10 +38,24 @@ def test_targets_decode_back_to_the_boxes() -> None:
 
 def test_loss_prefers_the_right_heatmap() -> None:
     boxes = [torch.tensor([[0.1, 0.1, 0.3, 0.3]])]
-    heat, target, mask = detection_targets(boxes, [torch.zeros(1, dtype=torch.long)], 8, 1)
+    heat, target, weight = detection_targets(boxes, [torch.zeros(1, dtype=torch.long)], 8, 1)
     good = torch.logit(heat.clamp(1e-3, 1 - 1e-3))
-    assert detection_loss(good, target, heat, target, mask) < detection_loss(
-        -good, target, heat, target, mask)
+    box = torch.zeros(1, 4, 8, 8)  # every patch: a box of 2 x 2 patches around its centre
+    assert detection_loss(good, box, heat, target, weight) < detection_loss(
+        -good, box, heat, target, weight)
+    # ... and boxes of the object's size, at the patches inside it, beat the wrong size.
+    assert detection_loss(good, box + np.log(0.8), heat, target, weight) < detection_loss(
+        good, box + np.log(3.0), heat, target, weight)
+
+
+def test_overlapping_boxes_of_a_class_are_suppressed() -> None:
+    roof = Detection("building", 0.9, (0.1, 0.1, 0.5, 0.5))
+    half = Detection("building", 0.6, (0.1, 0.1, 0.3, 0.5))  # IoU 0.5 with the roof, inside it
+    part = Detection("building", 0.5, (0.3, 0.3, 0.45, 0.45))  # IoU 0.14, all inside
+    near = Detection("building", 0.8, (0.45, 0.1, 0.8, 0.5))  # touches the roof: kept
+    tree = Detection("tree", 0.4, (0.1, 0.1, 0.5, 0.5))  # another class: kept
+    kept = suppress([part, half, roof, tree, near])
+    assert kept == [roof, near, tree]
 
 
 def test_the_head_learns_boxes_from_features() -> None:

@@ -1,0 +1,167 @@
+"""The model card's examples from leave-one-region-out: per held-out region, the fold's detector
+(which never saw that region) on its best and worst tiles, with its real answers.
+
+For each fold of `scripts/loro.py --out RUN`: the held-out region's tiles are scored one by one
+(find-all F1 at IoU 0.5), and the best and the worst tile with objects are written out: the
+detections (red) against the labelled boxes (green), and what the chat path answers from those
+detections to "Are there any buildings?", "How many buildings are there?", "Is it a rural or an
+urban area?" and "Find all buildings". Images are written only for the OpenAerialMap demo areas
+(CC BY 4.0, redistributable); the other sets' licences keep their pixels out of the repo, so
+their examples are text.
+
+    python scripts/loro_examples.py --run runs/loro --out assets/models/embedded/examples/loro \\
+        --card assets/models/embedded/MODEL_CARD.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rsvlm.detector import Detection  # noqa: E402
+from rsvlm.perception import (  # noqa: E402
+    CONFIG_NAME,
+    DETECTOR_DIR,
+    WEIGHTS_NAME,
+    DetectorConfig,
+    perception_answer,
+)
+from training.detection import predict  # noqa: E402
+from training.labelled import DEMO_AREAS, load_sets, tiles  # noqa: E402
+from training.metrics import match_boxes  # noqa: E402
+
+START, END = "<!-- loro-examples:start -->", "<!-- loro-examples:end -->"
+ATTRIBUTION = ("Imagery © OpenAerialMap contributors (CC BY 4.0), buildings © OpenStreetMap "
+               "contributors (ODbL).")
+
+
+def fold_head(run: Path, held: str) -> tuple[torch.nn.Module, DetectorConfig]:
+    from safetensors.torch import load_file
+
+    folder = run / "folds" / held / DETECTOR_DIR
+    config = DetectorConfig(**json.loads((folder / CONFIG_NAME).read_text()))
+    head = config.build()
+    head.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+    return head.eval(), config
+
+
+def tile_f1(pred: list, truth: np.ndarray) -> float:
+    tp = match_boxes(pred, list(truth))
+    return 2 * tp / max(len(pred) + len(truth), 1)
+
+
+def draw(image: np.ndarray, truth: np.ndarray, pred: list, path: Path, side: int = 384) -> None:
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(image).convert("RGB")
+    k = side / max(im.size)
+    im = im.resize((round(im.width * k), round(im.height * k)), Image.BICUBIC)
+    pen = ImageDraw.Draw(im)
+    for b in truth:
+        pen.rectangle([v * k for v in b], outline=(40, 230, 60), width=2)
+    for b in pred:
+        pen.rectangle([v * k for v in b], outline=(240, 40, 40), width=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, quality=80)
+
+
+def region_examples(run: Path, held: str, items: list, out: Path, rel: str) -> list[str]:
+    head, config = fold_head(run, held)
+    meta = torch.load(run / "cache" / f"{held}.pt", weights_only=False)
+    data = torch.load(run / "cache" / f"{held}.eval.pt", weights_only=False)
+    gsd = meta.get("gsd", items[0].gsd)
+    size = 512 if gsd < 0.3 else 450  # scripts/loro.py's eval tiles
+    views = [(n, im, b) for it in items for n, im, b in tiles(it, size)]
+    if [v[0] for v in views] != data["names"]:
+        raise SystemExit(f"{held}: the cached tiles are not the tiles of the data found")
+    preds = predict(head, data["features"], min(config.threshold, config.count_threshold
+                                                or config.threshold))
+    rows = []
+    for (name, image, truth), pred in zip(views, preds, strict=True):
+        h, w = image.shape[:2]
+        dets = [Detection("building", d[4], tuple(d[:4])) for d in pred]
+        boxes = [np.array(d.box) * [w, h, w, h] for d in dets if d.score >= config.threshold]
+        rows.append((tile_f1(boxes, truth) if len(truth) else -1.0, name, image, truth,
+                     boxes, dets))
+    scored = sorted((r for r in rows if r[0] >= 0), key=lambda r: -r[0])
+    if not scored:
+        return []
+    picks = [("best", scored[0])] + ([("worst", scored[-1])] if len(scored) > 1 else [])
+    lines = [f"### {held} (fold trained on {', '.join(config.notes.get('trained_on', []))})", ""]
+    for kind, (f1, name, image, truth, boxes, dets) in picks:
+        h, w = image.shape[:2]
+        ground = w * h * gsd * gsd
+        count_dets = [d for d in dets if d.score >= (config.count_threshold or config.threshold)]
+        box_dets = [d for d in dets if d.score >= config.threshold]
+
+        def said(kind_: str, pool: list, size: tuple = (w, h), ground: float = ground) -> str:
+            return perception_answer(kind_, "building", pool, size, None, ground)
+
+        lines.append(f"**{kind} tile** `{name}` ({w} x {h} px at {gsd} m; {len(truth)} labelled "
+                     f"buildings): find-all F1 {f1:.2f} at IoU 0.5")
+        lines.append("")
+        if held in DEMO_AREAS:
+            file = f"{held}_{kind}.jpg"
+            draw(image, truth, boxes, out / file)
+            lines += [f"![{held} {kind}]({rel}/{file})", ""]
+        lines += [
+            f"- Are there any buildings? -> **{said('presence', count_dets)}** "
+            f"(truth: {'yes' if len(truth) else 'no'})",
+            f"- How many buildings are there? -> **{said('count', count_dets)}** "
+            f"(truth: {len(truth)})",
+            f"- Is it a rural or an urban area? -> **{said('rural_urban', count_dets)}**",
+            f"- Find all buildings in the image. -> {len(box_dets)} boxes, "
+            f"{match_boxes(boxes, list(truth))} of them on a labelled building at IoU 0.5",
+            "",
+        ]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default="runs/loro")
+    ap.add_argument("--data", default="/work/shared/data")
+    ap.add_argument("--out", default="assets/models/embedded/examples/loro")
+    ap.add_argument("--card", default=None, help="write the section into this MODEL_CARD.md")
+    args = ap.parse_args(argv)
+    run, out = Path(args.run), Path(args.out)
+    helds = sorted(p.stem for p in (run / "folds").glob("*.json"))
+    if not helds:
+        raise SystemExit(f"no folds in {run}/folds: run scripts/loro.py first")
+    sets = load_sets(args.data, helds)
+    rel = Path(args.out).relative_to(Path(args.card).parent) if args.card else out
+    lines = [START, "## Examples from leave-one-region-out (regions the detector never saw)", "",
+             "Each held-out region's best and worst tile (find-all F1) under its fold's detector, "
+             "and the answers the chat path gives from those detections "
+             "(`scripts/loro_examples.py`). Green: labelled buildings; red: the boxes answered "
+             "to \"Find all buildings\". Only the OpenAerialMap areas are pictured; SpaceNet's "
+             "pixels stay out of the repo. " + ATTRIBUTION, ""]
+    for held in helds:
+        if held in sets:
+            lines += region_examples(run, held, sets[held], out, str(rel))
+    lines.append(END)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.card:
+        card = Path(args.card)
+        body = card.read_text()
+        if START in body:
+            head, rest = body.split(START, 1)
+            body = head + text + rest.split(END, 1)[1].lstrip("\n")
+        else:
+            marker = "## Numbers on the held-back split"
+            head, rest = body.split(marker, 1) if marker in body else (body, "")
+            body = head + text + "\n" + (marker + rest if rest else "")
+        card.write_text(body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
