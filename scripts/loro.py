@@ -50,31 +50,70 @@ def eval_tile_size(gsd: float) -> int:
     return 512 if gsd < 0.3 else 450
 
 
+CHUNK = 100  # training views per cache file: a larger --max-views adds files, keeps the old
+
+
 def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
                 min_views: int, max_views: int, seed: int) -> None:
+    """Per region: its scoring tiles and augmented training views through the frozen tower,
+    cached (`NAME.eval.pt`, `NAME.train*.pt`). Training views are added in files of `CHUNK`,
+    each from its own seed, until the region has as many as asked: raising the counts tops a
+    cache up instead of rebuilding it."""
     tower = None
     for name in names:
         path = out / "cache" / f"{name}.pt"
-        if path.is_file():
-            continue
-        items = load_sets(root, [name]).get(name)
-        if not items:
-            continue
-        tower = tower or FrozenTower()
-        t0 = time.perf_counter()
-        size = eval_tile_size(items[0].gsd)
-        evals = [View(n, im, b) for it in items for n, im, b in tiles(it, size)]
-        rng = random.Random(f"{seed}:{name}")
-        n_views = min(max(views_per_tile * len(evals), min_views), max_views)
-        weights = [it.image.shape[0] * it.image.shape[1] for it in items]
-        train = [augment_view(rng.choices(items, weights)[0], rng, size, f"{name}_aug{i}")
-                 for i in range(n_views)]
-        data = {"eval": cache_views(tower, evals, path.with_name(f"{name}.eval.pt")),
-                "train": cache_views(tower, train, path.with_name(f"{name}.train.pt"))}
-        torch.save({"region": name, "eval": len(evals), "train": len(train),
-                    "gsd": items[0].gsd}, path)
-        log.info("cached %s: %d eval tiles, %d views in %.0f s", name, len(data["eval"]["names"]),
-                 len(train), time.perf_counter() - t0)
+        meta = torch.load(path, weights_only=False) if path.is_file() else {}
+        items = None
+        if "eval" not in meta or "gsd" not in meta:
+            items = load_sets(root, [name]).get(name)
+            if not items:
+                continue
+            size = eval_tile_size(items[0].gsd)
+            evals = [View(n, im, b) for it in items for n, im, b in tiles(it, size)]
+            if "eval" not in meta:
+                tower = tower or FrozenTower()
+                cache_views(tower, evals, path.with_name(f"{name}.eval.pt"))
+            meta = {**meta, "region": name, "eval": len(evals), "gsd": items[0].gsd}
+            torch.save(meta, path)
+        wanted = min(max(views_per_tile * meta["eval"], min_views), max_views)
+        have = sum(_chunk_sizes(out, name).values())
+        t0, k = time.perf_counter(), len(_chunk_sizes(out, name))
+        while have < wanted:
+            items = items or load_sets(root, [name])[name]
+            tower = tower or FrozenTower()
+            rng = random.Random(f"{seed}:{name}" + (f":{k}" if k else ""))
+            weights = [it.image.shape[0] * it.image.shape[1] for it in items]
+            size = eval_tile_size(items[0].gsd)
+            n = min(CHUNK, wanted - have)
+            views = [augment_view(rng.choices(items, weights)[0], rng, size, f"{name}_aug{k}_{i}")
+                     for i in range(n)]
+            cache_views(tower, views, out / "cache" / f"{name}.train{k or ''}.pt")
+            have, k = have + n, k + 1
+            meta["train"] = have
+            torch.save(meta, path)
+            log.info("cached %s: %d eval tiles, %d training views (%.0f s)", name, meta["eval"],
+                     have, time.perf_counter() - t0)
+
+
+def _chunk_sizes(out: Path, name: str) -> dict[Path, int]:
+    """The region's cached training-view files and how many views each holds."""
+    meta_path = out / "cache" / f"{name}.pt"
+    meta = torch.load(meta_path, weights_only=False) if meta_path.is_file() else {}
+    sizes = meta.get("chunks", {})
+    files = sorted(out.glob(f"cache/{name}.train*.pt"),
+                   key=lambda p: int(p.name.split(".")[1][5:] or 0))
+    changed = False
+    for f in files:
+        if f.name not in sizes:
+            sizes[f.name] = len(torch.load(f, weights_only=False)["names"])
+            changed = True
+    if changed:
+        torch.save({**meta, "chunks": sizes}, meta_path)
+    return {f: sizes[f.name] for f in files}
+
+
+def _train_parts(out: Path, name: str) -> list[str]:
+    return [f.name.split(".")[1] for f in _chunk_sizes(out, name)]
 
 
 def _load(out: Path, name: str, part: str) -> dict:
@@ -102,7 +141,7 @@ def scene_accuracy(preds: list, truths: list, sizes: list, gsd: float, threshold
 
 
 def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim: int = 64,
-             reduce: int | None = 128) -> dict:
+             reduce: int | None = 128, convs: int = 2) -> dict:
     path = out / "folds" / f"{held}.json"
     others = [n for n in names if n != held]
     if path.is_file():
@@ -112,14 +151,14 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim
         return report
     feats, boxes = [], []
     for n in others:
-        for part in ("train", "eval"):
+        for part in [*_train_parts(out, n), "eval"]:
             d = _load(out, n, part)
             feats.append(d["features"])
             boxes += d["boxes"]
     x = torch.cat(feats)
     t0 = time.perf_counter()
     head = train_detector(x, boxes, hidden=x.shape[-1], levels=x.shape[1], epochs=epochs,
-                          seed=seed, dim=dim, reduce=reduce)
+                          seed=seed, dim=dim, reduce=reduce, convs=convs)
     train_s = time.perf_counter() - t0
     # Threshold: best F1 on the other regions' tiles (selection), never on the held-out one.
     sel_p, sel_t, sel_s = [], [], []
@@ -135,7 +174,7 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim
     preds = predict(head, test["features"], 0.1)
     counted = score_detections(preds, test["boxes"], test["sizes"], count_threshold)
     report = {"held_out": held, "trained_on": others, "train_views": len(x),
-              "epochs": epochs, "dim": dim, "reduce": reduce, "train_s": round(train_s, 1), "seed": seed,
+              "epochs": epochs, "dim": dim, "convs": convs, "reduce": reduce, "train_s": round(train_s, 1), "seed": seed,
               "selection": score_detections(sel_p, sel_t, sel_s, threshold),
               **score_detections(preds, test["boxes"], test["sizes"], threshold),
               # Presence and counts at the threshold chosen for counting on the selection set.
@@ -148,7 +187,8 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim
                            for n, b, p in zip(test["names"], test["boxes"], preds, strict=True)]}
     path.parent.mkdir(parents=True, exist_ok=True)
     # The fold's head, for whole-scene scans of its held-out region (scripts/bench_scene.py).
-    save_detector(head, DetectorConfig(hidden=x.shape[-1], dim=dim, threshold=threshold,
+    save_detector(head, DetectorConfig(hidden=x.shape[-1], dim=dim, convs=convs,
+                                       threshold=threshold,
                                        count_threshold=count_threshold,
                                        notes={"held_out": held, "trained_on": others}),
                   out / "folds" / held)
@@ -348,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-views", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64, help="detector width")
+    ap.add_argument("--convs", type=int, default=2, help="3 x 3 convolutions of the detector")
     ap.add_argument("--reduce", type=int, default=128,
                     help="train on this many principal components of the levels (0: all)")
     ap.add_argument("--seed", type=int, default=0)
@@ -365,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.max_views, args.seed)
         names = [n for n in names if (out / "cache" / f"{n}.pt").is_file()]
         for held in [n for n in names if not args.folds or n in args.folds.split(",")]:
-            run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None)
+            run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,
+                     args.convs)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))
     if args.card:

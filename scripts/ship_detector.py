@@ -42,19 +42,20 @@ def main(argv: list[str] | None = None) -> int:
                      if p.name.count(".") == 1)
     feats, boxes = [], []
     for name in regions:
-        for part in ("train", "eval"):
-            d = torch.load(loro / "cache" / f"{name}.{part}.pt", weights_only=False)
+        for path in [*sorted((loro / "cache").glob(f"{name}.train*.pt")),
+                     loro / "cache" / f"{name}.eval.pt"]:
+            d = torch.load(path, weights_only=False)
             feats.append(d["features"])
             boxes += d["boxes"]
     x = torch.cat(feats)
     epochs = args.epochs or folds[0]["epochs"]
-    dim, reduce = folds[0].get("dim", 96), folds[0].get("reduce")
+    dim, reduce, convs = folds[0].get("dim", 96), folds[0].get("reduce"), folds[0].get("convs", 2)
     head = train_detector(x, boxes, hidden=x.shape[-1], levels=x.shape[1], epochs=epochs,
-                          seed=args.seed, dim=dim, reduce=reduce)
+                          seed=args.seed, dim=dim, reduce=reduce, convs=convs)
     threshold = statistics.median(f["threshold"] for f in folds)
     count_threshold = statistics.median(f.get("count_threshold", f["threshold"]) for f in folds)
     config = DetectorConfig(labels=["building"], input_size=INPUT_SIZE, hidden=x.shape[-1],
-                            dim=dim,
+                            dim=dim, convs=convs,
                             threshold=threshold, count_threshold=count_threshold, notes={
                                 "trained_on": regions, "views": len(x), "epochs": epochs,
                                 "threshold": "median of the LORO folds' selected thresholds",

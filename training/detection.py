@@ -188,7 +188,7 @@ def compose_projection(head: DenseDetector, mean: torch.Tensor, comps: torch.Ten
 def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden: int,
                    levels: int, epochs: int = 15, batch_size: int = 16, lr: float = 2e-3,
                    seed: int = 0, dim: int = 96, log_every: int = 50,
-                   reduce: int | None = None) -> DenseDetector:
+                   reduce: int | None = None, convs: int = 2) -> DenseDetector:
     """The head on cached features (all boxes one class), AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
@@ -200,7 +200,7 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
         features = reduce_features(features, *pca)
         full_hidden, full_levels = hidden, levels
         hidden, levels = reduce, 1
-    head = DenseDetector(hidden, levels, classes=1, dim=dim)
+    head = DenseDetector(hidden, levels, classes=1, dim=dim, convs=convs)
     n = len(features)
     grid = int(round(features.shape[2] ** 0.5))
     steps = epochs * math.ceil(n / batch_size)

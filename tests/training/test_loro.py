@@ -1,0 +1,80 @@
+"""scripts/loro.py's mechanics on two synthetic regions and a stand-in tower: the cache is
+built once and topped up (never rebuilt), a fold trains without its held-out region, scores
+it (find-all, counts, presence, rural/urban) and is not trained again when run twice."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.labelled import LabelledImage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def loro(monkeypatch):
+    spec = importlib.util.spec_from_file_location("loro", ROOT / "scripts" / "loro.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+
+    class Tower:  # the features of a view: its mean colour per patch, 2 levels of 8
+        def __init__(self, *a, **k) -> None:
+            pass
+
+        def __call__(self, images):
+            calls.append(len(images))
+            out = []
+            for im in images:
+                small = torch.from_numpy(np.asarray(im, np.float32)[::16, ::16][:32, :32] / 255)
+                small = torch.nn.functional.pad(small, (0, 0, 0, 32 - small.shape[1],
+                                                        0, 32 - small.shape[0]))
+                f = small.reshape(1024, 3).repeat(1, 3)[:, :8]
+                out.append(torch.stack([f, f.flip(-1)]))
+            return torch.stack(out).half()
+
+    def load_sets(root, names):
+        rng = np.random.default_rng(len(names[0]))
+        sets = {}
+        for name in names:
+            image = rng.integers(0, 255, (600, 600, 3), dtype=np.uint8)
+            boxes = np.array([[50, 60, 150, 140], [300, 300, 420, 380]], np.float32)
+            sets[name] = [LabelledImage(name, name, image, boxes, ["building"] * 2, 0.15)]
+        return sets
+
+    monkeypatch.setattr(module, "FrozenTower", Tower)
+    monkeypatch.setattr(module, "load_sets", load_sets)
+    module.calls = calls
+    return module
+
+
+def test_the_cache_is_topped_up_and_a_fold_runs_once(loro, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "run"
+    loro.build_cache(tmp_path, out, ["aa", "bb"], 1, 3, 3, seed=0)
+    first = out / "cache" / "aa.train.pt"
+    stamp = first.stat().st_mtime_ns
+    assert sum(loro.calls) == 2 * (1 + 3)  # one scoring tile and three views per region
+    loro.build_cache(tmp_path, out, ["aa", "bb"], 1, 5, 5, seed=0)
+    assert sum(loro.calls) == 2 * (1 + 3) + 2 * 2  # only the two views each region lacked
+    assert first.stat().st_mtime_ns == stamp
+    assert [p.name for p in loro._chunk_sizes(out, "aa")] == ["aa.train.pt", "aa.train1.pt"]
+    assert list(loro._chunk_sizes(out, "aa").values()) == [3, 2]
+
+    report = loro.run_fold(out, "aa", ["aa", "bb"], epochs=1, seed=0, dim=8, reduce=None,
+                           convs=1)
+    assert report["trained_on"] == ["bb"] and report["train_views"] == 5 + 1
+    assert set(report) >= {"f1", "precision", "recall", "presence", "counting", "rural_urban"}
+    assert report["rural_urban"]["tiles"] == 1
+    assert (out / "folds" / "aa" / "detector" / "detector.json").is_file()
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(loro, "train_detector", no_training)
+    assert loro.run_fold(out, "aa", ["aa", "bb"], 1, 0, 8, None, 1) == report
+    assert "| aa | 1 | 2 |" in loro.table(out, None)
