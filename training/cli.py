@@ -123,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--chip-size", type=int, default=None)
     ft.add_argument("--box-epochs", type=float, default=6.0)
     ft.add_argument("--instruct-epochs", type=float, default=1.0)
+    ft.add_argument("--detector-epochs", type=int, default=6,
+                    help="the shipped detector on the region's training chips (0: keep it)")
     ft.add_argument("--eval-limit", type=int, default=None,
                     help="questions per task in the shipped-vs-tuned comparison (all)")
     ft.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
@@ -235,7 +237,7 @@ def _finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(region=args.region, out=args.out, model=args.model,
                          chip_size=args.chip_size, box_epochs=args.box_epochs,
                          instruct_epochs=args.instruct_epochs, eval_limit=args.eval_limit,
-                         seed=args.seed)
+                         detector_epochs=args.detector_epochs, seed=args.seed)
     result = finetune(cfg, progress=not args.quiet, max_steps=args.max_steps,
                       say=lambda msg: print(msg, file=sys.stderr, flush=True))
     if "compare" in result:

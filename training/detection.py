@@ -124,7 +124,8 @@ class FrozenTower:
         return torch.stack(levels, dim=1).half()
 
 
-def cache_views(tower: FrozenTower, views: list[View], path: Path, batch: int = 4) -> dict:
+def cache_views(tower: FrozenTower, views: list[View], path: Path | None, batch: int = 4
+                ) -> dict:
     """Features and normalised boxes of `views`, saved to `path` (one file per call)."""
     feats = []
     for i in range(0, len(views), batch):
@@ -136,10 +137,11 @@ def cache_views(tower: FrozenTower, views: list[View], path: Path, batch: int = 
                                                        np.float32)) for v in views],
         "sizes": [(int(v.image.shape[1]), int(v.image.shape[0])) for v in views],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(data, tmp)
+        tmp.replace(path)
     return data
 
 
@@ -188,19 +190,27 @@ def compose_projection(head: DenseDetector, mean: torch.Tensor, comps: torch.Ten
 def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden: int,
                    levels: int, epochs: int = 15, batch_size: int = 16, lr: float = 2e-3,
                    seed: int = 0, dim: int = 96, log_every: int = 50,
-                   reduce: int | None = None, convs: int = 2) -> DenseDetector:
+                   reduce: int | None = None, convs: int = 2,
+                   init: DenseDetector | None = None) -> DenseDetector:
     """The head on cached features (all boxes one class), AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
-    layer is most of the cost); the returned head takes the full levels all the same."""
+    layer is most of the cost); the returned head takes the full levels all the same.
+    ``init``: continue this head (on the full levels) instead of a new one."""
     torch.manual_seed(seed)
     pca = None
+    if init is not None:
+        reduce = None
     if reduce:
         pca = principal_components(features, reduce, seed=seed)
         features = reduce_features(features, *pca)
         full_hidden, full_levels = hidden, levels
         hidden, levels = reduce, 1
     head = DenseDetector(hidden, levels, classes=1, dim=dim, convs=convs)
+    if init is not None:
+        head = DenseDetector(hidden, levels, classes=init.heat.out_channels,
+                             dim=init.heat.in_channels, convs=len(init.body) // 3)
+        head.load_state_dict(init.state_dict())
     n = len(features)
     grid = int(round(features.shape[2] ** 0.5))
     steps = epochs * math.ceil(n / batch_size)

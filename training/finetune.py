@@ -7,10 +7,12 @@ Steps, each skipped when its output exists (run the command again to resume):
 2. **fit**: from the shipped parts (`init: trained`), first the perception head (the box head
    on the region's boxes), then the rest (connector, LoRA, experts) on every task of the
    region; `fit --resume auto` continues an interrupted run;
-3. **final**: the fit's parts plus the shipped semantic database with the region's own
+3. **detector**: the shipped detector (`rsvlm.perception`) continued on the region's training
+   chips (`training.region_detector`);
+4. **final**: the fit's parts plus the shipped semantic database with the region's own
    descriptions added (a region alone would leave the retriever nothing else to find) and the
-   shipped detector (`rsvlm.perception`; not retrained here);
-4. **compare**: the shipped and the tuned model on the region's held-back split, side by side
+   tuned detector;
+5. **compare**: the shipped and the tuned model on the region's held-back split, side by side
    (VQA per type, referring grounding, find-all), in ``compare.md`` and ``compare.json``.
 
 The `final/` folder is what ``rsvlm ask --model RUN/final`` and the app's ``--model`` load.
@@ -49,6 +51,7 @@ class FinetuneConfig:
     batch_size: int = 4
     max_length: int = 512
     eval_limit: int | None = None  # questions per task in the comparison (None: all)
+    detector_epochs: int = 6  # 0: keep the shipped detector
     model_overrides: dict[str, Any] | None = None  # tiny runs only
 
 
@@ -58,13 +61,11 @@ def _say(progress: Callable[[str], None] | None, msg: str) -> None:
 
 def build_region_data(cfg: FinetuneConfig, progress: bool) -> Path:
     from training.build import BuildConfig, build_dataset
-    from training.region import load_region
 
     data = Path(cfg.out) / "data"
     if (data / "dataset_card.json").is_file():
         return data
-    spec = load_region(cfg.region, chip_size=cfg.chip_size, val_fraction=cfg.val_fraction,
-                       block_chips=cfg.block_chips)
+    spec = region_spec(cfg)
     tmp = data.with_name("data.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     build_dataset(tmp, [spec], [], BuildConfig(seed=cfg.seed, augment=cfg.augment),
@@ -122,7 +123,16 @@ def _shipped_parts(model: str) -> Path | None:
         return None
 
 
-def make_final(cfg: FinetuneConfig, fit_final: Path, data: Path) -> Path:
+def region_spec(cfg: FinetuneConfig) -> Any:
+    """The region as build-data split it (same chips, same held-back blocks)."""
+    from training.region import load_region
+
+    return load_region(cfg.region, chip_size=cfg.chip_size, val_fraction=cfg.val_fraction,
+                       block_chips=cfg.block_chips)
+
+
+def make_final(cfg: FinetuneConfig, fit_final: Path, data: Path,
+               detector: Path | None = None) -> Path:
     from rsvlm.loading import SEMANTIC_DB_DIR, TRAINED_JSON
 
     final = Path(cfg.out) / "final"
@@ -134,7 +144,9 @@ def make_final(cfg: FinetuneConfig, fit_final: Path, data: Path) -> Path:
     shipped = _shipped_parts(cfg.model)
     from rsvlm.perception import DETECTOR_DIR
 
-    if shipped is not None and (shipped / DETECTOR_DIR).is_dir():
+    if detector is not None:
+        shutil.copytree(detector, tmp / DETECTOR_DIR)
+    elif shipped is not None and (shipped / DETECTOR_DIR).is_dir():
         # The shipped detector (trained on every labelled region, scored leave-one-region-out)
         # answers the object questions of the tuned model too.
         shutil.copytree(shipped / DETECTOR_DIR, tmp / DETECTOR_DIR)
@@ -217,6 +229,17 @@ def engine_answers(model: str | None) -> Any:
     return engine_answer_fn(model)
 
 
+def tune_region_detector(cfg: FinetuneConfig) -> Path | None:
+    """`training.region_detector.tune_detector` when the shipped parts hold a detector."""
+    from training.region_detector import tune_detector
+
+    shipped = _shipped_parts(cfg.model)
+    if shipped is None or cfg.detector_epochs <= 0:
+        return None
+    return tune_detector(region_spec(cfg), shipped, Path(cfg.out) / "detector",
+                         preset=cfg.model, epochs=cfg.detector_epochs, seed=cfg.seed)
+
+
 def finetune(cfg: FinetuneConfig, *, progress: bool = True, max_steps: int | None = None,
              answer_for: Callable[[str | None], Any] = engine_answers,
              say: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -224,17 +247,20 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True, max_steps: int | Non
     from training.fit import fit
 
     t0 = time.perf_counter()
-    _say(say, f"[1/4] building the region's data in {cfg.out}/data ...")
+    _say(say, f"[1/5] building the region's data in {cfg.out}/data ...")
     data = build_region_data(cfg, progress)
-    _say(say, "[2/4] training: the box head, then connector + LoRA + experts ...")
+    _say(say, "[2/5] training: the box head, then connector + LoRA + experts ...")
     fit_cfg = fit_config(cfg, data)
     summary = fit(fit_cfg, resume="auto", max_steps=max_steps, progress=progress)
     if summary.get("resumable"):
         _say(say, f"stopped at step {max_steps}: run the same command again to continue")
         return {"out": cfg.out, "stopped": summary["stopped"]}
-    _say(say, "[3/4] writing final/ (parts + semantic database with the region's texts) ...")
-    final = make_final(cfg, Path(summary["final"]), data)
-    _say(say, "[4/4] scoring the shipped and the tuned model on the held-back split ...")
+    _say(say, "[3/5] the detector on the region's training chips ...")
+    detector = tune_region_detector(cfg)
+    _say(say, "[4/5] writing final/ (parts, detector, semantic database with the region's "
+              "texts) ...")
+    final = make_final(cfg, Path(summary["final"]), data, detector)
+    _say(say, "[5/5] scoring the shipped and the tuned model on the held-back split ...")
     reports = compare(cfg, data, final, answer_for, progress)
     _say(say, f"done in {time.perf_counter() - t0:.0f} s; load it with "
               f"`rsvlm ask --model {final} IMAGE QUESTION`")

@@ -59,7 +59,7 @@ def test_finetune_leaves_a_final_that_loads_and_a_comparison(small_region: Path,
     assert "| shipped | tuned |" in table and "grounding acc@0.5" in table
     reports = sorted(p.name for p in (tmp_path / "run" / "eval").glob("*.json"))
     assert "shipped.vqa.json" in reports and "tuned.vqa.json" in reports
-    assert any(m.startswith("[4/4]") for m in messages)
+    assert any(m.startswith("[5/5]") for m in messages)
     # Run again: every step is found done, nothing is recomputed.
     before = {p: p.stat().st_mtime for p in (tmp_path / "run" / "eval").glob("*.json")}
     finetune(cfg, progress=False, answer_for=_tiny_answers, say=messages.append)

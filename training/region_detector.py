@@ -1,0 +1,89 @@
+"""The shipped detector fine-tuned on an analyst's region (a step of `rsvlm-train finetune`).
+
+The detector (`rsvlm.perception`) answers presence, counts, rural/urban and "find all"; it was
+trained on other places. Here it continues on the region's own training chips (the same
+spatial-block split as the instruction data, so the held-back chips stay unseen), as augmented
+views through the frozen tower, starting from the shipped weights. The thresholds stay the
+shipped ones: choosing them on the region would mean choosing on the held-back split, and the
+training chips would flatter them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def region_items(spec: Any, seed: int, split: str = "train") -> list[Any]:
+    """The region's chips of ``split`` as labelled images: pixels and building boxes."""
+    from training.build import BuildConfig, RegionBuilder
+    from training.labelled import LabelledImage
+
+    builder = RegionBuilder(spec, BuildConfig(seed=seed, tasks=("grounding",), balance=False))
+    items = []
+    for rec, chip in builder.chips():
+        ctx = rec.ctx
+        if ctx.split != split:
+            continue
+        boxes = [o.box for o in ctx.objects if o.cls == "building" and o.kind in {"area", "point"}]
+        items.append(LabelledImage(spec.name, ctx.chip_id, chip.pixels,
+                                   np.asarray(boxes, np.float32).reshape(-1, 4),
+                                   ["building"] * len(boxes), ctx.gsd))
+    return items
+
+
+def tune_detector(spec: Any, shipped: Path, out: Path, *, preset: str = "embedded",
+                  views_per_chip: int = 6, max_views: int = 480, epochs: int = 6,
+                  lr: float = 5e-4, seed: int = 0, tower: Any = None) -> Path | None:
+    """``out/detector/``: the detector of ``shipped`` continued on the region's training chips;
+    None when ``shipped`` has no detector or the region no training chip with a building."""
+    from safetensors.torch import load_file
+
+    from rsvlm.perception import (
+        CONFIG_NAME,
+        DETECTOR_DIR,
+        WEIGHTS_NAME,
+        DetectorConfig,
+        save_detector,
+    )
+    from training.detection import FrozenTower, View, augment_view, cache_views, train_detector
+
+    if (out / DETECTOR_DIR / CONFIG_NAME).is_file():
+        return out / DETECTOR_DIR
+    folder = shipped / DETECTOR_DIR
+    if not (folder / CONFIG_NAME).is_file():
+        return None
+    config = DetectorConfig(**json.loads((folder / CONFIG_NAME).read_text()))
+    head = config.build()
+    head.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+    items = [it for it in region_items(spec, seed) if len(it.boxes)]
+    if not items:
+        log.warning("%s: no training chip holds a building; the shipped detector stays", spec.name)
+        return None
+    rng = random.Random(f"{seed}:{spec.name}:detector")
+    n = min(views_per_chip * len(items), max_views)
+    views = [View(it.name, it.image, it.boxes) for it in items]  # each chip as it is, once
+    for i in range(max(n - len(views), 0)):
+        item = rng.choice(items)
+        views.append(augment_view(item, rng, max(item.size), f"aug{i}"))
+    tower = tower or FrozenTower(preset, size=config.input_size, layers=config.layers)
+    data = cache_views(tower, views, None)
+    x = data["features"]
+    tuned = train_detector(x, data["boxes"], hidden=x.shape[-1], levels=x.shape[1],
+                           epochs=epochs, lr=lr, seed=seed, init=head)
+    notes = {**config.notes, "tuned_on": spec.name, "tuned_views": len(views),
+             "tuned_epochs": epochs, "shipped": str(folder)}
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_detector(tuned, DetectorConfig(**{**asdict(config), "notes": notes}), tmp)
+    tmp.replace(out)
+    return out / DETECTOR_DIR
