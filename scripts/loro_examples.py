@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.card:
         card = Path(args.card)
+        # scripts/model_card.py puts this file back when it re-renders the card.
+        (card.parent / "eval").mkdir(exist_ok=True)
+        (card.parent / "eval" / "loro_examples.md").write_text(text)
         body = card.read_text()
         if START in body:
             head, rest = body.split(START, 1)

@@ -194,6 +194,9 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
     loro = out / "eval" / "loro.md"  # scripts/loro.py --card: the leave-one-region-out headline
     if loro.is_file():
         lines += [loro.read_text().strip(), ""]
+    examples = out / "eval" / "loro_examples.md"  # scripts/loro_examples.py --card
+    if examples.is_file():
+        lines += [examples.read_text().strip(), ""]
     lines += [
         "## Numbers on the held-back split",
         "",
