@@ -305,7 +305,12 @@ class ChatSession:
     def _perceived(self, question: str,
                    region_box_px: tuple[float, float, float, float] | None) -> Answer | None:
         """The detector's answer to an object question, or None (the LM answers)."""
-        from rsvlm.perception import answered_detections, object_question, perception_answer
+        from rsvlm.perception import (
+            answered_detections,
+            object_question,
+            perception_answer,
+            referred_detection,
+        )
 
         perception = self.engine.perception
         asked = object_question(question, perception.config.labels) if perception else None
@@ -319,11 +324,19 @@ class ChatSession:
                 self.retrieved = self.engine.retrieve(self._pixel_values())
         size = (self.chip_width, self.chip_height)
         selected = perception.select(self.detections, asked[0])
+        mine = answered_detections(asked[1], selected, size, region_box_px)
+        scores = [d.score for d in mine]
+        if asked[0] == "refer":
+            det = referred_detection(question, asked[1], mine)
+            if det is None:  # nothing detected to choose from: the language model answers
+                return None
+            scores = [det.score]
         ground_m2 = getattr(self.chip, "ground_area_m2", None)
-        text = perception_answer(asked[0], asked[1], selected, size, region_box_px, ground_m2)
-        scores = [d.score for d in answered_detections(asked[1], selected, size, region_box_px)]
+        text = perception_answer(asked[0], asked[1], selected, size, region_box_px, ground_m2,
+                                 question)
         took = round(time.perf_counter() - t0, 4)
-        return Answer(text=text, boxes=self.ground(text, scores if asked[0] == "find_all" else None),
+        boxed = asked[0] in {"find_all", "refer"}
+        return Answer(text=text, boxes=self.ground(text, scores if boxed else None),
                       retrieved=list(self.retrieved or []),
                       timing={"first_token_s": took, "total_s": took, "new_tokens": 0,
                               "prefill_tokens": 0, "detector": 1.0},

@@ -108,11 +108,15 @@ class Perception:
 
     def select(self, detections: list[Detection], kind: str) -> list[Detection]:
         """The detections that answer a question of ``kind``: boxes at `threshold`, presence
-        and counts at `count_threshold` (each chosen for its own metric)."""
+        and counts at `count_threshold` (each chosen for its own metric); a referring question
+        with nothing above `threshold` gets every detection to choose from."""
         cut = self.config.threshold
         if kind in {"presence", "count", "rural_urban"} and self.config.count_threshold is not None:
             cut = self.config.count_threshold
-        return [d for d in detections if d.score >= cut]
+        chosen = [d for d in detections if d.score >= cut]
+        if kind == "refer" and not chosen:  # the question says it is there: the likeliest
+            return list(detections)
+        return chosen
 
 
 # --------------------------------------------------------------------------- questions
@@ -149,10 +153,33 @@ def _label_pattern(label: str) -> str:
     return rf"(?:{re.escape(plural)}|{re.escape(label)})"
 
 
+_CELLS = ("top left", "top right", "bottom left", "bottom right", "top", "bottom", "left",
+          "right", "center")
+_ASKS_WHERE = re.compile(r"^(?:where is|where's|locate|find|show|mark|box|detect|give the bounding "
+                         r"box of|output the bounding box of|draw a box around)\b")
+
+
+def referred(question: str, label: str) -> tuple[str | None, str | None] | None:
+    """(size, cell) of a referring expression about one ``label`` that the detections can
+    settle: "the largest building" ("largest", None), "the building in the top left" (None,
+    "top left"), "the building" (None, None). None for anything else, relations to other
+    classes included ("the building closest to the parking lot": the language model's)."""
+    q = " ".join(question.lower().replace("centre", "center").replace("middle", "center").split())
+    m = re.search(rf"\bthe (?:(largest|biggest|smallest) )?{re.escape(label)}\b(.*)$", q)
+    if not m:
+        return None
+    rest = m.group(2)
+    if re.search(r"\b(?:closest|nearest|next|near|beside|along|between|adjacent|of|with)\b", rest):
+        return None
+    cell = re.search(rf"\b(?:in|at|on) the ({'|'.join(_CELLS)})\b", rest)
+    size = {"biggest": "largest"}.get(m.group(1) or "", m.group(1))
+    return size, cell.group(1) if cell else None
+
+
 def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
-    """("presence" | "count" | "find_all" | "rural_urban", label) when the question asks that
-    about a class the detector knows (rural or urban: about its buildings); None otherwise (the
-    language model answers)."""
+    """("presence" | "count" | "find_all" | "rural_urban" | "refer", label) when the question
+    asks that about a class the detector knows (rural or urban: about its buildings; refer: one
+    object by size or place, `referred`); None otherwise (the language model answers)."""
     q = " ".join(question.lower().split())
     if "building" in labels and re.search(r"\brural\b.*\burban\b|\burban\b.*\brural\b", q):
         return "rural_urban", "building"
@@ -167,7 +194,36 @@ def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
                 rf"^(?:does|do) (?:the|this) (?:image|scene|area|chip) (?:contain|show|have) "
                 rf"(?:any |a |an )?{obj}\b", q):
             return "presence", label
+    for label in labels:
+        if _ASKS_WHERE.search(q) and referred(q, label) is not None:
+            return "refer", label
     return None
+
+
+def referred_detection(question: str, label: str, detections: list[Detection]
+                       ) -> Detection | None:
+    """The one detection a referring question (`referred`) means: among those in its cell (all
+    when it names none, or none is there), the largest, the smallest, or the surest."""
+    asked = referred(question, label)
+    mine = [d for d in detections if d.label == label]
+    if asked is None or not mine:
+        return None
+    size, cell = asked
+    if cell is not None:
+        inside = [d for d in mine if _cell_of(d) == cell]
+        mine = inside or mine
+    if size is None:
+        return max(mine, key=lambda d: d.score)
+    area = [(d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) for d in mine]
+    pick = max if size == "largest" else min
+    return mine[pick(range(len(mine)), key=area.__getitem__)]
+
+
+def _cell_of(det: Detection) -> str:
+    cx, cy = (det.box[0] + det.box[2]) / 2, (det.box[1] + det.box[3]) / 2
+    row, col = min(int(cy * 3), 2), min(int(cx * 3), 2)
+    return (("top left", "top", "top right"), ("left", "center", "right"),
+            ("bottom left", "bottom", "bottom right"))[row][col]
 
 
 def _centre_in(det: Detection, box: tuple[float, float, float, float] | None,
@@ -192,13 +248,19 @@ def answered_detections(label: str, detections: list[Detection], size: tuple[int
 def perception_answer(kind: str, label: str, detections: list[Detection],
                       size: tuple[int, int],
                       region_box_px: tuple[float, float, float, float] | None = None,
-                      ground_m2: float | None = None) -> str:
+                      ground_m2: float | None = None, question: str = "") -> str:
     """The answer to an object question from the detections: "yes"/"no", the count, every box
-    in the canonical grammar, or "rural"/"urban" (``ground_m2``: the chip's ground area, when
-    known). Counts and boxes are the detections', nothing else."""
+    in the canonical grammar, "rural"/"urban" (``ground_m2``: the chip's ground area, when
+    known), or the one box a referring ``question`` means. Counts and boxes are the
+    detections', nothing else."""
     from rsvlm.boxes import format_box
 
     mine = answered_detections(label, detections, size, region_box_px)
+    if kind == "refer":
+        det = referred_detection(question, label, mine)
+        if det is None:
+            return f"I find no {label} like that in this image."
+        return format_box(label, [v * 1000 for v in det.box])
     if kind == "rural_urban":
         frac = 1.0
         if region_box_px is not None:  # the drawn box's share of the chip

@@ -28,11 +28,16 @@ from rsvlm.perception import (
     ("Find all buildings in the image.", ("find_all", "building")),
     ("Locate every building in this image.", ("find_all", "building")),
     ("Detect all buildings and give their bounding boxes.", ("find_all", "building")),
-    ("Where is the largest building?", None),
     ("Describe this remote sensing image.", None),
     ("How many roads are there?", None),
     ("Is it a rural or an urban area?", ("rural_urban", "building")),
     ("Is this an urban or a rural area? Answer with a single word.", ("rural_urban", "building")),
+    ("Where is the largest building?", ("refer", "building")),
+    ("Locate the building in the top left.", ("refer", "building")),
+    ("Give the bounding box of the smallest building.", ("refer", "building")),
+    ("Output the bounding box of the building.", ("refer", "building")),
+    ("Where is the building closest to the parking lot?", None),  # a relation: the LM's
+    ("Where is the largest parking lot?", None),
 ])
 def test_object_questions(question, expected) -> None:
     assert object_question(question, ["building"]) == expected
@@ -55,6 +60,35 @@ def test_the_answer_states_the_detections_it_was_given(n: int) -> None:
     assert inside == str(sum(1 for i in range(n) if (0.1 * i + 0.025) * 200 <= 61))
     summary = detections_summary(dets, ["building"])
     assert summary.startswith(f"Detected: {n} building")
+
+
+def test_a_referring_question_picks_one_detection() -> None:
+    from rsvlm.perception import referred, referred_detection
+
+    big_top_left = Detection("building", 0.5, (0.05, 0.05, 0.30, 0.25))
+    small_top_left = Detection("building", 0.9, (0.20, 0.02, 0.26, 0.08))
+    centre = Detection("building", 0.7, (0.40, 0.40, 0.60, 0.55))
+    tiny_bottom = Detection("building", 0.6, (0.45, 0.90, 0.48, 0.93))
+    dets = [big_top_left, small_top_left, centre, tiny_bottom]
+    assert referred("Where is the largest building?", "building") == ("largest", None)
+    assert referred("Locate the biggest building in the top left.", "building") == (
+        "largest", "top left")
+    assert referred("Where is the building in the centre?", "building") == (None, "center")
+
+    def pick(q: str) -> Detection | None:
+        return referred_detection(q, "building", dets)
+
+    assert pick("Where is the largest building?") is big_top_left
+    assert pick("Where is the smallest building?") is tiny_bottom
+    assert pick("Where is the smallest building in the top left?") is small_top_left
+    assert pick("Locate the building in the center.") is centre
+    assert pick("Locate the building at the bottom.") is tiny_bottom
+    assert pick("Where is the building?") is small_top_left  # the surest
+    assert pick("Where is the building on the right?") is small_top_left  # none there: surest
+    assert referred_detection("Where is the largest building?", "building", []) is None
+    text = perception_answer("refer", "building", dets, (1000, 1000),
+                             question="Where is the largest building?")
+    assert [b.box_norm for b in parse_boxes(text)] == [(50, 50, 300, 250)]
 
 
 def test_rural_or_urban_follows_the_training_datas_rule() -> None:
@@ -121,6 +155,11 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
     assert len(parse_boxes(found)) == 16
     # 16 boxes of 1/16 of the image each (-0.7 = log 0.5 patch to every edge): all built up.
     assert "".join(session.ask("Is it a rural or an urban area?")) == "urban"
+    # One box for a referring question: the detection in the named cell (the 4 x 4 grid's
+    # top-left patch lies in the top-left third), with its score.
+    (box,) = parse_boxes("".join(session.ask("Where is the building in the top left?")))
+    assert box.box_norm == pytest.approx((0, 0, 250, 250), abs=2) and len(session.last.boxes) == 1
+    assert session.last.boxes[0].score == pytest.approx(session.detections[0].score)
     # Counts and presence at their own threshold; boxes at the find-all one.
     perception.config.count_threshold = 0.99  # above every score (sigmoid(3) = 0.95)
     strict = engine.session(image)
