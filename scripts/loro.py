@@ -334,7 +334,38 @@ CARD_START, CARD_END = "<!-- loro:start -->", "<!-- loro:end -->"
 CHAT_TABLE_HEAD = "| region | find-all F1 (P / R) |"
 
 
-def card_section(out: Path, baseline: Path | None, previous: str = "") -> str:
+def refer_table(folder: Path, chat: str = "") -> str:
+    """Referring grounding through the chat path with each fold's detector (`REGION.grounding
+    .json` from `rsvlm-train eval --task grounding --model PARTS`, PARTS = the shipped parts
+    with the fold's detector), beside the language model's from the chat-path table."""
+    before = {}
+    for line in chat.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[0] not in {"region", "---"}:
+            before[cells[0]] = cells[8]
+    lines = ["| held-out region | referring questions | acc@0.5, fold's detector | per rule | "
+             "acc@0.5, language model + box head |", "|---|---|---|---|---|"]
+    from training.labelled import DEMO_AREAS
+
+    sums = {"all questions": [0.0, 0], "the OpenAerialMap areas' questions": [0.0, 0]}
+    for path in sorted(folder.glob("*.grounding.json")):
+        r = json.loads(path.read_text())
+        region = path.name.split(".")[0]
+        rules = ", ".join(f"{k} {v['acc@0.5']:.2f} ({v['n']})" for k, v in r["per_rule"].items())
+        lines.append(f"| {region} | {r['n']} | {r['acc@0.5']:.3f} | {rules} | "
+                     f"{before.get(region, '–')} |")
+        for key in sums:
+            if key == "all questions" or region in DEMO_AREAS:
+                sums[key][0] += r["acc@0.5"] * r["n"]
+                sums[key][1] += r["n"]
+    for key, (hits, total) in sums.items():
+        if total:
+            lines.append(f"| {key} | {total} | {hits / total:.3f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def card_section(out: Path, baseline: Path | None, previous: str = "",
+                 refer: Path | None = None) -> str:
     """The model card's headline section: the folds and the chat path, per region. Without the
     chat path's reports (``baseline``), the table ``previous`` (the card's section) holds is
     kept: the language model did not change."""
@@ -365,6 +396,18 @@ def card_section(out: Path, baseline: Path | None, previous: str = "") -> str:
         _bar_line(out),
         "",
     ]
+    if refer is not None and any(refer.glob("*.grounding.json")):
+        lines += [
+            "Referring questions about one building (\"Where is the largest building?\", "
+            "\"Locate the building in the top left.\") are answered from the detections; the "
+            "rest (relations to other classes) by the language model. Through the chat path "
+            "with each fold's detector (`rsvlm-train eval --task grounding --data REGION "
+            "--model PARTS --limit 60`, PARTS = the shipped parts with the fold's detector; the "
+            "language model itself trained on these areas):",
+            "",
+            refer_table(refer, chat).strip(),
+            "",
+        ]
     if chat.strip():
         lines += [
             "Chat path of the language model (presence, counting, rural/urban and area are VQA "
@@ -454,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only print each fold's F1 at IoU 0.1 / 0.3 / 0.5")
     ap.add_argument("--baseline", default="runs/baseline", help="chat-path reports folder")
     ap.add_argument("--card", default=None, help="write the section into this MODEL_CARD.md")
+    ap.add_argument("--refer", default=None,
+                    help="folder of REGION.grounding.json reports made with the folds' detectors")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -474,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.card:
         old = Path(args.card).read_text() if Path(args.card).is_file() else ""
         previous = old.split(CARD_START, 1)[1].split(CARD_END, 1)[0] if CARD_START in old else ""
-        section = card_section(out, baseline, previous)
+        section = card_section(out, baseline, previous,
+                               Path(args.refer) if args.refer else None)
         # scripts/model_card.py puts this file back when it re-renders the card.
         (Path(args.card).parent / "eval").mkdir(exist_ok=True)
         (Path(args.card).parent / "eval" / "loro.md").write_text(section)
