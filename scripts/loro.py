@@ -465,11 +465,13 @@ def _bar_line(out: Path) -> str:
                    "estimate.")
 
 
-def write_card(card: Path, section: str) -> None:
+def write_card(card: Path, section: str, start: str = CARD_START, end: str = CARD_END) -> None:
+    """``section`` (which opens with ``start`` and closes with ``end``) in place of the card's,
+    or, the first time, before its held-back-split numbers."""
     text = card.read_text()
-    if CARD_START in text:
-        head, rest = text.split(CARD_START, 1)
-        text = head + section + rest.split(CARD_END, 1)[1].lstrip("\n")
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1].lstrip("\n")
     else:
         marker = "## Numbers on the held-back split"
         head, rest = text.split(marker, 1) if marker in text else (text, "")

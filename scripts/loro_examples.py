@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loro import write_card  # noqa: E402
 
 from rsvlm.detector import Detection  # noqa: E402
 from rsvlm.perception import (  # noqa: E402
@@ -154,15 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         # scripts/model_card.py puts this file back when it re-renders the card.
         (card.parent / "eval").mkdir(exist_ok=True)
         (card.parent / "eval" / "loro_examples.md").write_text(text)
-        body = card.read_text()
-        if START in body:
-            head, rest = body.split(START, 1)
-            body = head + text + rest.split(END, 1)[1].lstrip("\n")
-        else:
-            marker = "## Numbers on the held-back split"
-            head, rest = body.split(marker, 1) if marker in body else (body, "")
-            body = head + text + "\n" + (marker + rest if rest else "")
-        card.write_text(body)
+        write_card(card, text, START, END)
     return 0
 
 
