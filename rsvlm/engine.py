@@ -326,11 +326,9 @@ class ChatSession:
         selected = perception.select(self.detections, asked[0])
         mine = answered_detections(asked[1], selected, size, region_box_px)
         scores = [d.score for d in mine]
-        if asked[0] == "refer":
+        if asked[0] == "refer":  # one box, or none when nothing was detected at all
             det = referred_detection(question, asked[1], mine)
-            if det is None:  # nothing detected to choose from: the language model answers
-                return None
-            scores = [det.score]
+            scores = [det.score] if det is not None else []
         ground_m2 = getattr(self.chip, "ground_area_m2", None)
         text = perception_answer(asked[0], asked[1], selected, size, region_box_px, ground_m2,
                                  question)

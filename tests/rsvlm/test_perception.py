@@ -176,6 +176,9 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
     s = engine.session(image)
     assert "".join(s.ask("Are there any buildings?")) == "no"
     assert "".join(s.ask("How many buildings are there?")) == "0"
+    # A building asked for that the detector does not see at all: said so, not made up.
+    assert "".join(s.ask("Where is the largest building?")) == (
+        "I find no building like that in this image.") and not s.last.boxes
 
 
 def test_a_scan_asks_the_detector_for_every_chip(tmp_path: Path) -> None:
