@@ -4,9 +4,10 @@ Trained parts may hold a ``detector/`` folder (``detector.json`` + ``detector.sa
 With it, questions about the objects it detects are answered from its detections, not from
 the language model's reading of retrieved neighbours (which repeats the nearest training
 description on a region it never saw): presence ("Is there a building?"), counts ("How many
-buildings are there?", also inside a drawn box), "find all" (every detection as a box) and
-whether the area is rural or urban (the training data's own rule, `urban_or_rural`, applied to
-the detected buildings). Everything else goes to the language model as before.
+buildings are there?", also inside a drawn box), "find all" (every detection as a box), whether
+the area is rural or urban (the training data's own rule, `urban_or_rural`, applied to the
+detected buildings) and one building by size or place ("Where is the largest building?",
+`referred`). Everything else goes to the language model as before.
 
 The detector runs the frozen vision tower once more, at its own input size (448 px: a 32 x 32
 grid, finer than the chat view's 16 x 16), only for such questions.
@@ -168,7 +169,7 @@ def referred(question: str, label: str) -> tuple[str | None, str | None] | None:
     m = re.search(rf"\bthe (?:(largest|biggest|smallest) )?{re.escape(label)}\b(.*)$", q)
     if not m:
         return None
-    rest = m.group(2)
+    rest = re.sub(r"\b(?:of|in) (?:the|this) (?:image|picture|scene|chip|area)\b", "", m.group(2))
     if re.search(r"\b(?:closest|nearest|next|near|beside|along|between|adjacent|of|with)\b", rest):
         return None
     cell = re.search(rf"\b(?:in|at|on) the ({'|'.join(_CELLS)})\b", rest)

@@ -74,6 +74,9 @@ def test_a_referring_question_picks_one_detection() -> None:
     assert referred("Locate the biggest building in the top left.", "building") == (
         "largest", "top left")
     assert referred("Where is the building in the centre?", "building") == (None, "center")
+    assert referred("Locate the largest building in the top left of the image.", "building") == (
+        "largest", "top left")
+    assert referred("Where is the building with the red roof?", "building") is None
 
     def pick(q: str) -> Detection | None:
         return referred_detection(q, "building", dets)
