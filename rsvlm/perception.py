@@ -61,6 +61,20 @@ def save_detector(head: DenseDetector, config: DetectorConfig, folder: str | Pat
     return folder
 
 
+def load_detector(folder: str | Path) -> tuple[DenseDetector, DetectorConfig] | None:
+    """The head and config `save_detector` wrote into ``folder`` (its ``detector/``), in eval
+    mode; None when there is none."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder) / DETECTOR_DIR
+    if not (folder / CONFIG_NAME).is_file():
+        return None
+    config = DetectorConfig(**json.loads((folder / CONFIG_NAME).read_text()))
+    head = config.build()
+    head.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+    return head.eval(), config
+
+
 class Perception:
     """A trained detector head on the model's own frozen vision encoder."""
 
@@ -76,14 +90,10 @@ class Perception:
     def load(cls, parts: str | Path, vision_model: Any, image_processor: Any
              ) -> Perception | None:
         """The detector of a trained-parts folder, or None when it has none."""
-        from safetensors.torch import load_file
-
-        folder = Path(parts) / DETECTOR_DIR
-        if not (folder / CONFIG_NAME).is_file():
+        found = load_detector(parts)
+        if found is None:
             return None
-        config = DetectorConfig(**json.loads((folder / CONFIG_NAME).read_text()))
-        head = config.build()
-        head.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        head, config = found
         return cls(head, config, vision_model, image_processor.image_mean,
                    image_processor.image_std)
 
@@ -250,31 +260,42 @@ def perception_answer(kind: str, label: str, detections: list[Detection],
                       size: tuple[int, int],
                       region_box_px: tuple[float, float, float, float] | None = None,
                       ground_m2: float | None = None, question: str = "") -> str:
-    """The answer to an object question from the detections: "yes"/"no", the count, every box
-    in the canonical grammar, "rural"/"urban" (``ground_m2``: the chip's ground area, when
-    known), or the one box a referring ``question`` means. Counts and boxes are the
-    detections', nothing else."""
+    """The answer to an object question from the detections (`perception_reply`'s text)."""
+    return perception_reply(kind, label, detections, size, region_box_px, ground_m2,
+                            question)[0]
+
+
+def perception_reply(kind: str, label: str, detections: list[Detection],
+                     size: tuple[int, int],
+                     region_box_px: tuple[float, float, float, float] | None = None,
+                     ground_m2: float | None = None, question: str = ""
+                     ) -> tuple[str, list[Detection]]:
+    """The answer to an object question from the detections, and the detections it states (in
+    the order its boxes are written): "yes"/"no", the count, every box in the canonical grammar,
+    "rural"/"urban" (``ground_m2``: the chip's ground area, when known), or the one box a
+    referring ``question`` means. Counts and boxes are the detections', nothing else."""
     from rsvlm.boxes import format_box
 
     mine = answered_detections(label, detections, size, region_box_px)
     if kind == "refer":
         det = referred_detection(question, label, mine)
         if det is None:
-            return f"I find no {label} like that in this image."
-        return format_box(label, [v * 1000 for v in det.box])
+            return f"I find no {label} like that in this image.", []
+        return format_box(label, [v * 1000 for v in det.box]), [det]
     if kind == "rural_urban":
         frac = 1.0
         if region_box_px is not None:  # the drawn box's share of the chip
             x1, y1, x2, y2 = region_box_px
             frac = max(x2 - x1, 0.0) * max(y2 - y1, 0.0) / max(size[0] * size[1], 1)
-        return scene_of_detections(mine, label, ground_m2 * frac if ground_m2 else None, frac)
+        ground = ground_m2 * frac if ground_m2 else None
+        return scene_of_detections(mine, label, ground, frac), mine
     if kind == "presence":
-        return "yes" if mine else "no"
+        return ("yes" if mine else "no"), mine
     if kind == "count":
-        return str(len(mine))
+        return str(len(mine)), mine
     if not mine:
-        return f"I find no {_PLURALS.get(label, label + 's')} in this image."
-    return "".join(format_box(label, [v * 1000 for v in d.box]) for d in mine)
+        return f"I find no {_PLURALS.get(label, label + 's')} in this image.", []
+    return "".join(format_box(label, [v * 1000 for v in d.box]) for d in mine), mine
 
 
 def detections_summary(detections: list[Detection], labels: list[str]) -> str:

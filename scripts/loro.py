@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rsvlm.perception import DetectorConfig, save_detector  # noqa: E402
+from rsvlm.perception import DetectorConfig, load_detector, save_detector  # noqa: E402
 from training.detection import (  # noqa: E402
     THRESHOLDS,
     FrozenTower,
@@ -140,15 +140,19 @@ def scene_accuracy(preds: list, truths: list, sizes: list, gsd: float, threshold
             "tiles": len(hits)}
 
 
+FOLD_FORMAT = 2  # 2: FCOS-style boxes (rsvlm.detector.box_edges)
+
+
 def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim: int = 64,
              reduce: int | None = 128, convs: int = 2) -> dict:
     path = out / "folds" / f"{held}.json"
     others = [n for n in names if n != held]
     if path.is_file():
         report = json.loads(path.read_text())
-        if "count_threshold" not in report and (out / "folds" / held / "detector").is_dir():
-            report = _rescore(out, held, others, report)  # a fold of an earlier version
-        return report
+        if report.get("format") == FOLD_FORMAT:
+            return report
+        # A fold of an earlier detector (another box encoding): its head cannot be rescored.
+        log.info("fold %s: written by an earlier version, trained again", held)
     feats, boxes = [], []
     for n in others:
         for part in [*_train_parts(out, n), "eval"]:
@@ -173,7 +177,7 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim
     meta = torch.load(out / "cache" / f"{held}.pt", weights_only=False)
     preds = predict(head, test["features"], 0.1)
     counted = score_detections(preds, test["boxes"], test["sizes"], count_threshold)
-    report = {"held_out": held, "trained_on": others, "train_views": len(x),
+    report = {"format": FOLD_FORMAT, "held_out": held, "trained_on": others, "train_views": len(x),
               "epochs": epochs, "dim": dim, "convs": convs, "reduce": reduce, "train_s": round(train_s, 1), "seed": seed,
               "selection": score_detections(sel_p, sel_t, sel_s, threshold),
               **score_detections(preds, test["boxes"], test["sizes"], threshold),
@@ -196,27 +200,6 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim
     log.info("fold %s: F1 %.3f P %.3f R %.3f presence %.3f count within 20%% %.3f (%.0f s)",
              held, report["f1"], report["precision"], report["recall"], report["presence"],
              report["counting"]["within_20pct"], train_s)
-    return report
-
-
-def _rescore(out: Path, held: str, others: list[str], report: dict) -> dict:
-    """A saved fold head scored again (a fold written before counts had their own threshold)."""
-    head, config = _fold_head(out, held)
-    sel_p, sel_t, sel_s = [], [], []
-    for n in others:
-        d = _load(out, n, "eval")
-        sel_p += predict(head, d["features"], 0.1)
-        sel_t += d["boxes"]
-        sel_s += d["sizes"]
-    count_threshold = choose_threshold(sel_p, sel_t, sel_s, THRESHOLDS, metric="count")
-    test = _load(out, held, "eval")
-    counted = score_detections(predict(head, test["features"], 0.1), test["boxes"],
-                               test["sizes"], count_threshold)
-    report.update({"count_threshold": count_threshold, "counting_at_count_threshold": {
-        **counted["counting"], "presence": counted["presence"]}})
-    config.count_threshold = count_threshold
-    save_detector(head, config, out / "folds" / held)
-    (out / "folds" / f"{held}.json").write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -255,15 +238,10 @@ def placement(out: Path) -> str:
 
 
 def _fold_head(out: Path, held: str) -> tuple[Any, DetectorConfig]:
-    from safetensors.torch import load_file
-
-    from rsvlm.perception import CONFIG_NAME, DETECTOR_DIR, WEIGHTS_NAME
-
-    folder = out / "folds" / held / DETECTOR_DIR
-    config = DetectorConfig(**json.loads((folder / CONFIG_NAME).read_text()))
-    head = config.build()
-    head.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
-    return head.eval(), config
+    found = load_detector(out / "folds" / held)
+    if found is None:
+        raise SystemExit(f"{out}/folds/{held} holds no detector")
+    return found
 
 
 def _fmt(v: object) -> str:

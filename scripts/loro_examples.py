@@ -16,7 +16,6 @@ their examples are text.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,16 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from loro import _fold_head as fold_head  # noqa: E402
 from loro import write_card  # noqa: E402
 
 from rsvlm.detector import Detection  # noqa: E402
-from rsvlm.perception import (  # noqa: E402
-    CONFIG_NAME,
-    DETECTOR_DIR,
-    WEIGHTS_NAME,
-    DetectorConfig,
-    perception_answer,
-)
+from rsvlm.perception import perception_answer  # noqa: E402
 from training.detection import predict  # noqa: E402
 from training.labelled import DEMO_AREAS, load_sets, tiles  # noqa: E402
 from training.metrics import match_boxes  # noqa: E402
@@ -43,16 +37,6 @@ from training.metrics import match_boxes  # noqa: E402
 START, END = "<!-- loro-examples:start -->", "<!-- loro-examples:end -->"
 ATTRIBUTION = ("Imagery © OpenAerialMap contributors (CC BY 4.0), buildings © OpenStreetMap "
                "contributors (ODbL).")
-
-
-def fold_head(run: Path, held: str) -> tuple[torch.nn.Module, DetectorConfig]:
-    from safetensors.torch import load_file
-
-    folder = run / "folds" / held / DETECTOR_DIR
-    config = DetectorConfig(**json.loads((folder / CONFIG_NAME).read_text()))
-    head = config.build()
-    head.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
-    return head.eval(), config
 
 
 def tile_f1(pred: list, truth: np.ndarray) -> float:

@@ -10,7 +10,6 @@ thresholds are chosen again, on the training chips as they are (never on the hel
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
@@ -46,13 +45,11 @@ def tune_detector(spec: Any, shipped: Path, out: Path, *, preset: str = "embedde
                   lr: float = 5e-4, seed: int = 0, tower: Any = None) -> Path | None:
     """``out/detector/``: the detector of ``shipped`` continued on the region's training chips;
     None when ``shipped`` has no detector or the region no training chip with a building."""
-    from safetensors.torch import load_file
-
     from rsvlm.perception import (
         CONFIG_NAME,
         DETECTOR_DIR,
-        WEIGHTS_NAME,
         DetectorConfig,
+        load_detector,
         save_detector,
     )
     from training.detection import (
@@ -68,12 +65,10 @@ def tune_detector(spec: Any, shipped: Path, out: Path, *, preset: str = "embedde
 
     if (out / DETECTOR_DIR / CONFIG_NAME).is_file():
         return out / DETECTOR_DIR
-    folder = shipped / DETECTOR_DIR
-    if not (folder / CONFIG_NAME).is_file():
+    found = load_detector(shipped)
+    if found is None:
         return None
-    config = DetectorConfig(**json.loads((folder / CONFIG_NAME).read_text()))
-    head = config.build()
-    head.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+    head, config = found
     items = [it for it in region_items(spec, seed) if len(it.boxes)]
     if not items:
         log.warning("%s: no training chip holds a building; the shipped detector stays", spec.name)
@@ -95,7 +90,7 @@ def tune_detector(spec: Any, shipped: Path, out: Path, *, preset: str = "embedde
     threshold = choose_threshold(preds, truths, sizes, THRESHOLDS)
     count_threshold = choose_threshold(preds, truths, sizes, THRESHOLDS, metric="count")
     notes = {**config.notes, "tuned_on": spec.name, "tuned_views": len(views),
-             "tuned_epochs": epochs, "shipped": str(folder),
+             "tuned_epochs": epochs, "shipped": str(shipped / DETECTOR_DIR),
              "shipped_thresholds": [config.threshold, config.count_threshold],
              "thresholds": "chosen on the region's training chips"}
     tmp = out.with_name(out.name + ".partial")
