@@ -70,6 +70,24 @@ class Answer:
         }
 
 
+class OnChip:
+    """What a chat session (the embedded and the pretrained backends' alike) looks at: a
+    `tiles.Chip` or a plain PIL image, its RGB image, and its pixel frame (the chip's size when
+    it has one, else the image's)."""
+
+    def __init__(self, chip: Any) -> None:
+        self.chip = chip
+        self.image = chip.to_image().convert("RGB") if hasattr(chip, "to_image") else chip
+
+    @property
+    def chip_width(self) -> int:
+        return int(getattr(self.chip, "width", None) or self.image.width)
+
+    @property
+    def chip_height(self) -> int:
+        return int(getattr(self.chip, "height", None) or self.image.height)
+
+
 def ground(
     text: str,
     chip: Any,

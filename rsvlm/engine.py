@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from rsvlm import prompting
-from rsvlm.answer import Answer, AnswerBox, ground
+from rsvlm.answer import Answer, AnswerBox, OnChip, ground
 from rsvlm.box_head import select_boxes
 from rsvlm.boxes import SCALE, format_region_box, parse_boxes, replace_boxes
 from rsvlm.decoding import DecodeStrategy, choose
@@ -173,13 +173,12 @@ class SessionCaches:
         return len(self._sessions)
 
 
-class ChatSession:
+class ChatSession(OnChip):
     """A multi-turn conversation about one chip. Use `ask`, then read `last`."""
 
     def __init__(self, engine: ChatEngine, chip: Any) -> None:
+        super().__init__(chip)
         self.engine = engine
-        self.chip = chip
-        self.image = chip.to_image().convert("RGB") if hasattr(chip, "to_image") else chip
         self.turns: list[tuple[str, str]] = []  # (user text incl. region prefix, answer)
         self.retrieved: list[dict[str, Any]] | None = None
         self.last: Answer | None = None
@@ -305,12 +304,7 @@ class ChatSession:
     def _perceived(self, question: str,
                    region_box_px: tuple[float, float, float, float] | None) -> Answer | None:
         """The detector's answer to an object question, or None (the LM answers)."""
-        from rsvlm.perception import (
-            answered_detections,
-            object_question,
-            perception_answer,
-            referred_detection,
-        )
+        from rsvlm.perception import detections_summary, object_question, perception_reply
 
         perception = self.engine.perception
         asked = object_question(question, perception.config.labels) if perception else None
@@ -322,23 +316,21 @@ class ChatSession:
                 self.detections = perception.detect(self.image)
             if self.retrieved is None:  # the semantics panel shows them for every answer
                 self.retrieved = self.engine.retrieve(self._pixel_values())
-        size = (self.chip_width, self.chip_height)
-        selected = perception.select(self.detections, asked[0])
-        mine = answered_detections(asked[1], selected, size, region_box_px)
-        scores = [d.score for d in mine]
-        if asked[0] == "refer":  # one box, or none when nothing was detected at all
-            det = referred_detection(question, asked[1], mine)
-            scores = [det.score] if det is not None else []
-        ground_m2 = getattr(self.chip, "ground_area_m2", None)
-        text = perception_answer(asked[0], asked[1], selected, size, region_box_px, ground_m2,
-                                 question)
+        kind, label = asked
+        selected = perception.select(self.detections, kind)
+        # The geodesic area only where the answer uses it (buildings per hectare).
+        ground_m2 = getattr(self.chip, "ground_area_m2", None) if kind == "rural_urban" else None
+        text, stated = perception_reply(kind, label, selected, (self.chip_width, self.chip_height),
+                                        region_box_px, ground_m2, question)
         took = round(time.perf_counter() - t0, 4)
-        boxed = asked[0] in {"find_all", "refer"}
-        return Answer(text=text, boxes=self.ground(text, scores if boxed else None),
+        boxed = kind in {"find_all", "refer"}
+        return Answer(text=text, boxes=self.ground(text, [d.score for d in stated] if boxed else None),
                       retrieved=list(self.retrieved or []),
                       timing={"first_token_s": took, "total_s": took, "new_tokens": 0,
                               "prefill_tokens": 0, "detector": 1.0},
-                      prompt=f"(answered by the detector: {asked[0]} of {asked[1]})")
+                      # The raw-answer panel shows what the answer was made from.
+                      prompt=f"(answered by the detector: {kind} of {label}) "
+                             f"{detections_summary(selected, perception.config.labels)}")
 
     def ground(self, text: str, scores: list[float] | None = None) -> list[AnswerBox]:
         """Boxes in ``text`` on this session's chip (`rsvlm.answer.ground`); ``scores[i]`` is
@@ -382,14 +374,6 @@ class ChatSession:
             self._pixels = processor.image_processor([self.image], return_tensors="pt")[
                 "pixel_values"]
         return self._pixels
-
-    @property
-    def chip_width(self) -> int:
-        return int(getattr(self.chip, "width", None) or self.image.width)
-
-    @property
-    def chip_height(self) -> int:
-        return int(getattr(self.chip, "height", None) or self.image.height)
 
     # ------------------------------------------------------------------ internals
     def drop_cache(self) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteriaList
 
+from rsvlm.answer import OnChip
 from rsvlm.backends import conventions
 from rsvlm.backends.base import context_text
 from rsvlm.boxes import pixels_to_norm
@@ -31,14 +32,13 @@ from rsvlm.streaming import CancelOnEvent, TimedStreamer
 logger = logging.getLogger(__name__)
 
 
-class PretrainedSession:
+class PretrainedSession(OnChip):
     """A conversation about one chip with a pretrained family (see module docstring)."""
 
     def __init__(self, engine: Any, chip: Any) -> None:
+        super().__init__(chip)
         self.engine = engine
         self.family = engine.family
-        self.chip = chip
-        self.image = chip.to_image().convert("RGB") if hasattr(chip, "to_image") else chip
         self.turns: list[tuple[str, str]] = []  # (user text as sent, the model's own answer)
         self.retrieved: list[dict[str, Any]] | None = None
         self.osm: list[str] | None = None
@@ -47,14 +47,6 @@ class PretrainedSession:
         self._cache: Any = None
         self._state: Any = None
         self._cancel = threading.Event()
-
-    @property
-    def chip_width(self) -> int:
-        return int(getattr(self.chip, "width", None) or self.image.width)
-
-    @property
-    def chip_height(self) -> int:
-        return int(getattr(self.chip, "height", None) or self.image.height)
 
     def cancel(self) -> None:
         self._cancel.set()
