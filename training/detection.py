@@ -8,6 +8,7 @@ in minutes on a CPU.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -206,11 +207,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
         features = reduce_features(features, *pca)
         full_hidden, full_levels = hidden, levels
         hidden, levels = reduce, 1
-    head = DenseDetector(hidden, levels, classes=1, dim=dim, convs=convs)
-    if init is not None:
-        head = DenseDetector(hidden, levels, classes=init.heat.out_channels,
-                             dim=init.heat.in_channels, convs=len(init.body) // 3)
-        head.load_state_dict(init.state_dict())
+    head = (copy.deepcopy(init) if init is not None
+            else DenseDetector(hidden, levels, classes=1, dim=dim, convs=convs))
     n = len(features)
     grid = int(round(features.shape[2] ** 0.5))
     steps = epochs * math.ceil(n / batch_size)
