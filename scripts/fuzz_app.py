@@ -307,15 +307,7 @@ class AppClient:
 
 
 def rss_mb(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    return None if pid is None else hf.rss_mb(pid)
 
 
 def run_case(client: AppClient, case: Case) -> tuple[str, str]:

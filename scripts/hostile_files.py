@@ -180,12 +180,19 @@ def memory_worst_cases(folder: Path) -> dict[str, Path]:
     }
 
 
+def rss_mb(pid: int | None = None) -> float | None:
+    """Resident memory of process ``pid`` (this one when None) in MiB; None once it is gone.
+    Shared with scripts/fuzz_app.py and scripts/load_app.py, which watch a server's."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:
+        return None
+
+
 def _rss_mb() -> float:
-    """Current resident memory of this process (Linux /proc)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_mb() or 0.0
 
 
 class _PeakSampler:

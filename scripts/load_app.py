@@ -14,9 +14,14 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hostile_files import rss_mb  # noqa: E402
 
 QUESTIONS = ("Find all buildings in this image.", "How many buildings are in this image?",
              "Describe this image in detail.", "Classify the scene: what kind of area is this?")
@@ -47,14 +52,6 @@ def server_pid(port: int) -> int | None:
     return None
 
 
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def worker(url: str, deadline: float, bbox: tuple[float, float, float, float], seed: int,
