@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,3 +39,12 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
             arr = np.clip(np.array(color) + rng.normal(0, 10, (32, 32, 3)), 0, 255)
             Image.fromarray(arr.astype(np.uint8)).save(root / name / f"{name.lower()}_{i}.jpg")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are slower with two threads on a busy 2-core machine (oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from training.finetune import FinetuneConfig, finetune
 
@@ -14,12 +13,7 @@ HEAD = {"box_head_dim": 16, "box_head_layers": 1, "box_head_heads": 2,
         "box_head_threshold": 0.3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_answers(model: str | None):

@@ -13,14 +13,7 @@ from training.build import BuildConfig, build_dataset
 from training.fit import FitConfig, StageConfig, fit, latest_checkpoint, load_config
 from training.region import load_region
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are slower with two threads on a busy 2-core machine (oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
