@@ -233,8 +233,13 @@ class ChatSession(OnChip):
             for piece in self._stream(kwargs, streamer, max_new_tokens):
                 pieces.append(piece)
                 yield piece
-            t_end = time.perf_counter()
             text = "".join(pieces).strip()
+            noted = self._detections_note(question)
+            if noted:
+                yield " " + noted
+                text = f"{text} {noted}"
+                self.drop_cache()  # the cache holds the LM's words only
+            t_end = time.perf_counter()
             self._placed_scores = None
             placed = self._place_boxes(text, question)
             scores = self._placed_scores if placed != text else None
@@ -317,7 +322,7 @@ class ChatSession(OnChip):
             if self.retrieved is None:  # the semantics panel shows them for every answer
                 self.retrieved = self.engine.retrieve(self._pixel_values())
         kind, label = asked
-        selected = perception.select(self.detections, kind)
+        selected = perception.select(self.detections, kind, question)
         # The geodesic area only where the answer uses it (buildings per hectare).
         ground_m2 = getattr(self.chip, "ground_area_m2", None) if kind == "rural_urban" else None
         text, stated = perception_reply(kind, label, selected, (self.chip_width, self.chip_height),
@@ -331,6 +336,19 @@ class ChatSession(OnChip):
                       # The raw-answer panel shows what the answer was made from.
                       prompt=f"(answered by the detector: {kind} of {label}) "
                              f"{detections_summary(selected, perception.config.labels)}")
+
+    def _detections_note(self, question: str) -> str | None:
+        """For a description of the whole image: what the detector found there, said after the
+        language model's words (counts at the counting threshold). Called under the lock."""
+        from rsvlm.perception import asks_description, detections_sentence
+
+        perception = self.engine.perception
+        if perception is None or not asks_description(question):
+            return None
+        if self.detections is None:
+            self.detections = perception.detect(self.image)
+        return detections_sentence(perception.select(self.detections, "count"),
+                                   perception.config.labels)
 
     def ground(self, text: str, scores: list[float] | None = None) -> list[AnswerBox]:
         """Boxes in ``text`` on this session's chip (`rsvlm.answer.ground`); ``scores[i]`` is

@@ -112,25 +112,38 @@ class Perception:
 
     @torch.inference_mode()
     def detect(self, image: Any) -> list[Detection]:
-        """Every detection above the lower of the two thresholds (see `select`)."""
+        """Every detection above the lowest threshold any answer uses (see `select`)."""
         heat, box = self.head(self.features(image))
-        low = min(self.config.threshold, self.config.count_threshold or self.config.threshold)
+        low = min(self.config.threshold, self.config.count_threshold or self.config.threshold,
+                  REFER_FLOOR)
         return decode(heat, box, self.config.labels, low)[0]
 
-    def select(self, detections: list[Detection], kind: str) -> list[Detection]:
+    def select(self, detections: list[Detection], kind: str, question: str = ""
+               ) -> list[Detection]:
         """The detections that answer a question of ``kind``: boxes at `threshold`, presence
-        and counts at `count_threshold` (each chosen for its own metric); a referring question
-        with nothing above `threshold` gets every detection to choose from."""
+        and counts at `count_threshold` (each chosen for its own metric). A referring question
+        says its building is there: when none above `threshold` lies in the cell it names (or
+        none at all), the ones below it (down to `REFER_FLOOR`) there are its candidates."""
         cut = self.config.threshold
         if kind in {"presence", "count", "rural_urban"} and self.config.count_threshold is not None:
             cut = self.config.count_threshold
         chosen = [d for d in detections if d.score >= cut]
-        if kind == "refer" and not chosen:  # the question says it is there: the likeliest
-            return list(detections)
-        return chosen
+        if kind != "refer":
+            return chosen
+        for label in self.config.labels:
+            asked = referred(question, label)
+            cell = asked[1] if asked else None
+            if cell is not None and not any(_cell_of(d) == cell for d in chosen):
+                unsure = [d for d in detections if _cell_of(d) == cell]
+                return unsure or chosen or list(detections)
+        return chosen or list(detections)
 
 
 # --------------------------------------------------------------------------- questions
+
+# Where a referring question names a cell and no surer detection lies there, the likeliest one
+# down to this score is its answer (LORO, scripts/loro_refer.sh).
+REFER_FLOOR = 0.1
 
 # RSVQA's rural/urban split as the training data states it (`training.captions.scene_kind`):
 # buildings cover a tenth of the ground, or stand 12 or more to the hectare.
@@ -296,6 +309,48 @@ def perception_reply(kind: str, label: str, detections: list[Detection],
     if not mine:
         return f"I find no {_PLURALS.get(label, label + 's')} in this image.", []
     return "".join(format_box(label, [v * 1000 for v in d.box]) for d in mine), mine
+
+
+_DESCRIBE = re.compile(r"^(?:please )?(?:describe|caption|summari[sz]e|give a (?:short |brief )?"
+                       r"description)\b|^what (?:is|can you see|do you see) (?:in|on) (?:this|the) "
+                       r"(?:image|picture|scene|area)")
+
+
+_CELL_PHRASES = {"top": "at the top", "bottom": "at the bottom", "left": "on the left",
+                 "right": "on the right", "center": "in the center", "top left": "in the top left",
+                 "top right": "in the top right", "bottom left": "in the bottom left",
+                 "bottom right": "in the bottom right"}
+
+
+def asks_description(question: str) -> bool:
+    """Whether ``question`` asks for a description of the whole image (the language model
+    describes it; the detector adds what it found, `detections_sentence`)."""
+    return bool(_DESCRIBE.search(" ".join(question.lower().split())))
+
+
+def detections_sentence(detections: list[Detection], labels: list[str]) -> str:
+    """What the detector found, as a sentence for the end of a description: per class, how
+    many and the cells most of them are in."""
+    parts = []
+    for label in labels:
+        mine = [d for d in detections if d.label == label]
+        plural = _PLURALS.get(label, label + "s")
+        if not mine:
+            parts.append(f"no {plural}")
+            continue
+        cells: dict[str, int] = {}
+        for d in mine:
+            cells[_cell_of(d)] = cells.get(_cell_of(d), 0) + 1
+        top = sorted(cells.items(), key=lambda x: -x[1])
+        noun = label if len(mine) == 1 else plural
+        if len(mine) == 1:
+            where = _CELL_PHRASES[top[0][0]]
+        elif len(top) >= 5:
+            where = "spread over the image"
+        else:
+            where = "mostly " + " and ".join(_CELL_PHRASES[c] for c, _ in top[:2])
+        parts.append(f"{len(mine)} {noun} {where}")
+    return "The detector finds " + "; ".join(parts) + "."
 
 
 def detections_summary(detections: list[Detection], labels: list[str]) -> str:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rsvlm.perception import DetectorConfig, load_detector, save_detector  # noqa: E402
 from training.detection import (  # noqa: E402
+    INPUT_SIZE,
     THRESHOLDS,
     FrozenTower,
     View,
@@ -54,7 +55,8 @@ CHUNK = 100  # training views per cache file: a larger --max-views adds files, k
 
 
 def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
-                min_views: int, max_views: int, seed: int) -> None:
+                min_views: int, max_views: int, seed: int, input_size: int = INPUT_SIZE
+                ) -> None:
     """Per region: its scoring tiles and augmented training views through the frozen tower,
     cached (`NAME.eval.pt`, `NAME.train*.pt`). Training views are added in files of `CHUNK`,
     each from its own seed, until the region has as many as asked: raising the counts tops a
@@ -63,6 +65,9 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
     for name in names:
         path = out / "cache" / f"{name}.pt"
         meta = torch.load(path, weights_only=False) if path.is_file() else {}
+        if meta and meta.get("input_size", INPUT_SIZE) != input_size:
+            raise SystemExit(f"{out} caches features at {meta.get('input_size', INPUT_SIZE)} px, "
+                             f"not {input_size}: use another --out")
         items = None
         if "eval" not in meta or "gsd" not in meta:
             items = load_sets(root, [name]).get(name)
@@ -71,16 +76,17 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             size = eval_tile_size(items[0].gsd)
             evals = [View(n, im, b) for it in items for n, im, b in tiles(it, size)]
             if "eval" not in meta:
-                tower = tower or FrozenTower()
+                tower = tower or FrozenTower(size=input_size)
                 cache_views(tower, evals, path.with_name(f"{name}.eval.pt"))
-            meta = {**meta, "region": name, "eval": len(evals), "gsd": items[0].gsd}
+            meta = {**meta, "region": name, "eval": len(evals), "gsd": items[0].gsd,
+                    "input_size": input_size}
             torch.save(meta, path)
         wanted = min(max(views_per_tile * meta["eval"], min_views), max_views)
         have = sum(_chunk_sizes(out, name).values())
         t0, k = time.perf_counter(), len(_chunk_sizes(out, name))
         while have < wanted:
             items = items or load_sets(root, [name])[name]
-            tower = tower or FrozenTower()
+            tower = tower or FrozenTower(size=input_size)
             rng = random.Random(f"{seed}:{name}" + (f":{k}" if k else ""))
             weights = [it.image.shape[0] * it.image.shape[1] for it in items]
             size = eval_tile_size(items[0].gsd)
@@ -192,6 +198,7 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim
     path.parent.mkdir(parents=True, exist_ok=True)
     # The fold's head, for whole-scene scans of its held-out region (scripts/bench_scene.py).
     save_detector(head, DetectorConfig(hidden=x.shape[-1], dim=dim, convs=convs,
+                                       input_size=meta.get("input_size", INPUT_SIZE),
                                        threshold=threshold,
                                        count_threshold=count_threshold,
                                        notes={"held_out": held, "trained_on": others}),
@@ -470,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--convs", type=int, default=2, help="3 x 3 convolutions of the detector")
     ap.add_argument("--reduce", type=int, default=128,
                     help="train on this many principal components of the levels (0: all)")
+    ap.add_argument("--input-size", type=int, default=INPUT_SIZE,
+                    help="px the vision tower sees each tile at (a multiple of 14)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--folds", default=None, help="held-out regions to run (default: all)")
     ap.add_argument("--table", action="store_true", help="only render the table")
@@ -489,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.regions.split(",") if n.strip()]
     if not args.table:
         build_cache(Path(args.data), out, names, args.views_per_tile, args.min_views,
-                    args.max_views, args.seed)
+                    args.max_views, args.seed, args.input_size)
         names = [n for n in names if (out / "cache" / f"{n}.pt").is_file()]
         for held in [n for n in names if not args.folds or n in args.folds.split(",")]:
             run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,

@@ -94,6 +94,55 @@ def test_a_referring_question_picks_one_detection() -> None:
     assert [b.box_norm for b in parse_boxes(text)] == [(50, 50, 300, 250)]
 
 
+def test_a_description_ends_with_what_the_detector_found() -> None:
+    from rsvlm.perception import asks_description, detections_sentence
+
+    assert asks_description("Describe this remote sensing image.")
+    assert asks_description("What can you see in this image?")
+    assert not asks_description("How many buildings are there?")
+    assert not asks_description("Where is the largest building?")
+    two = [Detection("building", 0.9, (0.0, 0.0, 0.2, 0.2)),
+           Detection("building", 0.8, (0.05, 0.1, 0.25, 0.3)),
+           Detection("building", 0.7, (0.4, 0.4, 0.5, 0.5))]
+    assert detections_sentence(two, ["building"]) == (
+        "The detector finds 3 buildings mostly in the top left and in the center.")
+    assert detections_sentence(two[2:], ["building"]) == (
+        "The detector finds 1 building in the center.")
+    assert detections_sentence([], ["building"]) == "The detector finds no buildings."
+
+
+def test_a_referring_question_looks_below_the_threshold_in_the_cell_it_names() -> None:
+    """The question says its building is there: with none above the threshold in that cell,
+    the likeliest one below it there answers; otherwise only the sure ones count."""
+    config = DetectorConfig(hidden=8, layers=[11], dim=8, convs=1, threshold=0.4,
+                            count_threshold=0.3)
+    perception = Perception(config.build(), config, None, [0, 0, 0], [1, 1, 1])
+    sure = Detection("building", 0.8, (0.05, 0.05, 0.25, 0.25))  # top left
+    unsure = Detection("building", 0.2, (0.75, 0.75, 0.95, 0.95))  # bottom right
+    faint = Detection("building", 0.12, (0.70, 0.72, 0.80, 0.80))  # bottom right
+    dets = [sure, unsure, faint]
+
+    def refer(q: str) -> list[Detection]:
+        return perception.select(dets, "refer", q)
+
+    assert refer("Where is the building in the bottom right?") == [unsure, faint]
+    assert referred_detection_of(perception, dets, "Where is the building in the bottom right?"
+                                 ) is unsure
+    assert refer("Locate the building in the top left.") == [sure]
+    assert refer("Where is the largest building?") == [sure]
+    assert refer("Where is the building in the center?") == [sure]  # nothing there at all
+    assert perception.select(dets, "find_all") == [sure]
+    assert perception.select(dets, "count") == [sure]
+    assert perception.select([unsure], "refer", "Where is the largest building?") == [unsure]
+
+
+def referred_detection_of(perception: Perception, dets: list[Detection], q: str
+                          ) -> Detection | None:
+    from rsvlm.perception import referred_detection
+
+    return referred_detection(q, "building", perception.select(dets, "refer", q))
+
+
 def test_rural_or_urban_follows_the_training_datas_rule() -> None:
     from tiles import Chip
 
@@ -169,10 +218,14 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
     assert "".join(strict.ask("How many buildings are there?")) == "0"
     assert len(parse_boxes("".join(strict.ask("Find all buildings in the image.")))) == 16
     perception.config.count_threshold = None
-    # Anything else goes to the language model.
+    # Anything else goes to the language model; a description ends with what the detector
+    # found, its count the detections' at the counting threshold.
     other = engine.session(image)
-    list(other.ask("Describe this remote sensing image."))
+    list(other.ask("What is the land use here?"))
     assert other.detections is None and "detector" not in other.last.timing
+    described = "".join(other.ask("Describe this remote sensing image."))
+    assert "detector" not in other.last.timing and other.last.text == described.strip()
+    assert described.endswith(" The detector finds 16 buildings spread over the image.")
     # Nothing above the threshold: "no", "0".
     quiet, _ = _tiny_perception(tmp_path / "quiet", bias=-6.0)
     engine.perception = quiet
