@@ -84,7 +84,8 @@ def _perceived(engine: Any, images: Sequence[Any], question: str) -> list[str] |
         return None
     with engine.generation_lock:
         return [perception_answer(asked[0], asked[1],
-                                  perception.select(perception.detect(im), asked[0]), im.size,
+                                  perception.select(perception.detect(im), asked[0], question),
+                                  im.size,
                                   question=question)
                 for im in images]
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in regions:
         for path in [*sorted((loro / "cache").glob(f"{name}.train*.pt")),
                      loro / "cache" / f"{name}.eval.pt"]:
-            d = torch.load(path, weights_only=False)
+            d = torch.load(path, weights_only=False, mmap=True)  # read once into the stack
             feats.append(d["features"])
             boxes += d["boxes"]
     x = torch.cat(feats)
@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                           seed=args.seed, dim=dim, reduce=reduce, convs=convs)
     threshold = statistics.median(f["threshold"] for f in folds)
     count_threshold = statistics.median(f.get("count_threshold", f["threshold"]) for f in folds)
-    config = DetectorConfig(labels=["building"], input_size=INPUT_SIZE, hidden=x.shape[-1],
+    sizes = {torch.load(loro / "cache" / f"{r}.pt", weights_only=False).get("input_size",
+                                                                          INPUT_SIZE)
+             for r in regions}
+    if len(sizes) != 1:
+        raise SystemExit(f"{loro}/cache mixes input sizes {sorted(sizes)}")
+    config = DetectorConfig(labels=["building"], input_size=sizes.pop(), hidden=x.shape[-1],
                             dim=dim, convs=convs,
                             threshold=threshold, count_threshold=count_threshold, notes={
                                 "trained_on": regions, "views": len(x), "epochs": epochs,

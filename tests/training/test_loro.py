@@ -23,7 +23,7 @@ def loro(monkeypatch):
     spec.loader.exec_module(module)
     calls = []
 
-    class Tower:  # the features of a view: its mean colour per patch, 2 levels of 8
+    class Tower:  # the features of a view: its mean colour per patch, 3 levels of 8
         def __init__(self, *a, **k) -> None:
             pass
 
@@ -35,7 +35,7 @@ def loro(monkeypatch):
                 small = torch.nn.functional.pad(small, (0, 0, 0, 32 - small.shape[1],
                                                         0, 32 - small.shape[0]))
                 f = small.reshape(1024, 3).repeat(1, 3)[:, :8]
-                out.append(torch.stack([f, f.flip(-1)]))
+                out.append(torch.stack([f, f.flip(-1), f]))
             return torch.stack(out).half()
 
     def load_sets(root, names):
@@ -78,3 +78,11 @@ def test_the_cache_is_topped_up_and_a_fold_runs_once(loro, tmp_path: Path, monke
     monkeypatch.setattr(loro, "train_detector", no_training)
     assert loro.run_fold(out, "aa", ["aa", "bb"], 1, 0, 8, None, 1) == report
     assert "| aa | 1 | 2 |" in loro.table(out, None)
+    # The placement table: F1 at three IoUs, recall at the lowest threshold, the head's ceiling.
+    rows = loro.placement(out).splitlines()
+    assert rows[2].startswith("| aa |") and rows[2].count("|") == 7
+    # A cache holds one input size; the fold's detector says which.
+    saved = (out / "folds" / "aa" / "detector" / "detector.json").read_text()
+    assert '"input_size": 448' in saved
+    with pytest.raises(SystemExit, match="448 px, not 672"):
+        loro.build_cache(tmp_path, out, ["aa"], 1, 5, 5, seed=0, input_size=672)
