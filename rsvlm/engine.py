@@ -234,7 +234,7 @@ class ChatSession(OnChip):
                 pieces.append(piece)
                 yield piece
             text = "".join(pieces).strip()
-            noted = self._detections_note(question)
+            noted = self._detections_note(question, region_box_px)
             if noted:
                 yield " " + noted
                 text = f"{text} {noted}"
@@ -337,18 +337,23 @@ class ChatSession(OnChip):
                       prompt=f"(answered by the detector: {kind} of {label}) "
                              f"{detections_summary(selected, perception.config.labels)}")
 
-    def _detections_note(self, question: str) -> str | None:
-        """For a description of the whole image: what the detector found there, said after the
-        language model's words (counts at the counting threshold). Called under the lock."""
-        from rsvlm.perception import asks_description, detections_sentence
+    def _detections_note(self, question: str,
+                         region_box_px: tuple[float, float, float, float] | None) -> str | None:
+        """For a description of the image (or of the drawn region): what the detector found
+        there, said after the language model's words (counts at the counting threshold).
+        Called under the lock."""
+        from rsvlm.perception import answered_detections, asks_description, detections_sentence
 
         perception = self.engine.perception
         if perception is None or not asks_description(question):
             return None
         if self.detections is None:
             self.detections = perception.detect(self.image)
-        return detections_sentence(perception.select(self.detections, "count"),
-                                   perception.config.labels)
+        size = (self.chip_width, self.chip_height)
+        found = [d for label in perception.config.labels for d in answered_detections(
+            label, perception.select(self.detections, "count"), size, region_box_px)]
+        return detections_sentence(found, perception.config.labels,
+                                   where=region_box_px is None)
 
     def ground(self, text: str, scores: list[float] | None = None) -> list[AnswerBox]:
         """Boxes in ``text`` on this session's chip (`rsvlm.answer.ground`); ``scores[i]`` is

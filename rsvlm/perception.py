@@ -328,9 +328,10 @@ def asks_description(question: str) -> bool:
     return bool(_DESCRIBE.search(" ".join(question.lower().split())))
 
 
-def detections_sentence(detections: list[Detection], labels: list[str]) -> str:
+def detections_sentence(detections: list[Detection], labels: list[str], where: bool = True
+                        ) -> str:
     """What the detector found, as a sentence for the end of a description: per class, how
-    many and the cells most of them are in."""
+    many and (``where``) the cells of the image most of them are in."""
     parts = []
     for label in labels:
         mine = [d for d in detections if d.label == label]
@@ -343,14 +344,16 @@ def detections_sentence(detections: list[Detection], labels: list[str]) -> str:
             cells[_cell_of(d)] = cells.get(_cell_of(d), 0) + 1
         top = sorted(cells.items(), key=lambda x: -x[1])
         noun = label if len(mine) == 1 else plural
-        if len(mine) == 1:
-            where = _CELL_PHRASES[top[0][0]]
+        if not where:
+            parts.append(f"{len(mine)} {noun}")
+        elif len(mine) == 1:
+            parts.append(f"{len(mine)} {noun} {_CELL_PHRASES[top[0][0]]}")
         elif len(top) >= 5:
-            where = "spread over the image"
+            parts.append(f"{len(mine)} {noun} spread over the image")
         else:
-            where = "mostly " + " and ".join(_CELL_PHRASES[c] for c, _ in top[:2])
-        parts.append(f"{len(mine)} {noun} {where}")
-    return "The detector finds " + "; ".join(parts) + "."
+            parts.append(f"{len(mine)} {noun} mostly "
+                         + " and ".join(_CELL_PHRASES[c] for c, _ in top[:2]))
+    return "The detector finds " + "; ".join(parts) + (" here." if not where else ".")
 
 
 def detections_summary(detections: list[Detection], labels: list[str]) -> str:

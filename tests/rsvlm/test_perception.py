@@ -109,6 +109,8 @@ def test_a_description_ends_with_what_the_detector_found() -> None:
     assert detections_sentence(two[2:], ["building"]) == (
         "The detector finds 1 building in the center.")
     assert detections_sentence([], ["building"]) == "The detector finds no buildings."
+    assert detections_sentence(two, ["building"], where=False) == (
+        "The detector finds 3 buildings here.")
 
 
 def test_a_referring_question_looks_below_the_threshold_in_the_cell_it_names() -> None:
@@ -226,6 +228,9 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
     described = "".join(other.ask("Describe this remote sensing image."))
     assert "detector" not in other.last.timing and other.last.text == described.strip()
     assert described.endswith(" The detector finds 16 buildings spread over the image.")
+    # Of a drawn region: the detections centred in it.
+    region = "".join(other.ask("Describe this area.", region_box_px=(0, 0, 32, 32)))
+    assert region.endswith(" The detector finds 4 buildings here.")
     # Nothing above the threshold: "no", "0".
     quiet, _ = _tiny_perception(tmp_path / "quiet", bias=-6.0)
     engine.perception = quiet
