@@ -87,6 +87,20 @@ class OnChip:
     def chip_height(self) -> int:
         return int(getattr(self.chip, "height", None) or self.image.height)
 
+    @property
+    def gsd(self) -> float | None:
+        """Metres on the ground a pixel of the image (None when not georeferenced)."""
+        return ground_sample_distance(self.chip, self.image.size)
+
+
+def ground_sample_distance(chip: Any, size: Sequence[int]) -> float | None:
+    """Metres a pixel of an image of ``size`` showing ``chip`` (a `tiles.Chip`'s geodesic area;
+    None for a plain image or one in pixel space)."""
+    area = getattr(chip, "ground_area_m2", None)
+    if not area:
+        return None
+    return float((area / max(size[0] * size[1], 1)) ** 0.5)
+
 
 def ground(
     text: str,

@@ -318,7 +318,7 @@ class ChatSession(OnChip):
         t0 = time.perf_counter()
         with self.engine.generation_lock:
             if self.detections is None:
-                self.detections = perception.detect(self.image)
+                self.detections = perception.detect(self.image, self.gsd)
             if self.retrieved is None:  # the semantics panel shows them for every answer
                 self.retrieved = self.engine.retrieve(self._pixel_values())
         kind, label = asked
@@ -348,7 +348,7 @@ class ChatSession(OnChip):
         if perception is None or not asks_description(question):
             return None
         if self.detections is None:
-            self.detections = perception.detect(self.image)
+            self.detections = perception.detect(self.image, self.gsd)
         size = (self.chip_width, self.chip_height)
         found = [d for label in perception.config.labels for d in answered_detections(
             label, perception.select(self.detections, "count"), size, region_box_px)]

@@ -73,9 +73,11 @@ class ScanResult(list):
 # ----------------------------------------------------------------------------------------------
 
 
-def _perceived(engine: Any, images: Sequence[Any], question: str) -> list[str] | None:
+def _perceived(engine: Any, chips: Sequence[Any], images: Sequence[Any], question: str
+               ) -> list[str] | None:
     """The detector's answers (`rsvlm.perception`) when the engine has one and the question is
     about the objects it detects (as in a one-chip chat); None otherwise."""
+    from rsvlm.answer import ground_sample_distance
     from rsvlm.perception import object_question, perception_answer
 
     perception = getattr(engine, "perception", None)
@@ -83,11 +85,12 @@ def _perceived(engine: Any, images: Sequence[Any], question: str) -> list[str] |
     if asked is None:
         return None
     with engine.generation_lock:
-        return [perception_answer(asked[0], asked[1],
-                                  perception.select(perception.detect(im), asked[0], question),
-                                  im.size,
-                                  question=question)
-                for im in images]
+        return [perception_answer(
+                    asked[0], asked[1],
+                    perception.select(perception.detect(im, ground_sample_distance(chip, im.size)),
+                                      asked[0], question),
+                    im.size, question=question)
+                for chip, im in zip(chips, images, strict=True)]
 
 
 def engine_answer_fn(engine: Any, *, max_new_tokens: int = 256) -> AnswerFn:
@@ -111,7 +114,7 @@ def engine_answer_fn(engine: Any, *, max_new_tokens: int = 256) -> AnswerFn:
 
     def answer(chips: Sequence[Any], question: str) -> list[str]:
         images = [c.to_image().convert("RGB") if hasattr(c, "to_image") else c for c in chips]
-        perceived = _perceived(engine, images, question)
+        perceived = _perceived(engine, chips, images, question)
         if perceived is not None:
             return perceived
         device = engine.device

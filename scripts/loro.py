@@ -369,7 +369,7 @@ def refer_table(folder: Path, chat: str = "") -> str:
 
 
 def card_section(out: Path, baseline: Path | None, previous: str = "",
-                 refer: Path | None = None) -> str:
+                 refer: Path | None = None, zoom: Path | None = None) -> str:
     """The model card's headline section: the folds and the chat path, per region. Without the
     chat path's reports (``baseline``), the table ``previous`` (the card's section) holds is
     kept: the language model did not change."""
@@ -400,6 +400,15 @@ def card_section(out: Path, baseline: Path | None, previous: str = "",
         _bar_line(out),
         "",
     ]
+    if zoom is not None and zoom.is_file():
+        lines += [
+            "The chat path reads imagery of 0.3 m a pixel or coarser as four overlapping crops "
+            "of 0.6 of the chip (`DetectorConfig.zoom_gsd`); the rows above read the tiles "
+            "whole. The same folds both ways (`scripts/loro_zoom.py`):",
+            "",
+            "\n".join(line for line in zoom.read_text().splitlines() if line.startswith("|")),
+            "",
+        ]
     if refer is not None and any(refer.glob("*.grounding.json")):
         lines += [
             "Referring questions about one building (\"Where is the largest building?\", "
@@ -507,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only print each fold's F1 at IoU 0.1 / 0.3 / 0.5")
     ap.add_argument("--baseline", default="runs/baseline", help="chat-path reports folder")
     ap.add_argument("--card", default=None, help="write the section into this MODEL_CARD.md")
+    ap.add_argument("--zoom", default=None,
+                    help="scripts/loro_zoom.py's table (a file) for the card")
     ap.add_argument("--refer", default=None,
                     help="folder of REGION.grounding.json reports made with the folds' detectors")
     args = ap.parse_args(argv)
@@ -530,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         old = Path(args.card).read_text() if Path(args.card).is_file() else ""
         previous = old.split(CARD_START, 1)[1].split(CARD_END, 1)[0] if CARD_START in old else ""
         section = card_section(out, baseline, previous,
-                               Path(args.refer) if args.refer else None)
+                               Path(args.refer) if args.refer else None,
+                               Path(args.zoom) if args.zoom else None)
         # scripts/model_card.py puts this file back when it re-renders the card.
         (Path(args.card).parent / "eval").mkdir(exist_ok=True)
         (Path(args.card).parent / "eval" / "loro.md").write_text(section)

@@ -169,6 +169,41 @@ def test_rural_or_urban_follows_the_training_datas_rule() -> None:
     assert Chip(np.zeros((10, 10, 3), np.uint8), None, Affine.identity()).ground_area_m2 is None
 
 
+def test_coarse_imagery_is_read_zoomed_in(tmp_path: Path) -> None:
+    """At 0.3 m a pixel or coarser the detector reads four overlapping crops of 0.6 of the chip,
+    and their boxes come back in the chip's frame; finer or unknown: the chip whole."""
+    from rsvlm.answer import OnChip, ground_sample_distance
+    from tiles import Chip
+
+    perception, _ = _tiny_perception(tmp_path, bias=3.0)
+    seen = []
+    read = perception.features
+
+    def spy(image):
+        seen.append([im.size for im in image] if isinstance(image, list) else [image.size])
+        return read(image)
+
+    perception.features = spy
+    image = Image.new("RGB", (100, 100), (120, 110, 100))
+    whole = perception.detect(image, gsd=0.15)
+    assert seen == [[(100, 100)]] and perception.detect(image) == whole
+    zoomed = perception.detect(image, gsd=0.5)
+    assert seen[-1] == [(60, 60)] * 4
+    # Each patch's own box: a quarter of the chip whole, a quarter of 0.6 of it zoomed in,
+    # placed over the whole chip.
+    assert {round(d.box[2] - d.box[0], 2) for d in whole} == {0.25}
+    assert {round(d.box[2] - d.box[0], 2) for d in zoomed} == {0.15}
+    assert min(d.box[0] for d in zoomed) == pytest.approx(0, abs=1e-3)
+    assert max(d.box[3] for d in zoomed) == pytest.approx(1, abs=1e-3)
+    perception.config.zoom_gsd = None
+    assert perception.detect(image, gsd=0.5) == whole
+    # The chip's ground sample distance: its geodesic area over its pixels.
+    chip = Chip(np.zeros((100, 100, 3), np.uint8), "EPSG:32636",
+                Affine(0.5, 0, 455_000, 0, -0.5, 40_000))
+    assert OnChip(chip).gsd == pytest.approx(0.5, rel=0.01)
+    assert ground_sample_distance(image, image.size) is None
+
+
 def _tiny_perception(tmp_path: Path, bias: float) -> tuple[Perception, object]:
     from rsvlm.testing import tiny_image_processor, tiny_model
 
