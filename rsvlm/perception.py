@@ -135,16 +135,14 @@ class Perception:
             return decode(heat, box, self.config.labels, low)[0]
         w, h = image.size
         c = self.config.zoom_crop
-        frames = [(ox, oy) for oy in (0.0, 1 - c) for ox in (0.0, 1 - c)]
+        frames = crop_frames(c)
         crops = [image.crop((round(ox * w), round(oy * h), round((ox + c) * w),
                              round((oy + c) * h))) for ox, oy in frames]
         heat, box = self.head(self.features(crops))
         found = []
-        for dets, (ox, oy) in zip(decode(heat, box, self.config.labels, low, nms=False), frames,
-                                  strict=True):
-            found += [Detection(d.label, d.score, (ox + d.box[0] * c, oy + d.box[1] * c,
-                                                   ox + d.box[2] * c, oy + d.box[3] * c))
-                      for d in dets]
+        for dets, frame in zip(decode(heat, box, self.config.labels, low, nms=False), frames,
+                               strict=True):
+            found += from_crop(dets, frame, c)
         return suppress(found)
 
     def select(self, detections: list[Detection], kind: str, question: str = ""
@@ -166,6 +164,21 @@ class Perception:
                 unsure = [d for d in detections if _cell_of(d) == cell]
                 return unsure or chosen or list(detections)
         return chosen or list(detections)
+
+
+def crop_frames(crop: float) -> list[tuple[float, float]]:
+    """Top-left corners (0-1 of the image) of the 2 x 2 overlapping square crops of side
+    ``crop`` that a zoomed-in read takes."""
+    return [(ox, oy) for oy in (0.0, 1 - crop) for ox in (0.0, 1 - crop)]
+
+
+def from_crop(detections: list[Detection], frame: tuple[float, float], crop: float
+              ) -> list[Detection]:
+    """Detections in 0-1 of a crop at ``frame`` (side ``crop``) -> in 0-1 of the image."""
+    ox, oy = frame
+    return [Detection(d.label, d.score, (ox + d.box[0] * crop, oy + d.box[1] * crop,
+                                         ox + d.box[2] * crop, oy + d.box[3] * crop))
+            for d in detections]
 
 
 # --------------------------------------------------------------------------- questions

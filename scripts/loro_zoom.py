@@ -21,29 +21,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loro import _fold_head, _load, eval_tile_size  # noqa: E402
 
 from rsvlm.detector import Detection, decode, suppress  # noqa: E402
+from rsvlm.perception import crop_frames, from_crop  # noqa: E402
 from training.detection import FrozenTower, score_detections  # noqa: E402
 from training.labelled import load_sets, tiles  # noqa: E402
 
 
-def crop_frames(crop: float) -> list[tuple[float, float, float]]:
-    """(x0, y0, side) in 0-1 of the tile: a 2 x 2 layout of overlapping square crops."""
-    return [(ox, oy, crop) for oy in (0.0, 1 - crop) for ox in (0.0, 1 - crop)]
-
-
 def zoomed(head: torch.nn.Module, tower: FrozenTower, image, crop: float) -> list[Detection]:
-    """Detections of the crops, in 0-1 of the whole tile (not yet suppressed)."""
+    """Detections of the crops (`rsvlm.perception.crop_frames`), in 0-1 of the whole tile (not
+    yet suppressed)."""
     h, w = image.shape[:2]
     frames = crop_frames(crop)
-    crops = [image[int(oy * h):int((oy + s) * h), int(ox * w):int((ox + s) * w)]
-             for ox, oy, s in frames]
+    crops = [image[int(oy * h):int((oy + crop) * h), int(ox * w):int((ox + crop) * w)]
+             for ox, oy in frames]
     f = tower(crops).float()
     with torch.inference_mode():
         heat, box = head([f[:, j] for j in range(f.shape[1])])
     out = []
-    for dets, (ox, oy, s) in zip(decode(heat, box, ["building"], 0.1, nms=False), frames,
-                                 strict=True):
-        out += [Detection(d.label, d.score, (ox + d.box[0] * s, oy + d.box[1] * s,
-                                             ox + d.box[2] * s, oy + d.box[3] * s)) for d in dets]
+    for dets, frame in zip(decode(heat, box, ["building"], 0.1, nms=False), frames, strict=True):
+        out += from_crop(dets, frame, crop)
     return out
 
 
