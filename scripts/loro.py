@@ -55,12 +55,13 @@ CHUNK = 100  # training views per cache file: a larger --max-views adds files, k
 
 
 def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
-                min_views: int, max_views: int, seed: int, input_size: int = INPUT_SIZE
-                ) -> None:
+                min_views: int, max_views: int, seed: int, input_size: int = INPUT_SIZE,
+                zoom_gsd: float | None = None, zoom_crop: float = 0.6) -> None:
     """Per region: its scoring tiles and augmented training views through the frozen tower,
     cached (`NAME.eval.pt`, `NAME.train*.pt`). Training views are added in files of `CHUNK`,
     each from its own seed, until the region has as many as asked: raising the counts tops a
-    cache up instead of rebuilding it."""
+    cache up instead of rebuilding it. With ``zoom_gsd``, views of regions that coarse are cut
+    `zoom_crop` as large, as the chat path reads such imagery (`DetectorConfig.zoom_gsd`)."""
     tower = None
     for name in names:
         path = out / "cache" / f"{name}.pt"
@@ -81,6 +82,11 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             meta = {**meta, "region": name, "eval": len(evals), "gsd": items[0].gsd,
                     "input_size": input_size}
             torch.save(meta, path)
+        zoom = zoom_crop if zoom_gsd is not None and meta["gsd"] >= zoom_gsd else 1.0
+        if meta.get("train") and meta.get("view_zoom", 1.0) != zoom:
+            raise SystemExit(f"{out} caches {name}'s views at zoom {meta.get('view_zoom', 1.0)}, "
+                             f"not {zoom}: use another --out")
+        meta["view_zoom"] = zoom
         wanted = min(max(views_per_tile * meta["eval"], min_views), max_views)
         have = sum(_chunk_sizes(out, name).values())
         t0, k = time.perf_counter(), len(_chunk_sizes(out, name))
@@ -89,7 +95,7 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             tower = tower or FrozenTower(size=input_size)
             rng = random.Random(f"{seed}:{name}" + (f":{k}" if k else ""))
             weights = [it.image.shape[0] * it.image.shape[1] for it in items]
-            size = eval_tile_size(items[0].gsd)
+            size = int(eval_tile_size(items[0].gsd) * zoom)
             n = min(CHUNK, wanted - have)
             views = [augment_view(rng.choices(items, weights)[0], rng, size, f"{name}_aug{k}_{i}")
                      for i in range(n)]
@@ -509,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="train on this many principal components of the levels (0: all)")
     ap.add_argument("--input-size", type=int, default=INPUT_SIZE,
                     help="px the vision tower sees each tile at (a multiple of 14)")
+    ap.add_argument("--zoom-gsd", type=float, default=None,
+                    help="cut training views of regions this coarse (m/px) --zoom-crop as large")
+    ap.add_argument("--zoom-crop", type=float, default=0.6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--folds", default=None, help="held-out regions to run (default: all)")
     ap.add_argument("--table", action="store_true", help="only render the table")
@@ -530,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.regions.split(",") if n.strip()]
     if not args.table:
         build_cache(Path(args.data), out, names, args.views_per_tile, args.min_views,
-                    args.max_views, args.seed, args.input_size)
+                    args.max_views, args.seed, args.input_size, args.zoom_gsd, args.zoom_crop)
         names = [n for n in names if (out / "cache" / f"{n}.pt").is_file()]
         for held in [n for n in names if not args.folds or n in args.folds.split(",")]:
             run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,

@@ -86,3 +86,16 @@ def test_the_cache_is_topped_up_and_a_fold_runs_once(loro, tmp_path: Path, monke
     assert '"input_size": 448' in saved
     with pytest.raises(SystemExit, match="448 px, not 672"):
         loro.build_cache(tmp_path, out, ["aa"], 1, 5, 5, seed=0, input_size=672)
+
+
+def test_views_of_coarse_regions_are_cut_as_the_chat_path_reads_them(loro, tmp_path: Path
+                                                                      ) -> None:
+    out = tmp_path / "zoomed"
+    loro.build_cache(tmp_path, out, ["aa"], 1, 6, 6, seed=0, zoom_gsd=0.1, zoom_crop=0.5)
+    sides = [max(s) for s in torch.load(out / "cache" / "aa.train.pt")["sizes"]]
+    assert max(sides) <= int(512 * 0.5) * 1.4  # half the tile, then the usual 0.7-1.4
+    whole = tmp_path / "whole"
+    loro.build_cache(tmp_path, whole, ["aa"], 1, 6, 6, seed=0, zoom_gsd=0.3)  # 0.15 m: whole
+    assert max(max(s) for s in torch.load(whole / "cache" / "aa.train.pt")["sizes"]) > max(sides)
+    with pytest.raises(SystemExit, match="zoom 0.5, not 1.0"):
+        loro.build_cache(tmp_path, out, ["aa"], 1, 8, 8, seed=0)
