@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,12 @@ def referred_detection(question: str, label: str, detections: list[Detection]
     return mine[pick(range(len(mine)), key=area.__getitem__)]
 
 
+def _cell_counts(detections: list[Detection]) -> list[tuple[str, int]]:
+    """(3 x 3 cell, how many detections are centred there), most first."""
+    counts = Counter(_cell_of(d) for d in detections)
+    return sorted(counts.items(), key=lambda x: -x[1])
+
+
 def _cell_of(det: Detection) -> str:
     cx, cy = (det.box[0] + det.box[2]) / 2, (det.box[1] + det.box[3]) / 2
     row, col = min(int(cy * 3), 2), min(int(cx * 3), 2)
@@ -381,10 +388,7 @@ def detections_sentence(detections: list[Detection], labels: list[str], where: b
         if not mine:
             parts.append(f"no {plural}")
             continue
-        cells: dict[str, int] = {}
-        for d in mine:
-            cells[_cell_of(d)] = cells.get(_cell_of(d), 0) + 1
-        top = sorted(cells.items(), key=lambda x: -x[1])
+        top = _cell_counts(mine)
         noun = label if len(mine) == 1 else plural
         if not where:
             parts.append(f"{len(mine)} {noun}")
@@ -406,13 +410,7 @@ def detections_summary(detections: list[Detection], labels: list[str]) -> str:
         if not mine:
             parts.append(f"0 {_PLURALS.get(label, label + 's')}")
             continue
-        cells: dict[str, int] = {}
-        for d in mine:
-            cx, cy = (d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2
-            name = (["top", "middle", "bottom"][min(int(cy * 3), 2)] + " "
-                    + ["left", "centre", "right"][min(int(cx * 3), 2)])
-            cells[name] = cells.get(name, 0) + 1
-        where = ", ".join(f"{n} {c}" for c, n in sorted(cells.items(), key=lambda x: -x[1]))
+        where = ", ".join(f"{n} {cell}" for cell, n in _cell_counts(mine))
         noun = label if len(mine) == 1 else _PLURALS.get(label, label + "s")
         parts.append(f"{len(mine)} {noun} ({where})")
     return "Detected: " + "; ".join(parts) + "."

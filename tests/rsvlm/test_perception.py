@@ -109,6 +109,7 @@ def test_a_description_ends_with_what_the_detector_found() -> None:
     assert detections_sentence(two[2:], ["building"]) == (
         "The detector finds 1 building in the center.")
     assert detections_sentence([], ["building"]) == "The detector finds no buildings."
+    assert detections_summary(two, ["building"]) == "Detected: 3 buildings (2 top left, 1 center)."
     assert detections_sentence(two, ["building"], where=False) == (
         "The detector finds 3 buildings here.")
 
