@@ -55,6 +55,26 @@ class DenseDetector(nn.Module):
         return self.heat(x), self.box(x)
 
 
+class DetectorEnsemble(nn.Module):
+    """Several `DenseDetector` heads on the same levels, read as one: their centre heatmaps
+    (as probabilities) and boxes (as edges) averaged, returned in a head's own form so that
+    `decode` and training take it as they take one head. Heads trained from other seeds
+    disagree most on what is not a roof: the average keeps the peaks they share."""
+
+    def __init__(self, members: list[DenseDetector]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, levels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        probs, edges = [], []
+        for member in self.members:
+            heat, box = member(levels)
+            probs.append(heat.sigmoid())
+            edges.append(box_edges(box))
+        prob = torch.stack(probs).mean(0).clamp(1e-6, 1 - 1e-6)
+        return torch.logit(prob), edges_to_box(torch.stack(edges).mean(0))
+
+
 def suppress(dets: list[Detection], iou: float = 0.5, contained: float = 0.8) -> list[Detection]:
     """Greedy non-maximum suppression per class, highest score first: a box goes when it
     overlaps a kept one by `iou`, or lies `contained` inside it (or it inside the box): two
@@ -82,10 +102,15 @@ def decode(heat: torch.Tensor, box: torch.Tensor, labels: list[str], threshold: 
            max_detections: int = 200, nms: bool = True) -> list[list[Detection]]:
     """Heatmap peaks (3 x 3 local maxima) scoring above `threshold` -> detections per image,
     overlapping boxes suppressed (`suppress`)."""
-    prob = heat.sigmoid()
+    return decode_maps(heat.sigmoid(), box_edges(box), labels, threshold, max_detections, nms)
+
+
+def decode_maps(prob: torch.Tensor, edges: torch.Tensor, labels: list[str], threshold: float,
+                max_detections: int = 200, nms: bool = True) -> list[list[Detection]]:
+    """`decode` of heatmap probabilities (batch, classes, grid, grid) and box edges (batch, 4,
+    grid, grid: x1, y1, x2, y2 in patches, `box_edges`)."""
     peaks = prob * (F.max_pool2d(prob, 3, stride=1, padding=1) == prob)
     b, k, g, _ = prob.shape
-    edges = box_edges(box)  # (b, 4, g, g): x1, y1, x2, y2 in patches
     out: list[list[Detection]] = []
     for i in range(b):
         flat = peaks[i].flatten()
@@ -109,6 +134,17 @@ def box_edges(box: torch.Tensor) -> torch.Tensor:
     cx, cy = centre.view(1, 1, g), centre.view(1, g, 1)
     dist = box.clamp(max=math.log(2 * g)).exp()
     return torch.stack([cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]], 1)
+
+
+def edges_to_box(edges: torch.Tensor) -> torch.Tensor:
+    """The inverse of `box_edges`: (x1, y1, x2, y2) per patch, in patches -> the head's log
+    distances from each patch's centre (an edge on the wrong side of the centre: nearly 0)."""
+    g = edges.shape[-1]
+    centre = torch.arange(g, dtype=edges.dtype, device=edges.device) + 0.5
+    cx, cy = centre.view(1, 1, g), centre.view(1, g, 1)
+    dist = torch.stack([cx - edges[:, 0], cy - edges[:, 1], edges[:, 2] - cx,
+                        edges[:, 3] - cy], 1)
+    return dist.clamp(min=1e-4).log()
 
 
 def detection_targets(boxes: list[torch.Tensor], classes: list[torch.Tensor], grid: int,

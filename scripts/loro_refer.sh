@@ -1,13 +1,14 @@
 #!/bin/bash
 # Referring grounding through the chat path with each leave-one-region-out fold's detector
 # (never trained on the region it is scored on). Needs `scripts/loro.py --out runs/loro` first.
-# PARTS = the shipped parts with detector/ replaced by the fold's; reports in runs/refer/, which
-# `scripts/loro.py --table --card ... --refer runs/refer` renders into the model card.
+# PARTS = the shipped parts with detector/ replaced by the fold's; reports in $OUT (runs/refer),
+# which `scripts/loro.py --table --card ... --refer runs/refer` renders into the model card.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/loro}
 D=${DATA:-../shared/data}
-mkdir -p runs/parts runs/refer
+OUT=${OUT:-runs/refer}
+mkdir -p runs/parts "$OUT"
 parts() {
   rm -rf "runs/parts/$1"
   cp -as "$PWD/assets/models/embedded" "runs/parts/$1"
@@ -17,8 +18,8 @@ parts() {
 for r in zanzibar_tz kampala_ug banepa_np catanduanes_ph; do
   parts "$r"
   .venv/bin/rsvlm-train eval --task grounding --data "$D/demo_region/$r" --model "runs/parts/$r" \
-    --limit 60 --out "runs/refer/$r.grounding.json"
+    --limit 60 --out "$OUT/$r.grounding.json"
 done
 parts atlanta
 .venv/bin/rsvlm-train eval --task grounding --data "$D/buildings/spacenet4_atlanta_pan_solaris" \
-  --model runs/parts/atlanta --limit 60 --chip-size 450 --out runs/refer/atlanta.grounding.json
+  --model runs/parts/atlanta --limit 60 --chip-size 450 --out "$OUT/atlanta.grounding.json"

@@ -1,6 +1,6 @@
 """Does reading a tile zoomed in help the detector? Each leave-one-region-out fold's head on its
-held-out tiles read whole (as shipped), on four overlapping crops of the tile read at the same
-input size (objects twice as many patches across at ``--crop 0.5``), and on both merged
+held-out tiles read whole (as shipped), on four overlapping crops of the tile, each read at
+``--input-size`` (the chat path's `DetectorConfig.zoom_input_size`), and on both merged
 (`rsvlm.detector.suppress`); find-all F1 at the fold's threshold, counts within 20 % and presence
 at its counting threshold.
 
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loro import _fold_head, _load, eval_tile_size  # noqa: E402
 
 from rsvlm.detector import Detection, decode, suppress  # noqa: E402
-from rsvlm.perception import crop_frames, from_crop  # noqa: E402
-from training.detection import FrozenTower, score_detections  # noqa: E402
+from rsvlm.perception import DetectorConfig, crop_frames, from_crop  # noqa: E402
+from training.detection import INPUT_SIZE, FrozenTower, score_detections  # noqa: E402
 from training.labelled import load_sets, tiles  # noqa: E402
 
 
@@ -48,9 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--regions", required=True, help="comma list of held-out regions")
     ap.add_argument("--crop", type=float, default=0.6, help="crop side, a fraction of the tile")
+    ap.add_argument("--input-size", type=int,
+                    default=DetectorConfig().zoom_input_size or INPUT_SIZE,
+                    help="the tower's input for each crop (default: the chat path's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    run, tower = Path(args.run), FrozenTower()
+    run = Path(args.run)
+    tower = FrozenTower(size=args.input_size)
     print("| held-out region | read | F1 | P | R | counts within 20 % | presence |\n"
           "|---|---|---|---|---|---|---|")
     for held in args.regions.split(","):

@@ -22,7 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsvlm.detector import DenseDetector, decode, detection_loss, detection_targets
+from rsvlm.detector import (
+    DenseDetector,
+    DetectorEnsemble,
+    decode,
+    detection_loss,
+    detection_targets,
+)
 from training.labelled import LabelledImage, clip_boxes, crop_boxes
 from training.metrics import count_scores, detection_scores, match_boxes
 
@@ -242,8 +248,34 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     return head.eval()
 
 
+def train_heads(features: torch.Tensor, boxes: list[torch.Tensor], *, heads: int = 1,
+                seed: int = 0, members: Path | None = None, **kwargs: Any
+                ) -> DenseDetector | DetectorEnsemble:
+    """``heads`` detectors (`train_detector`, seeds ``seed``, ``seed + 1``, ...) read as one
+    (`rsvlm.detector.DetectorEnsemble`); one head as it is. With ``members``, each head's
+    weights are kept in ``members/seedN.safetensors`` as it finishes and read from there when
+    a run starts again (the architecture is this call's)."""
+    from safetensors.torch import load_file, save_file
+
+    trained = []
+    for s in range(seed, seed + heads):
+        path = members / f"seed{s}.safetensors" if members is not None else None
+        if path is not None and path.is_file():
+            head = DenseDetector(kwargs["hidden"], kwargs["levels"], classes=1,
+                                 dim=kwargs.get("dim", 96), convs=kwargs.get("convs", 2))
+            head.load_state_dict(load_file(str(path)))
+            trained.append(head.eval())
+            continue
+        head = train_detector(features, boxes, seed=s, **kwargs)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(path))
+        trained.append(head)
+    return trained[0] if heads == 1 else DetectorEnsemble(trained)
+
+
 @torch.inference_mode()
-def predict(head: DenseDetector, features: torch.Tensor, threshold: float,
+def predict(head: DenseDetector | DetectorEnsemble, features: torch.Tensor, threshold: float,
             batch_size: int = 32) -> list[list[tuple[float, float, float, float, float]]]:
     """(x1, y1, x2, y2 in 0-1, score) per image, scores >= threshold."""
     levels = features.shape[1]

@@ -171,8 +171,9 @@ def test_rural_or_urban_follows_the_training_datas_rule() -> None:
 
 
 def test_coarse_imagery_is_read_zoomed_in(tmp_path: Path) -> None:
-    """At 0.3 m a pixel or coarser the detector reads four overlapping crops of 0.6 of the chip,
-    and their boxes come back in the chip's frame; finer or unknown: the chip whole."""
+    """At 0.3 m a pixel or coarser the detector reads four overlapping crops of 0.6 of the chip
+    (each at `zoom_input_size`), and their boxes come back in the chip's frame; finer or
+    unknown: the chip whole."""
     from rsvlm.answer import OnChip, ground_sample_distance
     from tiles import Chip
 
@@ -180,22 +181,24 @@ def test_coarse_imagery_is_read_zoomed_in(tmp_path: Path) -> None:
     seen = []
     read = perception.features
 
-    def spy(image):
-        seen.append([im.size for im in image] if isinstance(image, list) else [image.size])
-        return read(image)
+    def spy(image, size=None):
+        seen.append(([im.size for im in image] if isinstance(image, list) else [image.size],
+                     size))
+        return read(image, size)
 
     perception.features = spy
+    perception.config.zoom_input_size = 28  # each crop read as 2 x 2 patches (the chip: 4 x 4)
     image = Image.new("RGB", (100, 100), (120, 110, 100))
     whole = perception.detect(image, gsd=0.15)
-    assert seen == [[(100, 100)]] and perception.detect(image) == whole
+    assert seen == [([(100, 100)], None)] and perception.detect(image) == whole
     zoomed = perception.detect(image, gsd=0.5)
-    assert seen[-1] == [(60, 60)] * 4
-    # Each patch's own box: a quarter of the chip whole, a quarter of 0.6 of it zoomed in,
+    assert seen[-1] == ([(60, 60)] * 4, 28)
+    # Each patch's own box: a quarter of the chip whole, half of 0.6 of it zoomed in,
     # placed over the whole chip.
     assert {round(d.box[2] - d.box[0], 2) for d in whole} == {0.25}
-    assert {round(d.box[2] - d.box[0], 2) for d in zoomed} == {0.15}
-    assert min(d.box[0] for d in zoomed) == pytest.approx(0, abs=1e-3)
-    assert max(d.box[3] for d in zoomed) == pytest.approx(1, abs=1e-3)
+    assert {round(d.box[2] - d.box[0], 2) for d in zoomed} == {0.3}
+    assert min(d.box[0] for d in zoomed) == pytest.approx(0, abs=2e-3)
+    assert max(d.box[3] for d in zoomed) == pytest.approx(1, abs=2e-3)
     perception.config.zoom_gsd = None
     assert perception.detect(image, gsd=0.5) == whole
     # The chip's ground sample distance: its geodesic area over its pixels.

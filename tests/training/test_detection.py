@@ -10,12 +10,22 @@ import torch
 from rsvlm.detector import (
     DenseDetector,
     Detection,
+    DetectorEnsemble,
+    box_edges,
     decode,
     detection_loss,
     detection_targets,
+    edges_to_box,
     suppress,
 )
-from training.detection import _rot90_boxes, augment_view, score_detections, train_detector
+from rsvlm.perception import DetectorConfig, load_detector, save_detector
+from training.detection import (
+    _rot90_boxes,
+    augment_view,
+    score_detections,
+    train_detector,
+    train_heads,
+)
 from training.labelled import LabelledImage, crop_boxes, mask_boxes, tiles
 
 
@@ -127,3 +137,53 @@ def test_a_head_trained_on_principal_components_takes_the_full_levels() -> None:
         h1, b1 = small([reduced[:, 0].float()])
         h2, b2 = full([x[:, j].float() for j in range(3)])
     assert torch.allclose(h1, h2, atol=1e-2) and torch.allclose(b1, b2, atol=1e-2)
+
+
+def test_an_ensemble_reads_as_the_mean_of_its_heads() -> None:
+    torch.manual_seed(0)
+    heads = [DenseDetector(8, 2, dim=8).eval() for _ in range(3)]
+    levels = [torch.randn(2, 36, 8), torch.randn(2, 36, 8)]
+    with torch.inference_mode():
+        heat, box = DetectorEnsemble(heads)(levels)
+        outs = [h(levels) for h in heads]
+    prob = torch.stack([o[0].sigmoid() for o in outs]).mean(0)
+    edges = torch.stack([box_edges(o[1]) for o in outs]).mean(0)
+    assert torch.allclose(heat.sigmoid(), prob, atol=1e-5)
+    inside = (edges[:, :2] < 3.5).all(1) & (edges[:, 2:] > 3.5).all(1)  # the middle patch
+    assert torch.allclose(box_edges(box)[:, :, 3, 3][inside[:, 3, 3]],
+                          edges[:, :, 3, 3][inside[:, 3, 3]], atol=1e-4)
+
+
+def test_box_edges_and_their_inverse_agree() -> None:
+    box = torch.randn(2, 4, 6, 6) * 0.5
+    assert torch.allclose(edges_to_box(box_edges(box)), box, atol=1e-4)
+
+
+def test_an_ensemble_saves_loads_and_continues(tmp_path) -> None:
+    config = DetectorConfig(hidden=8, layers=[1, 2], dim=8, heads=2)
+    head = config.build()
+    assert isinstance(head, DetectorEnsemble) and len(head.members) == 2
+    save_detector(head, config, tmp_path)
+    loaded, again = load_detector(tmp_path)
+    assert again.heads == 2 and isinstance(loaded, DetectorEnsemble)
+    levels = [torch.randn(1, 16, 8), torch.randn(1, 16, 8)]
+    with torch.inference_mode():
+        assert torch.equal(head.eval()(levels)[0], loaded(levels)[0])
+    boxes = [torch.tensor([[0.2, 0.2, 0.6, 0.6]])]
+    tuned = train_detector(torch.randn(1, 2, 16, 8), boxes, hidden=8, levels=2, epochs=2,
+                           batch_size=1, init=loaded)
+    assert isinstance(tuned, DetectorEnsemble)
+    assert not torch.equal(tuned.members[0].heat.weight, loaded.members[0].heat.weight)
+
+
+def test_heads_are_kept_as_they_finish_and_taken_back(tmp_path) -> None:
+    x = torch.randn(4, 2, 16, 8)
+    boxes = [torch.tensor([[0.1, 0.1, 0.5, 0.5]])] * 4
+    kw = dict(hidden=8, levels=2, epochs=1, batch_size=2, dim=8)
+    first = train_heads(x, boxes, heads=2, members=tmp_path, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed0.safetensors",
+                                                          "seed1.safetensors"]
+    w = first.members[1].heat.weight
+    assert not torch.equal(first.members[0].heat.weight, w)  # other seeds, other heads
+    again = train_heads(x, boxes, heads=2, members=tmp_path, **{**kw, "epochs": 5})
+    assert torch.equal(again.members[1].heat.weight, w)  # read back, not trained again

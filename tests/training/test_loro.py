@@ -75,7 +75,7 @@ def test_the_cache_is_topped_up_and_a_fold_runs_once(loro, tmp_path: Path, monke
     def no_training(*a, **k):
         raise AssertionError("a finished fold was trained again")
 
-    monkeypatch.setattr(loro, "train_detector", no_training)
+    monkeypatch.setattr(loro, "train_heads", no_training)
     assert loro.run_fold(out, "aa", ["aa", "bb"], 1, 0, 8, None, 1) == report
     assert "| aa | 1 | 2 |" in loro.table(out, None)
     # The placement table: F1 at three IoUs, recall at the lowest threshold, the head's ceiling.
@@ -86,6 +86,30 @@ def test_the_cache_is_topped_up_and_a_fold_runs_once(loro, tmp_path: Path, monke
     assert '"input_size": 448' in saved
     with pytest.raises(SystemExit, match="448 px, not 672"):
         loro.build_cache(tmp_path, out, ["aa"], 1, 5, 5, seed=0, input_size=672)
+
+
+def test_folds_of_several_heads_take_thresholds_from_the_other_folds(loro, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    out = tmp_path / "run"
+    loro.build_cache(tmp_path, out, ["aa", "bb"], 1, 3, 3, seed=0)
+    loro.build_cache(tmp_path, out, ["aa", "bb"], 1, 5, 5, seed=0)
+    assert loro._train_parts(out, "bb", 1) == ["train"]  # the first file's 3 views of 5
+    report = loro.run_fold(out, "aa", ["aa", "bb"], epochs=1, seed=0, dim=8, reduce=None,
+                           convs=1, train_files=1, heads=2)
+    assert report["heads"] == 2 and report["train_views"] == 3 + 1
+    assert sorted(p.name for p in (out / "members" / "aa").iterdir()) == [
+        "seed0.safetensors", "seed1.safetensors"]
+    loro.run_fold(out, "bb", ["aa", "bb"], 1, 0, 8, None, 1, 1, 2)
+    # Each fold is scored again at the thresholds the other fold's held-out region favours.
+    curves = loro.cross_thresholds(out)
+    assert sorted(curves) == ["aa", "bb"] and set(curves["aa"]) == set(loro.THRESHOLDS)
+    aa = __import__("json").loads((out / "folds" / "aa.json").read_text())
+    want = loro.pooled_thresholds({"bb": curves["bb"]})
+    assert (aa["threshold"], aa["count_threshold"]) == want
+    assert aa["thresholds_from"] == "the other folds' held-out regions"
+    assert len(aa["selection_thresholds"]) == 2
+    head, config = loro._fold_head(out, "aa")
+    assert (config.threshold, config.count_threshold) == want and config.heads == 2
 
 
 def test_views_of_coarse_regions_are_cut_as_the_chat_path_reads_them(loro, tmp_path: Path
