@@ -104,6 +104,8 @@ class ChatEngine:
         # Object questions (presence, counts, find all) answered from the trained detector's
         # detections when the parts have one (`rsvlm.perception`).
         self.perception = getattr(loaded, "perception", None)
+        # Scene categories from a classifier of the frozen features (`rsvlm.scene`).
+        self.scene = getattr(loaded, "scene", None)
         # The model is shared and its expert routing state lives on its modules: one
         # generation at a time (chat turns, scan batches).
         self.generation_lock = threading.Lock()
@@ -217,7 +219,8 @@ class ChatSession(OnChip):
         if region_box_px is not None:
             region_text = format_region_box(region_box_px, self.chip_width, self.chip_height)
         user_text = prompting.user_turn(question, image_token=None, region_box_text=region_text)
-        perceived = self._perceived(question, region_box_px)
+        perceived = (self._classified(question) if region_box_px is None else None
+                     ) or self._perceived(question, region_box_px)
         if perceived is not None:
             self.last = perceived
             self.turns.append((user_text, perceived.text))
@@ -305,6 +308,28 @@ class ChatSession(OnChip):
         self._ended_with_eos = bool(out.sequences.shape[1]) and int(
             out.sequences[0, -1]) in _eos_ids(engine)
         engine.caches.touch(self)
+
+    def _classified(self, question: str) -> Answer | None:
+        """The scene classifier's answer to "the best category from: ...", or None (it has no
+        classifier, the question offers no categories, or some it does not know)."""
+        from rsvlm.scene import asked_choices
+
+        reader = self.engine.scene
+        choices = asked_choices(question) if reader is not None else None
+        if not choices or not reader.knows(choices):
+            return None
+        t0 = time.perf_counter()
+        with self.engine.generation_lock:
+            pixels = self._pixel_values()
+            if self.retrieved is None:  # the semantics panel shows them for every answer
+                self.retrieved = self.engine.retrieve(pixels)
+            best, prob = reader.choose(pixels, choices)
+        took = round(time.perf_counter() - t0, 4)
+        return Answer(text=best, boxes=[], retrieved=list(self.retrieved or []),
+                      timing={"first_token_s": took, "total_s": took, "new_tokens": 0,
+                              "prefill_tokens": 0, "scene": 1.0},
+                      prompt=f"(answered by the scene classifier: {best}, probability "
+                             f"{prob:.2f} among the {len(choices)} categories offered)")
 
     def _perceived(self, question: str,
                    region_box_px: tuple[float, float, float, float] | None) -> Answer | None:

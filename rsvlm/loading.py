@@ -44,6 +44,7 @@ class LoadedModel:
     database: Any = None  # rsvlm.retrieval.SemanticDatabase | None
     info: dict[str, Any] = field(default_factory=dict)
     perception: Any = None  # rsvlm.perception.Perception | None (a trained detector)
+    scene: Any = None  # rsvlm.scene.SceneReader | None (a trained scene classifier)
 
 
 class GPUMemoryError(RuntimeError):
@@ -312,11 +313,13 @@ def _assemble(plan: Any, preset: Any, device: str, trained_dir: Path | None,
                                     merge_lora=merge_lora and not plan.quantized)
         database = _load_database(trained_dir)
         is_trained = True
-    perception = None
+    perception = scene = None
     if manifest:
         from rsvlm.perception import Perception
+        from rsvlm.scene import SceneReader
 
         perception = Perception.load(trained_dir, model.vision_tower.model, image_processor)
+        scene = SceneReader.load(trained_dir, model.vision_tower.model, image_processor)
     model.eval()
     processor = RSVLMProcessor.from_config(model.config, image_processor, tokenizer)
     info = {
@@ -330,8 +333,9 @@ def _assemble(plan: Any, preset: Any, device: str, trained_dir: Path | None,
         "experts": model.config.experts_enabled,
         "retrieval": database is not None,
         "detector": perception is not None,
+        "scene_classifier": scene is not None,
     }
-    return LoadedModel(model, processor, database, info, perception)
+    return LoadedModel(model, processor, database, info, perception, scene)
 
 
 def _load_model_dir(path: Path, *, device: str, quantize: bool | None,

@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(classification) or a region")
     e.add_argument("--ablate", default="", metavar="PARTS",
                    help="switch trained parts off at inference: experts, retrieval, box_head, "
-                        "detector (comma list)")
+                        "detector, scene (comma list)")
     e.add_argument("--split", default="val", choices=("val", "train"),
                    help="split of a build-data folder to score (val)")
     e.add_argument("--out", default=None, help="report JSON path")

@@ -397,15 +397,16 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
     return report
 
 
-ABLATIONS = ("experts", "retrieval", "box_head", "detector")
+ABLATIONS = ("experts", "retrieval", "box_head", "detector", "scene")
 
 
 def ablate(loaded: Any, parts: set[str] | frozenset[str]) -> None:
     """Switch trained mechanisms off in a loaded model, for inference-time ablations:
     ``experts`` (every expert's output projection zeroed: the FFNs run alone, as before
-    training), ``retrieval`` (no semantic database: no retrieved texts reach the prompter) and
-    ``box_head`` (the boxes stay where the language model wrote them) and ``detector`` (object
-    questions go to the language model, as before `rsvlm.perception`)."""
+    training), ``retrieval`` (no semantic database: no retrieved texts reach the prompter),
+    ``box_head`` (the boxes stay where the language model wrote them), ``detector`` (object
+    questions go to the language model, as before `rsvlm.perception`) and ``scene`` (category
+    questions go to the language model, as before `rsvlm.scene`)."""
     unknown = set(parts) - set(ABLATIONS)
     if unknown:
         raise ValueError(f"unknown ablation(s) {sorted(unknown)}; choose from {ABLATIONS}")
@@ -431,6 +432,10 @@ def ablate(loaded: Any, parts: set[str] | frozenset[str]) -> None:
         if getattr(loaded, "perception", None) is None:
             raise ValueError("this model has no detector to switch off")
         loaded.perception = None
+    if "scene" in parts:
+        if getattr(loaded, "scene", None) is None:
+            raise ValueError("this model has no scene classifier to switch off")
+        loaded.scene = None
 
 
 def engine_answer_fn(model: str | None = None, device: str | None = None,
