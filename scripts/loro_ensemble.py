@@ -21,16 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loro import _fold_head, _load, _train_parts  # noqa: E402
-from loro_tta import oriented_features  # noqa: E402
-from loro_tta import predictions as oriented_predictions  # noqa: E402
+from loro_tta import oriented_features, rescored  # noqa: E402
 
 from rsvlm.detector import DetectorEnsemble  # noqa: E402
-from training.detection import (  # noqa: E402
-    THRESHOLDS,
-    choose_threshold,
-    score_detections,
-    train_heads,
-)
+from training.detection import train_heads  # noqa: E402
 from training.labelled import SETS  # noqa: E402
 
 
@@ -75,25 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     for held in args.regions.split(","):
         members = fold_members(run, held, names, args.heads, args.train_files, args.epochs,
                                args.reduce or None)
-        test = _load(run, held, "eval")
-        others = [n for n in names if n != held]
         for k in range(1, len(members) + 1):
             head = members[0] if k == 1 else DetectorEnsemble(members[:k])
             for v in views:
-                sel_p, sel_t, sel_s = [], [], []
-                for n in others:
-                    d = _load(run, n, "eval")
-                    sel_p += oriented_predictions(head, feats[n], v)
-                    sel_t += d["boxes"]
-                    sel_s += d["sizes"]
-                thr = choose_threshold(sel_p, sel_t, sel_s)
-                cthr = choose_threshold(sel_p, sel_t, sel_s, THRESHOLDS, metric="count")
-                preds = oriented_predictions(head, feats[held], v)
-                r = score_detections(preds, test["boxes"], test["sizes"], thr)
-                c = score_detections(preds, test["boxes"], test["sizes"], cthr)
-                print(f"| {held} | {k} | {v} | {r['f1']:.3f} | {r['precision']:.3f} | "
-                      f"{r['recall']:.3f} | {c['counting']['within_20pct']:.3f} | "
-                      f"{c['presence']:.3f} | {thr} / {cthr} |", flush=True)
+                print(f"| {held} | {k} | {v} | {rescored(run, held, names, head, feats, v)} |",
+                      flush=True)
     return 0
 
 
