@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -34,7 +35,9 @@ class Tower:
         return torch.stack(out).half()
 
 
-def test_the_detector_continues_on_the_training_chips_only(small_region: Path, tmp_path: Path):
+@pytest.mark.parametrize("heads", [1, 2])  # the shipped detector averages several
+def test_the_detector_continues_on_the_training_chips_only(small_region: Path, tmp_path: Path,
+                                                           heads: int):
     spec = load_region(str(small_region), chip_size=128, block_chips=2)
     train = region_items(spec, seed=0)
     held = region_items(spec, seed=0, split="val")
@@ -42,7 +45,7 @@ def test_the_detector_continues_on_the_training_chips_only(small_region: Path, t
     assert sum(len(t.boxes) for t in train) > 10
 
     config = DetectorConfig(labels=["building"], input_size=56, layers=[1, 2], hidden=8, dim=8,
-                            convs=1, threshold=0.35, count_threshold=0.3)
+                            convs=1, heads=heads, threshold=0.35, count_threshold=0.3)
     torch.manual_seed(0)
     shipped = tmp_path / "shipped"
     save_detector(config.build(), config, shipped)
@@ -54,7 +57,7 @@ def test_the_detector_continues_on_the_training_chips_only(small_region: Path, t
     # Thresholds chosen again (on the training chips), the shipped ones noted.
     assert {saved["threshold"], saved["count_threshold"]} <= set(THRESHOLDS)
     assert saved["notes"]["shipped_thresholds"] == [0.35, 0.3]
-    assert saved["notes"]["tuned_on"] == spec.name
+    assert saved["notes"]["tuned_on"] == spec.name and saved["heads"] == heads
     before = load_file(str(shipped / "detector" / WEIGHTS_NAME))
     after = load_file(str(folder / WEIGHTS_NAME))
     assert before.keys() == after.keys()
