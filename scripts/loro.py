@@ -161,7 +161,7 @@ FOLD_FORMAT = 2  # 2: FCOS-style boxes (rsvlm.detector.box_edges)
 
 def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim: int = 64,
              reduce: int | None = 128, convs: int = 2, train_files: int | None = None,
-             heads: int = 1) -> dict:
+             heads: int = 1, input_dropout: float = 0.0) -> dict:
     path = out / "folds" / f"{held}.json"
     others = [n for n in names if n != held]
     if path.is_file():
@@ -180,7 +180,7 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim
     t0 = time.perf_counter()
     head = train_heads(x, boxes, heads=heads, seed=seed, members=out / "members" / held,
                        hidden=x.shape[-1], levels=x.shape[1], epochs=epochs, dim=dim,
-                       reduce=reduce, convs=convs)
+                       reduce=reduce, convs=convs, input_dropout=input_dropout)
     train_s = time.perf_counter() - t0
     # Threshold: best F1 on the other regions' tiles (selection), never on the held-out one.
     sel_p, sel_t, sel_s = [], [], []
@@ -193,7 +193,7 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim
     count_threshold = choose_threshold(sel_p, sel_t, sel_s, THRESHOLDS, metric="count")
     report = {"format": FOLD_FORMAT, "held_out": held, "trained_on": others, "train_views": len(x),
               "epochs": epochs, "dim": dim, "convs": convs, "reduce": reduce, "heads": heads,
-              "train_files": train_files, "train_s": round(train_s, 1), "seed": seed,
+              "train_files": train_files, "input_dropout": input_dropout, "train_s": round(train_s, 1), "seed": seed,
               "selection": score_detections(sel_p, sel_t, sel_s, threshold),
               **score_fold(out, held, head, threshold, count_threshold)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -599,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a region's training-view cache files a fold uses (the first; all)")
     ap.add_argument("--heads", type=int, default=1,
                     help="detector heads from consecutive seeds, read as their average")
+    ap.add_argument("--input-dropout", type=float, default=0.0,
+                    help="dropout on the features while training")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64, help="detector width")
     ap.add_argument("--convs", type=int, default=2, help="3 x 3 convolutions of the detector")
@@ -634,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if (out / "cache" / f"{n}.pt").is_file()]
         for held in [n for n in names if not args.folds or n in args.folds.split(",")]:
             run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,
-                     args.convs, args.train_files, args.heads)
+                     args.convs, args.train_files, args.heads, args.input_dropout)
         cross_thresholds(out)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))

@@ -198,7 +198,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                    levels: int, epochs: int = 15, batch_size: int = 16, lr: float = 2e-3,
                    seed: int = 0, dim: int = 96, log_every: int = 50,
                    reduce: int | None = None, convs: int = 2,
-                   init: DenseDetector | None = None) -> DenseDetector:
+                   init: DenseDetector | None = None,
+                   input_dropout: float = 0.0) -> DenseDetector:
     """The head on cached features (all boxes one class), AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
@@ -229,6 +230,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
         for i in range(0, n, batch_size):
             idx = order[i:i + batch_size]
             x = features[idx].float()
+            if input_dropout:  # leaning on fewer feature channels, for regions unlike these
+                x = torch.nn.functional.dropout(x, input_dropout)
             heat, box = head([x[:, j] for j in range(levels)])
             tb = [boxes[j] for j in idx]
             th, tt, tm = detection_targets(tb, [torch.zeros(len(b), dtype=torch.long)
