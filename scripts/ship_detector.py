@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     dim, reduce, convs = fold.get("dim", 96), fold.get("reduce"), fold.get("convs", 2)
     heads = fold.get("heads", 1)
     head = train_heads(x, boxes, heads=heads, seed=args.seed, hidden=x.shape[-1],
-                       levels=x.shape[1], epochs=epochs, dim=dim, reduce=reduce, convs=convs)
+                       levels=x.shape[1], epochs=epochs, dim=dim, reduce=reduce, convs=convs,
+                       input_dropout=fold.get("input_dropout", 0.0))
     threshold, count_threshold = pooled_thresholds(cross_thresholds(loro))
     folds = [json.loads(p.read_text()) for p in sorted((loro / "folds").glob("*.json"))]
     sizes = {torch.load(loro / "cache" / f"{r}.pt", weights_only=False).get("input_size",
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                             dim=dim, convs=convs, heads=heads,
                             threshold=threshold, count_threshold=count_threshold, notes={
                                 "trained_on": regions, "views": len(x), "epochs": epochs,
-                                "heads": heads,
+                                "heads": heads, "input_dropout": fold.get("input_dropout", 0.0),
                                 "threshold": "best mean over the LORO folds' held-out regions",
                                 "loro_f1": {f["held_out"]: round(f["f1"], 3) for f in folds}})
     folder = save_detector(head, config, args.parts)
