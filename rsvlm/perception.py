@@ -66,7 +66,8 @@ class DetectorConfig:
         return members[0] if self.heads == 1 else DetectorEnsemble(members)
 
 
-def save_detector(head: DenseDetector | DetectorEnsemble, config: DetectorConfig, folder: str | Path) -> Path:
+def save_detector(head: DenseDetector | DetectorEnsemble, config: DetectorConfig,
+                  folder: str | Path) -> Path:
     from safetensors.torch import save_file
 
     folder = Path(folder) / DETECTOR_DIR

@@ -191,9 +191,10 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim
         sel_s += d["sizes"]
     threshold = choose_threshold(sel_p, sel_t, sel_s)
     count_threshold = choose_threshold(sel_p, sel_t, sel_s, THRESHOLDS, metric="count")
-    report = {"format": FOLD_FORMAT, "held_out": held, "trained_on": others, "train_views": len(x),
-              "epochs": epochs, "dim": dim, "convs": convs, "reduce": reduce, "heads": heads,
-              "train_files": train_files, "input_dropout": input_dropout, "train_s": round(train_s, 1), "seed": seed,
+    report = {"format": FOLD_FORMAT, "held_out": held, "trained_on": others,
+              "train_views": len(x), "epochs": epochs, "dim": dim, "convs": convs,
+              "reduce": reduce, "heads": heads, "train_files": train_files,
+              "input_dropout": input_dropout, "train_s": round(train_s, 1), "seed": seed,
               "selection": score_detections(sel_p, sel_t, sel_s, threshold),
               **score_fold(out, held, head, threshold, count_threshold)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +260,8 @@ def pooled_thresholds(curves: dict[str, dict[float, tuple[float, float]]]
     def mean(t: float, k: int) -> float:
         return sum(c[t][k] for c in curves.values()) / len(curves)
 
-    return max(THRESHOLDS[1:], key=lambda t: mean(t, 0)), min(THRESHOLDS, key=lambda t: mean(t, 1))
+    return (max(THRESHOLDS[1:], key=lambda t: mean(t, 0)),
+            min(THRESHOLDS, key=lambda t: mean(t, 1)))
 
 
 def cross_thresholds(out: Path) -> dict[str, dict[float, tuple[float, float]]]:

@@ -4,10 +4,10 @@ trained parts (``PARTS/scene/``).
 The split is `rsvlm-train build-data`'s own (`training.classification.split_of_item`, the same
 seed and held-back fraction as the shipped model's dataset), so the classifier trains on the
 images the rest of the model trained on and is scored on the ones it never saw. Each training
-image is also read in its seven other flips and quarter turns (overhead imagery has no up), as
-the retriever's training views were; the features are the linear probe's
-(`training.probe.pooled_features`), the classifier scikit-learn's logistic regression on them,
-standardised, copied into a torch module.
+image is also read in its seven other flips and quarter turns (overhead imagery has no up;
+`training.augment.dihedral_pixels`), as the retriever's training views were; the features are
+the linear probe's (`training.probe.pooled_features`), the classifier scikit-learn's logistic
+regression on them, standardised, copied into a torch module.
 
     python scripts/ship_scene.py --data ../shared/data/classification/aid_150px \\
         --parts assets/models/embedded --held-out runs/aid_val
@@ -27,17 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rsvlm.scene import SceneClassifier, SceneConfig, save_scene  # noqa: E402
+from training.augment import dihedral_pixels  # noqa: E402
 from training.classification import scan_image_folder, split_of_item  # noqa: E402
 from training.probe import _vision_from_model_arg, pooled_features  # noqa: E402
-
-
-def dihedral(image: np.ndarray) -> list[np.ndarray]:
-    """The image in its 8 flips and quarter turns, itself first."""
-    out = []
-    for k in range(4):
-        turned = np.rot90(image, k)
-        out += [turned, turned[:, ::-1]]
-    return [np.ascontiguousarray(v) for v in out]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     train_x, train_y = [], []
     for it in train:
-        views = dihedral(read(it.path))[:args.views]
+        image = read(it.path)
+        views = [image] + [dihedral_pixels(image, k) for k in range(1, args.views)]
         train_x.append(pooled_features([Image.fromarray(v) for v in views], vision, processor,
                                        layers))
         train_y += [it.label] * len(views)
