@@ -436,7 +436,8 @@ def refer_table(folder: Path, chat: str = "") -> str:
              "acc@0.5, language model + box head |", "|---|---|---|---|---|"]
     from training.labelled import DEMO_AREAS
 
-    sums = {"all questions": [0.0, 0], "the OpenAerialMap areas' questions": [0.0, 0]}
+    sums = {"all questions": [0.0, 0], "the OpenAerialMap areas' questions": [0.0, 0],
+            "another kind's questions (0.5 m satellite)": [0.0, 0]}
     for path in sorted(folder.glob("*.grounding.json")):
         r = json.loads(path.read_text())
         region = path.name.split(".")[0]
@@ -444,7 +445,7 @@ def refer_table(folder: Path, chat: str = "") -> str:
         lines.append(f"| {region} | {r['n']} | {r['acc@0.5']:.3f} | {rules} | "
                      f"{before.get(region, '–')} |")
         for key in sums:
-            if key == "all questions" or region in DEMO_AREAS:
+            if key == "all questions" or (region in DEMO_AREAS) == key.startswith("the Open"):
                 sums[key][0] += r["acc@0.5"] * r["n"]
                 sums[key][1] += r["n"]
     for key, (hits, total) in sums.items():

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Referring grounding through the chat path with each leave-one-region-out fold's detector
-# (never trained on the region it is scored on). Needs `scripts/loro.py --out runs/loro` first.
+# (never trained on the region it is scored on), the four OAM areas, Atlanta and Rio. Needs
+# `scripts/loro.py --out runs/loro` first.
 # PARTS = the shipped parts with detector/ replaced by the fold's; reports in $OUT (runs/refer),
 # which `scripts/loro.py --table --card ... --refer runs/refer` renders into the model card.
 set -euo pipefail
@@ -23,3 +24,10 @@ done
 parts atlanta
 .venv/bin/rsvlm-train eval --task grounding --data "$D/buildings/spacenet4_atlanta_pan_solaris" \
   --model runs/parts/atlanta --limit 60 --chip-size 450 --out "$OUT/atlanta.grounding.json"
+# Rio (SpaceNet-1, 0.5 m WorldView-2: the dense city in satellite imagery), its masks made a
+# region folder by scripts/rio_region.py; each chip (438 x 406 px) read as one 400 px chip.
+[ -f runs/rio_region/buildings_epsg4326.geojson ] || \
+  .venv/bin/python scripts/rio_region.py --data "$D" --out runs/rio_region
+parts rio
+.venv/bin/rsvlm-train eval --task grounding --data runs/rio_region --model runs/parts/rio \
+  --limit 60 --chip-size 400 --out "$OUT/rio.grounding.json"
