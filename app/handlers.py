@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.answers import count_phrase, number_range, readable_answer, streaming_text
+from app.answers import readable_answer, streaming_text
 from app.backend import Backend, BackendNotReady, Session
 from app.files import FileStore, SessionFiles
 from app.guards import (
@@ -639,11 +639,7 @@ def _scene_update(ctx: AppContext, state: SessionState, question: str, result: A
             x1, y1, x2, y2 = (round(v) for v in px.bounds)
             state.last_boxes.append(((x1, y1, x2, y2), f"#{n} {det.label}"))
     tiles = f"{result.tiles_read} tile{'s' if result.tiles_read != 1 else ''}"
-    if result.detections:
-        found = (f"Found {count_phrase([d.label for d in result.detections])} "
-                 f"(numbered {number_range(numbers)} on the map)")
-    else:
-        found = "Found nothing to mark"
+    found = result.found(numbers)
     if result.cancelled:
         text = f"Stopped after {tiles} of {result.tiles_total}. {found} so far."
     else:
@@ -817,8 +813,7 @@ def _api_scene(ctx: AppContext, source: str, chip: Chip, question: str, say: Say
     for i, feature in enumerate(fc["features"], start=1):
         feature["properties"]["n"] = i
     numbers = list(range(1, len(result.detections) + 1))
-    found = (f"Found {count_phrase([d.label for d in result.detections])} (numbered "
-             f"{number_range(numbers)})" if result.detections else "Found nothing to mark")
+    found = result.found(numbers, where="")
     tiles = f"{result.tiles_read} tile{'s' if result.tiles_read != 1 else ''}"
     text = (f"Stopped after {tiles} of {result.tiles_total}. {found} so far."
             if result.cancelled else f"{found}, reading the whole area in {tiles}.")

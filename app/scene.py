@@ -63,6 +63,23 @@ class ScanAnswer:
     raw: list[str] = field(default_factory=list)  # each tile's raw answer, in reading order
     retrieved: list[dict[str, Any]] = field(default_factory=list)  # every tile's hits
     prompt: str = ""  # the exact prompt of the first tile (the others differ only in pixels)
+    # A count or presence question: (kind, label, the find-all question the tiles were asked),
+    # `rsvlm.perception.area_question`; the answer counts the merged detections of the label.
+    area: tuple[str, str, str] | None = None
+
+    def found(self, numbers: Sequence[int], where: str = "on the map") -> str:
+        """What the scan found, as the start of the chat's answer."""
+        from app.answers import count_phrase, number_range
+        from rsvlm.perception import area_answer
+
+        numbered = f" (numbered {number_range(numbers)}{' ' + where if where else ''})"
+        if self.area is not None:
+            kind, label, _ = self.area
+            n = sum(d.label == label for d in self.detections)
+            return area_answer(kind, label, n) + (numbered if self.detections else "")
+        if self.detections:
+            return f"Found {count_phrase([d.label for d in self.detections])}{numbered}"
+        return "Found nothing to mark"
 
 
 def session_answer_fn(backend: Backend, boxes_out: list[AnswerBox], raw_out: list[str],
@@ -136,8 +153,15 @@ def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], quest
               cancel: threading.Event | None = None) -> ScanAnswer:
     """Scan ``bounds`` (source CRS) of the raster at ``source_path`` with ``question``; tiles of
     ``chip_size`` native pixels, read one at a time so progress and cancel act per tile."""
+    from rsvlm.perception import area_question
     from rsvlm.scan import ScanError, scan
     from tiles import AreaSource, open_source
+
+    # "How many buildings?" over an area: the tiles find them and the merged boxes are counted,
+    # each once. The detector's classes; buildings for a model that grounds what it is asked.
+    labels = (getattr(backend, "info", None) or {}).get("detector_labels") or ["building"]
+    counted = area_question(question, labels)
+    question = counted[2] if counted is not None else question
 
     boxes: list[AnswerBox] = []
     raw: list[str] = []
@@ -158,4 +182,4 @@ def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], quest
     carry_scores(detections, boxes)
     detections.sort(key=lambda d: -(d.score if d.score is not None else 0.0))
     return ScanAnswer(detections, result.chips_done, result.chips_total, result.cancelled,
-                      result.seconds, raw, retrieved, prompt[0] if prompt else "")
+                      result.seconds, raw, retrieved, prompt[0] if prompt else "", counted)

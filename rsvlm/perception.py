@@ -277,6 +277,28 @@ def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
     return None
 
 
+def area_question(question: str, labels: list[str]) -> tuple[str, str, str] | None:
+    """For a question about a whole area read in tiles: (kind, label, the question each tile
+    is asked) when the answer is a number or a yes/no about the objects (count, presence). Each
+    tile then answers "find all" instead, so the tiles' boxes merge across borders (an object
+    cut by one lies whole in the next) and the area's answer counts each object once; a sum of
+    the tiles' own counts would count the overlaps twice. None for other questions."""
+    asked = object_question(question, labels)
+    if asked is None or asked[0] not in {"count", "presence"}:
+        return None
+    kind, label = asked
+    return kind, label, f"Find all {_PLURALS.get(label, label + 's')} in the image."
+
+
+def area_answer(kind: str, label: str, n: int) -> str:
+    """The answer to an `area_question` from the number of merged detections of ``label``."""
+    plural = _PLURALS.get(label, label + "s")
+    if kind == "presence":
+        return (f"Yes: {n} {label if n == 1 else plural} in this area" if n
+                else f"No {plural} found in this area")
+    return f"{n} {label if n == 1 else plural} in this area"
+
+
 def referred_detection(question: str, label: str, detections: list[Detection]
                        ) -> Detection | None:
     """The one detection a referring question (`referred`) means: among those in its cell (all

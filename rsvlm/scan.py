@@ -84,6 +84,10 @@ def _perceived(engine: Any, chips: Sequence[Any], images: Sequence[Any], questio
     asked = object_question(question, perception.config.labels) if perception else None
     if asked is None:
         return None
+    if asked[0] in {"count", "presence"}:
+        # A scan writes boxes and merges them across borders (`perception.area_question`):
+        # every chip answers with its detections, so the scan's detections are the count.
+        asked = ("find_all", asked[1])
     with engine.generation_lock:
         return [perception_answer(
                     asked[0], asked[1],

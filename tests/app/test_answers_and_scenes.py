@@ -148,6 +148,22 @@ def test_find_on_the_whole_region_scans_tiles_and_merges(ctx: AppContext) -> Non
     assert "tiles" not in described
 
 
+def test_a_count_over_the_whole_region_counts_the_merged_detections(ctx: AppContext) -> None:
+    # Each tile answering its own count would leave nothing to merge ("Found nothing to mark",
+    # or the overlaps counted twice): the tiles are asked to find them, the merged boxes counted.
+    state, _ = h.start_session(ctx)
+    final = list(h.ask(ctx, state, "How many buildings are there?"))[-1]
+    said = _plain(final.chat[-1]["content"])
+    m = re.match(r"(\d+) buildings in this area \(numbered 1–(\d+) on the map\), reading the "
+                 r"whole area in 12 tiles\.", said)
+    assert m, said
+    assert int(m.group(1)) == int(m.group(2)) == len(state.detections) == 36
+    assert "Find all buildings in the image." in final.prompt  # what each tile was asked
+    text, geojson = h.api_ask(ctx, None, "", "How many buildings are in this image?")
+    assert text == "36 buildings in this area (numbered 1–36), reading the whole area in 12 tiles."
+    assert len(json.loads(geojson)["features"]) == 36
+
+
 def test_stop_ends_a_scan_after_the_current_tile(ctx: AppContext) -> None:
     slow = AppContext(backend=FakeBackend(delay_s=0.02), region=ctx.region,
                       export_dir=ctx.export_dir)

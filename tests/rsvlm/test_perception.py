@@ -14,6 +14,8 @@ from rsvlm.detector import Detection
 from rsvlm.perception import (
     DetectorConfig,
     Perception,
+    area_answer,
+    area_question,
     detections_summary,
     object_question,
     perception_answer,
@@ -294,4 +296,21 @@ def test_a_scan_asks_the_detector_for_every_chip(tmp_path: Path) -> None:
     chips = [Image.new("RGB", (64, 64), (c, c, c)) for c in (50, 150)]
     texts = answer(chips, "find all buildings")
     assert [len(parse_boxes(t)) for t in texts] == [16, 16]
-    assert answer(chips, "how many buildings are there?") == ["16", "16"]
+    # A scan counts its merged boxes (`area_question`): every chip answers a count with them.
+    assert [len(parse_boxes(t)) for t in answer(chips, "how many buildings are there?")] == \
+        [16, 16]
+
+
+def test_an_area_question_asks_the_tiles_to_find_and_counts_once() -> None:
+    labels = ["building"]
+    assert area_question("How many buildings are there?", labels) == (
+        "count", "building", "Find all buildings in the image.")
+    assert area_question("Are there any buildings in the image?", labels)[:2] == (
+        "presence", "building")
+    assert area_question("Find all buildings in the image.", labels) is None  # boxes already
+    assert area_question("Where is the largest building?", labels) is None
+    assert area_question("How many roads are there?", labels) is None
+    assert area_answer("count", "building", 12) == "12 buildings in this area"
+    assert area_answer("count", "building", 1) == "1 building in this area"
+    assert area_answer("presence", "building", 0) == "No buildings found in this area"
+    assert area_answer("presence", "building", 3) == "Yes: 3 buildings in this area"
