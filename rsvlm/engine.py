@@ -175,6 +175,11 @@ class SessionCaches:
         return len(self._sessions)
 
 
+# The scene classifier learnt AID's scenes (0.5-8 m a pixel); chips finer than this are read by
+# the detector instead when asked what kind of area they show.
+SCENE_MIN_GSD = 0.3
+
+
 class ChatSession(OnChip):
     """A multi-turn conversation about one chip. Use `ask`, then read `last`."""
 
@@ -310,12 +315,24 @@ class ChatSession(OnChip):
         engine.caches.touch(self)
 
     def _classified(self, question: str) -> Answer | None:
-        """The scene classifier's answer to "the best category from: ...", or None (it has no
-        classifier, the question offers no categories, or some it does not know)."""
-        from rsvlm.scene import asked_choices
+        """The scene classifier's answer to "the best category from: ..." (the category, among
+        those offered), or to an open "what kind of area is this?" (a sentence: its likeliest
+        of all its categories and the runner-up); None when it has no classifier, or the
+        question offers categories it does not know or asks something else."""
+        from rsvlm.scene import asked_choices, asks_scene
 
         reader = self.engine.scene
-        choices = asked_choices(question) if reader is not None else None
+        if reader is None:
+            return None
+        choices = asked_choices(question)
+        offered = choices is not None
+        if not offered and asks_scene(question):
+            gsd = self.gsd
+            if gsd is not None and gsd < SCENE_MIN_GSD:
+                # Finer than any scene the classifier learnt (AID: 0.5-8 m a pixel; a 0.15 m
+                # chip of 77 m read as a scene says "resort" at 0.99): what the detector finds.
+                return self._scene_from_detections()
+            choices = reader.classes
         if not choices or not reader.knows(choices):
             return None
         t0 = time.perf_counter()
@@ -323,13 +340,50 @@ class ChatSession(OnChip):
             pixels = self._pixel_values()
             if self.retrieved is None:  # the semantics panel shows them for every answer
                 self.retrieved = self.engine.retrieve(pixels)
-            best, prob = reader.choose(pixels, choices)
-        took = round(time.perf_counter() - t0, 4)
-        return Answer(text=best, boxes=[], retrieved=list(self.retrieved or []),
+            ranked = reader.rank(pixels, choices)
+        (best, prob), took = ranked[0], round(time.perf_counter() - t0, 4)
+        text = best
+        if not offered:
+            text = f"It looks like {best} (probability {prob:.2f})"
+            if len(ranked) > 1:
+                text += f"; next: {ranked[1][0]} ({ranked[1][1]:.2f})"
+            text += "."
+        where = "offered" if offered else "it knows"
+        return Answer(text=text, boxes=[], retrieved=list(self.retrieved or []),
                       timing={"first_token_s": took, "total_s": took, "new_tokens": 0,
                               "prefill_tokens": 0, "scene": 1.0},
                       prompt=f"(answered by the scene classifier: {best}, probability "
-                             f"{prob:.2f} among the {len(choices)} categories offered)")
+                             f"{prob:.2f} among the {len(choices)} categories {where})")
+
+    def _scene_from_detections(self) -> Answer | None:
+        """What kind of area a chip finer than the scene classifier's imagery shows, from the
+        detector: rural or urban by the training data's rule and what it finds; None (the
+        language model answers) without a detector."""
+        from rsvlm.perception import detections_sentence, perception_reply
+
+        perception = self.engine.perception
+        if perception is None:
+            return None
+        t0 = time.perf_counter()
+        with self.engine.generation_lock:
+            if self.detections is None:
+                self.detections = perception.detect(self.image, self.gsd)
+            if self.retrieved is None:
+                self.retrieved = self.engine.retrieve(self._pixel_values())
+        selected = perception.select(self.detections, "count")
+        size = (self.chip_width, self.chip_height)
+        label = perception.config.labels[0]
+        kind, _ = perception_reply("rural_urban", label, selected, size,
+                                   ground_m2=getattr(self.chip, "ground_area_m2", None))
+        found = detections_sentence(selected, perception.config.labels)
+        plural = "buildings" if label == "building" else label + "s"
+        text = f"A{'n' if kind == 'urban' else ''} {kind} area, by its {plural}. {found}"
+        took = round(time.perf_counter() - t0, 4)
+        return Answer(text=text, boxes=[], retrieved=list(self.retrieved or []),
+                      timing={"first_token_s": took, "total_s": took, "new_tokens": 0,
+                              "prefill_tokens": 0, "detector": 1.0},
+                      prompt=f"(answered by the detector: the chip, {self.gsd:.2f} m a pixel, "
+                             f"is finer than the scene classifier's imagery)")
 
     def _perceived(self, question: str,
                    region_box_px: tuple[float, float, float, float] | None) -> Answer | None:

@@ -90,6 +90,19 @@ def asked_choices(question: str) -> list[str] | None:
     return choices if len(choices) >= 2 else None
 
 
+_ASKS_SCENE = re.compile(
+    r"\b(?:what|which) (?:kind|type|sort|category|class) of (?:area|scene|place|land ?use|"
+    r"landscape|site|image|region)\b|\bclassify (?:the|this) (?:scene|image|area|picture)\b|"
+    r"\bscene (?:class|category|type)\b", re.IGNORECASE)
+
+
+def asks_scene(question: str) -> bool:
+    """Whether ``question`` asks what kind of scene the image shows without offering categories
+    ("Classify the scene: what kind of area is this?"): the classifier answers from all of its
+    own."""
+    return bool(_ASKS_SCENE.search(question or "")) and asked_choices(question) is None
+
+
 class SceneReader:
     """A `SceneClassifier` on the model's own frozen vision tower and image processor."""
 
@@ -120,13 +133,21 @@ class SceneReader:
             feats += [h[:, 1:].mean(1), h[:, 0]]
         return torch.cat(feats, dim=-1)
 
+    @property
+    def classes(self) -> list[str]:
+        return list(self.model.config.classes)
+
     @torch.inference_mode()
+    def rank(self, pixel_values: torch.Tensor, choices: list[str]) -> list[tuple[str, float]]:
+        """``choices`` (all known to the classifier) for one image, likeliest first, with their
+        probabilities among them."""
+        classes = [c.lower() for c in self.model.config.classes]
+        idx = [classes.index(c.lower()) for c in choices]
+        prob = self.model(self.pooled(pixel_values))[0, idx].softmax(-1)
+        order = prob.argsort(descending=True).tolist()
+        return [(choices[i], float(prob[i])) for i in order]
+
     def choose(self, pixel_values: torch.Tensor, choices: list[str]) -> tuple[str, float]:
         """The likeliest of ``choices`` (all known to the classifier) for one image, with its
         probability among them."""
-        classes = [c.lower() for c in self.model.config.classes]
-        idx = [classes.index(c.lower()) for c in choices]
-        logits = self.model(self.pooled(pixel_values))[0, idx]
-        prob = logits.softmax(-1)
-        best = int(prob.argmax())
-        return choices[best], float(prob[best])
+        return self.rank(pixel_values, choices)[0]

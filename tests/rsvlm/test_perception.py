@@ -314,3 +314,32 @@ def test_an_area_question_asks_the_tiles_to_find_and_counts_once() -> None:
     assert area_answer("count", "building", 1) == "1 building in this area"
     assert area_answer("presence", "building", 0) == "No buildings found in this area"
     assert area_answer("presence", "building", 3) == "Yes: 3 buildings in this area"
+
+
+def test_what_kind_of_area_finer_than_the_scene_classifiers_imagery(tmp_path: Path) -> None:
+    # The scene classifier learnt AID (0.5-8 m a pixel): a 0.15 m chip is answered from the
+    # detector (rural/urban and what it finds), a 0.5 m one from the classifier.
+    from rsvlm.engine import ChatEngine
+    from rsvlm.loading import LoadedModel
+    from rsvlm.scene import SceneClassifier, SceneConfig, SceneReader
+    from rsvlm.testing import tiny_image_processor, tiny_processor
+    from tiles import Chip
+
+    perception, model = _tiny_perception(tmp_path, bias=3.0)
+    hidden = model.config.vision_config.hidden_size
+    clf = SceneClassifier(SceneConfig(classes=["forest", "resort"], layers=[1, 2],
+                                      hidden=hidden))
+    with torch.no_grad():
+        clf.linear.weight.zero_()
+        clf.linear.bias.copy_(torch.tensor([0.0, 5.0]))
+    reader = SceneReader(clf, model.vision_tower.model, tiny_image_processor())
+    engine = ChatEngine(LoadedModel(model, tiny_processor(model.config), perception=perception,
+                                    scene=reader), max_new_tokens=4, decode_backend="torch")
+    pixels = np.full((64, 64, 3), 110, np.uint8)
+    question = "Classify the scene: what kind of area is this?"
+    fine = engine.session(Chip(pixels, "EPSG:32636", Affine(0.15, 0, 455_000, 0, -0.15, 40_000)))
+    said = "".join(fine.ask(question))
+    assert said == ("An urban area, by its buildings. The detector finds 16 buildings spread "
+                    "over the image.") and fine.last.timing["detector"] == 1.0
+    coarse = engine.session(Chip(pixels, "EPSG:32636", Affine(0.5, 0, 455_000, 0, -0.5, 40_000)))
+    assert "".join(coarse.ask(question)).startswith("It looks like resort (probability ")

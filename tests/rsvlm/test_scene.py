@@ -14,6 +14,7 @@ from rsvlm.scene import (
     SceneConfig,
     SceneReader,
     asked_choices,
+    asks_scene,
     load_scene,
     save_scene,
 )
@@ -73,6 +74,10 @@ def test_the_chat_path_answers_offered_categories_from_the_classifier(tmp_path: 
     assert "scene" not in other.last.timing
     list(other.ask("What is in this image?"))
     assert "scene" not in other.last.timing
+    # An open question about the kind of scene: the likeliest of all it knows, and the next.
+    said = "".join(session.ask("Classify the scene: what kind of area is this?"))
+    assert said.startswith("It looks like forest (probability ") and "; next: " in said
+    assert "among the 3 categories it knows" in session.last.prompt
     # A drawn region is the language model's (the classifier reads the whole chip).
     list(other.ask(classification_prompt(["airport", "forest"]), region_box_px=(0, 0, 8, 8)))
     assert "scene" not in other.last.timing
@@ -80,3 +85,16 @@ def test_the_chat_path_answers_offered_categories_from_the_classifier(tmp_path: 
     assert loaded.scene is None
     with pytest.raises(ValueError, match="no scene classifier"):
         ablate(loaded, {"scene"})
+
+
+@pytest.mark.parametrize("question, asks", [
+    ("Classify the scene: what kind of area is this?", True),
+    ("What type of land use is shown?", True),
+    ("Which kind of place is this?", True),
+    ("What is the scene category?", True),
+    (classification_prompt(["airport", "farmland"]), False),  # offered: the categories decide
+    ("How many buildings are there?", False),
+    ("What kind of roof does the largest building have?", False),
+])
+def test_open_scene_questions(question, asks) -> None:
+    assert asks_scene(question) is asks
