@@ -355,6 +355,15 @@ class ChatSession(OnChip):
                       prompt=f"(answered by the scene classifier: {best}, probability "
                              f"{prob:.2f} among the {len(choices)} categories {where})")
 
+    def _detect(self, perception: Any) -> None:
+        """The chip's detections, once per session, and its retrieval (the semantics panel
+        shows them for every answer, the LM's or not)."""
+        with self.engine.generation_lock:
+            if self.detections is None:
+                self.detections = perception.detect(self.image, self.gsd)
+            if self.retrieved is None:
+                self.retrieved = self.engine.retrieve(self._pixel_values())
+
     def _scene_from_detections(self) -> Answer | None:
         """What kind of area a chip finer than the scene classifier's imagery shows, from the
         detector: rural or urban by the training data's rule and what it finds; None (the
@@ -365,11 +374,7 @@ class ChatSession(OnChip):
         if perception is None:
             return None
         t0 = time.perf_counter()
-        with self.engine.generation_lock:
-            if self.detections is None:
-                self.detections = perception.detect(self.image, self.gsd)
-            if self.retrieved is None:
-                self.retrieved = self.engine.retrieve(self._pixel_values())
+        self._detect(perception)
         selected = perception.select(self.detections, "count")
         size = (self.chip_width, self.chip_height)
         label = perception.config.labels[0]
@@ -395,11 +400,7 @@ class ChatSession(OnChip):
         if asked is None:
             return None
         t0 = time.perf_counter()
-        with self.engine.generation_lock:
-            if self.detections is None:
-                self.detections = perception.detect(self.image, self.gsd)
-            if self.retrieved is None:  # the semantics panel shows them for every answer
-                self.retrieved = self.engine.retrieve(self._pixel_values())
+        self._detect(perception)
         kind, label = asked
         selected = perception.select(self.detections, kind, question)
         # The geodesic area only where the answer uses it (buildings per hectare).
