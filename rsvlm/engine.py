@@ -175,9 +175,11 @@ class SessionCaches:
         return len(self._sessions)
 
 
-# The scene classifier learnt AID's scenes (0.5-8 m a pixel); chips finer than this are read by
-# the detector instead when asked what kind of area they show.
-SCENE_MIN_GSD = 0.3
+# The scene classifier learnt AID's scenes, 600 px at 0.5-8 m a pixel: 300 m to 4.8 km across.
+# A chip less than this across is not a scene to it (the 77 m Kampala demo chip came out
+# "resort" at 0.99, the 230 m demo raster "school" at 0.93); asked what kind of area it shows,
+# the detector's reading answers instead.
+SCENE_MIN_SIDE_M = 300.0
 
 
 class ChatSession(OnChip):
@@ -327,10 +329,9 @@ class ChatSession(OnChip):
         choices = asked_choices(question)
         offered = choices is not None
         if not offered and asks_scene(question):
-            gsd = self.gsd
-            if gsd is not None and gsd < SCENE_MIN_GSD:
-                # Finer than any scene the classifier learnt (AID: 0.5-8 m a pixel; a 0.15 m
-                # chip of 77 m read as a scene says "resort" at 0.99): what the detector finds.
+            ground = getattr(self.chip, "ground_area_m2", None)
+            if ground and ground ** 0.5 < SCENE_MIN_SIDE_M:
+                # Smaller than any scene the classifier learnt: what the detector finds.
                 return self._scene_from_detections()
             choices = reader.classes
         if not choices or not reader.knows(choices):
@@ -387,8 +388,8 @@ class ChatSession(OnChip):
         return Answer(text=text, boxes=[], retrieved=list(self.retrieved or []),
                       timing={"first_token_s": took, "total_s": took, "new_tokens": 0,
                               "prefill_tokens": 0, "detector": 1.0},
-                      prompt=f"(answered by the detector: the chip, {self.gsd:.2f} m a pixel, "
-                             f"is finer than the scene classifier's imagery)")
+                      prompt="(answered by the detector: the chip is smaller than the "
+                             f"{SCENE_MIN_SIDE_M:.0f} m the scene classifier's scenes span)")
 
     def _perceived(self, question: str,
                    region_box_px: tuple[float, float, float, float] | None) -> Answer | None:

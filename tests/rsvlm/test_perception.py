@@ -316,9 +316,9 @@ def test_an_area_question_asks_the_tiles_to_find_and_counts_once() -> None:
     assert area_answer("presence", "building", 3) == "Yes: 3 buildings in this area"
 
 
-def test_what_kind_of_area_finer_than_the_scene_classifiers_imagery(tmp_path: Path) -> None:
-    # The scene classifier learnt AID (0.5-8 m a pixel): a 0.15 m chip is answered from the
-    # detector (rural/urban and what it finds), a 0.5 m one from the classifier.
+def test_what_kind_of_area_smaller_than_the_scene_classifiers_scenes(tmp_path: Path) -> None:
+    # The scene classifier learnt AID (scenes 300 m to 4.8 km across): a chip of 10 m is
+    # answered from the detector (rural/urban and what it finds), one of 320 m by the classifier.
     from rsvlm.engine import ChatEngine
     from rsvlm.loading import LoadedModel
     from rsvlm.scene import SceneClassifier, SceneConfig, SceneReader
@@ -341,5 +341,6 @@ def test_what_kind_of_area_finer_than_the_scene_classifiers_imagery(tmp_path: Pa
     said = "".join(fine.ask(question))
     assert said == ("An urban area, by its buildings. The detector finds 16 buildings spread "
                     "over the image.") and fine.last.timing["detector"] == 1.0
-    coarse = engine.session(Chip(pixels, "EPSG:32636", Affine(0.5, 0, 455_000, 0, -0.5, 40_000)))
+    # 64 px at 5 m: 320 m across, a scene of AID's size.
+    coarse = engine.session(Chip(pixels, "EPSG:32636", Affine(5.0, 0, 455_000, 0, -5.0, 40_000)))
     assert "".join(coarse.ask(question)).startswith("It looks like resort (probability ")
