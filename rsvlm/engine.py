@@ -369,7 +369,7 @@ class ChatSession(OnChip):
         """What kind of area a chip finer than the scene classifier's imagery shows, from the
         detector: rural or urban by the training data's rule and what it finds; None (the
         language model answers) without a detector."""
-        from rsvlm.perception import detections_sentence, perception_reply
+        from rsvlm.perception import detections_sentence, plural, scene_of_detections
 
         perception = self.engine.perception
         if perception is None:
@@ -377,13 +377,10 @@ class ChatSession(OnChip):
         t0 = time.perf_counter()
         self._detect(perception)
         selected = perception.select(self.detections, "count")
-        size = (self.chip_width, self.chip_height)
         label = perception.config.labels[0]
-        kind, _ = perception_reply("rural_urban", label, selected, size,
-                                   ground_m2=getattr(self.chip, "ground_area_m2", None))
+        kind = scene_of_detections(selected, label, getattr(self.chip, "ground_area_m2", None))
         found = detections_sentence(selected, perception.config.labels)
-        plural = "buildings" if label == "building" else label + "s"
-        text = f"A{'n' if kind == 'urban' else ''} {kind} area, by its {plural}. {found}"
+        text = f"A{'n' if kind == 'urban' else ''} {kind} area, by its {plural(label)}. {found}"
         took = round(time.perf_counter() - t0, 4)
         return Answer(text=text, boxes=[], retrieved=list(self.retrieved or []),
                       timing={"first_token_s": took, "total_s": took, "new_tokens": 0,

@@ -225,9 +225,12 @@ def scene_of_detections(detections: list[Detection], label: str = "building",
 _PLURALS = {"building": "buildings"}
 
 
+def plural(label: str) -> str:
+    return _PLURALS.get(label, label + "s")
+
+
 def _label_pattern(label: str) -> str:
-    plural = _PLURALS.get(label, label + "s")
-    return rf"(?:{re.escape(plural)}|{re.escape(label)})"
+    return rf"(?:{re.escape(plural(label))}|{re.escape(label)})"
 
 
 _CELLS = ("top left", "top right", "bottom left", "bottom right", "top", "bottom", "left",
@@ -287,16 +290,16 @@ def area_question(question: str, labels: list[str]) -> tuple[str, str, str] | No
     if asked is None or asked[0] not in {"count", "presence"}:
         return None
     kind, label = asked
-    return kind, label, f"Find all {_PLURALS.get(label, label + 's')} in the image."
+    return kind, label, f"Find all {plural(label)} in the image."
 
 
 def area_answer(kind: str, label: str, n: int) -> str:
     """The answer to an `area_question` from the number of merged detections of ``label``."""
-    plural = _PLURALS.get(label, label + "s")
+    noun = label if n == 1 else plural(label)
     if kind == "presence":
-        return (f"Yes: {n} {label if n == 1 else plural} in this area" if n
-                else f"No {plural} found in this area")
-    return f"{n} {label if n == 1 else plural} in this area"
+        return (f"Yes: {n} {noun} in this area" if n
+                else f"No {plural(label)} found in this area")
+    return f"{n} {noun} in this area"
 
 
 def referred_detection(question: str, label: str, detections: list[Detection]
@@ -388,7 +391,7 @@ def perception_reply(kind: str, label: str, detections: list[Detection],
     if kind == "count":
         return str(len(mine)), mine
     if not mine:
-        return f"I find no {_PLURALS.get(label, label + 's')} in this image.", []
+        return f"I find no {plural(label)} in this image.", []
     return "".join(format_box(label, [v * 1000 for v in d.box]) for d in mine), mine
 
 
@@ -416,12 +419,11 @@ def detections_sentence(detections: list[Detection], labels: list[str], where: b
     parts = []
     for label in labels:
         mine = [d for d in detections if d.label == label]
-        plural = _PLURALS.get(label, label + "s")
         if not mine:
-            parts.append(f"no {plural}")
+            parts.append(f"no {plural(label)}")
             continue
         top = _cell_counts(mine)
-        noun = label if len(mine) == 1 else plural
+        noun = label if len(mine) == 1 else plural(label)
         if not where:
             parts.append(f"{len(mine)} {noun}")
         elif len(mine) == 1:
@@ -440,9 +442,9 @@ def detections_summary(detections: list[Detection], labels: list[str]) -> str:
     for label in labels:
         mine = [d for d in detections if d.label == label]
         if not mine:
-            parts.append(f"0 {_PLURALS.get(label, label + 's')}")
+            parts.append(f"0 {plural(label)}")
             continue
         where = ", ".join(f"{n} {cell}" for cell, n in _cell_counts(mine))
-        noun = label if len(mine) == 1 else _PLURALS.get(label, label + "s")
+        noun = label if len(mine) == 1 else plural(label)
         parts.append(f"{len(mine)} {noun} ({where})")
     return "Detected: " + "; ".join(parts) + "."

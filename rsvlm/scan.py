@@ -78,16 +78,18 @@ def _perceived(engine: Any, chips: Sequence[Any], images: Sequence[Any], questio
     """The detector's answers (`rsvlm.perception`) when the engine has one and the question is
     about the objects it detects (as in a one-chip chat); None otherwise."""
     from rsvlm.answer import ground_sample_distance
-    from rsvlm.perception import object_question, perception_answer
+    from rsvlm.perception import area_question, object_question, perception_answer
 
     perception = getattr(engine, "perception", None)
-    asked = object_question(question, perception.config.labels) if perception else None
+    if perception is None:
+        return None
+    labels = perception.config.labels
+    counted = area_question(question, labels)
+    # A scan merges boxes across borders: a count or presence question is answered by every
+    # chip with its detections, and the scan's merged detections are the count.
+    asked = ("find_all", counted[1]) if counted else object_question(question, labels)
     if asked is None:
         return None
-    if asked[0] in {"count", "presence"}:
-        # A scan writes boxes and merges them across borders (`perception.area_question`):
-        # every chip answers with its detections, so the scan's detections are the count.
-        asked = ("find_all", asked[1])
     with engine.generation_lock:
         return [perception_answer(
                     asked[0], asked[1],

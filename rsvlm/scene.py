@@ -75,6 +75,17 @@ def load_scene(folder: str | Path) -> SceneClassifier | None:
     return model.eval()
 
 
+def pool_levels(hidden_states: Any, layers: list[int]) -> torch.Tensor:
+    """(batch, len(layers) * 2 * hidden): per layer of the tower's hidden states, the mean patch
+    token and the first token. The classifier is fitted (`training.probe.pooled_features`) and
+    read on exactly these."""
+    feats = []
+    for i in layers:
+        h = hidden_states[i].float().cpu()
+        feats += [h[:, 1:].mean(1), h[:, 0]]
+    return torch.cat(feats, dim=-1)
+
+
 _CHOICES = re.compile(r"(?:categor(?:y|ies)|class(?:es)?)\b[^:]*\bfrom\s*:\s*(.+?)(?:\.\s|\.?$)",
                       re.IGNORECASE | re.DOTALL)
 
@@ -127,11 +138,7 @@ class SceneReader:
         param = next(self.vision.parameters())
         hidden = self.vision(pixel_values=pixel_values.to(param.device, param.dtype),
                              output_hidden_states=True).hidden_states
-        feats = []
-        for i in self.model.config.layers:
-            h = hidden[i].float().cpu()
-            feats += [h[:, 1:].mean(1), h[:, 0]]
-        return torch.cat(feats, dim=-1)
+        return pool_levels(hidden, self.model.config.layers)
 
     @property
     def classes(self) -> list[str]:

@@ -130,26 +130,25 @@ def levels(loro_args: list[str], cache: Path, extra: Path, layers: list[int],
 
 
 def mix(cache: Path, member_dirs: list[Path]) -> int:
-    """Each OAM fold read by the heads of every run in ``member_dirs`` averaged; thresholds
-    from the other folds' held-out regions (`loro.pooled_thresholds`)."""
-    from safetensors.torch import load_file
-
-    from rsvlm.detector import DenseDetector, DetectorEnsemble
-    from training.detection import predict
+    """Each OAM fold read by the heads of every run in ``member_dirs`` averaged (heads of the
+    cache run's fold architecture); thresholds from the other folds' held-out regions
+    (`loro.pooled_thresholds`)."""
+    from rsvlm.detector import DetectorEnsemble
+    from training.detection import predict, train_heads
 
     folds = [h for h in DEMO_AREAS if (cache / "cache" / f"{h}.eval.pt").is_file()]
     preds, curves, heads = {}, {}, 0
     for held in folds:
+        _, config = loro._fold_head(cache, held)
         members = []
         for d in member_dirs:
-            for f in sorted((d / held).glob("seed*.safetensors")):
-                state = load_file(str(f))
-                dim, width = state["proj.0.weight"].shape
-                head = DenseDetector(384, width // 384, classes=1, dim=dim,
-                                     convs=sum(k.endswith(".weight") and v.dim() == 4
-                                               for k, v in state.items()) - 2)
-                head.load_state_dict(state)
-                members.append(head.eval())
+            n = len(list((d / held).glob("seed*.safetensors")))
+            if not n:
+                raise SystemExit(f"{d / held} holds no heads")
+            # Every member is there already, so this only reads them.
+            head = train_heads(None, [], heads=n, members=d / held, hidden=config.hidden,
+                               levels=len(config.layers), dim=config.dim, convs=config.convs)
+            members += list(head.members) if isinstance(head, DetectorEnsemble) else [head]
         heads = len(members)
         preds[held] = predict(DetectorEnsemble(members), loro._load(cache, held, "eval")[
             "features"], 0.1)

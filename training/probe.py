@@ -27,6 +27,8 @@ def pooled_features(images: Sequence[Any], vision_model: Any, image_processor: A
     """(n, len(layers) * 2 * hidden): per layer the mean patch token and the first token."""
     import torch
 
+    from rsvlm.scene import pool_levels
+
     vision_model.eval()
     out = []
     for i in range(0, len(images), batch_size):
@@ -34,11 +36,7 @@ def pooled_features(images: Sequence[Any], vision_model: Any, image_processor: A
         with torch.inference_mode():
             hidden = vision_model(pixel_values=batch["pixel_values"], output_hidden_states=True,
                                   return_dict=True).hidden_states
-        feats = []
-        for idx in layers:
-            h = hidden[idx].float()
-            feats += [h[:, 1:].mean(1), h[:, 0]]
-        out.append(torch.cat(feats, dim=-1).numpy())
+        out.append(pool_levels(hidden, list(layers)).numpy())
     return np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)
 
 
