@@ -57,8 +57,20 @@ class DetectorConfig:
     # across as read whole; scripts/loro_zoom.py --input-size: Rio F1 0.131 -> 0.214 against
     # 0.257 at 448, Atlanta 0.111 -> 0.180 against 0.105).
     zoom_input_size: int | None = 336
+    # Per class other than the first: [boxes, presence and counts] thresholds, each chosen on
+    # that class's held-out sets (scripts/loro.py class folds); a class not here takes
+    # `threshold` / `count_threshold`.
+    class_thresholds: dict[str, list[float]] = field(default_factory=dict)
     # Where the numbers behind the threshold came from (scripts/loro.py), for the model card.
     notes: dict[str, Any] = field(default_factory=dict)
+
+    def cut(self, label: str, kind: str = "find_all") -> float:
+        """The score a detection of ``label`` needs to answer a question of ``kind``: boxes at
+        the box threshold, presence, counts and rural/urban at the counting one."""
+        box, count = self.class_thresholds.get(label, (self.threshold, self.count_threshold))
+        if kind in {"presence", "count", "rural_urban"} and count is not None:
+            return count
+        return box
 
     def build(self) -> DenseDetector | DetectorEnsemble:
         members = [DenseDetector(self.hidden, len(self.layers), classes=len(self.labels),
@@ -139,8 +151,8 @@ class Perception:
         """Every detection above the lowest threshold any answer uses (see `select`); imagery
         of a ground sample distance of `zoom_gsd` or more (``gsd``, metres a pixel) is read as
         four overlapping crops, their detections merged in the image's frame."""
-        low = min(self.config.threshold, self.config.count_threshold or self.config.threshold,
-                  REFER_FLOOR)
+        low = min([REFER_FLOOR] + [self.config.cut(label, kind) for label in self.config.labels
+                                   for kind in ("find_all", "count")])
         if not self.zooms(gsd):
             heat, box = self.head(self.features(image))
             return decode(heat, box, self.config.labels, low)[0]
@@ -158,22 +170,25 @@ class Perception:
 
     def select(self, detections: list[Detection], kind: str, question: str = ""
                ) -> list[Detection]:
-        """The detections that answer a question of ``kind``: boxes at `threshold`, presence
-        and counts at `count_threshold` (each chosen for its own metric). A referring question
-        says its building is there: when none above `threshold` lies in the cell it names (or
-        none at all), the ones below it (down to `REFER_FLOOR`) there are its candidates."""
-        cut = self.config.threshold
-        if kind in {"presence", "count", "rural_urban"} and self.config.count_threshold is not None:
-            cut = self.config.count_threshold
-        chosen = [d for d in detections if d.score >= cut]
+        """The detections that answer a question of ``kind``: boxes at the box threshold,
+        presence and counts at the counting one (each chosen for its own metric, per class:
+        `DetectorConfig.cut`). A referring question says its object is there: when none of its
+        class above the threshold lies in the cell it names (or none at all), the ones below it
+        (down to `REFER_FLOOR`) there are its candidates."""
+        chosen = [d for d in detections if d.score >= self.config.cut(d.label, kind)]
         if kind != "refer":
             return chosen
         for label in self.config.labels:
             asked = referred(question, label)
-            cell = asked[1] if asked else None
-            if cell is not None and not any(_cell_of(d) == cell for d in chosen):
-                unsure = [d for d in detections if _cell_of(d) == cell]
-                return unsure or chosen or list(detections)
+            if asked is None:
+                continue
+            sure = [d for d in chosen if d.label == label]
+            every = [d for d in detections if d.label == label]
+            cell = asked[1]
+            if cell is not None and not any(_cell_of(d) == cell for d in sure):
+                unsure = [d for d in every if _cell_of(d) == cell]
+                return unsure or sure or every
+            return sure or every
         return chosen or list(detections)
 
 
@@ -222,15 +237,21 @@ def scene_of_detections(detections: list[Detection], label: str = "building",
     return urban_or_rural(min(coverage / max(area_frac, 1e-9), 1.0), per_ha)
 
 
-_PLURALS = {"building": "buildings"}
+_PLURALS = {"building": "buildings", "aircraft": "aircraft"}
+# Other words an analyst asks a class by: (singulars, plurals).
+_SYNONYMS = {"aircraft": (("airplane", "aeroplane", "plane"), ("airplanes", "aeroplanes", "planes")),
+             "tree": (("tree crown",), ("tree crowns",))}
 
 
 def plural(label: str) -> str:
     return _PLURALS.get(label, label + "s")
 
 
-def _label_pattern(label: str) -> str:
-    return rf"(?:{re.escape(plural(label))}|{re.escape(label)})"
+def _label_pattern(label: str, plurals: bool = True) -> str:
+    """A regex for ``label`` and the words it is asked by (plurals first, so that they win)."""
+    singular, many = _SYNONYMS.get(label, ((), ()))
+    words = [*((plural(label), *many) if plurals else ()), label, *singular]
+    return "(?:" + "|".join(re.escape(w) for w in dict.fromkeys(words)) + ")"
 
 
 _CELLS = ("top left", "top right", "bottom left", "bottom right", "top", "bottom", "left",
@@ -245,7 +266,8 @@ def referred(question: str, label: str) -> tuple[str | None, str | None] | None:
     "top left"), "the building" (None, None). None for anything else, relations to other
     classes included ("the building closest to the parking lot": the language model's)."""
     q = " ".join(question.lower().replace("centre", "center").replace("middle", "center").split())
-    m = re.search(rf"\bthe (?:(largest|biggest|smallest) )?{re.escape(label)}\b(.*)$", q)
+    m = re.search(rf"\bthe (?:(largest|biggest|smallest) )?{_label_pattern(label, False)}\b(.*)$",
+                  q)
     if not m:
         return None
     rest = re.sub(r"\b(?:of|in) (?:the|this) (?:image|picture|scene|chip|area)\b", "", m.group(2))
@@ -415,12 +437,15 @@ def asks_description(question: str) -> bool:
 def detections_sentence(detections: list[Detection], labels: list[str], where: bool = True
                         ) -> str:
     """What the detector found, as a sentence for the end of a description: per class, how
-    many and (``where``) the cells of the image most of them are in."""
+    many and (``where``) the cells of the image most of them are in. A class other than the
+    first (buildings) is named only when found: "no aircraft" in every description says
+    nothing."""
     parts = []
-    for label in labels:
+    for i, label in enumerate(labels):
         mine = [d for d in detections if d.label == label]
         if not mine:
-            parts.append(f"no {plural(label)}")
+            if i == 0:
+                parts.append(f"no {plural(label)}")
             continue
         top = _cell_counts(mine)
         noun = label if len(mine) == 1 else plural(label)
@@ -437,12 +462,14 @@ def detections_sentence(detections: list[Detection], labels: list[str], where: b
 
 
 def detections_summary(detections: list[Detection], labels: list[str]) -> str:
-    """Per class: how many, and where (the 3 x 3 cell of the image), as one line of text."""
+    """Per class: how many, and where (the 3 x 3 cell of the image), as one line of text (a
+    class other than the first only when found, as in `detections_sentence`)."""
     parts = []
-    for label in labels:
+    for i, label in enumerate(labels):
         mine = [d for d in detections if d.label == label]
         if not mine:
-            parts.append(f"0 {plural(label)}")
+            if i == 0:
+                parts.append(f"0 {plural(label)}")
             continue
         where = ", ".join(f"{n} {cell}" for cell, n in _cell_counts(mine))
         noun = label if len(mine) == 1 else plural(label)

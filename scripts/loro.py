@@ -42,7 +42,15 @@ from training.detection import (  # noqa: E402
     score_detections,
     train_heads,
 )
-from training.labelled import SETS, load_sets, tiles  # noqa: E402
+from training.labelled import (  # noqa: E402
+    CLASS_SETS,
+    DETECTOR_CLASSES,
+    SETS,
+    known_classes,
+    load_sets,
+    set_class,
+    tiles,
+)
 
 log = logging.getLogger("loro")
 
@@ -75,7 +83,7 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             items = load_sets(root, [name]).get(name)
             if not items:
                 continue
-            size = eval_tile_size(items[0].gsd)
+            size = items[0].tile or eval_tile_size(items[0].gsd)
             evals = [View(n, im, b) for it in items for n, im, b in tiles(it, size)]
             if "eval" not in meta:
                 tower = tower or FrozenTower(size=input_size)
@@ -96,7 +104,7 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             tower = tower or FrozenTower(size=input_size)
             rng = random.Random(f"{seed}:{name}" + (f":{k}" if k else ""))
             weights = [it.image.shape[0] * it.image.shape[1] for it in items]
-            size = int(eval_tile_size(items[0].gsd) * zoom)
+            size = int((items[0].tile or eval_tile_size(items[0].gsd)) * zoom)
             n = min(CHUNK, wanted - have)
             views = [augment_view(rng.choices(items, weights)[0], rng, size, f"{name}_aug{k}_{i}")
                      for i in range(n)]
@@ -159,48 +167,99 @@ def scene_accuracy(preds: list, truths: list, sizes: list, gsd: float, threshold
 FOLD_FORMAT = 2  # 2: FCOS-style boxes (rsvlm.detector.box_edges)
 
 
-def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim: int = 64,
+def fold_classes(names: list[str]) -> list[str]:
+    """The detector's classes for a run over these sets: buildings alone, unless sets of
+    other classes (`training.labelled.CLASS_SETS`) are among them."""
+    present = {set_class(n) for n in names}
+    return [c for c in DETECTOR_CLASSES if c in present or c == "building"]
+
+
+def training_stack(out: Path, names: list[str], train_files: int | None, classes: list[str]
+                   ) -> tuple[torch.Tensor, list, list[int], torch.Tensor]:
+    """Every cached training view and scoring tile of ``names``: features, boxes, each view's
+    class (index into ``classes``) and the heatmaps it trains (`training.labelled.known_classes`)."""
+    feats, boxes, view_classes, known = [], [], [], []
+    for n in names:
+        own = classes.index(set_class(n))
+        row = [c in known_classes(n) for c in classes]
+        for part in [*_train_parts(out, n, train_files), "eval"]:
+            d = _load(out, n, part)
+            feats.append(d["features"])
+            boxes += d["boxes"]
+            view_classes += [own] * len(d["boxes"])
+            known += [row] * len(d["boxes"])
+    return torch.cat(feats), boxes, view_classes, torch.tensor(known, dtype=torch.bool)
+
+
+def building_sets(names: list[str]) -> list[str]:
+    return [n for n in names if set_class(n) == "building"]
+
+
+def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim: int = 64,
              reduce: int | None = 128, convs: int = 2, train_files: int | None = None,
-             heads: int = 1, input_dropout: float = 0.0) -> dict:
-    path = out / "folds" / f"{held}.json"
-    others = [n for n in names if n != held]
-    if path.is_file():
+             heads: int = 1, input_dropout: float = 0.0) -> dict | None:
+    """One fold: a head trained without the sets of ``fold`` ("kampala_ug", or a group
+    "kampala_ug+trees_osbs+aircraft_b": one training holds out a building region and sets of
+    other classes at once), scored on each of them (a building region: `folds/NAME.json`, its
+    report; a set of another class: `class_folds/NAME.json`, `class_scores`)."""
+    group = fold.split("+")
+    held_buildings = building_sets(group)
+    if len(held_buildings) > 1:
+        raise SystemExit(f"fold {fold}: one building region a fold")
+    held = held_buildings[0] if held_buildings else None
+    path = out / "folds" / f"{held}.json" if held else None
+    class_paths = {n: out / "class_folds" / f"{n}.json" for n in group if n not in
+                   held_buildings}
+    others = [n for n in names if n not in group]
+    if all(p.is_file() for p in class_paths.values()) and path is not None and path.is_file():
         report = json.loads(path.read_text())
         if report.get("format") == FOLD_FORMAT:
             return report
         # A fold of an earlier detector (another box encoding): its head cannot be rescored.
         log.info("fold %s: written by an earlier version, trained again", held)
-    feats, boxes = [], []
-    for n in others:
-        for part in [*_train_parts(out, n, train_files), "eval"]:
-            d = _load(out, n, part)
-            feats.append(d["features"])
-            boxes += d["boxes"]
-    x = torch.cat(feats)
+    elif path is None and class_paths and all(p.is_file() for p in class_paths.values()):
+        return None
+    classes = fold_classes(names)
+    x, boxes, view_classes, known = training_stack(out, others, train_files, classes)
     t0 = time.perf_counter()
-    head = train_heads(x, boxes, heads=heads, seed=seed, members=out / "members" / held,
+    extra = ({"classes": len(classes), "view_classes": view_classes, "known": known}
+             if len(classes) > 1 else {})
+    head = train_heads(x, boxes, heads=heads, seed=seed, members=out / "members" / fold,
                        hidden=x.shape[-1], levels=x.shape[1], epochs=epochs, dim=dim,
-                       reduce=reduce, convs=convs, input_dropout=input_dropout)
+                       reduce=reduce, convs=convs, input_dropout=input_dropout, **extra)
     train_s = time.perf_counter() - t0
+    settings = {"format": FOLD_FORMAT, "fold": fold, "trained_on": others,
+                "train_views": len(x), "epochs": epochs, "dim": dim, "convs": convs,
+                "reduce": reduce, "heads": heads, "train_files": train_files,
+                "input_dropout": input_dropout, "train_s": round(train_s, 1), "seed": seed,
+                "classes": classes}
+    config = {"labels": classes, "hidden": x.shape[-1], "dim": dim, "convs": convs,
+              "heads": heads}
+    for name, cpath in class_paths.items():
+        cpath.parent.mkdir(parents=True, exist_ok=True)
+        cpath.write_text(json.dumps({**settings, "held_out": name,
+                                     **class_scores(out, name, head, classes)}, indent=2))
+        save_detector(head, DetectorConfig(**config, notes={"held_out": group}),
+                      out / "class_folds" / fold)
+        log.info("fold %s: %s scored (%.0f s)", fold, name, train_s)
+    if held is None:
+        return None
     # Threshold: best F1 on the other regions' tiles (selection), never on the held-out one.
     sel_p, sel_t, sel_s = [], [], []
-    for n in others:
+    for n in building_sets(others):
         d = _load(out, n, "eval")
         sel_p += predict(head, d["features"], 0.1)
         sel_t += d["boxes"]
         sel_s += d["sizes"]
     threshold = choose_threshold(sel_p, sel_t, sel_s)
     count_threshold = choose_threshold(sel_p, sel_t, sel_s, THRESHOLDS, metric="count")
-    report = {"format": FOLD_FORMAT, "held_out": held, "trained_on": others,
-              "train_views": len(x), "epochs": epochs, "dim": dim, "convs": convs,
-              "reduce": reduce, "heads": heads, "train_files": train_files,
-              "input_dropout": input_dropout, "train_s": round(train_s, 1), "seed": seed,
+    report = {**settings, "held_out": held,
               "selection": score_detections(sel_p, sel_t, sel_s, threshold),
               **score_fold(out, held, head, threshold, count_threshold)}
     path.parent.mkdir(parents=True, exist_ok=True)
     # The fold's head, for whole-scene scans of its held-out region (scripts/bench_scene.py).
     meta = torch.load(out / "cache" / f"{held}.pt", weights_only=False)
-    save_detector(head, DetectorConfig(hidden=x.shape[-1], dim=dim, convs=convs, heads=heads,
+    save_detector(head, DetectorConfig(**config,
                                        input_size=meta.get("input_size", INPUT_SIZE),
                                        threshold=threshold,
                                        count_threshold=count_threshold,
@@ -211,6 +270,58 @@ def run_fold(out: Path, held: str, names: list[str], epochs: int, seed: int, dim
              held, report["f1"], report["precision"], report["recall"], report["presence"],
              report["counting"]["within_20pct"], train_s)
     return report
+
+
+def class_scores(out: Path, name: str, head: Any, classes: list[str]) -> dict:
+    """A held-out set of another class, scored on its class's heatmap at every threshold of
+    the grid (the threshold is chosen on the other held-out sets of that class,
+    `class_table`): find-all and counts per threshold, and the tiles' true counts."""
+    test = _load(out, name, "eval")
+    preds = predict(head, test["features"], 0.1, cls=classes.index(set_class(name)))
+    curves = {}
+    for t in THRESHOLDS:
+        r = score_detections(preds, test["boxes"], test["sizes"], t)
+        said = [sum(d[4] >= t for d in p) for p in preds]
+        error = [abs(math.log((n + 1) / (len(b) + 1))) for n, b in
+                 zip(said, test["boxes"], strict=True)]
+        curves[str(t)] = {**r, "count_log_error": sum(error) / max(len(error), 1)}
+    return {"class": set_class(name), "tiles": len(preds),
+            "objects": sum(len(b) for b in test["boxes"]), "curves": curves}
+
+
+def class_thresholds(reports: list[dict]) -> tuple[float, float]:
+    """Box threshold (best mean F1) and counting threshold (most counts within 20 %, then the
+    closest counts; as `pooled_thresholds`) over these held-out sets' curves, each set once."""
+    def mean(t: float, key: Any) -> float:
+        return sum(key(r["curves"][str(t)]) for r in reports) / len(reports)
+
+    return (max(THRESHOLDS[1:], key=lambda t: mean(t, lambda c: c["f1"])),
+            max(THRESHOLDS, key=lambda t: (
+                round(mean(t, lambda c: c["counting"]["within_20pct"] or 0.0), 6),
+                -mean(t, lambda c: c["count_log_error"]))))
+
+
+def class_table(out: Path) -> tuple[str, dict[str, tuple[float, float]]]:
+    """The held-out sets of other classes, each scored at the thresholds the other held-out
+    sets of its class favour (out of sample; a class held out once is scored at its own best,
+    and the row says so), and the thresholds all of a class's sets favour together (shipped)."""
+    reports = [json.loads(p.read_text()) for p in sorted((out / "class_folds").glob("*.json"))]
+    lines = ["| held-out set | class | tiles | objects | F1 | P | R | counts within 20 % | "
+             "presence | thresholds (from) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    shipped = {}
+    for cls in sorted({r["class"] for r in reports}):
+        mine = [r for r in reports if r["class"] == cls]
+        shipped[cls] = class_thresholds(mine)
+        for r in mine:
+            rest = [o for o in mine if o is not r]
+            t, ct = class_thresholds(rest or [r])
+            box, cnt = r["curves"][str(t)], r["curves"][str(ct)]
+            src = ", ".join(o["held_out"] for o in rest) if rest else "itself: not out of sample"
+            lines.append(f"| {r['held_out']} | {cls} | {r['tiles']} | {r['objects']} | "
+                         f"{box['f1']:.3f} | {box['precision']:.3f} | {box['recall']:.3f} | "
+                         f"{cnt['counting']['within_20pct']:.3f} | {cnt['presence']:.3f} | "
+                         f"{t} / {ct} ({src}) |")
+    return "\n".join(lines), shipped
 
 
 def _held_out_predictions(out: Path, held: str, head: Any = None) -> list:
@@ -237,9 +348,9 @@ def score_fold(out: Path, held: str, head: Any, threshold: float, count_threshol
                          for n, b, p in zip(test["names"], test["boxes"], preds, strict=True)]}
 
 
-def _curves(out: Path, held: str, preds: list) -> dict[float, tuple[float, float]]:
-    """Per threshold of the grid: the held-out region's find-all F1 and its tiles' mean
-    absolute log count ratio, |log((said + 1) / (true + 1))|."""
+def _curves(out: Path, held: str, preds: list) -> dict[float, tuple[float, float, float]]:
+    """Per threshold of the grid: the held-out region's find-all F1, its tiles' mean absolute
+    log count ratio, |log((said + 1) / (true + 1))|, and its share of counts within 20 %."""
     test = _load(out, held, "eval")
     curves = {}
     for t in THRESHOLDS:
@@ -247,21 +358,22 @@ def _curves(out: Path, held: str, preds: list) -> dict[float, tuple[float, float
         said = [sum(d[4] >= t for d in p) for p in preds]
         error = [abs(math.log((n + 1) / (len(b) + 1))) for n, b in
                  zip(said, test["boxes"], strict=True)]
-        curves[t] = (r["f1"], sum(error) / max(len(error), 1))
+        curves[t] = (r["f1"], sum(error) / max(len(error), 1),
+                     r["counting"]["within_20pct"] or 0.0)
     return curves
 
 
-def pooled_thresholds(curves: dict[str, dict[float, tuple[float, float]]]
+def pooled_thresholds(curves: dict[str, dict[float, tuple[float, ...]]]
                       ) -> tuple[float, float]:
     """The find-all threshold with the best mean F1 over the given folds' held-out regions
-    (each region counting once), and the counting threshold whose counts are closest there
-    (mean log ratio: the share of counts within 20 % moves by a tile at a time on sets this
-    small): chosen where every score is out of sample."""
+    (each region counting once), and the counting threshold with the most counts within 20 %
+    there (the bar's measure; the mean of each region's share), the closest counts (mean log
+    ratio) breaking ties: chosen where every score is out of sample."""
     def mean(t: float, k: int) -> float:
         return sum(c[t][k] for c in curves.values()) / len(curves)
 
     return (max(THRESHOLDS[1:], key=lambda t: mean(t, 0)),
-            min(THRESHOLDS, key=lambda t: mean(t, 1)))
+            max(THRESHOLDS, key=lambda t: (round(mean(t, 2), 6), -mean(t, 1))))
 
 
 def cross_thresholds(out: Path) -> dict[str, dict[float, tuple[float, float]]]:
@@ -594,7 +706,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="/work/shared/data", help="shared data folder")
     ap.add_argument("--out", default="runs/loro")
-    ap.add_argument("--regions", default=",".join(SETS), help="comma list")
+    ap.add_argument("--regions", default=",".join(SETS),
+                    help="comma list (folds are held out of these); sets of other classes "
+                         f"({', '.join(CLASS_SETS)}) make a multi-class detector")
+    ap.add_argument("--cache-only", action="store_true",
+                    help="only cache the regions' features (another --min/--max-views each)")
     ap.add_argument("--views-per-tile", type=int, default=4)
     ap.add_argument("--min-views", type=int, default=40)
     ap.add_argument("--max-views", type=int, default=100)
@@ -637,12 +753,20 @@ def main(argv: list[str] | None = None) -> int:
         build_cache(Path(args.data), out, names, args.views_per_tile, args.min_views,
                     args.max_views, args.seed, args.input_size, args.zoom_gsd, args.zoom_crop)
         names = [n for n in names if (out / "cache" / f"{n}.pt").is_file()]
-        for held in [n for n in names if not args.folds or n in args.folds.split(",")]:
+        if args.cache_only:
+            return 0
+        folds = args.folds.split(",") if args.folds else building_sets(names)
+        missing = {n for f in folds for n in f.split("+")} - set(names)
+        if missing:
+            raise SystemExit(f"folds name sets that are not cached in {out}: {sorted(missing)}")
+        for held in folds:
             run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,
                      args.convs, args.train_files, args.heads, args.input_dropout)
         cross_thresholds(out)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))
+    if (out / "class_folds").is_dir():
+        print("\n" + class_table(out)[0])
     if args.card:
         old = Path(args.card).read_text() if Path(args.card).is_file() else ""
         previous = old.split(CARD_START, 1)[1].split(CARD_END, 1)[0] if CARD_START in old else ""

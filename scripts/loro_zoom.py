@@ -37,7 +37,9 @@ def zoomed(head: torch.nn.Module, tower: FrozenTower, image, crop: float) -> lis
     with torch.inference_mode():
         heat, box = head([f[:, j] for j in range(f.shape[1])])
     out = []
-    for dets, frame in zip(decode(heat, box, ["building"], 0.1, nms=False), frames, strict=True):
+    # The building heatmap (the first class) of a detector of several classes.
+    found = decode(heat[:, :1], box, ["building"], 0.1, nms=False)
+    for dets, frame in zip(found, frames, strict=True):
         out += from_crop(dets, frame, crop)
     return out
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             x = test["features"][k:k + 1].float()
             with torch.inference_mode():
                 heat, box = head([x[:, j] for j in range(x.shape[1])])
-            whole = decode(heat, box, ["building"], 0.1, nms=False)[0]
+            whole = decode(heat[:, :1], box, ["building"], 0.1, nms=False)[0]
             crops = zoomed(head, tower, image, args.crop)
             for name, dets in zip(reads, (whole, crops, whole + crops), strict=True):
                 reads[name].append([(*d.box, d.score) for d in suppress(dets)])

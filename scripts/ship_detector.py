@@ -4,7 +4,10 @@ trained parts (``PARTS/detector/``).
 The thresholds (boxes; presence and counts) are those every leave-one-region-out fold's held-out
 region agrees best on, each scored by the fold's head that never saw it
 (`loro.pooled_thresholds`), so the shipped head is scored by those folds' numbers: a head
-trained on all regions is not scored anywhere else.
+trained on all regions is not scored anywhere else. With sets of other classes cached (trees,
+aircraft: `training.labelled.CLASS_SETS`), the head detects those classes too, each at the
+thresholds its held-out sets favour (`loro.class_table`). Each head is kept in
+``LORO/members/shipped/`` as it finishes, so a stopped run picks up where it was.
 
     python scripts/ship_detector.py --loro runs/loro --parts assets/models/embedded
 """
@@ -22,7 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loro import _load, _train_parts, cross_thresholds, pooled_thresholds  # noqa: E402
+from loro import (  # noqa: E402
+    class_table,
+    cross_thresholds,
+    fold_classes,
+    pooled_thresholds,
+    training_stack,
+)
 
 from rsvlm.perception import DetectorConfig, save_detector  # noqa: E402
 from training.detection import INPUT_SIZE, train_heads  # noqa: E402
@@ -43,31 +52,33 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{loro}/folds holds no fold results: run scripts/loro.py first")
     regions = sorted(p.name.removesuffix(".pt") for p in (loro / "cache").glob("*.pt")
                      if p.name.count(".") == 1)
-    # As many training views a region as the folds took, as many heads.
+    # As many training views a region as the folds took, as many heads; the folds' classes.
     fold = folds[0]
-    feats, boxes = [], []
-    for name in regions:
-        for part in [*_train_parts(loro, name, fold.get("train_files")), "eval"]:
-            d = _load(loro, name, part)  # memory-mapped: read once into the stack
-            feats.append(d["features"])
-            boxes += d["boxes"]
-    x = torch.cat(feats)
+    classes = fold_classes(regions)
+    x, boxes, view_classes, known = training_stack(loro, regions, fold.get("train_files"),
+                                                   classes)
     epochs = args.epochs or fold["epochs"]
     dim, reduce, convs = fold.get("dim", 96), fold.get("reduce"), fold.get("convs", 2)
     heads = fold.get("heads", 1)
+    extra = ({"classes": len(classes), "view_classes": view_classes, "known": known}
+             if len(classes) > 1 else {})
     head = train_heads(x, boxes, heads=heads, seed=args.seed, hidden=x.shape[-1],
                        levels=x.shape[1], epochs=epochs, dim=dim, reduce=reduce, convs=convs,
-                       input_dropout=fold.get("input_dropout", 0.0))
+                       input_dropout=fold.get("input_dropout", 0.0),
+                       members=loro / "members" / "shipped", **extra)
     threshold, count_threshold = pooled_thresholds(cross_thresholds(loro))
+    per_class = class_table(loro)[1] if (loro / "class_folds").is_dir() else {}
     folds = [json.loads(p.read_text()) for p in sorted((loro / "folds").glob("*.json"))]
     sizes = {torch.load(loro / "cache" / f"{r}.pt", weights_only=False).get("input_size",
                                                                           INPUT_SIZE)
              for r in regions}
     if len(sizes) != 1:
         raise SystemExit(f"{loro}/cache mixes input sizes {sorted(sizes)}")
-    config = DetectorConfig(labels=["building"], input_size=sizes.pop(), hidden=x.shape[-1],
+    config = DetectorConfig(labels=classes, input_size=sizes.pop(), hidden=x.shape[-1],
                             dim=dim, convs=convs, heads=heads,
-                            threshold=threshold, count_threshold=count_threshold, notes={
+                            threshold=threshold, count_threshold=count_threshold,
+                            class_thresholds={c: list(per_class[c]) for c in classes[1:]
+                                              if c in per_class}, notes={
                                 "trained_on": regions, "views": len(x), "epochs": epochs,
                                 "heads": heads, "input_dropout": fold.get("input_dropout", 0.0),
                                 "threshold": "best mean over the LORO folds' held-out regions",

@@ -199,12 +199,17 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                    seed: int = 0, dim: int = 96, log_every: int = 50,
                    reduce: int | None = None, convs: int = 2,
                    init: DenseDetector | None = None,
-                   input_dropout: float = 0.0) -> DenseDetector:
-    """The head on cached features (all boxes one class), AdamW with a one-cycle schedule.
+                   input_dropout: float = 0.0, classes: int = 1,
+                   view_classes: Sequence[int] | None = None,
+                   known: torch.Tensor | None = None) -> DenseDetector:
+    """The head on cached features, AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
     layer is most of the cost); the returned head takes the full levels all the same.
-    ``init``: continue this head (on the full levels) instead of a new one."""
+    ``init``: continue this head (on the full levels) instead of a new one. With ``classes``
+    > 1, every view's boxes are of its class in ``view_classes`` and ``known`` (views,
+    classes) says which heatmaps it trains (`rsvlm.detector.detection_loss`); one class: every
+    box is of it, every heatmap trained."""
     torch.manual_seed(seed)
     pca = None
     if init is not None:
@@ -215,7 +220,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
         full_hidden, full_levels = hidden, levels
         hidden, levels = reduce, 1
     head = (copy.deepcopy(init) if init is not None
-            else DenseDetector(hidden, levels, classes=1, dim=dim, convs=convs))
+            else DenseDetector(hidden, levels, classes=classes, dim=dim, convs=convs))
+    view_classes = list(view_classes) if view_classes is not None else [0] * len(features)
     n = len(features)
     grid = int(round(features.shape[2] ** 0.5))
     steps = epochs * math.ceil(n / batch_size)
@@ -234,9 +240,11 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                 x = torch.nn.functional.dropout(x, input_dropout)
             heat, box = head([x[:, j] for j in range(levels)])
             tb = [boxes[j] for j in idx]
-            th, tt, tm = detection_targets(tb, [torch.zeros(len(b), dtype=torch.long)
-                                                for b in tb], grid, 1)
-            loss = detection_loss(heat, box, th, tt, tm)
+            th, tt, tm = detection_targets(tb, [torch.full((len(boxes[j]),), view_classes[j],
+                                                           dtype=torch.long) for j in idx],
+                                           grid, classes)
+            loss = detection_loss(heat, box, th, tt, tm,
+                                  known[idx] if known is not None else None)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -264,7 +272,8 @@ def train_heads(features: torch.Tensor, boxes: list[torch.Tensor], *, heads: int
     for s in range(seed, seed + heads):
         path = members / f"seed{s}.safetensors" if members is not None else None
         if path is not None and path.is_file():
-            head = DenseDetector(kwargs["hidden"], kwargs["levels"], classes=1,
+            head = DenseDetector(kwargs["hidden"], kwargs["levels"],
+                                 classes=kwargs.get("classes", 1),
                                  dim=kwargs.get("dim", 96), convs=kwargs.get("convs", 2))
             head.load_state_dict(load_file(str(path)))
             trained.append(head.eval())
@@ -279,14 +288,15 @@ def train_heads(features: torch.Tensor, boxes: list[torch.Tensor], *, heads: int
 
 @torch.inference_mode()
 def predict(head: DenseDetector | DetectorEnsemble, features: torch.Tensor, threshold: float,
-            batch_size: int = 32) -> list[list[tuple[float, float, float, float, float]]]:
-    """(x1, y1, x2, y2 in 0-1, score) per image, scores >= threshold."""
+            batch_size: int = 32, cls: int = 0
+            ) -> list[list[tuple[float, float, float, float, float]]]:
+    """(x1, y1, x2, y2 in 0-1, score) of class ``cls`` per image, scores >= threshold."""
     levels = features.shape[1]
     out = []
     for i in range(0, len(features), batch_size):
         x = features[i:i + batch_size].float()
         heat, box = head([x[:, j] for j in range(levels)])
-        for dets in decode(heat, box, ["object"], threshold):
+        for dets in decode(heat[:, cls:cls + 1], box, ["object"], threshold):
             out.append([(*d.box, d.score) for d in dets])
     return out
 

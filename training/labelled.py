@@ -31,6 +31,7 @@ class LabelledImage:
     boxes: np.ndarray  # (n, 4) float32 pixel x1, y1, x2, y2
     labels: list[str] = field(default_factory=list)
     gsd: float = 0.15  # metres per pixel, roughly
+    tile: int | None = None  # scoring tile side in px (None: the evaluation's default)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -124,11 +125,119 @@ def spacenet_atlanta(root: Path) -> list[LabelledImage]:
                             folder / "buildings_epsg32616.geojson", "atlanta", gsd=0.5)]
 
 
+def _voc_boxes(xml: Path) -> np.ndarray:
+    """Pascal VOC boxes (every object, whatever its name) in pixels."""
+    import xml.etree.ElementTree as ET
+
+    boxes = [[float(o.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+             for o in ET.parse(xml).getroot().iter("object")]
+    return np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# NEON AOP 10 cm tree-crown fixtures of the deepforest package, by site (Yellowstone, Ordway-Swisher
+# in Florida, Soaproot Saddle in California): three forests, held out site by site.
+NEON_SITES = {
+    "trees_yell": ("deepforest_neon_extra", ("2019_YELL_2_541000_4977000_image_crop",
+                                             "2019_YELL_2_528000_4978000_image_crop2")),
+    "trees_osbs": ("deepforest_neon", ("OSBS_029",)),
+    "trees_soap": ("deepforest_neon_extra", ("SOAP_061",)),
+}
+
+
+def neon_trees(root: Path, site: str) -> list[LabelledImage]:
+    folder, stems = NEON_SITES[site]
+    out = []
+    for stem in stems:
+        base = root / "detection" / folder / stem
+        image_path = base.with_suffix(".png") if base.with_suffix(".png").is_file() else \
+            base.with_suffix(".tif")
+        if image_path.suffix == ".tif":
+            import rasterio
+
+            with rasterio.open(image_path) as src:
+                image = _to_uint8(src.read())
+        else:
+            image = _read_rgb(image_path)
+        h, w = image.shape[:2]
+        boxes = clip_boxes(_voc_boxes(base.with_suffix(".xml")), w, h)
+        out.append(LabelledImage(site, stem, image, boxes, ["tree"] * len(boxes), 0.1))
+    return out
+
+
+# Airbus's Pleiades airport sample (40 images of 2560 px at 0.5 m, unnamed airports): two
+# halves by sorted file name, each held out from a head trained on the other.
+AIRCRAFT_HALVES = {"aircraft_a": 0, "aircraft_b": 1}
+
+
+def airbus_aircraft(root: Path, half: str) -> list[LabelledImage]:
+    import ast
+    import csv
+
+    folder = root / "labelled_more" / "airbus_aircraft_pleiades"
+    boxes: dict[str, list[list[float]]] = {}
+    with open(folder / "annotations.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            pts = np.asarray(ast.literal_eval(row["geometry"]), np.float32)
+            boxes.setdefault(row["image_id"], []).append(
+                [*pts.min(0).tolist(), *pts.max(0).tolist()])
+    images = sorted(boxes)
+    mine = images[: len(images) // 2] if AIRCRAFT_HALVES[half] == 0 else images[len(images) // 2:]
+    out = []
+    for name in mine:
+        image = _read_rgb(folder / "images" / name)
+        h, w = image.shape[:2]
+        b = clip_boxes(np.asarray(boxes[name], np.float32).reshape(-1, 4), w, h)
+        # 640 px (320 m) chips: an apron with a few aircraft, as an analyst would crop one.
+        out.append(LabelledImage(half, Path(name).stem, image, b, ["aircraft"] * len(b), 0.5,
+                                 tile=640))
+    return out
+
+
 SETS: dict[str, Callable[[Path], list[LabelledImage]]] = {
     **{a: (lambda root, a=a: demo_area(root, a)) for a in DEMO_AREAS},
     "rio": spacenet_rio,
     "atlanta": spacenet_atlanta,
 }
+
+# Sets of other classes than buildings, trained on alongside the building regions (every set
+# labels one class), held out by site or by half (`scripts/loro_classes.py`).
+CLASS_SETS: dict[str, Callable[[Path], list[LabelledImage]]] = {
+    **{s: (lambda root, s=s: neon_trees(root, s)) for s in NEON_SITES},
+    **{h: (lambda root, h=h: airbus_aircraft(root, h)) for h in AIRCRAFT_HALVES},
+}
+
+DETECTOR_CLASSES = ("building", "tree", "aircraft")
+
+
+def set_class(name: str) -> str:
+    """The one class a set labels (every box of its images)."""
+    if name in NEON_SITES:
+        return "tree"
+    if name in AIRCRAFT_HALVES:
+        return "aircraft"
+    return "building"
+
+
+def known_classes(name: str) -> set[str]:
+    """The classes a set's images tell the detector about: the one it labels, and those known
+    to be absent from its images, which are negatives for that class. Anything else in them
+    (the trees of a town, the terminals of an airport) is unlabelled, and trains nothing.
+    Towns have no aircraft, NEON's forest plots no buildings nor aircraft, and airport aprons
+    are taken to have no trees: without such negatives outside forests, a tree channel would
+    never learn that roofs and tarmac are not trees."""
+    own = set_class(name)
+    if own == "building":
+        return {"building", "aircraft"}
+    if own == "tree":
+        return {"tree", "building", "aircraft"}
+    return {"aircraft", "tree"}
 
 
 def load_sets(root: str | Path, names: list[str] | None = None) -> dict[str, list[LabelledImage]]:
@@ -137,7 +246,7 @@ def load_sets(root: str | Path, names: list[str] | None = None) -> dict[str, lis
     out = {}
     for name in names or list(SETS):
         try:
-            out[name] = SETS[name](root)
+            out[name] = {**SETS, **CLASS_SETS}[name](root)
         except (FileNotFoundError, OSError) as exc:
             log.warning("labelled set %s not loaded: %s", name, exc)
     return out

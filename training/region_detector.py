@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,18 @@ def tune_detector(spec: Any, shipped: Path, out: Path, *, preset: str = "embedde
     tower = tower or FrozenTower(preset, size=config.input_size, layers=config.layers)
     data = cache_views(tower, views, None)
     x = data["features"]
+    # The region's chips label buildings only: the other classes' heatmaps learn nothing from
+    # them (`rsvlm.detector.detection_loss`), so its trees are not taught to be background.
+    building = config.labels.index("building")
+    classes = len(config.labels)
+    known = torch.zeros(len(views), classes, dtype=torch.bool)
+    known[:, building] = True
     tuned = train_detector(x, data["boxes"], hidden=x.shape[-1], levels=x.shape[1],
-                           epochs=epochs, lr=lr, seed=seed, init=head)
+                           epochs=epochs, lr=lr, seed=seed, init=head, classes=classes,
+                           view_classes=[building] * len(views),
+                           known=known if classes > 1 else None)
     plain = slice(0, len(items))  # the chips themselves, not their augmented views
-    preds = predict(tuned, x[plain], 0.1)
+    preds = predict(tuned, x[plain], 0.1, cls=building)
     truths, sizes = data["boxes"][plain], data["sizes"][plain]
     threshold = choose_threshold(preds, truths, sizes, THRESHOLDS)
     count_threshold = choose_threshold(preds, truths, sizes, THRESHOLDS, metric="count")

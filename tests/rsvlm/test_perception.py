@@ -344,3 +344,45 @@ def test_what_kind_of_area_smaller_than_the_scene_classifiers_scenes(tmp_path: P
     # 64 px at 5 m: 320 m across, a scene of AID's size.
     coarse = engine.session(Chip(pixels, "EPSG:32636", Affine(5.0, 0, 455_000, 0, -5.0, 40_000)))
     assert "".join(coarse.ask(question)).startswith("It looks like resort (probability ")
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("How many planes are there?", ("count", "aircraft")),
+    ("How many aircraft are on the apron?", ("count", "aircraft")),
+    ("Find all trees in the image.", ("find_all", "tree")),
+    ("Are there any airplanes?", ("presence", "aircraft")),
+    ("Where is the largest plane?", ("refer", "aircraft")),
+    ("Where is the largest tree crown?", ("refer", "tree")),
+    ("How many buildings are there?", ("count", "building")),
+    ("Find all buildings near the trees.", ("find_all", "building")),
+    ("How many cars are there?", None),
+])
+def test_object_questions_of_several_classes(question, expected) -> None:
+    assert object_question(question, ["building", "tree", "aircraft"]) == expected
+
+
+def test_each_class_answers_at_its_own_thresholds() -> None:
+    """A class's thresholds were chosen on its own held-out sets: a tree of 0.35 is a tree
+    where a building of 0.35 is not, and a referring question looks among its class only."""
+    from rsvlm.perception import detections_sentence
+
+    config = DetectorConfig(labels=["building", "tree", "aircraft"], hidden=8, layers=[11], dim=8,
+                            convs=1, threshold=0.4, count_threshold=0.3,
+                            class_thresholds={"tree": [0.3, 0.25]})
+    perception = Perception(config.build(), config, None, [0, 0, 0], [1, 1, 1])
+    roof = Detection("building", 0.35, (0.05, 0.05, 0.25, 0.25))  # top left
+    crown = Detection("tree", 0.35, (0.75, 0.75, 0.95, 0.95))  # bottom right
+    shrub = Detection("tree", 0.27, (0.40, 0.40, 0.50, 0.50))  # center
+    dets = [roof, crown, shrub]
+    assert perception.select(dets, "find_all") == [crown]
+    assert perception.select(dets, "count") == [roof, crown, shrub]
+    assert perception.select(dets, "refer", "Where is the building in the bottom right?") == [roof]
+    assert perception.select(dets, "refer", "Where is the tree in the center?") == [shrub]
+    # A description names what was found, and of the other classes nothing that was not.
+    assert detections_sentence([roof], config.labels, where=False) == (
+        "The detector finds 1 building here.")
+    assert detections_sentence([crown], config.labels, where=False) == (
+        "The detector finds no buildings; 1 tree here.")
+    assert "aircraft" not in detections_summary([roof, crown], config.labels)
+    # Saved and loaded with the detector.
+    assert DetectorConfig(**__import__("dataclasses").asdict(config)).cut("tree", "count") == 0.25

@@ -187,3 +187,48 @@ def test_heads_are_kept_as_they_finish_and_taken_back(tmp_path) -> None:
     assert not torch.equal(first.members[0].heat.weight, w)  # other seeds, other heads
     again = train_heads(x, boxes, heads=2, members=tmp_path, **{**kw, "epochs": 5})
     assert torch.equal(again.members[1].heat.weight, w)  # read back, not trained again
+
+
+def test_a_heatmap_an_image_does_not_know_about_trains_nothing() -> None:
+    """A set that labels only trees says nothing of its buildings: with ``known``, the
+    building heatmap of such an image gets no gradient, the tree heatmap does."""
+    boxes = [torch.tensor([[0.1, 0.1, 0.3, 0.3]])]
+    heat, target, weight = detection_targets(boxes, [torch.ones(1, dtype=torch.long)], 8, 2)
+    logits = torch.zeros(1, 2, 8, 8, requires_grad=True)
+    box = torch.zeros(1, 4, 8, 8)
+    detection_loss(logits, box, heat, target, weight,
+                   known=torch.tensor([[False, True]])).backward()
+    assert logits.grad[0, 0].abs().sum() == 0 and logits.grad[0, 1].abs().sum() > 0
+    logits.grad = None
+    detection_loss(logits, box, heat, target, weight).backward()  # unmasked: both train
+    assert logits.grad[0, 0].abs().sum() > 0
+
+
+def test_a_head_learns_two_classes_from_sets_that_each_label_one() -> None:
+    """Views of two kinds, each labelling its own class (a feature marks its objects) and
+    knowing nothing of the other's: the head finds each class on the views of its kind."""
+    from training.detection import predict
+
+    g, hidden, rng = 8, 16, np.random.default_rng(1)
+    feats, boxes, classes = [], [], []
+    for i in range(48):
+        cls = i % 2
+        f = torch.randn(2, g * g, hidden) * 0.1
+        bx = []
+        for _ in range(rng.integers(1, 4)):
+            r, c = rng.integers(0, g, size=2)
+            f[:, r * g + c, cls] += 3.0
+            bx.append([(c + 0.1) / g, (r + 0.1) / g, (c + 0.9) / g, (r + 0.9) / g])
+        feats.append(f)
+        boxes.append(torch.tensor(bx, dtype=torch.float32))
+        classes.append(cls)
+    x = torch.stack(feats)
+    known = torch.tensor([[c == 0, c == 1] for c in classes])
+    head = train_detector(x, boxes, hidden=hidden, levels=2, epochs=25, batch_size=8, lr=1e-2,
+                          dim=16, classes=2, view_classes=classes, known=known)
+    assert head.heat.out_channels == 2
+    for cls in (0, 1):
+        mine = [i for i, c in enumerate(classes) if c == cls]
+        preds = predict(head, x[mine], 0.3, cls=cls)
+        report = score_detections(preds, [boxes[i] for i in mine], [(112, 112)] * len(mine), 0.3)
+        assert report["f1"] > 0.8, (cls, report)

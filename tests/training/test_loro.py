@@ -123,3 +123,56 @@ def test_views_of_coarse_regions_are_cut_as_the_chat_path_reads_them(loro, tmp_p
     assert max(max(s) for s in torch.load(whole / "cache" / "aa.train.pt")["sizes"]) > max(sides)
     with pytest.raises(SystemExit, match="zoom 0.5, not 1.0"):
         loro.build_cache(tmp_path, out, ["aa"], 1, 8, 8, seed=0)
+
+
+def test_a_fold_holds_out_a_region_and_sets_of_other_classes_at_once(loro, tmp_path: Path
+                                                                    ) -> None:
+    import json
+
+    out = tmp_path / "run"
+    names = ["aa", "bb", "trees_osbs", "trees_soap"]
+    loro.build_cache(tmp_path, out, names, 1, 3, 3, seed=0)
+    report = loro.run_fold(out, "aa+trees_osbs", names, epochs=1, seed=0, dim=8, reduce=None,
+                           convs=1)
+    assert report["held_out"] == "aa" and report["trained_on"] == ["bb", "trees_soap"]
+    assert report["classes"] == ["building", "tree"]
+    trees = json.loads((out / "class_folds" / "trees_osbs.json").read_text())
+    assert trees["class"] == "tree" and trees["objects"] == 2
+    assert set(trees["curves"]) == {str(t) for t in loro.THRESHOLDS}
+    head, config = loro._fold_head(out, "aa")
+    assert config.labels == ["building", "tree"] and head.heat.out_channels == 2
+    # The other tree set held out in another fold: each is scored at the other's thresholds.
+    assert loro.run_fold(out, "trees_soap", names, 1, 0, 8, None, 1) is None
+    rows, shipped = loro.class_table(out)
+    assert "| trees_osbs | tree | 1 | 2 |" in rows and "(trees_soap)" in rows
+    assert set(shipped) == {"tree"}
+    # A finished group is not trained again.
+    train_heads, loro.train_heads = loro.train_heads, None
+    assert loro.run_fold(out, "trees_soap", names, 1, 0, 8, None, 1) is None
+    loro.train_heads = train_heads
+
+    # The shipped head: every set, both classes, each at its own thresholds.
+    spec = importlib.util.spec_from_file_location("ship_detector",
+                                                  ROOT / "scripts" / "ship_detector.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    assert ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts")]) == 0
+    from rsvlm.perception import load_detector
+
+    head, config = load_detector(tmp_path / "parts")
+    assert config.labels == ["building", "tree"] and head.heat.out_channels == 2
+    assert config.class_thresholds == {"tree": list(shipped["tree"])}
+    assert sorted(config.notes["trained_on"]) == sorted(names)
+
+
+def test_the_counting_threshold_is_the_one_most_counts_come_within_20_percent_at(loro) -> None:
+    """The bar counts a tile right within 20 %: the counting threshold is chosen by that share
+    over the regions (each once), the mean log count ratio only breaking ties."""
+    grid = loro.THRESHOLDS
+    # (F1, mean |log ratio|, share within 20 %) per threshold; region a favours 0.2, b 0.3.
+    a = {t: (0.5, 0.1 if t == 0.3 else 0.4, 1.0 if t == 0.2 else 0.0) for t in grid}
+    b = {t: (0.6 if t == 0.35 else 0.4, 0.1 if t == 0.3 else 0.4, 0.5 if t in (0.2, 0.3) else 0.0)
+         for t in grid}
+    assert loro.pooled_thresholds({"a": a, "b": b}) == (0.35, 0.2)
+    tie = {t: (0.5, 0.1 if t == 0.3 else 0.4, 0.5) for t in grid}
+    assert loro.pooled_thresholds({"a": tie}) == (0.15, 0.3)

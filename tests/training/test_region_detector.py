@@ -67,3 +67,25 @@ def test_the_detector_continues_on_the_training_chips_only(small_region: Path, t
     assert tower.seen == 2 * len([t for t in train if len(t.boxes)])
     # Parts without a detector: nothing to tune.
     assert tune_detector(spec, tmp_path / "none", tmp_path / "x", tower=tower) is None
+
+
+def test_a_detector_of_several_classes_learns_only_buildings_from_the_region(
+        small_region: Path, tmp_path: Path):
+    """The region's chips label buildings: the tree heatmap's own weights get no gradient
+    (weight decay alone moves them), the building heatmap's move."""
+    spec = load_region(str(small_region), chip_size=128, block_chips=2)
+    config = DetectorConfig(labels=["building", "tree"], input_size=56, layers=[1, 2], hidden=8,
+                            dim=8, convs=1, threshold=0.35, count_threshold=0.3,
+                            class_thresholds={"tree": [0.3, 0.3]})
+    torch.manual_seed(0)
+    shipped = tmp_path / "shipped"
+    save_detector(config.build(), config, shipped)
+    folder = tune_detector(spec, shipped, tmp_path / "run" / "detector", epochs=2,
+                           views_per_chip=2, tower=Tower())
+    before = load_file(str(shipped / "detector" / WEIGHTS_NAME))
+    after = load_file(str(folder / WEIGHTS_NAME))
+    moved = (after["heat.weight"] - before["heat.weight"]).abs().flatten(1).amax(1)
+    assert moved[0] > 10 * moved[1] and moved[1] < 1e-3, moved
+    saved = json.loads((folder / CONFIG_NAME).read_text())
+    assert saved["labels"] == ["building", "tree"] and saved["class_thresholds"] == {
+        "tree": [0.3, 0.3]}
