@@ -7,7 +7,9 @@ description on a region it never saw): presence ("Is there a building?"), counts
 buildings are there?", also inside a drawn box), "find all" (every detection as a box), whether
 the area is rural or urban (the training data's own rule, `urban_or_rural`, applied to the
 detected buildings) and one building by size or place ("Where is the largest building?",
-`referred`). Everything else goes to the language model as before.
+`referred`). The shipped detector knows buildings, trees and aircraft ("How many planes are on
+the apron?"), each at its own thresholds (`DetectorConfig.cut`). Everything else goes to the
+language model as before.
 
 The detector runs the frozen vision tower once more, at its own input size (448 px: a 32 x 32
 grid, finer than the chat view's 16 x 16), only for such questions; imagery coarser than 0.3 m

@@ -111,6 +111,51 @@ def region_examples(run: Path, held: str, items: list, out: Path, rel: str) -> l
     return lines
 
 
+def class_examples(run: Path) -> list[str]:
+    """Text examples for the held-out sets of other classes (`scripts/loro.py` class folds):
+    per set, its best and worst tile under the fold's head that never saw it, at the
+    thresholds the other held-out sets of its class favour. No pixels: NEON's and Airbus's
+    imagery stays out of the repo."""
+    import json
+
+    from loro import held_out_thresholds
+
+    from rsvlm.perception import load_detector, plural
+
+    reports = [json.loads(p.read_text()) for p in sorted((run / "class_folds").glob("*.json"))]
+    lines = []
+    for r in reports:
+        name, label = r["held_out"], r["class"]
+        head, config = load_detector(run / "class_folds" / r["fold"])
+        t, ct = held_out_thresholds(r, reports)
+        cache = torch.load(run / "cache" / f"{name}.eval.pt", weights_only=False)
+        preds = predict(head, cache["features"], min(t, ct), cls=config.labels.index(label))
+        rows = []
+        for tile, truth, (w, h), pred in zip(cache["names"], cache["boxes"], cache["sizes"],
+                                            preds, strict=True):
+            if not len(truth):
+                continue
+            scale = np.array([w, h, w, h])
+            boxes = [np.array(d[:4]) * scale for d in pred if d[4] >= t]
+            rows.append((tile_f1(boxes, truth.numpy() * scale), tile, truth, boxes, pred, (w, h)))
+        rows.sort(key=lambda x: -x[0])
+        picks = [("best", rows[0])] + ([("worst", rows[-1])] if len(rows) > 1 else [])
+        lines += [f"### {name} ({plural(label)}; fold trained on {', '.join(r['trained_on'])})",
+                  ""]
+        for kind, (f1, tile, truth, boxes, pred, size) in picks:
+            counted = [Detection(label, d[4], tuple(d[:4])) for d in pred if d[4] >= ct]
+            scale = np.array([*size, *size])
+            lines += [f"**{kind} tile** `{tile}` ({size[0]} x {size[1]} px; {len(truth)} labelled "
+                      f"{plural(label)}): find-all F1 {f1:.2f} at IoU 0.5", "",
+                      f"- How many {plural(label)} are there? -> "
+                      f"**{perception_answer('count', label, counted, size)}** (truth: "
+                      f"{len(truth)})",
+                      f"- Find all {plural(label)} in the image. -> {len(boxes)} boxes, "
+                      f"{match_boxes(boxes, list(truth.numpy() * scale))} of them on a labelled "
+                      f"one at IoU 0.5", ""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/loro")
@@ -133,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     for held in helds:
         if held in sets:
             lines += region_examples(run, held, sets[held], out, str(rel))
+    if (run / "class_folds").is_dir():
+        lines += class_examples(run)
     lines.append(END)
     text = "\n".join(lines) + "\n"
     print(text)

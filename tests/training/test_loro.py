@@ -164,6 +164,15 @@ def test_a_fold_holds_out_a_region_and_sets_of_other_classes_at_once(loro, tmp_p
     assert config.class_thresholds == {"tree": list(shipped["tree"])}
     assert sorted(config.notes["trained_on"]) == sorted(names)
 
+    # The model card's examples of the other classes: text, each set's tiles under its fold.
+    spec = importlib.util.spec_from_file_location("loro_examples",
+                                                  ROOT / "scripts" / "loro_examples.py")
+    examples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(examples)
+    text = "\n".join(examples.class_examples(out))
+    assert "### trees_osbs (trees; fold trained on bb, trees_soap)" in text
+    assert "How many trees are there? -> **" in text and "(truth: 2)" in text
+
 
 def test_the_counting_threshold_is_the_one_most_counts_come_within_20_percent_at(loro) -> None:
     """The bar counts a tile right within 20 %: the counting threshold is chosen by that share
