@@ -377,9 +377,9 @@ class ChatSession(OnChip):
         t0 = time.perf_counter()
         self._detect(perception)
         selected = perception.select(self.detections, "count")
-        label = perception.config.labels[0]
+        label = perception.config.answered[0]
         kind = scene_of_detections(selected, label, getattr(self.chip, "ground_area_m2", None))
-        found = detections_sentence(selected, perception.config.labels)
+        found = detections_sentence(selected, perception.config.answered)
         text = f"A{'n' if kind == 'urban' else ''} {kind} area, by its {plural(label)}. {found}"
         took = round(time.perf_counter() - t0, 4)
         return Answer(text=text, boxes=[], retrieved=list(self.retrieved or []),
@@ -394,7 +394,7 @@ class ChatSession(OnChip):
         from rsvlm.perception import detections_summary, object_question, perception_reply
 
         perception = self.engine.perception
-        asked = object_question(question, perception.config.labels) if perception else None
+        asked = object_question(question, perception.config.answered) if perception else None
         if asked is None:
             return None
         t0 = time.perf_counter()
@@ -413,7 +413,7 @@ class ChatSession(OnChip):
                               "prefill_tokens": 0, "detector": 1.0},
                       # The raw-answer panel shows what the answer was made from.
                       prompt=f"(answered by the detector: {kind} of {label}) "
-                             f"{detections_summary(selected, perception.config.labels)}")
+                             f"{detections_summary(selected, perception.config.answered)}")
 
     def _detections_note(self, question: str,
                          region_box_px: tuple[float, float, float, float] | None) -> str | None:
@@ -428,9 +428,9 @@ class ChatSession(OnChip):
         if self.detections is None:
             self.detections = perception.detect(self.image, self.gsd)
         size = (self.chip_width, self.chip_height)
-        found = [d for label in perception.config.labels for d in answered_detections(
+        found = [d for label in perception.config.answered for d in answered_detections(
             label, perception.select(self.detections, "count"), size, region_box_px)]
-        return detections_sentence(found, perception.config.labels,
+        return detections_sentence(found, perception.config.answered,
                                    where=region_box_px is None)
 
     def ground(self, text: str, scores: list[float] | None = None) -> list[AnswerBox]:

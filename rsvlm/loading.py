@@ -333,7 +333,7 @@ def _assemble(plan: Any, preset: Any, device: str, trained_dir: Path | None,
         "experts": model.config.experts_enabled,
         "retrieval": database is not None,
         "detector": perception is not None,
-        "detector_labels": list(perception.config.labels) if perception is not None else [],
+        "detector_labels": list(perception.config.answered) if perception is not None else [],
         "scene_classifier": scene is not None,
     }
     return LoadedModel(model, processor, database, info, perception, scene)

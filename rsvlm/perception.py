@@ -63,8 +63,17 @@ class DetectorConfig:
     # that class's held-out sets (scripts/loro.py class folds); a class not here takes
     # `threshold` / `count_threshold`.
     class_thresholds: dict[str, list[float]] = field(default_factory=dict)
+    # The classes the chat path answers from (None: every label). A class the head learnt but
+    # does not transfer (tree crowns: F1 0.13-0.31 on forests it never saw, none found in the
+    # demo towns) stays in the weights for a fine-tune and out of the answers: its questions go
+    # to the language model rather than get a confident "0".
+    answers: list[str] | None = None
     # Where the numbers behind the threshold came from (scripts/loro.py), for the model card.
     notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def answered(self) -> list[str]:
+        return [c for c in self.labels if self.answers is None or c in self.answers]
 
     def cut(self, label: str, kind: str = "find_all") -> float:
         """The score a detection of ``label`` needs to answer a question of ``kind``: boxes at
@@ -153,11 +162,13 @@ class Perception:
         """Every detection above the lowest threshold any answer uses (see `select`); imagery
         of a ground sample distance of `zoom_gsd` or more (``gsd``, metres a pixel) is read as
         four overlapping crops, their detections merged in the image's frame."""
-        low = min([REFER_FLOOR] + [self.config.cut(label, kind) for label in self.config.labels
+        answered = self.config.answered
+        low = min([REFER_FLOOR] + [self.config.cut(label, kind) for label in answered
                                    for kind in ("find_all", "count")])
         if not self.zooms(gsd):
             heat, box = self.head(self.features(image))
-            return decode(heat, box, self.config.labels, low)[0]
+            return [d for d in decode(heat, box, self.config.labels, low)[0]
+                    if d.label in answered]
         w, h = image.size
         c = self.config.zoom_crop
         frames = crop_frames(c)
@@ -167,7 +178,7 @@ class Perception:
         found = []
         for dets, frame in zip(decode(heat, box, self.config.labels, low, nms=False), frames,
                                strict=True):
-            found += from_crop(dets, frame, c)
+            found += from_crop([d for d in dets if d.label in answered], frame, c)
         return suppress(found)
 
     def select(self, detections: list[Detection], kind: str, question: str = ""
@@ -180,7 +191,7 @@ class Perception:
         chosen = [d for d in detections if d.score >= self.config.cut(d.label, kind)]
         if kind != "refer":
             return chosen
-        for label in self.config.labels:
+        for label in self.config.answered:
             asked = referred(question, label)
             if asked is None:
                 continue

@@ -83,7 +83,7 @@ def _perceived(engine: Any, chips: Sequence[Any], images: Sequence[Any], questio
     perception = getattr(engine, "perception", None)
     if perception is None:
         return None
-    labels = perception.config.labels
+    labels = perception.config.answered
     counted = area_question(question, labels)
     # A scan merges boxes across borders: a count or presence question is answered by every
     # chip with its detections, and the scan's merged detections are the count.

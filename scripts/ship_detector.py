@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loro import (  # noqa: E402
+    class_f1,
     class_table,
     cross_thresholds,
     fold_classes,
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="assets/models/embedded")
     ap.add_argument("--epochs", type=int, default=None, help="the folds' (default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-f1", type=float, default=0.5,
+                    help="answer a class other than buildings only when its held-out sets' "
+                         "mean find-all F1 reaches this (it stays in the weights either way)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -68,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                        members=loro / "members" / "shipped", **extra)
     threshold, count_threshold = pooled_thresholds(cross_thresholds(loro))
     per_class = class_table(loro)[1] if (loro / "class_folds").is_dir() else {}
+    f1 = class_f1(loro) if per_class else {}
+    answers = [c for c in classes if c == "building" or f1.get(c, 0.0) >= args.min_f1]
     folds = [json.loads(p.read_text()) for p in sorted((loro / "folds").glob("*.json"))]
     sizes = {torch.load(loro / "cache" / f"{r}.pt", weights_only=False).get("input_size",
                                                                           INPUT_SIZE)
@@ -78,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
                             dim=dim, convs=convs, heads=heads,
                             threshold=threshold, count_threshold=count_threshold,
                             class_thresholds={c: list(per_class[c]) for c in classes[1:]
-                                              if c in per_class}, notes={
+                                              if c in per_class},
+                            answers=None if answers == classes else answers, notes={
                                 "trained_on": regions, "views": len(x), "epochs": epochs,
                                 "heads": heads, "input_dropout": fold.get("input_dropout", 0.0),
                                 "threshold": "best mean over the LORO folds' held-out regions",
+                                "class_f1": {c: round(v, 3) for c, v in f1.items()},
                                 "loro_f1": {f["held_out"]: round(f["f1"], 3) for f in folds}})
     folder = save_detector(head, config, args.parts)
     print(json.dumps({"detector": str(folder), "threshold": threshold, "views": len(x)}))

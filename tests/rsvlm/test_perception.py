@@ -386,3 +386,12 @@ def test_each_class_answers_at_its_own_thresholds() -> None:
     assert "aircraft" not in detections_summary([roof, crown], config.labels)
     # Saved and loaded with the detector.
     assert DetectorConfig(**__import__("dataclasses").asdict(config)).cut("tree", "count") == 0.25
+
+
+def test_a_class_the_detector_learnt_but_does_not_answer_goes_to_the_language_model() -> None:
+    config = DetectorConfig(labels=["building", "tree", "aircraft"], hidden=8, layers=[11], dim=8,
+                            convs=1, answers=["building", "aircraft"])
+    assert config.answered == ["building", "aircraft"]
+    assert object_question("How many trees are there?", config.answered) is None
+    assert object_question("How many planes are there?", config.answered) == ("count", "aircraft")
+    assert DetectorConfig(labels=["building", "tree"]).answered == ["building", "tree"]

@@ -69,8 +69,13 @@ def test_the_shipped_detector_loads_and_its_card_section_is_there() -> None:
     config = DetectorConfig(**json.loads((folder / CONFIG_NAME).read_text()))
     head = config.build()
     head.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))  # strict: every tensor fits
-    assert config.labels == ["building"] and 0 < config.threshold < 1
+    assert config.labels == ["building", "tree", "aircraft"] and 0 < config.threshold < 1
+    assert set(config.class_thresholds) == {"tree", "aircraft"}
+    # Tree crowns do not transfer between forests: learnt, not answered (the model card).
+    assert config.answered == ["building", "aircraft"]
     card = (SHIPPED / "MODEL_CARD.md").read_text()
     assert "## Leave-one-region-out" in card
     for region in config.notes["loro_f1"]:
         assert f"| {region} |" in card
+    for held in ("aircraft_a", "aircraft_b", "trees_osbs", "trees_soap"):  # the other classes
+        assert f"| {held} |" in card

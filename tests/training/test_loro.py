@@ -162,6 +162,9 @@ def test_a_fold_holds_out_a_region_and_sets_of_other_classes_at_once(loro, tmp_p
     head, config = load_detector(tmp_path / "parts")
     assert config.labels == ["building", "tree"] and head.heat.out_channels == 2
     assert config.class_thresholds == {"tree": list(shipped["tree"])}
+    # A class is answered only when its held-out sets' F1 reaches --min-f1 (these can't).
+    assert config.answers == ["building"] and config.answered == ["building"]
+    assert set(config.notes["class_f1"]) == {"tree"}
     assert sorted(config.notes["trained_on"]) == sorted(names)
 
     # The model card's examples of the other classes: text, each set's tiles under its fold.
