@@ -278,15 +278,22 @@ def class_scores(out: Path, name: str, head: Any, classes: list[str]) -> dict:
     `class_table`): find-all and counts per threshold, and the tiles' true counts."""
     test = _load(out, name, "eval")
     preds = predict(head, test["features"], 0.1, cls=classes.index(set_class(name)))
-    curves = {}
+    curves = {str(t): r for t, r in threshold_scores(test, preds).items()}
+    return {"class": set_class(name), "tiles": len(preds),
+            "objects": sum(len(b) for b in test["boxes"]), "curves": curves}
+
+
+def threshold_scores(test: dict, preds: list) -> dict[float, dict]:
+    """Per threshold of the grid: `score_detections` of the tiles and their mean absolute log
+    count ratio, |log((said + 1) / (true + 1))| ("count_log_error")."""
+    scores = {}
     for t in THRESHOLDS:
         r = score_detections(preds, test["boxes"], test["sizes"], t)
         said = [sum(d[4] >= t for d in p) for p in preds]
         error = [abs(math.log((n + 1) / (len(b) + 1))) for n, b in
                  zip(said, test["boxes"], strict=True)]
-        curves[str(t)] = {**r, "count_log_error": sum(error) / max(len(error), 1)}
-    return {"class": set_class(name), "tiles": len(preds),
-            "objects": sum(len(b) for b in test["boxes"]), "curves": curves}
+        scores[t] = {**r, "count_log_error": sum(error) / max(len(error), 1)}
+    return scores
 
 
 def class_thresholds(reports: list[dict]) -> tuple[float, float]:
@@ -370,16 +377,8 @@ def score_fold(out: Path, held: str, head: Any, threshold: float, count_threshol
 def _curves(out: Path, held: str, preds: list) -> dict[float, tuple[float, float, float]]:
     """Per threshold of the grid: the held-out region's find-all F1, its tiles' mean absolute
     log count ratio, |log((said + 1) / (true + 1))|, and its share of counts within 20 %."""
-    test = _load(out, held, "eval")
-    curves = {}
-    for t in THRESHOLDS:
-        r = score_detections(preds, test["boxes"], test["sizes"], t)
-        said = [sum(d[4] >= t for d in p) for p in preds]
-        error = [abs(math.log((n + 1) / (len(b) + 1))) for n, b in
-                 zip(said, test["boxes"], strict=True)]
-        curves[t] = (r["f1"], sum(error) / max(len(error), 1),
-                     r["counting"]["within_20pct"] or 0.0)
-    return curves
+    return {t: (r["f1"], r["count_log_error"], r["counting"]["within_20pct"] or 0.0)
+            for t, r in threshold_scores(_load(out, held, "eval"), preds).items()}
 
 
 def pooled_thresholds(curves: dict[str, dict[float, tuple[float, ...]]]
