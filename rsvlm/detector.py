@@ -187,12 +187,14 @@ def detection_loss(heat_logits: torch.Tensor, box: torch.Tensor, heat: torch.Ten
     """CenterNet's penalty-reduced focal loss on the heatmap + GIoU of the boxes, weighted.
     ``known`` (batch, classes), when given: the heatmaps each image tells about (its labelled
     class, and those known to be absent from it); the others train nothing there, so a set
-    that labels only trees does not teach that its buildings are background."""
+    that labels only trees does not teach that its buildings are background. Per patch
+    (batch, classes, grid, grid), it can say more: inside a labelled aircraft, "building" is
+    known to be background too."""
     p = heat_logits.sigmoid().clamp(1e-4, 1 - 1e-4)
     pos = heat.eq(1.0).float()
     neg = 1.0 - pos
-    if known is not None:
-        mask = known.float()[:, :, None, None]
+    if known is not None:  # (batch, classes), or (batch, classes, grid, grid) per patch
+        mask = known.float() if known.dim() == 4 else known.float()[:, :, None, None]
         pos, neg = pos * mask, neg * mask
     pos_loss = -(torch.log(p) * (1 - p) ** 2 * pos).sum()
     neg_loss = -(torch.log(1 - p) * p ** 2 * (1 - heat) ** 4 * neg).sum()

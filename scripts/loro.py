@@ -197,7 +197,8 @@ def building_sets(names: list[str]) -> list[str]:
 
 def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim: int = 64,
              reduce: int | None = 128, convs: int = 2, train_files: int | None = None,
-             heads: int = 1, input_dropout: float = 0.0) -> dict | None:
+             heads: int = 1, input_dropout: float = 0.0,
+             object_negatives: bool = False) -> dict | None:
     """One fold: a head trained without the sets of ``fold`` ("kampala_ug", or a group
     "kampala_ug+trees_osbs+aircraft_b": one training holds out a building region and sets of
     other classes at once), scored on each of them (a building region: `folds/NAME.json`, its
@@ -222,8 +223,8 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
     classes = fold_classes(names)
     x, boxes, view_classes, known = training_stack(out, others, train_files, classes)
     t0 = time.perf_counter()
-    extra = ({"classes": len(classes), "view_classes": view_classes, "known": known}
-             if len(classes) > 1 else {})
+    extra = ({"classes": len(classes), "view_classes": view_classes, "known": known,
+              "object_negatives": object_negatives} if len(classes) > 1 else {})
     head = train_heads(x, boxes, heads=heads, seed=seed, members=out / "members" / fold,
                        hidden=x.shape[-1], levels=x.shape[1], epochs=epochs, dim=dim,
                        reduce=reduce, convs=convs, input_dropout=input_dropout, **extra)
@@ -232,7 +233,7 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                 "train_views": len(x), "epochs": epochs, "dim": dim, "convs": convs,
                 "reduce": reduce, "heads": heads, "train_files": train_files,
                 "input_dropout": input_dropout, "train_s": round(train_s, 1), "seed": seed,
-                "classes": classes}
+                "classes": classes, "object_negatives": object_negatives}
     config = {"labels": classes, "hidden": x.shape[-1], "dim": dim, "convs": convs,
               "heads": heads}
     for name, cpath in class_paths.items():
@@ -780,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="detector heads from consecutive seeds, read as their average")
     ap.add_argument("--input-dropout", type=float, default=0.0,
                     help="dropout on the features while training")
+    ap.add_argument("--object-negatives", action="store_true",
+                    help="inside a labelled object, the other classes' heatmaps learn background")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64, help="detector width")
     ap.add_argument("--convs", type=int, default=2, help="3 x 3 convolutions of the detector")
@@ -821,7 +824,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"folds name sets that are not cached in {out}: {sorted(missing)}")
         for held in folds:
             run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,
-                     args.convs, args.train_files, args.heads, args.input_dropout)
+                     args.convs, args.train_files, args.heads, args.input_dropout,
+                     args.object_negatives)
         cross_thresholds(out)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     epochs = args.epochs or fold["epochs"]
     dim, reduce, convs = fold.get("dim", 96), fold.get("reduce"), fold.get("convs", 2)
     heads = fold.get("heads", 1)
-    extra = ({"classes": len(classes), "view_classes": view_classes, "known": known}
+    extra = ({"classes": len(classes), "view_classes": view_classes, "known": known,
+              "object_negatives": fold.get("object_negatives", False)}
              if len(classes) > 1 else {})
     head = train_heads(x, boxes, heads=heads, seed=args.seed, hidden=x.shape[-1],
                        levels=x.shape[1], epochs=epochs, dim=dim, reduce=reduce, convs=convs,

@@ -201,7 +201,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                    init: DenseDetector | None = None,
                    input_dropout: float = 0.0, classes: int = 1,
                    view_classes: Sequence[int] | None = None,
-                   known: torch.Tensor | None = None) -> DenseDetector:
+                   known: torch.Tensor | None = None,
+                   object_negatives: bool = False) -> DenseDetector:
     """The head on cached features, AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
@@ -209,7 +210,9 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     ``init``: continue this head (on the full levels) instead of a new one. With ``classes``
     > 1, every view's boxes are of its class in ``view_classes`` and ``known`` (views,
     classes) says which heatmaps it trains (`rsvlm.detector.detection_loss`); one class: every
-    box is of it, every heatmap trained."""
+    box is of it, every heatmap trained. ``object_negatives``: inside a view's labelled objects
+    every other class's heatmap learns background too (an airliner is not a roof), wherever
+    the rest of the view leaves that class unlabelled."""
     torch.manual_seed(seed)
     pca = None
     if init is not None:
@@ -243,8 +246,10 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
             th, tt, tm = detection_targets(tb, [torch.full((len(boxes[j]),), view_classes[j],
                                                            dtype=torch.long) for j in idx],
                                            grid, classes)
-            loss = detection_loss(heat, box, th, tt, tm,
-                                  known[idx] if known is not None else None)
+            mask = known[idx] if known is not None else None
+            if mask is not None and object_negatives:
+                mask = mask[:, :, None, None] | (tm > 0)[:, None]
+            loss = detection_loss(heat, box, th, tt, tm, mask)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)

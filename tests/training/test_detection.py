@@ -232,3 +232,17 @@ def test_a_head_learns_two_classes_from_sets_that_each_label_one() -> None:
         preds = predict(head, x[mine], 0.3, cls=cls)
         report = score_detections(preds, [boxes[i] for i in mine], [(112, 112)] * len(mine), 0.3)
         assert report["f1"] > 0.8, (cls, report)
+
+
+def test_inside_a_labelled_object_the_other_classes_learn_background() -> None:
+    """``known`` per patch: an image that labels aircraft says nothing of its buildings, but
+    inside an aircraft's box the building heatmap is known to be background (what
+    `train_detector(object_negatives=True)` passes)."""
+    boxes = [torch.tensor([[0.25, 0.25, 0.75, 0.75]])]
+    heat, target, weight = detection_targets(boxes, [torch.ones(1, dtype=torch.long)], 8, 2)
+    known = torch.tensor([[False, True]])[:, :, None, None] | (weight > 0)[:, None]
+    logits = torch.zeros(1, 2, 8, 8, requires_grad=True)
+    detection_loss(logits, torch.zeros(1, 4, 8, 8), heat, target, weight, known).backward()
+    building = logits.grad[0, 0]
+    assert (building[weight[0] > 0] > 0).all()  # pushed down where the aircraft is
+    assert building[weight[0] == 0].abs().sum() == 0  # nothing said elsewhere
