@@ -236,12 +236,13 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                 "classes": classes, "object_negatives": object_negatives}
     config = {"labels": classes, "hidden": x.shape[-1], "dim": dim, "convs": convs,
               "heads": heads}
+    if class_paths:  # the fold's head, for the card's examples (scripts/loro_examples.py)
+        save_detector(head, DetectorConfig(**config, notes={"held_out": group}),
+                      out / "class_folds" / fold)
     for name, cpath in class_paths.items():
         cpath.parent.mkdir(parents=True, exist_ok=True)
         cpath.write_text(json.dumps({**settings, "held_out": name,
                                      **class_scores(out, name, head, classes)}, indent=2))
-        save_detector(head, DetectorConfig(**config, notes={"held_out": group}),
-                      out / "class_folds" / fold)
         log.info("fold %s: %s scored (%.0f s)", fold, name, train_s)
     if held is None:
         return None
