@@ -191,6 +191,15 @@ def training_stack(out: Path, names: list[str], train_files: int | None, classes
     return torch.cat(feats), boxes, view_classes, torch.tensor(known, dtype=torch.bool)
 
 
+def class_training(classes: list[str], view_classes: list[int], known: torch.Tensor,
+                   object_negatives: bool = False) -> dict[str, Any]:
+    """`train_heads`' arguments for a detector of ``classes`` (none for buildings alone)."""
+    if len(classes) == 1:
+        return {}
+    return {"classes": len(classes), "view_classes": view_classes, "known": known,
+            "object_negatives": object_negatives}
+
+
 def building_sets(names: list[str]) -> list[str]:
     return [n for n in names if set_class(n) == "building"]
 
@@ -223,8 +232,7 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
     classes = fold_classes(names)
     x, boxes, view_classes, known = training_stack(out, others, train_files, classes)
     t0 = time.perf_counter()
-    extra = ({"classes": len(classes), "view_classes": view_classes, "known": known,
-              "object_negatives": object_negatives} if len(classes) > 1 else {})
+    extra = class_training(classes, view_classes, known, object_negatives)
     head = train_heads(x, boxes, heads=heads, seed=seed, members=out / "members" / fold,
                        hidden=x.shape[-1], levels=x.shape[1], epochs=epochs, dim=dim,
                        reduce=reduce, convs=convs, input_dropout=input_dropout, **extra)

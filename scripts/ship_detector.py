@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loro import (  # noqa: E402
     class_f1,
     class_table,
+    class_training,
     cross_thresholds,
     fold_classes,
     pooled_thresholds,
@@ -64,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     epochs = args.epochs or fold["epochs"]
     dim, reduce, convs = fold.get("dim", 96), fold.get("reduce"), fold.get("convs", 2)
     heads = fold.get("heads", 1)
-    extra = ({"classes": len(classes), "view_classes": view_classes, "known": known,
-              "object_negatives": fold.get("object_negatives", False)}
-             if len(classes) > 1 else {})
+    extra = class_training(classes, view_classes, known, fold.get("object_negatives", False))
     head = train_heads(x, boxes, heads=heads, seed=args.seed, hidden=x.shape[-1],
                        levels=x.shape[1], epochs=epochs, dim=dim, reduce=reduce, convs=convs,
                        input_dropout=fold.get("input_dropout", 0.0),
