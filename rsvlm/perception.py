@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from rsvlm.detector import DenseDetector, Detection, DetectorEnsemble, decode, suppress
+from rsvlm.refine import BoxRefiner, load_refiner, refine_detections, save_refiner
 
 DETECTOR_DIR = "detector"
 CONFIG_NAME = "detector.json"
@@ -68,6 +69,11 @@ class DetectorConfig:
     # demo towns) stays in the weights for a fine-tune and out of the answers: its questions go
     # to the language model rather than get a confident "0".
     answers: list[str] | None = None
+    # A second look at each box in the chip's own pixels (`rsvlm.refine`): the refiner's
+    # architecture (size, width, context), how many times it moves a box (steps) and the power
+    # of its expected IoU the scores are multiplied by (rescore; 0: scores as detected). None:
+    # boxes as the patch grid places them. Its "labels": the classes it moves (None: all).
+    refiner: dict[str, Any] | None = None
     # Where the numbers behind the threshold came from (scripts/loro.py), for the model card.
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -90,11 +96,18 @@ class DetectorConfig:
 
 
 def save_detector(head: DenseDetector | DetectorEnsemble, config: DetectorConfig,
-                  folder: str | Path) -> Path:
+                  folder: str | Path, refiner: BoxRefiner | None = None) -> Path:
+    """Head, config and (when the config names one) the box refiner into ``folder``'s
+    ``detector/``."""
     from safetensors.torch import save_file
 
+    if config.refiner is not None and refiner is None:
+        raise ValueError("the detector's config names a refiner: pass it (load_refiner)")
     folder = Path(folder) / DETECTOR_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    if refiner is not None:
+        config = DetectorConfig(**{**asdict(config), "refiner": {
+            **(config.refiner or {"steps": 1, "rescore": 0.0}), **save_refiner(refiner, folder)}})
     save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()},
               str(folder / WEIGHTS_NAME))
     (folder / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2) + "\n")
@@ -116,13 +129,21 @@ def load_detector(folder: str | Path
     return head.eval(), config
 
 
+def detector_refiner(folder: str | Path, config: DetectorConfig) -> BoxRefiner | None:
+    """The box refiner `save_detector` wrote beside the head (None when the config has none)."""
+    if config.refiner is None:
+        return None
+    return load_refiner(Path(folder) / DETECTOR_DIR, config.refiner)
+
+
 class Perception:
     """A trained detector head on the model's own frozen vision encoder."""
 
     def __init__(self, head: DenseDetector, config: DetectorConfig, vision_model: Any,
-                 image_mean: Any, image_std: Any) -> None:
+                 image_mean: Any, image_std: Any, refiner: BoxRefiner | None = None) -> None:
         self.head = head.eval()
         self.config = config
+        self.refiner = refiner.eval() if refiner is not None else None
         self.vision = vision_model
         self.mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -136,7 +157,7 @@ class Perception:
             return None
         head, config = found
         return cls(head, config, vision_model, image_processor.image_mean,
-                   image_processor.image_std)
+                   image_processor.image_std, detector_refiner(parts, config))
 
     def features(self, image: Any, size: int | None = None) -> list[torch.Tensor]:
         """The encoder's levels for an RGB PIL image (or a list of them: a batch) at ``size``
@@ -167,8 +188,8 @@ class Perception:
                                    for kind in ("find_all", "count")])
         if not self.zooms(gsd):
             heat, box = self.head(self.features(image))
-            return [d for d in decode(heat, box, self.config.labels, low)[0]
-                    if d.label in answered]
+            return self.refined(image, [d for d in decode(heat, box, self.config.labels, low)[0]
+                                        if d.label in answered])
         w, h = image.size
         c = self.config.zoom_crop
         frames = crop_frames(c)
@@ -179,7 +200,20 @@ class Perception:
         for dets, frame in zip(decode(heat, box, self.config.labels, low, nms=False), frames,
                                strict=True):
             found += from_crop([d for d in dets if d.label in answered], frame, c)
-        return suppress(found)
+        return self.refined(image, suppress(found))
+
+    def refined(self, image: Any, detections: list[Detection]) -> list[Detection]:
+        """`detections` of ``image`` after the refiner's look, when the detector has one."""
+        if self.refiner is None or not detections:
+            return detections
+        cfg = self.config.refiner or {}
+        # Only the classes it was measured on (scripts/loro_refine.py: buildings).
+        labels = cfg.get("labels")
+        mine = [d for d in detections if labels is None or d.label in labels]
+        rest = [d for d in detections if labels is not None and d.label not in labels]
+        moved = refine_detections(self.refiner, image, mine, int(cfg.get("steps", 1)),
+                                  float(cfg.get("rescore", 0.0)))
+        return sorted(moved + rest, key=lambda d: -d.score)
 
     def select(self, detections: list[Detection], kind: str, question: str = ""
                ) -> list[Detection]:

@@ -360,9 +360,52 @@ def class_table(out: Path) -> tuple[str, dict[str, tuple[float, float]]]:
     return "\n".join(lines), shipped
 
 
+# Box refiners of the folds (`scripts/loro_refine.py`'s REGION.pt, each trained without its
+# region) and the data their tiles are read from: set by --refiners; None reads boxes as the
+# detector places them.
+REFINERS: Path | None = None
+DATA = Path("/work/shared/data")
+
+
+def held_out_tiles(root: Path, region: str) -> tuple[list[str], list]:
+    """The region's scoring tiles (names, RGB arrays), as `build_cache` cut them."""
+    items = load_sets(root, [region])[region]
+    size = items[0].tile or eval_tile_size(items[0].gsd)
+    got = [(n, im) for it in items for n, im, _ in tiles(it, size)]
+    return [n for n, _ in got], [im for _, im in got]
+
+
+def fold_refiner(held: str) -> Any:
+    """The held-out region's refiner from `REFINERS` (None: none, or no --refiners)."""
+    from rsvlm.refine import BoxRefiner
+
+    path = REFINERS / f"{held}.pt" if REFINERS is not None else None
+    if path is None or not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=False)
+    refiner = BoxRefiner(**saved["config"])
+    refiner.load_state_dict(saved["state"])
+    return refiner.eval()
+
+
+_REFINED: dict[tuple[str, str], list] = {}
+
+
 def _held_out_predictions(out: Path, held: str, head: Any = None) -> list:
     head = head if head is not None else _fold_head(out, held)[0]
-    return predict(head, _load(out, held, "eval")["features"], 0.1)
+    preds = predict(head, _load(out, held, "eval")["features"], 0.1)
+    refiner = fold_refiner(held)
+    if refiner is None:
+        return preds
+    key = (str(out), held)
+    if key not in _REFINED:  # a fold's tiles are read once, however often it is scored
+        from training.refine import refined_predictions
+
+        names, images = held_out_tiles(DATA, held)
+        if list(_load(out, held, "eval")["names"]) != names:
+            raise SystemExit(f"{held}: the cached scoring tiles are not these tiles")
+        _REFINED[key] = refined_predictions(refiner, images, preds)
+    return _REFINED[key]
 
 
 def score_fold(out: Path, held: str, head: Any, threshold: float, count_threshold: float,
@@ -428,9 +471,17 @@ def cross_thresholds(out: Path) -> dict[str, dict[float, tuple[float, float]]]:
                                                    report.get("count_threshold")])
         report.update(score_fold(out, held, None, threshold, count_threshold, preds[held]))
         report["thresholds_from"] = "the other folds' held-out regions"
+        refiner = fold_refiner(held)
+        report["refined_by"] = str(REFINERS / f"{held}.pt") if refiner is not None else None
         (out / "folds" / f"{held}.json").write_text(json.dumps(report, indent=2))
         folder = out / "folds" / held / "detector" / "detector.json"
         config = json.loads(folder.read_text())
+        config.pop("refiner", None)
+        if refiner is not None:  # the fold's detector reads as it was scored (loro_refer.sh)
+            from rsvlm.refine import save_refiner
+
+            config["refiner"] = {"steps": 1, "rescore": 0.0, "labels": ["building"],
+                                 **save_refiner(refiner, folder.parent)}
         folder.write_text(json.dumps({**config, "threshold": threshold,
                                       "count_threshold": count_threshold}, indent=2) + "\n")
     return curves
@@ -813,10 +864,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="scripts/loro_zoom.py's table (a file) for the card")
     ap.add_argument("--refer", default=None,
                     help="folder of REGION.grounding.json reports made with the folds' detectors")
+    ap.add_argument("--refiners", default=None,
+                    help="scripts/loro_refine.py's folder: each held-out region's boxes refined "
+                         "by its refiner (thresholds chosen again on them)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
     out = Path(args.out)
+    global REFINERS, DATA
+    REFINERS, DATA = (Path(args.refiners) if args.refiners else None), Path(args.data)
     if args.placement:
         print(placement(out))
         return 0

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loro import _fold_head, _load, eval_tile_size  # noqa: E402
 
 from rsvlm.detector import Detection, decode, suppress  # noqa: E402
-from rsvlm.perception import DetectorConfig, crop_frames, from_crop  # noqa: E402
+from rsvlm.perception import DetectorConfig, crop_frames, detector_refiner, from_crop  # noqa: E402
+from rsvlm.refine import refine_detections  # noqa: E402
 from training.detection import INPUT_SIZE, FrozenTower, score_detections  # noqa: E402
 from training.labelled import load_sets, tiles  # noqa: E402
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
           "|---|---|---|---|---|---|---|")
     for held in args.regions.split(","):
         head, config = _fold_head(run, held)
+        # The fold's box refiner, when `loro.py --refiners` gave it one: read as the chat
+        # path reads (`rsvlm.perception.Perception.refined`).
+        refiner = detector_refiner(run / "folds" / held, config)
         test = _load(run, held, "eval")
         items = load_sets(args.data, [held]).get(held)
         if not items:
@@ -76,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             whole = decode(heat[:, :1], box, ["building"], 0.1, nms=False)[0]
             crops = zoomed(head, tower, image, args.crop)
             for name, dets in zip(reads, (whole, crops, whole + crops), strict=True):
-                reads[name].append([(*d.box, d.score) for d in suppress(dets)])
+                kept = suppress(dets)
+                if refiner is not None:
+                    kept = refine_detections(refiner, image, kept)
+                reads[name].append([(*d.box, d.score) for d in kept])
         for name, preds in reads.items():
             r = score_detections(preds, test["boxes"], test["sizes"], config.threshold)
             c = score_detections(preds, test["boxes"], test["sizes"],

@@ -50,6 +50,7 @@ def tune_detector(spec: Any, shipped: Path, out: Path, *, preset: str = "embedde
         CONFIG_NAME,
         DETECTOR_DIR,
         DetectorConfig,
+        detector_refiner,
         load_detector,
         save_detector,
     )
@@ -95,6 +96,15 @@ def tune_detector(spec: Any, shipped: Path, out: Path, *, preset: str = "embedde
                            known=known if classes > 1 else None)
     plain = slice(0, len(items))  # the chips themselves, not their augmented views
     preds = predict(tuned, x[plain], 0.1, cls=building)
+    # The shipped box refiner goes along unchanged, and the thresholds are chosen on the
+    # boxes it gives, as the chat path will read them.
+    refiner = detector_refiner(shipped, config)
+    if refiner is not None:
+        from training.refine import refined_predictions
+
+        cfg = config.refiner or {}
+        preds = refined_predictions(refiner, [it.image for it in items], preds,
+                                    int(cfg.get("steps", 1)), float(cfg.get("rescore", 0.0)))
     truths, sizes = data["boxes"][plain], data["sizes"][plain]
     threshold = choose_threshold(preds, truths, sizes, THRESHOLDS)
     count_threshold = choose_threshold(preds, truths, sizes, THRESHOLDS, metric="count")
@@ -106,6 +116,6 @@ def tune_detector(spec: Any, shipped: Path, out: Path, *, preset: str = "embedde
     shutil.rmtree(tmp, ignore_errors=True)
     save_detector(tuned, DetectorConfig(**{**asdict(config), "threshold": threshold,
                                            "count_threshold": count_threshold, "notes": notes}),
-                  tmp)
+                  tmp, refiner)
     tmp.replace(out)
     return out / DETECTOR_DIR

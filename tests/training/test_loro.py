@@ -188,3 +188,38 @@ def test_the_counting_threshold_is_the_one_most_counts_come_within_20_percent_at
     assert loro.pooled_thresholds({"a": a, "b": b}) == (0.35, 0.2)
     tie = {t: (0.5, 0.1 if t == 0.3 else 0.4, 0.5) for t in grid}
     assert loro.pooled_thresholds({"a": tie}) == (0.15, 0.3)
+
+
+def test_folds_read_with_their_refiners_carry_them(loro, tmp_path: Path, monkeypatch) -> None:
+    from rsvlm.perception import detector_refiner
+    from rsvlm.refine import BoxRefiner
+
+    out = tmp_path / "run"
+    loro.build_cache(tmp_path, out, ["aa", "bb"], 1, 3, 3, seed=0)
+    for held in ("aa", "bb"):
+        loro.run_fold(out, held, ["aa", "bb"], epochs=1, seed=0, dim=8, reduce=None, convs=1)
+    # A head of one epoch finds little: a box on the first building of every tile instead.
+    monkeypatch.setattr(loro, "predict", lambda head, features, threshold: [
+        [(50 / 600, 60 / 600, 150 / 600, 140 / 600, 0.8)] for _ in features])
+    plain = {h: loro._held_out_predictions(out, h) for h in ("aa", "bb")}
+    # A refiner that moves every box: half a box right (deltas are in units of 0.1 a side).
+    refiner = BoxRefiner(32, 8)
+    torch.nn.init.zeros_(refiner.out[-1].weight)
+    with torch.no_grad():
+        refiner.out[-1].bias.copy_(torch.tensor([5.0, 0, 0, 0, 0]))
+    (tmp_path / "refiners").mkdir()
+    torch.save({"config": {"size": 32, "width": 8}, "state": refiner.state_dict()},
+               tmp_path / "refiners" / "aa.pt")
+    loro.REFINERS, loro.DATA = tmp_path / "refiners", tmp_path
+    moved = loro._held_out_predictions(out, "aa")
+    assert loro._held_out_predictions(out, "bb") == plain["bb"]  # no refiner of its own
+    pairs = [(p, m) for ps, ms in zip(plain["aa"], moved, strict=True)
+             for p, m in zip(ps, ms, strict=True)]
+    assert pairs and all(m[0] > p[0] + 0.05 for p, m in pairs)
+    loro.cross_thresholds(out)
+    report = __import__("json").loads((out / "folds" / "aa.json").read_text())
+    assert report["refined_by"].endswith("aa.pt")
+    head, config = loro._fold_head(out, "aa")
+    assert config.refiner["labels"] == ["building"]
+    assert detector_refiner(out / "folds" / "aa", config) is not None
+    assert loro._fold_head(out, "bb")[1].refiner is None

@@ -89,3 +89,24 @@ def test_a_detector_of_several_classes_learns_only_buildings_from_the_region(
     saved = json.loads((folder / CONFIG_NAME).read_text())
     assert saved["labels"] == ["building", "tree"] and saved["class_thresholds"] == {
         "tree": [0.3, 0.3]}
+
+
+def test_the_shipped_box_refiner_goes_along_with_the_tuned_detector(small_region: Path,
+                                                                    tmp_path: Path):
+    from rsvlm.perception import detector_refiner, load_detector
+    from rsvlm.refine import REFINER_NAME, BoxRefiner
+
+    spec = load_region(str(small_region), chip_size=128, block_chips=2)
+    config = DetectorConfig(labels=["building"], input_size=56, layers=[1, 2], hidden=8, dim=8,
+                            convs=1, threshold=0.35, count_threshold=0.3,
+                            refiner={"steps": 1, "rescore": 0.0, "labels": ["building"]})
+    torch.manual_seed(0)
+    shipped = tmp_path / "shipped"
+    save_detector(config.build(), config, shipped, BoxRefiner(32, 8))
+    folder = tune_detector(spec, shipped, tmp_path / "run" / "detector", epochs=1,
+                           views_per_chip=2, tower=Tower())
+    assert (folder / REFINER_NAME).read_bytes() == (
+        shipped / "detector" / REFINER_NAME).read_bytes()
+    _, tuned = load_detector(folder.parent)
+    assert tuned.refiner["labels"] == ["building"]
+    assert detector_refiner(folder.parent, tuned) is not None
