@@ -119,11 +119,11 @@ def apply_deltas(proposals: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def refine(refiner: BoxRefiner, image: torch.Tensor | Sequence, boxes: torch.Tensor,
-           steps: int = 1, levels: list[torch.Tensor] | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           steps: int = 1, levels: list[torch.Tensor] | None = None, quality: bool = True
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Boxes (n, 4 pixels) of `image` ((H, W, 3) uint8 array or (3, H, W) float tensor)
-    refined `steps` times, clipped to the image, and the IoU the refiner expects of each
-    refined box (one more look at it)."""
+    refined `steps` times, clipped to the image, and (with ``quality``: one more look at each,
+    as long again) the IoU the refiner expects of each refined box."""
     if not len(boxes):
         return boxes, torch.zeros(0)
     if levels is None:
@@ -135,8 +135,10 @@ def refine(refiner: BoxRefiner, image: torch.Tensor | Sequence, boxes: torch.Ten
         boxes = apply_deltas(boxes, refiner(crops)[:, :4])
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clamp(0, w)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clamp(0, h)
-    quality = refiner(crop_boxes(levels, boxes, refiner.size, refiner.context))[:, 4].sigmoid()
-    return boxes, quality
+    if not quality:
+        return boxes, None
+    expected = refiner(crop_boxes(levels, boxes, refiner.size, refiner.context))[:, 4].sigmoid()
+    return boxes, expected
 
 
 def image_tensor(image: torch.Tensor | Sequence) -> torch.Tensor:
@@ -183,8 +185,8 @@ def refine_detections(refiner: BoxRefiner, image: Any, detections: list[Detectio
     h, w = arr.shape[:2]
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     boxes = torch.tensor([d.box for d in detections], dtype=torch.float32) * scale
-    new, quality = refine(refiner, arr, boxes, steps=steps)
-    out = [Detection(d.label, d.score * float(q) ** rescore if rescore else d.score,
-                     tuple(float(v) for v in b))
-           for d, b, q in zip(detections, (new / scale).tolist(), quality.tolist(), strict=True)]
+    new, quality = refine(refiner, arr, boxes, steps=steps, quality=bool(rescore))
+    expected = quality.tolist() if quality is not None else [1.0] * len(detections)
+    out = [Detection(d.label, d.score * q ** rescore, tuple(float(v) for v in b))
+           for d, b, q in zip(detections, (new / scale).tolist(), expected, strict=True)]
     return suppress(out)

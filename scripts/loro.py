@@ -662,7 +662,8 @@ def card_section(out: Path, baseline: Path | None, previous: str = "",
         "`scripts/loro.py`: for each labelled region the detector (`rsvlm/perception.py`; "
         f"{_heads_words(out)}) is "
         "trained on the other regions' augmented views (scale, quarter turns, mirrors, colour, "
-        "contrast, blur, resolution, JPEG) and its thresholds are those the other folds' "
+        "contrast, blur, resolution, JPEG)" + _refiner_words(out) + " and its thresholds "
+        "are those the other folds' "
         "held-out regions favour (aerial ones, as they are read whole; each scored by its own "
         "fold's detector; boxes: the best find-all F1, presence and counts: the most counts "
         "within 20 %); then the held-out region's tiles are scored (512 px tiles at 0.15 m, 450 px at "
@@ -750,6 +751,16 @@ def _zoomed_rows(zoom: Path | None) -> dict[str, tuple[float, float]]:
             if len(cells) == 7 and cells[1].endswith("crops"):
                 rows[cells[0]] = (float(cells[2]), float(cells[6]))
     return rows
+
+
+def _refiner_words(out: Path) -> str:
+    """How the folds' boxes were refined, when they were (`--refiners`)."""
+    rows = [json.loads(p.read_text()) for p in sorted((out / "folds").glob("*.json"))]
+    if not any(r.get("refined_by") for r in rows):
+        return ""
+    return (", each building box then refined in the tile's own pixels by a box refiner "
+            "trained without the held-out region either (`rsvlm/refine.py`, "
+            "`scripts/loro_refine.py`),")
 
 
 def _bar_line(out: Path, zoom: Path | None = None) -> str:

@@ -29,10 +29,11 @@ from loro import _fold_head as fold_head  # noqa: E402
 from loro import write_card  # noqa: E402
 
 from rsvlm.detector import Detection  # noqa: E402
-from rsvlm.perception import perception_answer  # noqa: E402
+from rsvlm.perception import detector_refiner, perception_answer  # noqa: E402
 from training.detection import predict  # noqa: E402
 from training.labelled import DEMO_AREAS, load_sets, tiles  # noqa: E402
 from training.metrics import match_boxes  # noqa: E402
+from training.refine import refined_predictions  # noqa: E402
 
 START, END = "<!-- loro-examples:start -->", "<!-- loro-examples:end -->"
 ATTRIBUTION = ("Imagery © OpenAerialMap contributors (CC BY 4.0), buildings © OpenStreetMap "
@@ -70,6 +71,9 @@ def region_examples(run: Path, held: str, items: list, out: Path, rel: str) -> l
         raise SystemExit(f"{held}: the cached tiles are not the tiles of the data found")
     preds = predict(head, data["features"], min(config.threshold, config.count_threshold
                                                 or config.threshold))
+    refiner = detector_refiner(run / "folds" / held, config)
+    if refiner is not None:  # boxes as the chat path gives them (`Perception.refined`)
+        preds = refined_predictions(refiner, [v[1] for v in views], preds)
     rows = []
     for (name, image, truth), pred in zip(views, preds, strict=True):
         h, w = image.shape[:2]

@@ -13,7 +13,8 @@ The box refiner (`rsvlm.refine`: a second look at each box in the chip's pixels)
 on every labelled set found under ``--data`` (buildings and aircraft; `scripts/loro_refine.py`
 measures it region by region) and kept in ``LORO/members/shipped/refiner.pt``.
 
-    python scripts/ship_detector.py --loro runs/loro --parts assets/models/embedded
+    python scripts/ship_detector.py --loro runs/loro --parts assets/models/embedded \
+        --refiners runs/refine
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import loro as loro_module  # noqa: E402
 from loro import (  # noqa: E402
     class_f1,
     class_table,
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path("../shared/data"),
                     help="the labelled sets the box refiner trains on")
     ap.add_argument("--refiner-epochs", type=int, default=20, help="0: no box refiner")
+    ap.add_argument("--refiners", default=None,
+                    help="the folds' refiners (scripts/loro_refine.py's folder, as given to "
+                         "loro.py --refiners): thresholds chosen on the refined boxes")
     ap.add_argument("--refiner-width", type=int, default=24)
     ap.add_argument("--refiner-steps", type=int, default=1)
     ap.add_argument("--min-f1", type=float, default=0.5,
@@ -85,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
     loro = Path(args.loro)
+    if args.refiner_epochs and not args.refiners:
+        raise SystemExit("a detector shipped with a box refiner takes thresholds chosen on "
+                         "refined boxes: give --refiners (or --refiner-epochs 0)")
+    loro_module.REFINERS = Path(args.refiners) if args.refiners else None
+    loro_module.DATA = args.data
     folds = [json.loads(p.read_text()) for p in sorted((loro / "folds").glob("*.json"))]
     if not folds:
         raise SystemExit(f"{loro}/folds holds no fold results: run scripts/loro.py first")

@@ -156,7 +156,8 @@ def test_a_fold_holds_out_a_region_and_sets_of_other_classes_at_once(loro, tmp_p
                                                   ROOT / "scripts" / "ship_detector.py")
     ship = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ship)
-    assert ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts")]) == 0
+    assert ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts"),
+                      "--refiner-epochs", "0"]) == 0
     from rsvlm.perception import load_detector
 
     head, config = load_detector(tmp_path / "parts")
