@@ -240,7 +240,13 @@ class ChatSession(OnChip):
             kwargs, prompt_text, n_uncached = self._inputs_for(user_text, question)
             streamer = TimedStreamer(engine.processor.tokenizer)
             pieces: list[str] = []
-            for piece in self._stream(kwargs, streamer, max_new_tokens):
+            stream = self._stream(kwargs, streamer, max_new_tokens)
+            claimed = self._claimed_labels(question)
+            if claimed:  # the detector says how many and where; the LM's guesses go
+                from rsvlm.perception import without_claims
+
+                stream = without_claims(stream, claimed)
+            for piece in stream:
                 pieces.append(piece)
                 yield piece
             text = "".join(pieces).strip()
@@ -414,6 +420,16 @@ class ChatSession(OnChip):
                       # The raw-answer panel shows what the answer was made from.
                       prompt=f"(answered by the detector: {kind} of {label}) "
                              f"{detections_summary(selected, perception.config.answered)}")
+
+    def _claimed_labels(self, question: str) -> list[str]:
+        """The classes a description's detector sentence speaks for (`_detections_note`):
+        the language model's own sentences about them are left out of the answer."""
+        from rsvlm.perception import asks_description
+
+        perception = self.engine.perception
+        if perception is None or not asks_description(question):
+            return []
+        return list(perception.config.answered)
 
     def _detections_note(self, question: str,
                          region_box_px: tuple[float, float, float, float] | None) -> str | None:

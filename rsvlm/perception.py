@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -479,6 +480,35 @@ def asks_description(question: str) -> bool:
     """Whether ``question`` asks for a description of the whole image (the language model
     describes it; the detector adds what it found, `detections_sentence`)."""
     return bool(_DESCRIBE.search(" ".join(question.lower().split())))
+
+
+_ONE_OF_THEM = re.compile(r"\bthe (?:largest|smallest|biggest) ones?\b")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def claims_about(sentence: str, labels: list[str]) -> bool:
+    """Whether a sentence of the language model's says something about objects of ``labels``
+    (how many, how large, where: "There's a building of about 100 m²", "The largest one ...").
+    Its descriptions repeat the retrieved neighbour's, which on a new region are wrong; the
+    detector's sentence says these things from what is in the image."""
+    text = sentence.lower()
+    return bool(_ONE_OF_THEM.search(text)) or any(
+        re.search(r"\b" + _label_pattern(label) + r"\b", text) for label in labels)
+
+
+def without_claims(pieces: Iterator[str], labels: list[str]) -> Iterator[str]:
+    """A stream of text pieces, passed on a sentence at a time, leaving out the sentences that
+    make claims about ``labels`` (`claims_about`)."""
+    buffer, sep = "", ""
+    for piece in pieces:
+        buffer += piece
+        *done, buffer = _SENTENCE_END.split(buffer)
+        for sentence in done:
+            if sentence.strip() and not claims_about(sentence, labels):
+                yield sep + sentence.strip()
+                sep = " "
+    if buffer.strip() and not claims_about(buffer, labels):
+        yield sep + buffer.strip()
 
 
 def detections_sentence(detections: list[Detection], labels: list[str], where: bool = True

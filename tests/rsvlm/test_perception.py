@@ -269,6 +269,12 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
     described = "".join(other.ask("Describe this remote sensing image."))
     assert "detector" not in other.last.timing and other.last.text == described.strip()
     assert described.endswith(" The detector finds 16 buildings spread over the image.")
+    # The language model's own claims about buildings are left out: the detector's stand.
+    real = other._stream
+    other._stream = lambda *a: iter(["There's one building", " here. A small town. "])
+    assert "".join(other.ask("Describe this image.")) == (
+        "A small town. The detector finds 16 buildings spread over the image.")
+    other._stream = real
     # Of a drawn region: the detections centred in it.
     region = "".join(other.ask("Describe this area.", region_box_px=(0, 0, 32, 32)))
     assert region.endswith(" The detector finds 4 buildings here.")
@@ -395,3 +401,18 @@ def test_a_class_the_detector_learnt_but_does_not_answer_goes_to_the_language_mo
     assert object_question("How many trees are there?", config.answered) is None
     assert object_question("How many planes are there?", config.answered) == ("count", "aircraft")
     assert DetectorConfig(labels=["building", "tree"]).answered == ["building", "tree"]
+
+
+def test_a_description_leaves_the_counting_to_the_detector() -> None:
+    from rsvlm.perception import claims_about, without_claims
+
+    said = ("This overhead image shows a built-up area seen from above. There's a building of "
+            "about 100 m² covered in about 250 m². The largest one, in the bottom left, covers "
+            "about 75 m². Roads cross it, 1.5 km in all.")
+    pieces = [said[i:i + 7] for i in range(0, len(said), 7)]  # as tokens arrive
+    kept = "".join(without_claims(iter(pieces), ["building", "aircraft"]))
+    assert kept == ("This overhead image shows a built-up area seen from above. "
+                    "Roads cross it, 1.5 km in all.")
+    assert claims_about("Two planes stand on the apron.", ["building", "aircraft"])
+    assert not claims_about("Two planes stand on the apron.", ["building"])
+    assert "".join(without_claims(iter(["There are 7 buildings."]), ["building"])) == ""
