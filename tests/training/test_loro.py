@@ -156,6 +156,9 @@ def test_a_fold_holds_out_a_region_and_sets_of_other_classes_at_once(loro, tmp_p
                                                   ROOT / "scripts" / "ship_detector.py")
     ship = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ship)
+    # A box refiner's thresholds come from folds scored on refined boxes: say which.
+    with pytest.raises(SystemExit, match="--refiners"):
+        ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts")])
     assert ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts"),
                       "--refiner-epochs", "0"]) == 0
     from rsvlm.perception import load_detector
