@@ -7,7 +7,8 @@ the second stage of a two-stage detector (Fast R-CNN, Girshick 2015) does, `BoxR
 again at each box: a crop of the native-resolution pixels around it (twice the box, so both
 edges are in view), resampled to a fixed size and standardised per crop (so a region's colour
 and brightness do not matter), and regresses the box's offset and log scale. The crop is
-box-relative, so one refiner serves 0.15 m aerial roofs and 0.5 m satellite aircraft alike.
+box-relative, so one refiner reads 0.15 m aerial roofs and 0.5 m satellite ones alike
+(`scripts/loro_refine.py` measures it region by region, never on a region it trained on).
 """
 
 from __future__ import annotations
