@@ -55,6 +55,23 @@ class BoxRefiner(nn.Module):
         return self.out(self.body(crops))
 
 
+class RefinerEnsemble(nn.Module):
+    """Refiners trained from other seeds, read as one: their outputs averaged. One refiner's
+    gain moves by several hundredths of F1 with its seed (`scripts/loro_refine.py --seed`,
+    `scripts/loro.py --refiners A,B` reads the folds with the average)."""
+
+    def __init__(self, members: list[BoxRefiner]) -> None:
+        super().__init__()
+        first = members[0]
+        if any((m.size, m.context) != (first.size, first.context) for m in members):
+            raise ValueError("refiners of an ensemble must cut the same crops")
+        self.members = nn.ModuleList(members)
+        self.size, self.width, self.context = first.size, first.width, first.context
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(crops) for m in self.members]).mean(0)
+
+
 def pyramid(image: torch.Tensor, levels: int = 5) -> list[torch.Tensor]:
     """(3, H, W) float image -> itself halved `levels - 1` times (area averages), so that a
     crop is sampled from a level near its output size instead of aliasing a large one."""
@@ -119,7 +136,7 @@ def apply_deltas(proposals: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def refine(refiner: BoxRefiner, image: torch.Tensor | Sequence, boxes: torch.Tensor,
+def refine(refiner: BoxRefiner | RefinerEnsemble, image: torch.Tensor | Sequence, boxes: torch.Tensor,
            steps: int = 1, levels: list[torch.Tensor] | None = None, quality: bool = True
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Boxes (n, 4 pixels) of `image` ((H, W, 3) uint8 array or (3, H, W) float tensor)
@@ -153,27 +170,32 @@ def image_tensor(image: torch.Tensor | Sequence) -> torch.Tensor:
 REFINER_NAME = "refiner.safetensors"
 
 
-def save_refiner(refiner: BoxRefiner, folder: str | Path) -> dict:
+def save_refiner(refiner: BoxRefiner | RefinerEnsemble, folder: str | Path) -> dict:
     """Weights into ``folder`` (a detector's folder); returns the config that rebuilds it."""
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous() for k, v in refiner.state_dict().items()},
               str(Path(folder) / REFINER_NAME))
-    return {"size": refiner.size, "width": refiner.width, "context": refiner.context}
+    members = len(refiner.members) if isinstance(refiner, RefinerEnsemble) else 1
+    return {"size": refiner.size, "width": refiner.width, "context": refiner.context,
+            "members": members}
 
 
-def load_refiner(folder: str | Path, config: dict) -> BoxRefiner:
+def load_refiner(folder: str | Path, config: dict) -> BoxRefiner | RefinerEnsemble:
     from safetensors.torch import load_file
 
     path = Path(folder) / REFINER_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the detector's config names a refiner")
-    refiner = BoxRefiner(**{k: config[k] for k in ("size", "width", "context") if k in config})
+    arch = {k: config[k] for k in ("size", "width", "context") if k in config}
+    members = int(config.get("members", 1))
+    refiner = (BoxRefiner(**arch) if members == 1
+               else RefinerEnsemble([BoxRefiner(**arch) for _ in range(members)]))
     refiner.load_state_dict(load_file(str(path)))
     return refiner.eval()
 
 
-def refine_detections(refiner: BoxRefiner, image: Any, detections: list[Detection],
+def refine_detections(refiner: BoxRefiner | RefinerEnsemble, image: Any, detections: list[Detection],
                       steps: int = 1, rescore: float = 0.0) -> list[Detection]:
     """Detections (boxes 0-1 of ``image``: PIL or (H, W, 3) uint8) with their boxes refined in
     the image's own pixels and, with ``rescore`` > 0, their scores times the refiner's

@@ -361,9 +361,9 @@ def class_table(out: Path) -> tuple[str, dict[str, tuple[float, float]]]:
 
 
 # Box refiners of the folds (`scripts/loro_refine.py`'s REGION.pt, each trained without its
-# region) and the data their tiles are read from: set by --refiners; None reads boxes as the
-# detector places them.
-REFINERS: Path | None = None
+# region; several folders: one refiner of each, their outputs averaged) and the data their
+# tiles are read from: set by --refiners; None reads boxes as the detector places them.
+REFINERS: list[Path] | None = None
 DATA = Path("/work/shared/data")
 
 
@@ -377,15 +377,18 @@ def held_out_tiles(root: Path, region: str) -> tuple[list[str], list]:
 
 def fold_refiner(held: str) -> Any:
     """The held-out region's refiner from `REFINERS` (None: none, or no --refiners)."""
-    from rsvlm.refine import BoxRefiner
+    from rsvlm.refine import BoxRefiner, RefinerEnsemble
 
-    path = REFINERS / f"{held}.pt" if REFINERS is not None else None
-    if path is None or not path.is_file():
+    paths = [d / f"{held}.pt" for d in REFINERS or []]
+    if not paths or not all(p.is_file() for p in paths):
         return None
-    saved = torch.load(path, weights_only=False)
-    refiner = BoxRefiner(**saved["config"])
-    refiner.load_state_dict(saved["state"])
-    return refiner.eval()
+    members = []
+    for path in paths:
+        saved = torch.load(path, weights_only=False)
+        refiner = BoxRefiner(**saved["config"])
+        refiner.load_state_dict(saved["state"])
+        members.append(refiner.eval())
+    return members[0] if len(members) == 1 else RefinerEnsemble(members).eval()
 
 
 _REFINED: dict[tuple[str, str], list] = {}
@@ -472,7 +475,8 @@ def cross_thresholds(out: Path) -> dict[str, dict[float, tuple[float, float]]]:
         report.update(score_fold(out, held, None, threshold, count_threshold, preds[held]))
         report["thresholds_from"] = "the other folds' held-out regions"
         refiner = fold_refiner(held)
-        report["refined_by"] = str(REFINERS / f"{held}.pt") if refiner is not None else None
+        report["refined_by"] = ([str(d / f"{held}.pt") for d in REFINERS or []]
+                                if refiner is not None else None)
         (out / "folds" / f"{held}.json").write_text(json.dumps(report, indent=2))
         folder = out / "folds" / held / "detector" / "detector.json"
         config = json.loads(folder.read_text())
@@ -876,14 +880,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refer", default=None,
                     help="folder of REGION.grounding.json reports made with the folds' detectors")
     ap.add_argument("--refiners", default=None,
-                    help="scripts/loro_refine.py's folder: each held-out region's boxes refined "
-                         "by its refiner (thresholds chosen again on them)")
+                    help="scripts/loro_refine.py's folder(s), comma-separated: each held-out "
+                         "region's boxes refined by its refiner (several: averaged), the "
+                         "thresholds chosen again on them")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
     out = Path(args.out)
     global REFINERS, DATA
-    REFINERS, DATA = (Path(args.refiners) if args.refiners else None), Path(args.data)
+    REFINERS = [Path(d) for d in args.refiners.split(",")] if args.refiners else None
+    DATA = Path(args.data)
     if args.placement:
         print(placement(out))
         return 0

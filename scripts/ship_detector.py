@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.refiner_epochs and not args.refiners:
         raise SystemExit("a detector shipped with a box refiner takes thresholds chosen on "
                          "refined boxes: give --refiners (or --refiner-epochs 0)")
-    loro_module.REFINERS = Path(args.refiners) if args.refiners else None
+    loro_module.REFINERS = ([Path(d) for d in args.refiners.split(",")] if args.refiners
+                            else None)
     loro_module.DATA = args.data
     folds = [json.loads(p.read_text()) for p in sorted((loro / "folds").glob("*.json"))]
     if not folds:

@@ -117,3 +117,24 @@ def test_the_detector_folder_carries_its_refiner(tmp_path) -> None:
     want = refine_detections(refiner.eval(), image, dets)
     assert moved[0].box == pytest.approx(want[0].box) and moved[0].box != dets[0].box
     assert moved[0].score == 0.9  # rescore 0: the detector's score stays
+
+
+def test_refiners_of_several_seeds_read_as_their_average_and_save_as_one(tmp_path) -> None:
+    from rsvlm.refine import RefinerEnsemble, load_refiner, save_refiner
+
+    torch.manual_seed(0)
+    members = [BoxRefiner(32, 8) for _ in range(2)]
+    for m in members:
+        torch.nn.init.normal_(m.out[-1].weight, std=0.1)
+    both = RefinerEnsemble(members).eval()
+    crops = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        want = (members[0].eval()(crops) + members[1].eval()(crops)) / 2
+        assert torch.allclose(both(crops), want, atol=1e-6)
+    config = save_refiner(both, tmp_path)
+    assert config["members"] == 2
+    again = load_refiner(tmp_path, config)
+    with torch.inference_mode():
+        assert torch.allclose(again(crops), want, atol=1e-6)
+    with pytest.raises(ValueError, match="same crops"):
+        RefinerEnsemble([BoxRefiner(32, 8), BoxRefiner(64, 8)])

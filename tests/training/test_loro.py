@@ -214,7 +214,7 @@ def test_folds_read_with_their_refiners_carry_them(loro, tmp_path: Path, monkeyp
     (tmp_path / "refiners").mkdir()
     torch.save({"config": {"size": 32, "width": 8}, "state": refiner.state_dict()},
                tmp_path / "refiners" / "aa.pt")
-    loro.REFINERS, loro.DATA = tmp_path / "refiners", tmp_path
+    loro.REFINERS, loro.DATA = [tmp_path / "refiners"], tmp_path
     moved = loro._held_out_predictions(out, "aa")
     assert loro._held_out_predictions(out, "bb") == plain["bb"]  # no refiner of its own
     pairs = [(p, m) for ps, ms in zip(plain["aa"], moved, strict=True)
@@ -222,7 +222,7 @@ def test_folds_read_with_their_refiners_carry_them(loro, tmp_path: Path, monkeyp
     assert pairs and all(m[0] > p[0] + 0.05 for p, m in pairs)
     loro.cross_thresholds(out)
     report = __import__("json").loads((out / "folds" / "aa.json").read_text())
-    assert report["refined_by"].endswith("aa.pt")
+    assert report["refined_by"][0].endswith("aa.pt")
     head, config = loro._fold_head(out, "aa")
     assert config.refiner["labels"] == ["building"]
     assert detector_refiner(out / "folds" / "aa", config) is not None
