@@ -14,7 +14,6 @@ box-relative, so one refiner reads 0.15 m aerial roofs and 0.5 m satellite ones 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -136,16 +135,14 @@ def apply_deltas(proposals: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def refine(refiner: BoxRefiner | RefinerEnsemble, image: torch.Tensor | Sequence, boxes: torch.Tensor,
-           steps: int = 1, levels: list[torch.Tensor] | None = None, quality: bool = True
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Boxes (n, 4 pixels) of `image` ((H, W, 3) uint8 array or (3, H, W) float tensor)
-    refined `steps` times, clipped to the image, and (with ``quality``: one more look at each,
-    as long again) the IoU the refiner expects of each refined box."""
+def refine(refiner: BoxRefiner | RefinerEnsemble, image: np.ndarray, boxes: torch.Tensor,
+           steps: int = 1, quality: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Boxes (n, 4 pixels) of `image` ((H, W, 3) uint8) refined `steps` times, clipped to the
+    image, and (with ``quality``: one more look at each, as long again) the IoU the refiner
+    expects of each refined box."""
     if not len(boxes):
-        return boxes, torch.zeros(0)
-    if levels is None:
-        levels = pyramid(image_tensor(image))
+        return boxes, torch.zeros(0) if quality else None
+    levels = pyramid(image_tensor(image))
     h, w = levels[0].shape[-2:]
     boxes = boxes.float()
     for _ in range(steps):
@@ -159,10 +156,8 @@ def refine(refiner: BoxRefiner | RefinerEnsemble, image: torch.Tensor | Sequence
     return boxes, expected
 
 
-def image_tensor(image: torch.Tensor | Sequence) -> torch.Tensor:
-    """(H, W, 3) uint8 array -> (3, H, W) float 0-1 (a tensor in that form passes through)."""
-    if isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3:
-        return image.float()
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 array -> (3, H, W) float 0-1."""
     arr = np.array(np.asarray(image)[..., :3])  # a writable copy
     return torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
 

@@ -16,6 +16,7 @@ skipped. Run it in the background:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -375,23 +376,25 @@ def held_out_tiles(root: Path, region: str) -> tuple[list[str], list]:
     return [n for n, _ in got], [im for _, im in got]
 
 
+@functools.lru_cache(maxsize=2)
+def held_out_images(out: Path, held: str) -> list:
+    """The cached scoring tiles' pixels (read once, however often a fold is scored)."""
+    names, images = held_out_tiles(DATA, held)
+    if list(_load(out, held, "eval")["names"]) != names:
+        raise SystemExit(f"{held}: the cached scoring tiles are not these tiles")
+    return images
+
+
 def fold_refiner(held: str) -> Any:
     """The held-out region's refiner from `REFINERS` (None: none, or no --refiners)."""
-    from rsvlm.refine import BoxRefiner, RefinerEnsemble
+    from rsvlm.refine import RefinerEnsemble
+    from training.refine import load_checkpoint
 
     paths = [d / f"{held}.pt" for d in REFINERS or []]
     if not paths or not all(p.is_file() for p in paths):
         return None
-    members = []
-    for path in paths:
-        saved = torch.load(path, weights_only=False)
-        refiner = BoxRefiner(**saved["config"])
-        refiner.load_state_dict(saved["state"])
-        members.append(refiner.eval())
+    members = [load_checkpoint(p) for p in paths]
     return members[0] if len(members) == 1 else RefinerEnsemble(members).eval()
-
-
-_REFINED: dict[tuple[str, str], list] = {}
 
 
 def _held_out_predictions(out: Path, held: str, head: Any = None) -> list:
@@ -400,15 +403,9 @@ def _held_out_predictions(out: Path, held: str, head: Any = None) -> list:
     refiner = fold_refiner(held)
     if refiner is None:
         return preds
-    key = (str(out), held)
-    if key not in _REFINED:  # a fold's tiles are read once, however often it is scored
-        from training.refine import refined_predictions
+    from training.refine import refined_predictions
 
-        names, images = held_out_tiles(DATA, held)
-        if list(_load(out, held, "eval")["names"]) != names:
-            raise SystemExit(f"{held}: the cached scoring tiles are not these tiles")
-        _REFINED[key] = refined_predictions(refiner, images, preds)
-    return _REFINED[key]
+    return refined_predictions(refiner, held_out_images(out, held), preds)
 
 
 def score_fold(out: Path, held: str, head: Any, threshold: float, count_threshold: float,
@@ -483,8 +480,9 @@ def cross_thresholds(out: Path) -> dict[str, dict[float, tuple[float, float]]]:
         config.pop("refiner", None)
         if refiner is not None:  # the fold's detector reads as it was scored (loro_refer.sh)
             from rsvlm.refine import save_refiner
+            from training.refine import MOVES
 
-            config["refiner"] = {"steps": 1, "rescore": 0.0, "labels": ["building"],
+            config["refiner"] = {"steps": 1, "rescore": 0.0, "labels": MOVES,
                                  **save_refiner(refiner, folder.parent)}
         folder.write_text(json.dumps({**config, "threshold": threshold,
                                       "count_threshold": count_threshold}, indent=2) + "\n")

@@ -29,12 +29,16 @@ import loro  # noqa: E402
 
 from rsvlm.refine import BoxRefiner  # noqa: E402
 from training.detection import THRESHOLDS, score_detections  # noqa: E402
-from training.labelled import SETS, load_sets, set_class  # noqa: E402
-from training.refine import refined_predictions, train_refiner  # noqa: E402
+from training.refine import (  # noqa: E402
+    load_checkpoint,
+    refined_predictions,
+    refiner_sets,
+    save_checkpoint,
+    train_refiner,
+)
 
 log = logging.getLogger("loro_refine")
 
-TRAIN_SETS = (*SETS, "aircraft_a", "aircraft_b")
 # Rescored detections score lower than the detector's own (times an IoU below 1).
 GRID = (0.03, 0.05, 0.075, *THRESHOLDS)
 
@@ -42,20 +46,12 @@ GRID = (0.03, 0.05, 0.075, *THRESHOLDS)
 def fold_refiner(root: Path, out: Path, region: str, args: argparse.Namespace) -> BoxRefiner:
     path = out / f"{region}.pt"
     if path.is_file():
-        saved = torch.load(path, weights_only=False)
-        refiner = BoxRefiner(**saved["config"])
-        refiner.load_state_dict(saved["state"])
-        return refiner.eval()
-    names = [n for n in TRAIN_SETS if n != region and set_class(n) in ("building", "aircraft")]
-    sets = load_sets(root, names)
+        return load_checkpoint(path)
+    sets, quality_sets = refiner_sets(root, held_out=[region])
     t0 = time.perf_counter()
     refiner = train_refiner(sets, epochs=args.epochs, per_set=args.per_set, width=args.width,
-                            size=args.size, seed=args.seed,
-                            quality_sets=[n for n in names if set_class(n) == "building"])
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": {"size": args.size, "width": args.width}, "state":
-                refiner.state_dict(), "trained_on": names,
-                "train_s": time.perf_counter() - t0}, path)
+                            size=args.size, seed=args.seed, quality_sets=quality_sets)
+    save_checkpoint(refiner, path, trained_on=list(sets), train_s=time.perf_counter() - t0)
     return refiner
 
 

@@ -44,28 +44,26 @@ from loro import (  # noqa: E402
 from rsvlm.perception import DetectorConfig, save_detector  # noqa: E402
 from rsvlm.refine import BoxRefiner  # noqa: E402
 from training.detection import INPUT_SIZE, train_heads  # noqa: E402
-from training.labelled import CLASS_SETS, SETS, load_sets, set_class  # noqa: E402
-from training.refine import train_refiner  # noqa: E402
+from training.refine import (  # noqa: E402
+    MOVES,
+    load_checkpoint,
+    refiner_sets,
+    save_checkpoint,
+    train_refiner,
+)
 
 
 def shipped_refiner(args: argparse.Namespace, path: Path) -> BoxRefiner:
     """The box refiner on every labelled building and aircraft set (kept at ``path``)."""
     if path.is_file():
-        saved = torch.load(path, weights_only=False)
-        refiner = BoxRefiner(**saved["config"])
-        refiner.load_state_dict(saved["state"])
-        return refiner.eval()
+        return load_checkpoint(path)
     if not args.data.is_dir():
         raise SystemExit(f"{args.data} is absent: the box refiner trains on its labelled sets "
                          "(--refiner-epochs 0 ships none)")
-    names = [n for n in (*SETS, *CLASS_SETS) if set_class(n) in ("building", "aircraft")]
-    sets = load_sets(args.data, names)
+    sets, quality_sets = refiner_sets(args.data)
     refiner = train_refiner(sets, epochs=args.refiner_epochs, per_set=1500,
-                            width=args.refiner_width, seed=args.seed,
-                            quality_sets=[n for n in sets if set_class(n) == "building"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": {"size": refiner.size, "width": refiner.width},
-                "state": refiner.state_dict(), "trained_on": list(sets)}, path)
+                            width=args.refiner_width, seed=args.seed, quality_sets=quality_sets)
+    save_checkpoint(refiner, path, trained_on=list(sets))
     return refiner
 
 
@@ -138,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     refiner = None
     if args.refiner_epochs:
         refiner = shipped_refiner(args, loro / "members" / "shipped" / "refiner.pt")
-        # Measured on buildings only (scripts/loro_refine.py): aircraft keep the grid's boxes.
-        config.refiner = {"steps": args.refiner_steps, "rescore": 0.0, "labels": ["building"]}
+        config.refiner = {"steps": args.refiner_steps, "rescore": 0.0, "labels": MOVES}
         config.notes["refiner"] = "scripts/loro_refine.py (leave-one-region-out)"
     folder = save_detector(head, config, args.parts, refiner)
     print(json.dumps({"detector": str(folder), "threshold": threshold, "views": len(x),

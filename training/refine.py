@@ -11,15 +11,47 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from rsvlm.refine import BoxRefiner, box_deltas, crop_boxes, image_tensor, pyramid
-from training.labelled import LabelledImage
+from training.labelled import CLASS_SETS, SETS, LabelledImage, load_sets, set_class
 
 log = logging.getLogger(__name__)
+
+# The classes the refiner trains on, and those it moves in the chat path: it was measured on
+# buildings only (scripts/loro_refine.py), so aircraft keep the grid's boxes.
+TRAINED_ON = ("building", "aircraft")
+MOVES = ["building"]
+
+
+def refiner_sets(root: str | Path, held_out: Sequence[str] = ()
+                 ) -> tuple[dict[str, list[LabelledImage]], list[str]]:
+    """The labelled sets under ``root`` a refiner trains on (every building and aircraft set
+    but ``held_out``) and those whose every object is labelled, so that their background
+    teaches the expected IoU (`sample_crops`'s ``quality_sets``): the building sets."""
+    names = [n for n in (*SETS, *CLASS_SETS) if n not in held_out and set_class(n) in TRAINED_ON]
+    sets = load_sets(root, names)
+    return sets, [n for n in sets if set_class(n) == "building"]
+
+
+def save_checkpoint(refiner: BoxRefiner, path: Path, **extra: Any) -> None:
+    """A trained refiner for a later run (`load_checkpoint`), with notes (``extra``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": {"size": refiner.size, "width": refiner.width,
+                           "context": refiner.context},
+                "state": refiner.state_dict(), **extra}, path)
+
+
+def load_checkpoint(path: Path) -> BoxRefiner:
+    saved = torch.load(path, weights_only=False)
+    refiner = BoxRefiner(**saved["config"])
+    refiner.load_state_dict(saved["state"])
+    return refiner.eval()
 
 
 def jitter(truth: torch.Tensor, k: int, gen: torch.Generator, shift: float = 0.15,
@@ -133,17 +165,15 @@ def train_refiner(sets: dict[str, list[LabelledImage]], *, epochs: int = 12,
     rng = random.Random(seed)
     refiner = BoxRefiner(size=size, width=width)
     opt = torch.optim.AdamW(refiner.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = None
-    sched = None
     t0 = time.perf_counter()
-    crops = deltas = quality = trains = None
+    crops, deltas, quality, trains = sample_crops(sets, refiner, per_set, gen, quality_sets)
+    # Each draw holds about as many crops (per_set a set): the first sets the schedule.
+    steps_per_epoch = -(-len(crops) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
     for epoch in range(epochs):
-        if epoch % resample_every == 0:
+        if epoch and epoch % resample_every == 0:
             crops, deltas, quality, trains = sample_crops(sets, refiner, per_set, gen,
                                                           quality_sets)
-        if sched is None:
-            steps_per_epoch = -(-len(crops) // batch)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
         order = torch.randperm(len(crops), generator=gen)
         refiner.train()
         total = 0.0
