@@ -335,14 +335,19 @@ def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
         return "rural_urban", "building"
     for label in labels:
         obj = _label_pattern(label)
-        if re.search(rf"\bhow many {obj}\b", q):
+        if re.search(rf"\bhow many {obj}\b", q) or re.search(
+                rf"^(?:what(?: is|'s) )?(?:the )?(?:total )?(?:number|count) of {obj}\b"
+                rf"|^count (?:all |every |each |the )?{obj}\b", q):
             return "count", label
         if re.search(rf"\b(?:find|locate|detect|show|mark|box)\b.*\b(?:all|every|each)\b.*\b{obj}\b",
                      q):
             return "find_all", label
         if re.search(rf"^(?:is|are) there (?:any |a |an |some )?{obj}\b", q) or re.search(
-                rf"^(?:does|do) (?:the|this) (?:image|scene|area|chip) (?:contain|show|have) "
-                rf"(?:any |a |an )?{obj}\b", q):
+                rf"^(?:does|do) (?:the|this) (?:image|scene|area|chip|picture) (?:contain|show|"
+                rf"have|include) (?:any |a |an |some )?{obj}\b", q) or re.search(
+                rf"^(?:is|are) (?:there )?(?:any |a |an |some )?{obj} (?:present|visible|shown|"
+                rf"there)\b", q) or re.search(
+                rf"^(?:can|do) you see (?:any |a |an |some )?{obj}\b", q):
             return "presence", label
     for label in labels:
         if _ASKS_WHERE.search(q) and referred(q, label) is not None:

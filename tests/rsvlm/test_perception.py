@@ -27,6 +27,18 @@ from rsvlm.perception import (
     ("Are there any buildings? Answer with a single word or number.", ("presence", "building")),
     ("Is there a building in the image?", ("presence", "building")),
     ("How many buildings are there? Answer with a single word or number.", ("count", "building")),
+    # every phrasing of `training.vqa`'s questions, as `rsvlm-train eval --task vqa` asks them
+    ("What is the number of buildings? Answer with a single word or number.",
+     ("count", "building")),
+    ("What's the total number of buildings in this image?", ("count", "building")),
+    ("Number of buildings in the image?", ("count", "building")),
+    ("Count the buildings.", ("count", "building")),
+    ("Is a building present in this image? Answer with a single word.", ("presence", "building")),
+    ("Are any buildings visible?", ("presence", "building")),
+    ("Can you see a building?", ("presence", "building")),
+    ("Does this picture include any buildings?", ("presence", "building")),
+    ("Is the number of buildings equal to the number of roads?", None),  # the LM's comparison
+    ("Is a road present in this image?", None),
     ("Find all buildings in the image.", ("find_all", "building")),
     ("Locate every building in this image.", ("find_all", "building")),
     ("Detect all buildings and give their bounding boxes.", ("find_all", "building")),
