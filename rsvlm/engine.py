@@ -407,8 +407,9 @@ class ChatSession(OnChip):
         self._detect(perception)
         kind, label = asked
         selected = perception.select(self.detections, kind, question)
-        # The geodesic area only where the answer uses it (buildings per hectare).
-        ground_m2 = getattr(self.chip, "ground_area_m2", None) if kind == "rural_urban" else None
+        # The geodesic area only where the answer uses it (per hectare, m² covered).
+        ground_m2 = (getattr(self.chip, "ground_area_m2", None)
+                     if kind in {"rural_urban", "area"} else None)
         text, stated = perception_reply(kind, label, selected, (self.chip_width, self.chip_height),
                                         region_box_px, ground_m2, question)
         took = round(time.perf_counter() - t0, 4)

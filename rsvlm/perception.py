@@ -4,8 +4,8 @@ Trained parts may hold a ``detector/`` folder (``detector.json`` + ``detector.sa
 With it, questions about the objects it detects are answered from its detections, not from
 the language model's reading of retrieved neighbours (which repeats the nearest training
 description on a region it never saw): presence ("Is there a building?"), counts ("How many
-buildings are there?", also inside a drawn box), "find all" (every detection as a box), whether
-the area is rural or urban (the training data's own rule, `urban_or_rural`, applied to the
+buildings are there?", also inside a drawn box), "find all" (every detection as a box), the
+ground they cover ("What is the area covered by buildings?"), whether the area is rural or urban (the training data's own rule, `urban_or_rural`, applied to the
 detected buildings) and one building by size or place ("Where is the largest building?",
 `referred`). The shipped detector knows buildings, trees and aircraft ("How many planes are on
 the apron?"), each at its own thresholds (`DetectorConfig.cut`). Everything else goes to the
@@ -86,7 +86,7 @@ class DetectorConfig:
         """The score a detection of ``label`` needs to answer a question of ``kind``: boxes at
         the box threshold, presence, counts and rural/urban at the counting one."""
         box, count = self.class_thresholds.get(label, (self.threshold, self.count_threshold))
-        if kind in {"presence", "count", "rural_urban"} and count is not None:
+        if kind in {"presence", "count", "rural_urban", "area"} and count is not None:
             return count
         return box
 
@@ -285,6 +285,46 @@ def scene_of_detections(detections: list[Detection], label: str = "building",
     return urban_or_rural(min(coverage / max(area_frac, 1e-9), 1.0), per_ha)
 
 
+#: RSVQA-HR's area answer classes (upper bound in m², name); above the last: "more than 1000 m²".
+AREA_BUCKETS = ((0.0, "0 m²"), (10.0, "between 0 m² and 10 m²"),
+                (100.0, "between 10 m² and 100 m²"), (1000.0, "between 100 m² and 1000 m²"))
+#: The share of its bounding box a footprint fills: OSM building footprints of the four demo
+#: areas, area-weighted, fill 0.49 (Catanduanes) to 0.72 (Zanzibar) of their boxes.
+FOOTPRINT_SHARE = 0.6
+
+
+def area_bucket(m2: float) -> str:
+    """RSVQA-HR's answer class for ``m2`` square metres."""
+    if m2 <= 0:
+        return AREA_BUCKETS[0][1]
+    for limit, name in AREA_BUCKETS[1:]:
+        if m2 <= limit:
+            return name
+    return "more than 1000 m²"
+
+
+def covered_share(detections: list[Detection], grid: int = 256) -> float:
+    """The share of the image the detections' boxes cover (their union: overlaps once)."""
+    mask = np.zeros((grid, grid), bool)
+    for d in detections:
+        x1, y1, x2, y2 = (min(max(int(round(v * grid)), 0), grid) for v in d.box)
+        mask[y1:y2, x1:x2] = True
+    return float(mask.mean())
+
+
+def area_reply(detections: list[Detection], label: str, ground_m2: float | None) -> str:
+    """The ground the detected ``label``s cover: their boxes' union, times the share of a
+    box a footprint fills, as RSVQA's class with the estimate beside it."""
+    share = covered_share(detections)
+    if not detections:
+        return f"0 m² (no {plural(label)} found)"
+    if not ground_m2:  # no ground resolution (a plain picture): the image's share only
+        return (f"The {plural(label)} found cover about {share * FOOTPRINT_SHARE:.0%} of the "
+                "image (its ground resolution is unknown).")
+    m2 = share * FOOTPRINT_SHARE * ground_m2
+    return f"{area_bucket(m2)} (about {m2:,.0f} m² of {plural(label)} found)"
+
+
 _PLURALS = {"building": "buildings", "aircraft": "aircraft"}
 # Other words an analyst asks a class by: (singulars, plurals).
 _SYNONYMS = {"aircraft": (("airplane", "aeroplane", "plane"), ("airplanes", "aeroplanes", "planes")),
@@ -327,7 +367,7 @@ def referred(question: str, label: str) -> tuple[str | None, str | None] | None:
 
 
 def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
-    """("presence" | "count" | "find_all" | "rural_urban" | "refer", label) when the question
+    """("presence" | "count" | "area" | "find_all" | "rural_urban" | "refer", label) when the question
     asks that about a class the detector knows (rural or urban: about its buildings; refer: one
     object by size or place, `referred`); None otherwise (the language model answers)."""
     q = " ".join(question.lower().split())
@@ -339,6 +379,10 @@ def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
                 rf"^(?:what(?: is|'s) )?(?:the )?(?:total )?(?:number|count) of {obj}\b"
                 rf"|^count (?:all |every |each |the )?{obj}\b", q):
             return "count", label
+        if re.search(rf"\barea (?:is )?covered by (?:the |all )?{obj}\b|^what area do (?:the )?{obj} "
+                     rf"cover\b|^how much (?:ground|area|land|space|of the (?:image|area|chip)) "
+                     rf"(?:is covered by|do) (?:the )?{obj}\b", q):
+            return "area", label
         if re.search(rf"\b(?:find|locate|detect|show|mark|box)\b.*\b(?:all|every|each)\b.*\b{obj}\b",
                      q):
             return "find_all", label
@@ -444,7 +488,8 @@ def perception_reply(kind: str, label: str, detections: list[Detection],
                      ) -> tuple[str, list[Detection]]:
     """The answer to an object question from the detections, and the detections it states (in
     the order its boxes are written): "yes"/"no", the count, every box in the canonical grammar,
-    "rural"/"urban" (``ground_m2``: the chip's ground area, when known), or the one box a
+    "rural"/"urban" or the ground covered (``ground_m2``: the chip's ground area, when known),
+    or the one box a
     referring ``question`` means. Counts and boxes are the detections', nothing else."""
     from rsvlm.boxes import format_box
 
@@ -463,6 +508,8 @@ def perception_reply(kind: str, label: str, detections: list[Detection],
         return scene_of_detections(mine, label, ground, frac), mine
     if kind == "presence":
         return ("yes" if mine else "no"), mine
+    if kind == "area":
+        return area_reply(mine, label, ground_m2), mine
     if kind == "count":
         return str(len(mine)), mine
     if not mine:

@@ -95,7 +95,7 @@ def _perceived(engine: Any, chips: Sequence[Any], images: Sequence[Any], questio
                     asked[0], asked[1],
                     perception.select(perception.detect(im, ground_sample_distance(chip, im.size)),
                                       asked[0], question),
-                    im.size, question=question)
+                    im.size, ground_m2=getattr(chip, "ground_area_m2", None), question=question)
                 for chip, im in zip(chips, images, strict=True)]
 
 

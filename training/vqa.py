@@ -12,6 +12,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable
 
+from rsvlm.perception import AREA_BUCKETS, area_bucket  # noqa: F401 (the chat path's classes)
 from training.captions import RegionStats, scene_kind
 from training.osm import plural_of
 from training.region import ChipContext
@@ -19,18 +20,6 @@ from training.samples import Sample, rng_for
 
 SHORT = "Answer with a single word or number."
 YES_NO_TYPES = {"presence", "comparison"}
-AREA_BUCKETS = ((0.0, "0 m²"), (10.0, "between 0 m² and 10 m²"),
-                (100.0, "between 10 m² and 100 m²"), (1000.0, "between 100 m² and 1000 m²"))
-
-
-def area_bucket(m2: float) -> str:
-    """RSVQA-HR's area answer classes."""
-    if m2 <= 0:
-        return AREA_BUCKETS[0][1]
-    for limit, name in AREA_BUCKETS[1:]:
-        if m2 <= limit:
-            return name
-    return "more than 1000 m²"
 
 
 def _countable(ctx: ChipContext) -> dict[str, int]:

@@ -39,6 +39,11 @@ from rsvlm.perception import (
     ("Does this picture include any buildings?", ("presence", "building")),
     ("Is the number of buildings equal to the number of roads?", None),  # the LM's comparison
     ("Is a road present in this image?", None),
+    ("What is the area covered by buildings? Answer with a single word or number.",
+     ("area", "building")),
+    ("What area do the buildings cover?", ("area", "building")),
+    ("How much ground do the buildings cover?", ("area", "building")),
+    ("What is the area covered by parking lots?", None),
     ("Find all buildings in the image.", ("find_all", "building")),
     ("Locate every building in this image.", ("find_all", "building")),
     ("Detect all buildings and give their bounding boxes.", ("find_all", "building")),
@@ -428,3 +433,30 @@ def test_a_description_leaves_the_counting_to_the_detector() -> None:
     assert claims_about("Two planes stand on the apron.", ["building", "aircraft"])
     assert not claims_about("Two planes stand on the apron.", ["building"])
     assert "".join(without_claims(iter(["There are 7 buildings."]), ["building"])) == ""
+
+
+def test_the_area_answer_is_the_boxes_union_as_footprints() -> None:
+    from rsvlm.perception import FOOTPRINT_SHARE, area_bucket, area_reply, covered_share
+
+    a = Detection("building", 0.9, (0.0, 0.0, 0.5, 0.5))
+    overlapping = Detection("building", 0.8, (0.25, 0.0, 0.75, 0.5))
+    assert covered_share([a]) == pytest.approx(0.25)
+    assert covered_share([a, overlapping]) == pytest.approx(0.375)  # the overlap counts once
+    # a 60 m square chip (3600 m²): a quarter in boxes is 900 m² of boxes, 540 m² of roofs
+    text = area_reply([a], "building", 3600.0)
+    assert text.startswith("between 100 m² and 1000 m²") and f"{900 * FOOTPRINT_SHARE:,.0f} m²" in text
+    assert area_reply([a], "building", 36_000.0).startswith("more than 1000 m²")
+    assert area_reply([], "building", 3600.0).startswith("0 m²")
+    assert "of the image" in area_reply([a], "building", None)  # no ground resolution
+    assert [area_bucket(v) for v in (0, 5, 50, 500, 5000)] == [
+        "0 m²", "between 0 m² and 10 m²", "between 10 m² and 100 m²",
+        "between 100 m² and 1000 m²", "more than 1000 m²"]
+
+
+def test_rsvqa_scores_the_area_answer_as_its_class() -> None:
+    from rsvlm.perception import area_reply
+    from training.metrics import vqa_correct
+
+    text = area_reply([Detection("building", 0.9, (0.0, 0.0, 0.5, 0.5))], "building", 3600.0)
+    assert vqa_correct(text, "between 100 m² and 1000 m²", "area")
+    assert not vqa_correct(text, "more than 1000 m²", "area")

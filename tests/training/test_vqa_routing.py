@@ -11,7 +11,8 @@ from training.captions import RegionStats
 from training.region import ChipContext, ChipObject
 from training.vqa import vqa_samples
 
-ROUTED = {"presence": "presence", "counting": "count", "rural_urban": "rural_urban"}
+ROUTED = {"presence": "presence", "counting": "count", "rural_urban": "rural_urban",
+          "area": "area"}
 
 
 def _building(x: float) -> ChipObject:
