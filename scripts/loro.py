@@ -610,6 +610,47 @@ def baseline_table(folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fold_chat_table(folder: Path) -> str:
+    """The chat path with each fold's detector, as `rsvlm-train eval` asks (`REGION.vqa.json`,
+    `REGION.findall.json` from `scripts/loro_refer.sh`): the questions the bar names, each
+    phrasing of the VQA generator, answered and scored as an analyst's would be."""
+    from training.labelled import DEMO_AREAS
+
+    regions = sorted({p.name.split(".")[0] for p in folder.glob("*.vqa.json")})
+    lines = ["| held-out region | VQA questions | presence | counting within 20 % (exact; MAPE) "
+             "| rural/urban | area | find-all F1 on the chips (P / R) |",
+             "|---|---|---|---|---|---|---|"]
+    reports = {}
+    for reg in regions:
+        fa_path = folder / f"{reg}.findall.json"
+        reports[reg] = (json.loads((folder / f"{reg}.vqa.json").read_text()),
+                        json.loads(fa_path.read_text()) if fa_path.is_file() else {})
+    aerial = [reports[r] for r in regions if r in DEMO_AREAS]
+    if len(aerial) > 1:  # each area once, however many questions its chips gave
+
+        def mean(get: Any) -> float | None:
+            got = [v for v in map(get, aerial) if v is not None]
+            return sum(got) / len(got) if len(got) == len(aerial) else None
+
+        reports["mean of the OpenAerialMap areas"] = (
+            {"n": sum(v["n"] for v, _ in aerial),
+             "per_type": {k: mean(lambda r, k=k: r[0].get("per_type", {}).get(k))
+                          for k in ("presence", "rural_urban", "area")},
+             "counting": {k: mean(lambda r, k=k: r[0].get("counting", {}).get(k))
+                          for k in ("within_20pct", "exact", "mape")}},
+            {k: mean(lambda r, k=k: r[1].get(k)) for k in ("f1", "precision", "recall")})
+    for reg, (vqa, fa) in reports.items():
+        fa = fa if fa and fa.get("f1") is not None else {}
+        pt, c = vqa.get("per_type", {}), vqa.get("counting", {})
+        fa_cell = (f"{_fmt(fa.get('f1'))} ({_fmt(fa.get('precision'))} / "
+                   f"{_fmt(fa.get('recall'))})" if fa else "–")
+        lines.append(f"| {reg} | {vqa['n']} | {_fmt(pt.get('presence'))} | "
+                     f"{_fmt(c.get('within_20pct'))} ({_fmt(c.get('exact'))}; "
+                     f"{_fmt(c.get('mape'))}) | {_fmt(pt.get('rural_urban'))} | "
+                     f"{_fmt(pt.get('area'))} | {fa_cell} |")
+    return "\n".join(lines) + "\n"
+
+
 CARD_START, CARD_END = "<!-- loro:start -->", "<!-- loro:end -->"
 
 
@@ -726,6 +767,19 @@ def card_section(out: Path, baseline: Path | None, previous: str = "",
             "language model itself trained on these areas):",
             "",
             refer_table(refer, chat).strip(),
+            "",
+        ]
+    if refer is not None and any(refer.glob("*.vqa.json")):
+        lines += [
+            "The same parts asked as `rsvlm-train eval --task vqa|findall --data REGION` asks "
+            "(every chip of the region; each phrasing of the VQA generator: \"How many "
+            "buildings are there?\", \"What is the number of buildings?\", \"Is a building "
+            "present in this image?\", \"What is the area covered by buildings?\"; 512 px "
+            "chips at 0.15 m, Atlanta's 450 px, Rio's 400 px). The chips' truths are the "
+            "footprints at least 30 % inside a chip, so counts differ a little from the tiles' "
+            "above:",
+            "",
+            fold_chat_table(refer).strip(),
             "",
         ]
     if chat.strip():

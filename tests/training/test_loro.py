@@ -227,3 +227,19 @@ def test_folds_read_with_their_refiners_carry_them(loro, tmp_path: Path, monkeyp
     assert config.refiner["labels"] == ["building"]
     assert detector_refiner(out / "folds" / "aa", config) is not None
     assert loro._fold_head(out, "bb")[1].refiner is None
+
+
+def test_the_chat_path_reports_of_the_folds_become_the_cards_table(loro, tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "kampala_ug.vqa.json").write_text(json.dumps({
+        "n": 24, "per_type": {"presence": 1.0, "rural_urban": 0.5, "area": 0.25},
+        "counting": {"within_20pct": 1 / 6, "exact": 0.0, "mape": 0.366}}))
+    (tmp_path / "kampala_ug.findall.json").write_text(json.dumps(
+        {"f1": 0.5, "precision": 0.6, "recall": 0.4}))
+    (tmp_path / "rio.vqa.json").write_text(json.dumps({
+        "n": 52, "per_type": {"presence": 0.9}, "counting": {}}))
+    rows = loro.fold_chat_table(tmp_path).strip().splitlines()
+    assert rows[2] == ("| kampala_ug | 24 | 1.000 | 0.167 (0.000; 0.366) | 0.500 | 0.250 | "
+                       "0.500 (0.600 / 0.400) |")
+    assert rows[3].startswith("| rio | 52 | 0.900 | – (–; –) |") and rows[3].endswith("| – |")
