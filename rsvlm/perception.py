@@ -329,15 +329,23 @@ _PLURALS = {"building": "buildings", "aircraft": "aircraft"}
 # Other words an analyst asks a class by: (singulars, plurals).
 _SYNONYMS = {"aircraft": (("airplane", "aeroplane", "plane"), ("airplanes", "aeroplanes", "planes")),
              "tree": (("tree crown",), ("tree crowns",))}
+# Words an analyst asks about buildings by, in questions only: a description's sentence about
+# "metal roofs" is not a claim about how many buildings there are (`claims_about`).
+_ASKED_AS = {"building": (("house", "home", "dwelling", "roof", "rooftop"),
+                          ("houses", "homes", "dwellings", "roofs", "rooftops"))}
 
 
 def plural(label: str) -> str:
     return _PLURALS.get(label, label + "s")
 
 
-def _label_pattern(label: str, plurals: bool = True) -> str:
-    """A regex for ``label`` and the words it is asked by (plurals first, so that they win)."""
+def _label_pattern(label: str, plurals: bool = True, asked: bool = False) -> str:
+    """A regex for ``label`` and the words it is asked by (plurals first, so that they win;
+    ``asked``: also the words a question may use for it, `_ASKED_AS`)."""
     singular, many = _SYNONYMS.get(label, ((), ()))
+    if asked:
+        more_one, more_many = _ASKED_AS.get(label, ((), ()))
+        singular, many = (*singular, *more_one), (*many, *more_many)
     words = [*((plural(label), *many) if plurals else ()), label, *singular]
     return "(?:" + "|".join(re.escape(w) for w in dict.fromkeys(words)) + ")"
 
@@ -354,7 +362,8 @@ def referred(question: str, label: str) -> tuple[str | None, str | None] | None:
     "top left"), "the building" (None, None). None for anything else, relations to other
     classes included ("the building closest to the parking lot": the language model's)."""
     q = " ".join(question.lower().replace("centre", "center").replace("middle", "center").split())
-    m = re.search(rf"\bthe (?:(largest|biggest|smallest) )?{_label_pattern(label, False)}\b(.*)$",
+    m = re.search(rf"\bthe (?:(largest|biggest|smallest) )?{_label_pattern(label, False, True)}\b"
+                  r"(.*)$",
                   q)
     if not m:
         return None
@@ -370,14 +379,15 @@ def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
     """("presence" | "count" | "area" | "find_all" | "rural_urban" | "refer", label) when the question
     asks that about a class the detector knows (rural or urban: about its buildings; refer: one
     object by size or place, `referred`); None otherwise (the language model answers)."""
-    q = " ".join(question.lower().split())
+    q = re.sub(r"^(?:please |(?:can|could|would) you (?!see\b)(?:please )?)", "",
+               " ".join(question.lower().split()))
     if "building" in labels and re.search(r"\brural\b.*\burban\b|\burban\b.*\brural\b", q):
         return "rural_urban", "building"
     for label in labels:
-        obj = _label_pattern(label)
+        obj = _label_pattern(label, asked=True)
         if re.search(rf"\bhow many {obj}\b", q) or re.search(
                 rf"^(?:what(?: is|'s) )?(?:the )?(?:total )?(?:number|count) of {obj}\b"
-                rf"|^count (?:all |every |each |the )?{obj}\b", q):
+                rf"|^count (?:the number of |all (?:the )?|every |each |the )?{obj}\b", q):
             return "count", label
         if re.search(rf"\barea (?:is )?covered by (?:the |all )?{obj}\b|^what area do (?:the )?{obj} "
                      rf"cover\b|^how much (?:ground|area|land|space|of the (?:image|area|chip)) "

@@ -44,6 +44,12 @@ from rsvlm.perception import (
     ("What area do the buildings cover?", ("area", "building")),
     ("How much ground do the buildings cover?", ("area", "building")),
     ("What is the area covered by parking lots?", None),
+    # an analyst's own words for buildings, and polite forms
+    ("How many houses are there?", ("count", "building")),
+    ("Please count the number of buildings.", ("count", "building")),
+    ("Could you find all the roofs in this image?", ("find_all", "building")),
+    ("Can you see any houses?", ("presence", "building")),
+    ("Can you locate the largest house?", ("refer", "building")),
     ("Find all buildings in the image.", ("find_all", "building")),
     ("Locate every building in this image.", ("find_all", "building")),
     ("Detect all buildings and give their bounding boxes.", ("find_all", "building")),
@@ -460,3 +466,11 @@ def test_rsvqa_scores_the_area_answer_as_its_class() -> None:
     text = area_reply([Detection("building", 0.9, (0.0, 0.0, 0.5, 0.5))], "building", 3600.0)
     assert vqa_correct(text, "between 100 m² and 1000 m²", "area")
     assert not vqa_correct(text, "more than 1000 m²", "area")
+
+
+def test_a_description_about_roofs_keeps_its_sentence() -> None:
+    from rsvlm.perception import claims_about
+
+    # words a question may use for buildings do not make a description's sentence a claim
+    assert not claims_about("Most roofs are made of corrugated metal.", ["building"])
+    assert claims_about("There are three buildings.", ["building"])
