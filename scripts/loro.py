@@ -721,7 +721,7 @@ def card_section(out: Path, baseline: Path | None, previous: str = "",
         "",
         folds.strip(),
         "",
-        _bar_line(out, zoom),
+        _bar_line(out, zoom, refer),
         "",
     ]
     if zoom is not None and zoom.is_file():
@@ -819,7 +819,21 @@ def _refiner_words(out: Path) -> str:
             "`scripts/loro_refine.py`),")
 
 
-def _bar_line(out: Path, zoom: Path | None = None) -> str:
+def _chat_bar_words(refer: Path | None) -> str:
+    """The same bar through the chat path, as `rsvlm-train eval` asks (`fold_chat_table`)."""
+    if refer is None:
+        return ""
+    for line in fold_chat_table(refer).splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == "mean of the OpenAerialMap areas":
+            f1, within, presence = cells[6].split()[0], cells[3].split()[0], cells[2]
+            return (f" Asked through the chat path as `rsvlm-train eval` asks, on the held-out "
+                    f"areas' chips (the table further down): find-all F1 {f1}, counts within "
+                    f"20 % {within}, presence {presence}.")
+    return ""
+
+
+def _bar_line(out: Path, zoom: Path | None = None, refer: Path | None = None) -> str:
     """The folds against issue 18's bar, met or not: the OpenAerialMap areas are the "unseen
     region of the same kind", SpaceNet Rio and Atlanta (0.5 m satellite) "another kind"."""
     from training.labelled import DEMO_AREAS
@@ -849,7 +863,7 @@ def _bar_line(out: Path, zoom: Path | None = None) -> str:
             f"{met(f1, 0.6)}), counts within 20 % for {within:.3f} of the tiles (goal >= 0.60: "
             f"{met(within, 0.6)}), presence {presence:.3f} (goal >= 0.90: {met(presence, 0.9)}), "
             f"rural/urban {scene:.3f} (goal >= 0.90: {met(scene, 0.9)}; these areas' tiles are "
-            "nearly all urban, Zanzibar's are mixed).")
+            "nearly all urban, Zanzibar's are mixed).") + _chat_bar_words(refer)
     zoomed = _zoomed_rows(zoom)
     if other and all(r["held_out"] in zoomed for r in other):
         # The chat path reads such imagery zoomed in: the bar is about its answers.
