@@ -171,9 +171,21 @@ class Perception:
             im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images])).float()
         x = (arr.permute(0, 3, 1, 2) / 255.0 - self.mean) / self.std
         param = next(self.vision.parameters())
-        out = self.vision(pixel_values=x.to(param.device, param.dtype), output_hidden_states=True)
+        x = x.to(param.device, param.dtype)
         n = (size // self.vision.config.patch_size) ** 2
-        return [out.hidden_states[i][:, -n:].float().cpu() for i in self.config.layers]
+        blocks = getattr(getattr(self.vision, "encoder", None), "layer", None)
+        if blocks is None or not hasattr(self.vision, "embeddings"):
+            out = self.vision(pixel_values=x, output_hidden_states=True)
+            return [out.hidden_states[i][:, -n:].float().cpu() for i in self.config.layers]
+        # The blocks up to the deepest level only: the tower's last block (and final norm)
+        # feed the chat view, not the detector (layers 7, 9, 11 of 12: a twelfth of the pass).
+        hidden = self.vision.embeddings(x)
+        levels = {0: hidden}
+        for i, block in enumerate(blocks[:max(self.config.layers)], start=1):
+            hidden = block(hidden)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            levels[i] = hidden
+        return [levels[i][:, -n:].float().cpu() for i in self.config.layers]
 
     def zooms(self, gsd: float | None) -> bool:
         """Whether imagery of ``gsd`` metres a pixel (None: unknown) is read zoomed in."""

@@ -474,3 +474,30 @@ def test_a_description_about_roofs_keeps_its_sentence() -> None:
     # words a question may use for buildings do not make a description's sentence a claim
     assert not claims_about("Most roofs are made of corrugated metal.", ["building"])
     assert claims_about("There are three buildings.", ["building"])
+
+
+def test_the_detector_reads_the_towers_blocks_up_to_its_deepest_level_only() -> None:
+    """`Perception.features` runs the blocks up to the deepest level it reads and stops: the
+    same levels as the whole tower's hidden states, without its last blocks' cost."""
+    from PIL import Image
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    vision = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=5, num_attention_heads=2,
+                                      intermediate_size=64, patch_size=14, image_size=56)).eval()
+    config = DetectorConfig(input_size=56, layers=[1, 3], hidden=32)
+    perception = Perception(config.build(), config, vision, [0.5] * 3, [0.25] * 3)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 70, 3), np.uint8))
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k))
+             for k, b in enumerate(vision.encoder.layer)]
+    with torch.inference_mode():
+        got = perception.features(image)
+        for h in hooks:
+            h.remove()
+        x = (torch.from_numpy(np.array(image.resize((56, 56), Image.BICUBIC))).float()
+             .permute(2, 0, 1)[None] / 255.0 - 0.5) / 0.25
+        full = vision(pixel_values=x, output_hidden_states=True).hidden_states
+    assert ran == [0, 1, 2]  # blocks 4 and 5 are not run
+    for level, tensor in zip([1, 3], got, strict=True):
+        torch.testing.assert_close(tensor, full[level][:, -16:])
