@@ -181,22 +181,40 @@ def detection_targets(boxes: list[torch.Tensor], classes: list[torch.Tensor], gr
     return heat, target, weight
 
 
+#: The least an object's centre is asked to score under `detection_loss`'s ``iou_target``: early
+#: in training every box is poor, and the centres must still learn that an object is there.
+IOU_TARGET_FLOOR = 0.3
+
+
 def detection_loss(heat_logits: torch.Tensor, box: torch.Tensor, heat: torch.Tensor,
                    target: torch.Tensor, weight: torch.Tensor,
-                   known: torch.Tensor | None = None) -> torch.Tensor:
+                   known: torch.Tensor | None = None, iou_target: bool = False) -> torch.Tensor:
     """CenterNet's penalty-reduced focal loss on the heatmap + GIoU of the boxes, weighted.
     ``known`` (batch, classes), when given: the heatmaps each image tells about (its labelled
     class, and those known to be absent from it); the others train nothing there, so a set
     that labels only trees does not teach that its buildings are background. Per patch
     (batch, classes, grid, grid), it can say more: inside a labelled aircraft, "building" is
-    known to be background too."""
+    known to be background too.
+
+    ``iou_target``: an object's centre learns to score the IoU of its own box with the object
+    (at least `IOU_TARGET_FLOOR`), weighted by it, instead of 1 (VarifocalNet, Zhang et al.
+    2021): a peak then says how well its box fits as well as that an object is there, so the
+    boxes that survive the threshold are the ones that match."""
     p = heat_logits.sigmoid().clamp(1e-4, 1 - 1e-4)
     pos = heat.eq(1.0).float()
     neg = 1.0 - pos
     if known is not None:  # (batch, classes), or (batch, classes, grid, grid) per patch
         mask = known.float() if known.dim() == 4 else known.float()[:, :, None, None]
         pos, neg = pos * mask, neg * mask
-    pos_loss = -(torch.log(p) * (1 - p) ** 2 * pos).sum()
+    if iou_target:
+        with torch.no_grad():
+            b, _, g, _ = heat.shape
+            fit = box_iou(box_edges(box).permute(0, 2, 3, 1).reshape(-1, 4),
+                          target.permute(0, 2, 3, 1).reshape(-1, 4))
+            q = fit.reshape(b, 1, g, g).clamp(min=IOU_TARGET_FLOOR)
+        pos_loss = -((q * torch.log(p) + (1 - q) * torch.log(1 - p)) * q * pos).sum()
+    else:
+        pos_loss = -(torch.log(p) * (1 - p) ** 2 * pos).sum()
     neg_loss = -(torch.log(1 - p) * p ** 2 * (1 - heat) ** 4 * neg).sum()
     n_pos = pos.sum().clamp(min=1.0)
     loss = (pos_loss + neg_loss) / n_pos
@@ -207,6 +225,15 @@ def detection_loss(heat_logits: torch.Tensor, box: torch.Tensor, heat: torch.Ten
         w = weight[mask]
         loss = loss + 2.0 * ((1 - generalized_iou(pred, true)) * w).sum() / w.sum()
     return loss
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of matching rows of (n, 4) x1, y1, x2, y2 boxes."""
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    return inter / (area_a + area_b - inter).clamp(min=1e-6)
 
 
 def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,7 @@ def building_sets(names: list[str]) -> list[str]:
 def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim: int = 64,
              reduce: int | None = 128, convs: int = 2, train_files: int | None = None,
              heads: int = 1, input_dropout: float = 0.0,
-             object_negatives: bool = False) -> dict | None:
+             object_negatives: bool = False, iou_target: bool = False) -> dict | None:
     """One fold: a head trained without the sets of ``fold`` ("kampala_ug", or a group
     "kampala_ug+trees_osbs+aircraft_b": one training holds out a building region and sets of
     other classes at once), scored on each of them (a building region: `folds/NAME.json`, its
@@ -236,13 +236,15 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
     extra = class_training(classes, view_classes, known, object_negatives)
     head = train_heads(x, boxes, heads=heads, seed=seed, members=out / "members" / fold,
                        hidden=x.shape[-1], levels=x.shape[1], epochs=epochs, dim=dim,
-                       reduce=reduce, convs=convs, input_dropout=input_dropout, **extra)
+                       reduce=reduce, convs=convs, input_dropout=input_dropout,
+                       iou_target=iou_target, **extra)
     train_s = time.perf_counter() - t0
     settings = {"format": FOLD_FORMAT, "fold": fold, "trained_on": others,
                 "train_views": len(x), "epochs": epochs, "dim": dim, "convs": convs,
                 "reduce": reduce, "heads": heads, "train_files": train_files,
                 "input_dropout": input_dropout, "train_s": round(train_s, 1), "seed": seed,
-                "classes": classes, "object_negatives": object_negatives}
+                "classes": classes, "object_negatives": object_negatives,
+                "iou_target": iou_target}
     config = {"labels": classes, "hidden": x.shape[-1], "dim": dim, "convs": convs,
               "heads": heads}
     if class_paths:  # the fold's head, for the card's examples (scripts/loro_examples.py)
@@ -924,6 +926,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="dropout on the features while training")
     ap.add_argument("--object-negatives", action="store_true",
                     help="inside a labelled object, the other classes' heatmaps learn background")
+    ap.add_argument("--iou-target", action="store_true",
+                    help="an object's centre learns to score its own box's IoU with it")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64, help="detector width")
     ap.add_argument("--convs", type=int, default=2, help="3 x 3 convolutions of the detector")
@@ -973,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
         for held in folds:
             run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,
                      args.convs, args.train_files, args.heads, args.input_dropout,
-                     args.object_negatives)
+                     args.object_negatives, args.iou_target)
         cross_thresholds(out)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))

@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     head = train_heads(x, boxes, heads=heads, seed=args.seed, hidden=x.shape[-1],
                        levels=x.shape[1], epochs=epochs, dim=dim, reduce=reduce, convs=convs,
                        input_dropout=fold.get("input_dropout", 0.0),
+                       iou_target=fold.get("iou_target", False),
                        members=loro / "members" / "shipped", **extra)
     threshold, count_threshold = pooled_thresholds(cross_thresholds(loro))
     per_class = class_table(loro)[1] if (loro / "class_folds").is_dir() else {}
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                             answers=None if answers == classes else answers, notes={
                                 "trained_on": regions, "views": len(x), "epochs": epochs,
                                 "heads": heads, "input_dropout": fold.get("input_dropout", 0.0),
+                                "iou_target": fold.get("iou_target", False),
                                 "threshold": "best mean over the LORO folds' held-out regions",
                                 "class_f1": {c: round(v, 3) for c, v in f1.items()},
                                 "loro_f1": {f["held_out"]: round(f["f1"], 3) for f in folds}})

@@ -202,7 +202,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                    input_dropout: float = 0.0, classes: int = 1,
                    view_classes: Sequence[int] | None = None,
                    known: torch.Tensor | None = None,
-                   object_negatives: bool = False) -> DenseDetector:
+                   object_negatives: bool = False,
+                   iou_target: bool = False) -> DenseDetector:
     """The head on cached features, AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
@@ -212,7 +213,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     classes) says which heatmaps it trains (`rsvlm.detector.detection_loss`); one class: every
     box is of it, every heatmap trained. ``object_negatives``: inside a view's labelled objects
     every other class's heatmap learns background too (an airliner is not a roof), wherever
-    the rest of the view leaves that class unlabelled."""
+    the rest of the view leaves that class unlabelled. ``iou_target``: an object's centre
+    learns to score its own box's IoU with the object (`rsvlm.detector.detection_loss`)."""
     torch.manual_seed(seed)
     pca = None
     if init is not None:
@@ -249,7 +251,7 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
             mask = known[idx] if known is not None else None
             if mask is not None and object_negatives:
                 mask = mask[:, :, None, None] | (tm > 0)[:, None]
-            loss = detection_loss(heat, box, th, tt, tm, mask)
+            loss = detection_loss(heat, box, th, tt, tm, mask, iou_target=iou_target)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)

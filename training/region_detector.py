@@ -93,7 +93,9 @@ def tune_detector(spec: Any, shipped: Path, out: Path, *, preset: str = "embedde
     tuned = train_detector(x, data["boxes"], hidden=x.shape[-1], levels=x.shape[1],
                            epochs=epochs, lr=lr, seed=seed, init=head, classes=classes,
                            view_classes=[building] * len(views),
-                           known=known if classes > 1 else None)
+                           known=known if classes > 1 else None,
+                           # on as the shipped heads learnt: their scores keep their meaning
+                           iou_target=bool(config.notes.get("iou_target", False)))
     plain = slice(0, len(items))  # the chips themselves, not their augmented views
     preds = predict(tuned, x[plain], 0.1, cls=building)
     # The shipped box refiner goes along unchanged, and the thresholds are chosen on the

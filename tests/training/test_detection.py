@@ -246,3 +246,24 @@ def test_inside_a_labelled_object_the_other_classes_learn_background() -> None:
     building = logits.grad[0, 0]
     assert (building[weight[0] > 0] > 0).all()  # pushed down where the aircraft is
     assert building[weight[0] == 0].abs().sum() == 0  # nothing said elsewhere
+
+
+def test_an_iou_target_asks_a_centre_to_score_how_well_its_box_fits() -> None:
+    """With ``iou_target`` a centre whose box overlaps its object by about half is best scored
+    about a half, not 1 as CenterNet's target asks; a well-fitting box's centre scores high."""
+    boxes = [torch.tensor([[0.25, 0.25, 0.5, 0.5]])]  # 2 x 2 patches of an 8 x 8 grid
+    heat, target, weight = detection_targets(boxes, [torch.zeros(1, dtype=torch.long)], 8, 1)
+    row = col = 3  # the centre patch (3.0 in patches, at the corner of four)
+    assert heat[0, 0, row, col] == 1.0
+    fits = edges_to_box(target)  # every patch inside the object predicts it exactly
+    loose = edges_to_box(target + torch.tensor([-1.0, -1.0, 1.0, 1.0]).view(1, 4, 1, 1))
+
+    def loss(box: torch.Tensor, p: float, iou_target: bool) -> float:
+        logits = torch.full((1, 1, 8, 8), -6.0)
+        logits[0, 0, row, col] = float(torch.logit(torch.tensor(p)))
+        return float(detection_loss(logits, box, heat, target, weight, iou_target=iou_target))
+
+    # a box of twice the object's side: IoU 0.25, so the centre is asked 0.3 (the floor)
+    assert loss(loose, 0.3, True) < loss(loose, 0.95, True)
+    assert loss(loose, 0.95, False) < loss(loose, 0.3, False)  # CenterNet asks 1 whatever the box
+    assert loss(fits, 0.95, True) < loss(fits, 0.3, True)
