@@ -5,8 +5,9 @@ With it, questions about the objects it detects are answered from its detections
 the language model's reading of retrieved neighbours (which repeats the nearest training
 description on a region it never saw): presence ("Is there a building?"), counts ("How many
 buildings are there?", also inside a drawn box), "find all" (every detection as a box), the
-ground they cover ("What is the area covered by buildings?"), whether the area is rural or urban (the training data's own rule, `urban_or_rural`, applied to the
-detected buildings) and one building by size or place ("Where is the largest building?",
+ground they cover ("What is the area covered by buildings?"), whether the area is rural or
+urban (the training data's own rule, `urban_or_rural`, applied to the detected buildings) and
+one building by size or place ("Where is the largest building?",
 `referred`). The shipped detector knows buildings, trees and aircraft ("How many planes are on
 the apron?"), each at its own thresholds (`DetectorConfig.cut`). Everything else goes to the
 language model as before.
@@ -84,7 +85,7 @@ class DetectorConfig:
 
     def cut(self, label: str, kind: str = "find_all") -> float:
         """The score a detection of ``label`` needs to answer a question of ``kind``: boxes at
-        the box threshold, presence, counts and rural/urban at the counting one."""
+        the box threshold, presence, counts, rural/urban and area at the counting one."""
         box, count = self.class_thresholds.get(label, (self.threshold, self.count_threshold))
         if kind in {"presence", "count", "rural_urban", "area"} and count is not None:
             return count
@@ -327,9 +328,9 @@ def covered_share(detections: list[Detection], grid: int = 256) -> float:
 def area_reply(detections: list[Detection], label: str, ground_m2: float | None) -> str:
     """The ground the detected ``label``s cover: their boxes' union, times the share of a
     box a footprint fills, as RSVQA's class with the estimate beside it."""
-    share = covered_share(detections)
     if not detections:
         return f"0 m² (no {plural(label)} found)"
+    share = covered_share(detections)
     if not ground_m2:  # no ground resolution (a plain picture): the image's share only
         return (f"The {plural(label)} found cover about {share * FOOTPRINT_SHARE:.0%} of the "
                 "image (its ground resolution is unknown).")
@@ -375,8 +376,7 @@ def referred(question: str, label: str) -> tuple[str | None, str | None] | None:
     classes included ("the building closest to the parking lot": the language model's)."""
     q = " ".join(question.lower().replace("centre", "center").replace("middle", "center").split())
     m = re.search(rf"\bthe (?:(largest|biggest|smallest) )?{_label_pattern(label, False, True)}\b"
-                  r"(.*)$",
-                  q)
+                  r"(.*)$", q)
     if not m:
         return None
     rest = re.sub(r"\b(?:of|in) (?:the|this) (?:image|picture|scene|chip|area)\b", "", m.group(2))
@@ -388,9 +388,10 @@ def referred(question: str, label: str) -> tuple[str | None, str | None] | None:
 
 
 def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
-    """("presence" | "count" | "area" | "find_all" | "rural_urban" | "refer", label) when the question
-    asks that about a class the detector knows (rural or urban: about its buildings; refer: one
-    object by size or place, `referred`); None otherwise (the language model answers)."""
+    """("presence" | "count" | "area" | "find_all" | "rural_urban" | "refer", label) when the
+    question asks that about a class the detector knows (rural or urban: about its buildings;
+    refer: one object by size or place, `referred`); None otherwise (the language model
+    answers)."""
     q = re.sub(r"^(?:please |(?:can|could|would) you (?!see\b)(?:please )?)", "",
                " ".join(question.lower().split()))
     if "building" in labels and re.search(r"\brural\b.*\burban\b|\burban\b.*\brural\b", q):
