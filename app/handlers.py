@@ -446,11 +446,25 @@ def _say(history: list[dict[str, Any]], text: str) -> None:
 
 
 def _wants_scan(ctx: AppContext, state: SessionState, question: str) -> bool:
-    from app.scene import asks_to_find, needs_scan
+    from app.scene import asks_to_find
+
+    return asks_to_find(question) and _area_needs_scan(ctx, state)
+
+
+def _describes_scanned_area(ctx: AppContext, state: SessionState, question: str) -> bool:
+    """A description of an area the app reads in tiles, by a model with a detector: its count
+    then comes from the same read as a count question's (`_ask_described_area`)."""
+    from rsvlm.perception import asks_description
+
+    labels = (getattr(ctx.backend, "info", None) or {}).get("detector_labels")
+    return bool(labels) and asks_description(question) and _area_needs_scan(ctx, state)
+
+
+def _area_needs_scan(ctx: AppContext, state: SessionState) -> bool:
+    from app.scene import needs_scan
 
     if not (ctx.scan_large_areas and state.chip is not None and state.chip.georeferenced
-            and state.chip_source and Path(state.chip_source).is_file()
-            and asks_to_find(question)):
+            and state.chip_source and Path(state.chip_source).is_file()):
         return False  # a fetched basemap tile is one look: there is no raster to tile
     from tiles import ImageryError, open_source
 
@@ -488,6 +502,8 @@ def ask(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdat
                 raise BackendNotReady("Stopped while the model was loading.")
         if _wants_scan(ctx, state, question):
             yield from _ask_scene(ctx, state, question)
+        elif _describes_scanned_area(ctx, state, question):
+            yield from _ask_described_area(ctx, state, question)
         else:
             yield from _ask_chip(ctx, state, question)
     except BackendNotReady as exc:
@@ -576,6 +592,53 @@ def _ask_chip(ctx: AppContext, state: SessionState, question: str) -> Iterator[U
     yield update
 
 
+def _ask_described_area(ctx: AppContext, state: SessionState, question: str
+                        ) -> Iterator[UIUpdate]:
+    """Describe an area larger than a chip at native resolution: its buildings are found as a
+    count question finds them (the tiles at native resolution, merged: drawn on the map), and
+    the description says that number rather than the one downsampled look's."""
+    from rsvlm.perception import plural
+
+    label = (ctx.backend.info.get("detector_labels") or ["building"])[0]
+    yield from _ask_scene(ctx, state, f"Find all {plural(label)} in the image.")
+    if state.cancel.is_set():
+        return
+    yield from _ask_chip(ctx, state, question)
+
+
+def _adopt_scan(ctx: AppContext, state: SessionState, question: str, result: Any) -> None:
+    """The chip's conversation takes a finished scan's detections as its own (`rsvlm.engine.
+    ChatSession.adopt_detections`), so its later answers about them (a description's count,
+    presence, the area they cover) agree with the scan's, none found included."""
+    from rsvlm.detector import Detection as Found
+    from rsvlm.perception import object_question
+
+    if result.cancelled or state.chip is None:
+        return  # a part of the area is not what the whole of it holds
+    asked = object_question(question, ctx.backend.info.get("detector_labels") or [])
+    labels = {d.label for d in result.detections} | ({asked[1]} if asked else set())
+    if not labels:
+        return
+    if state.session is None:
+        state.session = ctx.backend.new_session(state.chip)
+    adopt = getattr(state.session, "adopt_detections", None)
+    if adopt is None:  # a model without a detector keeps its own reading
+        return
+    w, h = state.chip.width, state.chip.height
+    found: dict[str, list[Found]] = {label: [] for label in labels}
+    for det in result.detections:
+        px = state.chip.geometry_to_pixels(det.geometry)
+        if px is None or px.is_empty:
+            continue
+        x1, y1, x2, y2 = px.bounds
+        box = (max(x1 / w, 0.0), max(y1 / h, 0.0), min(x2 / w, 1.0), min(y2 / h, 1.0))
+        if box[2] > box[0] and box[3] > box[1]:
+            found[det.label].append(Found(det.label, det.score if det.score is not None
+                                          else 1.0, box))
+    for label, dets in found.items():
+        adopt(label, dets)
+
+
 def progress_html(done: int, total: int, note: str = "") -> str:
     """The whole-scene progress bar."""
     pct = 100.0 * done / total if total else 0.0
@@ -629,6 +692,7 @@ def _ask_scene(ctx: AppContext, state: SessionState, question: str) -> Iterator[
 
 def _scene_update(ctx: AppContext, state: SessionState, question: str, result: Any
                   ) -> UIUpdate:
+    _adopt_scan(ctx, state, question, result)
     for det in result.detections:
         det.source = state.chip_source
     numbers = _add_detections(ctx, state, result.detections)

@@ -192,6 +192,7 @@ class ChatSession(OnChip):
         self.retrieved: list[dict[str, Any]] | None = None
         self.last: Answer | None = None
         self.detections: list[Any] | None = None  # the detector's, computed on first need
+        self._adopted: dict[str, list[Any]] = {}  # a label's detections read elsewhere
         self._pixels: torch.Tensor | None = None  # the image processor's output, made once
         self._ids: torch.Tensor | None = None  # every token the cache has seen (+ the last one)
         self._cache: DynamicCache | None = None
@@ -202,6 +203,20 @@ class ChatSession(OnChip):
     def cancel(self) -> None:
         """Stop the running generation after its current token."""
         self._cancel.set()
+
+    def adopt_detections(self, label: str, detections: list[Any]) -> None:
+        """``label``'s detections as read elsewhere (the app's scan of the chip's area at native
+        resolution, merged across tiles; boxes in 0-1 of this chip) stand for the session's
+        own from now on: a later description's count, presence or the area they cover say what
+        that read found, not what the chip's one downsampled look finds."""
+        with self.engine.generation_lock:
+            self._adopted[label] = list(detections)
+            if self.detections is not None:
+                self.detections = self._with_adopted(self.detections)
+
+    def _with_adopted(self, detections: list[Any]) -> list[Any]:
+        return [d for d in detections if d.label not in self._adopted] + [
+            d for found in self._adopted.values() for d in found]
 
     def reset(self) -> None:
         """Forget the conversation (keeps the chip and its retrieval)."""
@@ -367,7 +382,7 @@ class ChatSession(OnChip):
         shows them for every answer, the LM's or not)."""
         with self.engine.generation_lock:
             if self.detections is None:
-                self.detections = perception.detect(self.image, self.gsd)
+                self.detections = self._with_adopted(perception.detect(self.image, self.gsd))
             if self.retrieved is None:
                 self.retrieved = self.engine.retrieve(self._pixel_values())
 
@@ -443,7 +458,7 @@ class ChatSession(OnChip):
         if perception is None or not asks_description(question):
             return None
         if self.detections is None:
-            self.detections = perception.detect(self.image, self.gsd)
+            self.detections = self._with_adopted(perception.detect(self.image, self.gsd))
         size = (self.chip_width, self.chip_height)
         found = [d for label in perception.config.answered for d in answered_detections(
             label, perception.select(self.detections, "count"), size, region_box_px)]

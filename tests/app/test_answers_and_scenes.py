@@ -273,3 +273,39 @@ def test_app_start_does_not_import_leafmap() -> None:
     code = ("import sys, app.main, app.layout, app.handlers; "
             "assert 'leafmap' not in sys.modules, 'leafmap imported at start'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_a_description_of_a_scanned_area_says_what_the_scan_found(ctx: AppContext) -> None:
+    """With a detector, "Describe" on an area read in tiles finds its buildings as a count
+    does (drawn on the map) and the chip's conversation takes them as its own, so the
+    description's count is the scan's, not the one downsampled look's; a later count's scan
+    replaces them."""
+    from app.backend import FakeSession
+
+    adopted: list[tuple[int, str, int]] = []
+
+    class Session(FakeSession):
+        def adopt_detections(self, label, detections) -> None:
+            assert all(0 <= v <= 1 for d in detections for v in d.box)
+            adopted.append((id(self), label, len(detections)))
+
+    class Backend(FakeBackend):
+        @property
+        def info(self):
+            return {**super().info, "detector_labels": ["building", "aircraft"]}
+
+        def new_session(self, chip):
+            return Session(chip, self.delay_s)
+
+    with_detector = AppContext(backend=Backend(), region=ctx.region, export_dir=ctx.export_dir)
+    state, _ = h.start_session(with_detector)
+    final = list(h.ask(with_detector, state, "Describe this image."))[-1]
+    assert _plain(final.chat[-1]["content"]).startswith("The image shows closely spaced")
+    assert len(state.detections) == 36  # the scan's buildings, numbered on the map
+    assert adopted == [(id(state.session), "building", 36)]
+    list(h.ask(with_detector, state, "How many buildings are there?"))
+    assert adopted[-1] == (id(state.session), "building", 36) and len(adopted) == 2
+    # Without a detector the description is the chip's one look, as before: no scan.
+    plain, _ = h.start_session(ctx)
+    list(h.ask(ctx, plain, "Describe this image."))
+    assert plain.detections == []

@@ -501,3 +501,30 @@ def test_the_detector_reads_the_towers_blocks_up_to_its_deepest_level_only() -> 
     assert ran == [0, 1, 2]  # blocks 4 and 5 are not run
     for level, tensor in zip([1, 3], got, strict=True):
         torch.testing.assert_close(tensor, full[level][:, -16:])
+
+
+def test_detections_read_elsewhere_stand_for_the_sessions_own(tmp_path: Path) -> None:
+    """`ChatSession.adopt_detections`: a label's detections from a scan of the chip's area
+    replace the chip's own, before or after its own read, for every later answer."""
+    import re
+
+    from rsvlm.engine import ChatEngine
+    from rsvlm.loading import LoadedModel
+    from rsvlm.testing import tiny_processor
+
+    perception, model = _tiny_perception(tmp_path, bias=3.0)
+    engine = ChatEngine(LoadedModel(model, tiny_processor(model.config), perception=perception),
+                        max_new_tokens=4, decode_backend="torch")
+    image = Image.new("RGB", (64, 64), (120, 110, 100))
+    scanned = [Detection("building", 0.8, (0.15 * i, 0.1, 0.15 * i + 0.1, 0.2)) for i in range(5)]
+    before = engine.session(image)
+    before.adopt_detections("building", scanned)
+    assert "".join(before.ask("How many buildings are there?")) == "5"
+    assert re.search(r"The detector finds 5 buildings\b",
+                     "".join(before.ask("Describe this remote sensing image.")))
+    after = engine.session(image)
+    assert "".join(after.ask("How many buildings are there?")) == "16"  # its own read
+    after.adopt_detections("building", scanned)
+    assert "".join(after.ask("How many buildings are there?")) == "5"
+    after.adopt_detections("building", [])  # a scan that found none
+    assert "".join(after.ask("Are there any buildings?")) == "no"
