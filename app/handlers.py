@@ -528,12 +528,14 @@ def _add_detections(ctx: AppContext, state: SessionState, dets: list[Detection])
     return list(range(start, start + len(dets)))
 
 
-def _ask_chip(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdate]:
+def _ask_chip(ctx: AppContext, state: SessionState, question: str,
+              t0: float | None = None) -> Iterator[UIUpdate]:
+    """``t0``: when the answer began (its footer's time), if before this look at the chip."""
     from app.scene import asks_to_find
     from tiles import Detection
 
     history = state.history
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t0 is None else t0
     if state.session is None:
         state.session = ctx.backend.new_session(state.chip)
     text, last_yield = "", 0.0
@@ -599,11 +601,12 @@ def _ask_described_area(ctx: AppContext, state: SessionState, question: str
     the description says that number rather than the one downsampled look's."""
     from rsvlm.perception import plural
 
+    t0 = time.perf_counter()
     label = (ctx.backend.info.get("detector_labels") or ["building"])[0]
     yield from _ask_scene(ctx, state, f"Find all {plural(label)} in the image.")
     if state.cancel.is_set():
         return
-    yield from _ask_chip(ctx, state, question)
+    yield from _ask_chip(ctx, state, question, t0)  # its time: the scan's and its own
 
 
 def _adopt_scan(ctx: AppContext, state: SessionState, question: str, result: Any) -> None:
