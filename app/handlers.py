@@ -456,8 +456,13 @@ def _describes_scanned_area(ctx: AppContext, state: SessionState, question: str)
     then comes from the same read as a count question's (`_ask_described_area`)."""
     from rsvlm.perception import asks_description
 
-    labels = (getattr(ctx.backend, "info", None) or {}).get("detector_labels")
-    return bool(labels) and asks_description(question) and _area_needs_scan(ctx, state)
+    return (bool(_detector_labels(ctx)) and asks_description(question)
+            and _area_needs_scan(ctx, state))
+
+
+def _detector_labels(ctx: AppContext) -> list[str]:
+    """The classes the model's detector answers (none: it has no detector)."""
+    return list(ctx.backend.info.get("detector_labels") or [])
 
 
 def _area_needs_scan(ctx: AppContext, state: SessionState) -> bool:
@@ -602,23 +607,25 @@ def _ask_described_area(ctx: AppContext, state: SessionState, question: str
     from rsvlm.perception import plural
 
     t0 = time.perf_counter()
-    label = (ctx.backend.info.get("detector_labels") or ["building"])[0]
+    label = _detector_labels(ctx)[0]  # buildings: the class descriptions count first
     yield from _ask_scene(ctx, state, f"Find all {plural(label)} in the image.")
     if state.cancel.is_set():
         return
     yield from _ask_chip(ctx, state, question, t0)  # its time: the scan's and its own
 
 
-def _adopt_scan(ctx: AppContext, state: SessionState, question: str, result: Any) -> None:
-    """The chip's conversation takes a finished scan's detections as its own (`rsvlm.engine.
-    ChatSession.adopt_detections`), so its later answers about them (a description's count,
-    presence, the area they cover) agree with the scan's, none found included."""
+def _adopt_scan(ctx: AppContext, state: SessionState, question: str, result: Any,
+                placed: list[tuple[Any, tuple[float, ...]]]) -> None:
+    """The chip's conversation takes a finished scan's detections (``placed``: each with its
+    chip-pixel bounds) as its own (`rsvlm.engine.ChatSession.adopt_detections`), so its later
+    answers about them (a description's count, presence, the area they cover) agree with the
+    scan's, none found included."""
     from rsvlm.detector import Detection as Found
     from rsvlm.perception import object_question
 
     if result.cancelled or state.chip is None:
         return  # a part of the area is not what the whole of it holds
-    asked = object_question(question, ctx.backend.info.get("detector_labels") or [])
+    asked = object_question(question, _detector_labels(ctx))
     labels = {d.label for d in result.detections} | ({asked[1]} if asked else set())
     if not labels:
         return
@@ -629,11 +636,7 @@ def _adopt_scan(ctx: AppContext, state: SessionState, question: str, result: Any
         return
     w, h = state.chip.width, state.chip.height
     found: dict[str, list[Found]] = {label: [] for label in labels}
-    for det in result.detections:
-        px = state.chip.geometry_to_pixels(det.geometry)
-        if px is None or px.is_empty:
-            continue
-        x1, y1, x2, y2 = px.bounds
+    for det, (x1, y1, x2, y2) in placed:
         box = (max(x1 / w, 0.0), max(y1 / h, 0.0), min(x2 / w, 1.0), min(y2 / h, 1.0))
         if box[2] > box[0] and box[3] > box[1]:
             found[det.label].append(Found(det.label, det.score if det.score is not None
@@ -695,16 +698,17 @@ def _ask_scene(ctx: AppContext, state: SessionState, question: str) -> Iterator[
 
 def _scene_update(ctx: AppContext, state: SessionState, question: str, result: Any
                   ) -> UIUpdate:
-    _adopt_scan(ctx, state, question, result)
     for det in result.detections:
         det.source = state.chip_source
     numbers = _add_detections(ctx, state, result.detections)
-    state.last_boxes = []
+    placed = []  # (number, detection, its chip-pixel bounds) of those on the chip
     for n, det in zip(numbers, result.detections, strict=True):
         px = state.chip.geometry_to_pixels(det.geometry)
         if px is not None and not px.is_empty:
-            x1, y1, x2, y2 = (round(v) for v in px.bounds)
-            state.last_boxes.append(((x1, y1, x2, y2), f"#{n} {det.label}"))
+            placed.append((n, det, px.bounds))
+    state.last_boxes = [(tuple(round(v) for v in bounds), f"#{n} {det.label}")
+                        for n, det, bounds in placed]
+    _adopt_scan(ctx, state, question, result, [(det, bounds) for _, det, bounds in placed])
     tiles = f"{result.tiles_read} tile{'s' if result.tiles_read != 1 else ''}"
     found = result.found(numbers)
     if result.cancelled:

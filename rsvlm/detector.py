@@ -227,21 +227,23 @@ def detection_loss(heat_logits: torch.Tensor, box: torch.Tensor, heat: torch.Ten
     return loss
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of matching rows of (n, 4) x1, y1, x2, y2 boxes."""
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersection and union areas of matching rows of (n, 4) x1, y1, x2, y2 boxes."""
     area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
     area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
     lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
     inter = (rb - lt).clamp(min=0).prod(1)
-    return inter / (area_a + area_b - inter).clamp(min=1e-6)
+    return inter, area_a + area_b - inter
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of matching rows of (n, 4) x1, y1, x2, y2 boxes."""
+    inter, union = _overlap(a, b)
+    return inter / union.clamp(min=1e-6)
 
 
 def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """GIoU (Rezatofighi et al. 2019) of matching rows of (n, 4) x1, y1, x2, y2 boxes."""
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(1)
-    union = area_a + area_b - inter
+    inter, union = _overlap(a, b)
     hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).prod(1)
     return inter / union.clamp(min=1e-6) - (hull - union) / hull.clamp(min=1e-6)

@@ -218,6 +218,13 @@ class ChatSession(OnChip):
         return [d for d in detections if d.label not in self._adopted] + [
             d for found in self._adopted.values() for d in found]
 
+    def _detections(self, perception: Any) -> list[Any]:
+        """The chip's detections (its own read once, adopted labels replaced). Called under
+        the lock."""
+        if self.detections is None:
+            self.detections = self._with_adopted(perception.detect(self.image, self.gsd))
+        return self.detections
+
     def reset(self) -> None:
         """Forget the conversation (keeps the chip and its retrieval)."""
         self.turns.clear()
@@ -381,8 +388,7 @@ class ChatSession(OnChip):
         """The chip's detections, once per session, and its retrieval (the semantics panel
         shows them for every answer, the LM's or not)."""
         with self.engine.generation_lock:
-            if self.detections is None:
-                self.detections = self._with_adopted(perception.detect(self.image, self.gsd))
+            self._detections(perception)
             if self.retrieved is None:
                 self.retrieved = self.engine.retrieve(self._pixel_values())
 
@@ -457,11 +463,10 @@ class ChatSession(OnChip):
         perception = self.engine.perception
         if perception is None or not asks_description(question):
             return None
-        if self.detections is None:
-            self.detections = self._with_adopted(perception.detect(self.image, self.gsd))
         size = (self.chip_width, self.chip_height)
         found = [d for label in perception.config.answered for d in answered_detections(
-            label, perception.select(self.detections, "count"), size, region_box_px)]
+            label, perception.select(self._detections(perception), "count"), size,
+            region_box_px)]
         return detections_sentence(found, perception.config.answered,
                                    where=region_box_px is None)
 

@@ -612,36 +612,44 @@ def baseline_table(folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fold_chat_table(folder: Path) -> str:
-    """The chat path with each fold's detector, as `rsvlm-train eval` asks (`REGION.vqa.json`,
-    `REGION.findall.json` from `scripts/loro_refer.sh`): the questions the bar names, each
-    phrasing of the VQA generator, answered and scored as an analyst's would be."""
+OAM_MEAN = "mean of the OpenAerialMap areas"
+
+
+def fold_chat_reports(folder: Path) -> dict[str, tuple[dict, dict]]:
+    """(VQA report, find-all report) per held-out region of `scripts/loro_refer.sh`'s folder
+    (`REGION.vqa.json`, `REGION.findall.json`: the chat path with each fold's detector, as
+    `rsvlm-train eval` asks), and under `OAM_MEAN` their means over the aerial areas."""
     from training.labelled import DEMO_AREAS
 
-    regions = sorted({p.name.split(".")[0] for p in folder.glob("*.vqa.json")})
-    lines = ["| held-out region | VQA questions | presence | counting within 20 % (exact; MAPE) "
-             "| rural/urban | area | find-all F1 on the chips (P / R) |",
-             "|---|---|---|---|---|---|---|"]
     reports = {}
-    for reg in regions:
+    for reg in sorted({p.name.split(".")[0] for p in folder.glob("*.vqa.json")}):
         fa_path = folder / f"{reg}.findall.json"
         reports[reg] = (json.loads((folder / f"{reg}.vqa.json").read_text()),
                         json.loads(fa_path.read_text()) if fa_path.is_file() else {})
-    aerial = [reports[r] for r in regions if r in DEMO_AREAS]
+    aerial = [r for reg, r in reports.items() if reg in DEMO_AREAS]
     if len(aerial) > 1:  # each area once, however many questions its chips gave
 
         def mean(get: Any) -> float | None:
             got = [v for v in map(get, aerial) if v is not None]
             return sum(got) / len(got) if len(got) == len(aerial) else None
 
-        reports["mean of the OpenAerialMap areas"] = (
+        reports[OAM_MEAN] = (
             {"n": sum(v["n"] for v, _ in aerial),
              "per_type": {k: mean(lambda r, k=k: r[0].get("per_type", {}).get(k))
                           for k in ("presence", "rural_urban", "area")},
              "counting": {k: mean(lambda r, k=k: r[0].get("counting", {}).get(k))
                           for k in ("within_20pct", "exact", "mape")}},
             {k: mean(lambda r, k=k: r[1].get(k)) for k in ("f1", "precision", "recall")})
-    for reg, (vqa, fa) in reports.items():
+    return reports
+
+
+def fold_chat_table(folder: Path) -> str:
+    """`fold_chat_reports` as the card's table: the questions the bar names, each phrasing of
+    the VQA generator, answered and scored as an analyst's would be."""
+    lines = ["| held-out region | VQA questions | presence | counting within 20 % (exact; MAPE) "
+             "| rural/urban | area | find-all F1 on the chips (P / R) |",
+             "|---|---|---|---|---|---|---|"]
+    for reg, (vqa, fa) in fold_chat_reports(folder).items():
         fa = fa if fa and fa.get("f1") is not None else {}
         pt, c = vqa.get("per_type", {}), vqa.get("counting", {})
         fa_cell = (f"{_fmt(fa.get('f1'))} ({_fmt(fa.get('precision'))} / "
@@ -822,17 +830,15 @@ def _refiner_words(out: Path) -> str:
 
 
 def _chat_bar_words(refer: Path | None) -> str:
-    """The same bar through the chat path, as `rsvlm-train eval` asks (`fold_chat_table`)."""
-    if refer is None:
+    """The same bar through the chat path, as `rsvlm-train eval` asks (`fold_chat_reports`)."""
+    means = fold_chat_reports(refer).get(OAM_MEAN) if refer is not None else None
+    if means is None:
         return ""
-    for line in fold_chat_table(refer).splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] == "mean of the OpenAerialMap areas":
-            f1, within, presence = cells[6].split()[0], cells[3].split()[0], cells[2]
-            return (f" Asked through the chat path as `rsvlm-train eval` asks, on the held-out "
-                    f"areas' chips (the table further down): find-all F1 {f1}, counts within "
-                    f"20 % {within}, presence {presence}.")
-    return ""
+    vqa, fa = means
+    return (f" Asked through the chat path as `rsvlm-train eval` asks, on the held-out areas' "
+            f"chips (the table further down): find-all F1 {_fmt(fa.get('f1'))}, counts within "
+            f"20 % {_fmt(vqa['counting'].get('within_20pct'))}, presence "
+            f"{_fmt(vqa['per_type'].get('presence'))}.")
 
 
 def _bar_line(out: Path, zoom: Path | None = None, refer: Path | None = None) -> str:

@@ -104,7 +104,7 @@ def vqa_correct(prediction: str, truth: str, qtype: str) -> bool:
         hits = [w for w in words if w in {"rural", "urban"}]
         return bool(hits) and hits[0] == truth
     if qtype == "area":
-        from training.vqa import AREA_BUCKETS
+        from rsvlm.perception import AREA_BUCKETS
 
         names = [name for _, name in AREA_BUCKETS] + ["more than 1000 m²"]
         return match_choice(prediction, names) == truth or normalize(prediction) == normalize(truth)

@@ -12,7 +12,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable
 
-from rsvlm.perception import AREA_BUCKETS, area_bucket  # noqa: F401 (the chat path's classes)
+from rsvlm.perception import area_bucket  # the chat path answers in the same classes
 from training.captions import RegionStats, scene_kind
 from training.osm import plural_of
 from training.region import ChipContext
