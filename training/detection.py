@@ -30,7 +30,7 @@ from rsvlm.detector import (
     detection_targets,
 )
 from training.labelled import LabelledImage, clip_boxes, crop_boxes
-from training.metrics import count_scores, detection_scores, match_boxes
+from training.metrics import count_scores, detection_scores, match_boxes, match_pairs
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,34 @@ def score_detections(preds: list[list[tuple[float, ...]]], truths: list[torch.Te
             "counting": count_scores(counts),
             "presence": sum(presence) / len(presence) if presence else None,
             "threshold": threshold}
+
+
+def score_large(preds: list[list[tuple[float, ...]]], truths: list[torch.Tensor],
+                sizes: list[tuple[int, int]], threshold: float, min_px: float
+                ) -> dict[str, Any]:
+    """`score_detections` over objects whose box covers at least ``min_px`` square pixels,
+    COCO's area-range rule: a smaller labelled object is neither to be found nor wrong to
+    find (a box matching it counts for nothing), an unmatched box that small is ignored, and
+    the counts compare the boxes that large with the objects that large."""
+    tp = n_pred = n_true = 0
+    counts = []
+
+    def area(b: np.ndarray) -> float:
+        return float((b[2] - b[0]) * (b[3] - b[1]))
+
+    for pred, truth, (w, h) in zip(preds, truths, sizes, strict=True):
+        scale = np.array([w, h, w, h], np.float32)
+        p = [np.array(d[:4]) * scale for d in pred if d[4] >= threshold]
+        t = [np.array(b) * scale for b in truth.tolist()]
+        matched = match_pairs(p, t)
+        large = [area(b) >= min_px for b in t]
+        tp += sum(large[j] for j in matched.values())
+        n_pred += sum(large[matched[i]] if i in matched else area(b) >= min_px
+                      for i, b in enumerate(p))
+        n_true += sum(large)
+        counts.append((sum(area(b) >= min_px for b in p), sum(large)))
+    return {"n": len(preds), **detection_scores(tp, n_pred, n_true),
+            "counting": count_scores(counts), "threshold": threshold}
 
 
 THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)

@@ -131,22 +131,27 @@ def match_boxes(
     pred: Sequence[Sequence[float]], truth: Sequence[Sequence[float]], threshold: float = 0.5
 ) -> int:
     """Greedy one-to-one matches with IoU >= threshold (highest IoU first)."""
+    return len(match_pairs(pred, truth, threshold))
+
+
+def match_pairs(
+    pred: Sequence[Sequence[float]], truth: Sequence[Sequence[float]], threshold: float = 0.5
+) -> dict[int, int]:
+    """`match_boxes`' matches themselves: prediction index -> the truth index it matched."""
     pairs = sorted(
         ((box_iou(p, t), i, j) for i, p in enumerate(pred) for j, t in enumerate(truth)),
         reverse=True,
     )
-    used_p: set[int] = set()
+    matched: dict[int, int] = {}
     used_t: set[int] = set()
-    n = 0
     for iou, i, j in pairs:
         if iou < threshold:
             break
-        if i in used_p or j in used_t:
+        if i in matched or j in used_t:
             continue
-        used_p.add(i)
+        matched[i] = j
         used_t.add(j)
-        n += 1
-    return n
+    return matched
 
 
 def count_scores(pairs: Sequence[tuple[int | None, int]]) -> dict[str, float | int | None]:

@@ -23,6 +23,7 @@ from training.detection import (
     _rot90_boxes,
     augment_view,
     score_detections,
+    score_large,
     train_detector,
     train_heads,
 )
@@ -91,6 +92,27 @@ def test_the_head_learns_boxes_from_features() -> None:
     preds = predict(head, x, 0.3)
     report = score_detections(preds, boxes, [(112, 112)] * len(boxes), 0.3)
     assert report["f1"] > 0.8 and report["presence"] > 0.9, report
+
+
+def test_large_objects_score_without_the_small_ones() -> None:
+    # 100 x 100 px image, objects of 400 px and more count: two large footprints, two small.
+    truth = torch.tensor([[0.0, 0.0, 0.3, 0.3], [0.5, 0.5, 0.8, 0.8],
+                          [0.0, 0.9, 0.1, 1.0], [0.9, 0.0, 1.0, 0.1]])
+    preds = [[(0.0, 0.0, 0.3, 0.3, 0.9),   # finds a large one
+              (0.0, 0.9, 0.1, 1.0, 0.9),   # finds a small one: counts for nothing
+              (0.4, 0.0, 0.45, 0.05, 0.9),  # a small false box: ignored
+              (0.3, 0.6, 0.5, 0.9, 0.9),   # a large false box: wrong
+              (0.5, 0.5, 0.8, 0.8, 0.2)]]  # under the threshold
+    got = score_large(preds, [truth], [(100, 100)], 0.5, min_px=400)
+    assert (got["tp"], got["predicted"], got["true"]) == (1, 2, 2)
+    assert got["precision"] == 0.5 and got["recall"] == 0.5
+    assert got["counting"]["within_20pct"] == 1.0  # 2 large boxes said, 2 large footprints
+    everything = score_detections(preds, [truth], [(100, 100)], 0.5)
+    assert (everything["tp"], everything["predicted"], everything["true"]) == (2, 4, 4)
+    # A threshold of 0.1 keeps the last box too: both large footprints found, 3 large boxes.
+    low = score_large(preds, [truth], [(100, 100)], 0.1, min_px=400)
+    assert (low["tp"], low["predicted"], low["recall"]) == (2, 3, 1.0)
+    assert low["counting"]["within_20pct"] == 0.0
 
 
 def test_quarter_turns_and_mirrors_move_boxes_with_the_pixels() -> None:
