@@ -265,17 +265,19 @@ class ChatSession(OnChip):
             stream = self._stream(kwargs, streamer, max_new_tokens)
             claimed = self._claimed_labels(question)
             if claimed:  # the detector says how many and where; the LM's guesses go
-                from rsvlm.perception import without_claims
+                from rsvlm.perception import grounded_description
 
-                stream = without_claims(stream, claimed)
+                stream = grounded_description(stream, claimed,
+                                              lambda: self._scene_opening(region_box_px))
             for piece in stream:
                 pieces.append(piece)
                 yield piece
             text = "".join(pieces).strip()
             noted = self._detections_note(question, region_box_px)
             if noted:
-                yield " " + noted
-                text = f"{text} {noted}"
+                sep = " " if text else ""  # the model's every sentence may have been left out
+                yield sep + noted
+                text = f"{text}{sep}{noted}"
                 self.drop_cache()  # the cache holds the LM's words only
             t_end = time.perf_counter()
             self._placed_scores = None
@@ -452,6 +454,24 @@ class ChatSession(OnChip):
         if perception is None or not asks_description(question):
             return []
         return list(perception.config.answered)
+
+    def _scene_opening(self, region_box_px: tuple[float, float, float, float] | None
+                       ) -> str | None:
+        """A description's first sentence where the chip is smaller than the scene
+        classifier's scenes and the detector finds buildings: how built-up they make it
+        (`rsvlm.perception.scene_words`, the training captions' words), in place of the
+        language model's scene, which repeats the retrieved neighbour's ("An aerial image of
+        an airport." over a suburb). None: the model's stays. Called under the lock."""
+        from rsvlm.perception import scene_words
+
+        perception = self.engine.perception
+        ground = getattr(self.chip, "ground_area_m2", None)
+        if (perception is None or region_box_px is not None or not ground
+                or ground ** 0.5 >= SCENE_MIN_SIDE_M or "building" not in perception.config.answered):
+            return None
+        found = [d for d in perception.select(self._detections(perception), "count")
+                 if d.label == "building"]
+        return f"An overhead image of {scene_words(found, 'building', ground)}." if found else None
 
     def _detections_note(self, question: str,
                          region_box_px: tuple[float, float, float, float] | None) -> str | None:

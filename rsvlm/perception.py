@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,15 +287,48 @@ def urban_or_rural(coverage: float, per_ha: float | None) -> str:
     return "urban" if coverage >= URBAN_COVERAGE or dense else "rural"
 
 
+#: Footprints covering this share of the ground make "a densely built-up area".
+DENSE_COVERAGE = 0.30
+
+
+def built_phrase(count: int, dense: bool, urban: bool) -> str:
+    """How built-up an area is, in the training captions' words (`training.captions`): its
+    number of buildings, whether footprints cover `DENSE_COVERAGE` of it, whether it is urban
+    (`urban_or_rural`)."""
+    if not count:
+        return "an area without buildings"
+    if dense:
+        return "a densely built-up area"
+    return "a built-up area" if urban else "a sparsely built area"
+
+
+def _built(detections: list[Detection], label: str, ground_m2: float | None,
+           area_frac: float) -> tuple[float, float | None, int]:
+    """The detected ``label``s' box coverage of an area ``area_frac`` of the image and
+    ``ground_m2`` on the ground, their number per hectare, and their number."""
+    mine = [d for d in detections if d.label == label]
+    coverage = sum((d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) for d in mine)
+    per_ha = len(mine) / (ground_m2 / 10_000) if ground_m2 else None
+    return min(coverage / max(area_frac, 1e-9), 1.0), per_ha, len(mine)
+
+
 def scene_of_detections(detections: list[Detection], label: str = "building",
                         ground_m2: float | None = None, area_frac: float = 1.0) -> str:
     """`urban_or_rural` of the detected ``label``s in an area that is ``area_frac`` of the image
     and ``ground_m2`` on the ground: box areas over it (a box covers a little more than its
     footprint, so coverage errs towards urban) and their number per hectare."""
-    mine = [d for d in detections if d.label == label]
-    coverage = sum((d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) for d in mine)
-    per_ha = len(mine) / (ground_m2 / 10_000) if ground_m2 else None
-    return urban_or_rural(min(coverage / max(area_frac, 1e-9), 1.0), per_ha)
+    coverage, per_ha, _ = _built(detections, label, ground_m2, area_frac)
+    return urban_or_rural(coverage, per_ha)
+
+
+def scene_words(detections: list[Detection], label: str = "building",
+                ground_m2: float | None = None) -> str:
+    """`built_phrase` of the detections: urban or not as `scene_of_detections` says (the two
+    answers agree), densely built-up when their boxes, taken as footprints
+    (`FOOTPRINT_SHARE`), cover `DENSE_COVERAGE` of the ground."""
+    coverage, per_ha, count = _built(detections, label, ground_m2, 1.0)
+    return built_phrase(count, coverage * FOOTPRINT_SHARE >= DENSE_COVERAGE,
+                        urban_or_rural(coverage, per_ha) == "urban")
 
 
 #: RSVQA-HR's area answer classes (upper bound in m², name); above the last: "more than 1000 m²".
@@ -571,19 +604,55 @@ def claims_about(sentence: str, labels: list[str]) -> bool:
         re.search(r"\b" + _label_pattern(label) + r"\b", text) for label in labels)
 
 
-def without_claims(pieces: Iterator[str], labels: list[str]) -> Iterator[str]:
-    """A stream of text pieces, passed on a sentence at a time, leaving out the sentences that
-    make claims about ``labels`` (`claims_about`)."""
-    buffer, sep = "", ""
+def sentences(pieces: Iterator[str]) -> Iterator[str]:
+    """A stream of text pieces as whole sentences, each as soon as it ends."""
+    buffer = ""
     for piece in pieces:
         buffer += piece
         *done, buffer = _SENTENCE_END.split(buffer)
-        for sentence in done:
-            if sentence.strip() and not claims_about(sentence, labels):
-                yield sep + sentence.strip()
-                sep = " "
-    if buffer.strip() and not claims_about(buffer, labels):
-        yield sep + buffer.strip()
+        yield from (sentence.strip() for sentence in done if sentence.strip())
+    if buffer.strip():
+        yield buffer.strip()
+
+
+def without_claims(pieces: Iterator[str], labels: list[str]) -> Iterator[str]:
+    """A stream of text pieces, passed on a sentence at a time, leaving out the sentences that
+    make claims about ``labels`` (`claims_about`)."""
+    sep = ""
+    for sentence in sentences(pieces):
+        if not claims_about(sentence, labels):
+            yield sep + sentence
+            sep = " "
+
+
+# The openings of the training captions that name the scene (`training.captions._OPENINGS`,
+# `training.classification._SCENE_TEMPLATES`): "An aerial image of an airport."
+_SCENE_OPENING = re.compile(
+    r"^(an aerial image of|this overhead image shows|a high-resolution remote sensing image of"
+    r"|the image shows|this remote sensing image shows|a satellite view of|the scene is"
+    r"|overhead imagery of)\b", re.IGNORECASE)
+# What OpenStreetMap holds: the language model never sees the map's data; such sentences are
+# a retrieved neighbour's ("OpenStreetMap records no features here.").
+_MAP_CLAIM = re.compile(r"openstreetmap|\bmapped (objects|features)\b", re.IGNORECASE)
+
+
+def grounded_description(pieces: Iterator[str], labels: list[str],
+                         opening: Callable[[], str | None] | None = None
+                         ) -> Iterator[str]:
+    """`without_claims` for a description, which also leaves out the language model's
+    sentences about what the map records, and puts ``opening()`` (a sentence, or None: keep
+    the model's) in place of its first sentence when that names the scene. Called once the
+    first sentence is complete, so what it reads (the detector) does not delay the model."""
+    sep, first = "", True
+    for sentence in sentences(pieces):
+        replaced = opening() if first and opening and _SCENE_OPENING.match(sentence) else None
+        first = False
+        if replaced:
+            yield sep + replaced
+            sep = " "
+        elif not claims_about(sentence, labels) and not _MAP_CLAIM.search(sentence):
+            yield sep + sentence
+            sep = " "
 
 
 def detections_sentence(detections: list[Detection], labels: list[str], where: bool = True

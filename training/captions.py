@@ -18,7 +18,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rsvlm.perception import urban_or_rural
+from rsvlm.perception import DENSE_COVERAGE, built_phrase, urban_or_rural
 from training.osm import article, number_word, plural_of
 from training.region import ChipContext, ChipObject
 from training.samples import (
@@ -90,13 +90,9 @@ def scene_phrase(ctx: ChipContext) -> str:
     coverage = sum(o.area_m2 for o in buildings) / max(chip_m2, 1e-9)
     if dominant is not None and dominant.area_m2 > 0.4 * chip_m2:
         return f"{article(dominant.detail)} {dominant.detail}"
-    if not buildings:
-        return "an open area without buildings" if not ctx.objects else "an area without buildings"
-    if coverage >= 0.3:
-        return "a densely built-up area"
-    if scene_kind(ctx) == "urban":
-        return "a built-up area"
-    return "a sparsely built area"
+    if not buildings and not ctx.objects:
+        return "an open area without buildings"
+    return built_phrase(len(buildings), coverage >= DENSE_COVERAGE, scene_kind(ctx) == "urban")
 
 
 def _spread(objs: list[ChipObject], ctx: ChipContext) -> str | None:

@@ -528,3 +528,74 @@ def test_detections_read_elsewhere_stand_for_the_sessions_own(tmp_path: Path) ->
     assert "".join(after.ask("How many buildings are there?")) == "5"
     after.adopt_detections("building", [])  # a scan that found none
     assert "".join(after.ask("Are there any buildings?")) == "no"
+
+
+def test_a_description_opens_with_the_scene_the_detector_finds() -> None:
+    """The language model's scene opening repeats the retrieved neighbour's ("An aerial image
+    of an airport." over a suburb it never saw): `grounded_description` puts the detector's
+    in its place, and leaves out what the model says the map records (it never sees it)."""
+    from rsvlm.perception import grounded_description
+
+    said = ("An aerial image of an airport. OpenStreetMap records no features here. "
+            "There are 7 buildings. Trees line the road.")
+    pieces = [said[i:i + 5] for i in range(0, len(said), 5)]
+    asked = []
+
+    def opening() -> str:
+        asked.append(True)
+        return "An overhead image of a built-up area."
+
+    got = "".join(grounded_description(iter(pieces), ["building"], opening))
+    assert got == "An overhead image of a built-up area. Trees line the road."
+    assert asked == [True]  # read once, when the first sentence was complete
+    # No detections to say otherwise (None): the model's own scene stays.
+    assert "".join(grounded_description(iter([said]), ["building"], lambda: None)) == (
+        "An aerial image of an airport. Trees line the road.")
+    # Only an opening that names the scene is replaced, and only the first sentence.
+    later = "Trees line the road. An aerial image of an airport."
+    assert "".join(grounded_description(iter([later]), ["building"], opening)) == later
+
+
+def test_the_scene_words_agree_with_the_rural_urban_answer() -> None:
+    from rsvlm.perception import scene_of_detections, scene_words
+
+    def boxes(n: int, side: float) -> list[Detection]:
+        return [Detection("building", 0.9, (0.1 * (i % 9), 0.1 * (i // 9),
+                                            0.1 * (i % 9) + side, 0.1 * (i // 9) + side))
+                for i in range(n)]
+
+    hectare = 10_000.0
+    assert scene_words([], "building", hectare) == "an area without buildings"
+    few = boxes(3, 0.05)  # 3 a hectare, 0.75 % of the ground in boxes
+    assert scene_of_detections(few, "building", hectare) == "rural"
+    assert scene_words(few, "building", hectare) == "a sparsely built area"
+    many = boxes(15, 0.05)  # 15 a hectare: urban by number
+    assert scene_of_detections(many, "building", hectare) == "urban"
+    assert scene_words(many, "building", hectare) == "a built-up area"
+    big = boxes(60, 0.1)  # 0.6 of the ground in boxes, 0.36 in footprints
+    assert scene_words(big, "building", hectare) == "a densely built-up area"
+
+
+def test_a_small_chips_description_opens_with_what_the_detector_finds(tmp_path: Path) -> None:
+    from affine import Affine
+
+    from rsvlm.engine import ChatEngine
+    from rsvlm.loading import LoadedModel
+    from rsvlm.testing import tiny_processor
+    from tiles import Chip
+
+    perception, model = _tiny_perception(tmp_path, bias=3.0)
+    engine = ChatEngine(LoadedModel(model, tiny_processor(model.config), perception=perception),
+                        max_new_tokens=4, decode_backend="torch")
+    pixels = np.full((64, 64, 3), 120, np.uint8)
+
+    def chip(px_m: float) -> Chip:  # Web Mercator near the equator: metres on the ground
+        return Chip(pixels=pixels, crs="EPSG:3857",
+                    transform=Affine(px_m, 0, 3_628_000, 0, -px_m, 39_000))
+
+    small = engine.session(chip(0.5))  # 32 m across; hundreds of small boxes: urban by number
+    assert small._scene_opening(None) == "An overhead image of a built-up area."
+    assert small._scene_opening((0, 0, 10, 10)) is None  # a drawn region: its own words
+    small.adopt_detections("building", [])
+    assert small._scene_opening(None) is None  # nothing found: the model's scene stays
+    assert engine.session(chip(10.0))._scene_opening(None) is None  # 640 m: a scene
