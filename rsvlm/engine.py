@@ -258,17 +258,18 @@ class ChatSession(OnChip):
             return
         with engine.generation_lock:
             self._cancel.clear()
+            claimed = self._claimed_labels(question)
+            # The detector reads first: its opening is the first thing the reader sees.
+            opening = self._scene_opening(region_box_px) if claimed else None
             t0 = time.perf_counter()
             kwargs, prompt_text, n_uncached = self._inputs_for(user_text, question)
             streamer = TimedStreamer(engine.processor.tokenizer)
             pieces: list[str] = []
             stream = self._stream(kwargs, streamer, max_new_tokens)
-            claimed = self._claimed_labels(question)
             if claimed:  # the detector says how many and where; the LM's guesses go
                 from rsvlm.perception import grounded_description
 
-                stream = grounded_description(stream, claimed,
-                                              lambda: self._scene_opening(region_box_px))
+                stream = grounded_description(stream, claimed, opening)
             for piece in stream:
                 pieces.append(piece)
                 yield piece

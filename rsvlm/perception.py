@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -636,21 +636,22 @@ _SCENE_OPENING = re.compile(
 _MAP_CLAIM = re.compile(r"openstreetmap|\bmapped (objects|features)\b", re.IGNORECASE)
 
 
-def grounded_description(pieces: Iterator[str], labels: list[str],
-                         opening: Callable[[], str | None] | None = None
+def grounded_description(pieces: Iterator[str], labels: list[str], opening: str | None = None
                          ) -> Iterator[str]:
     """`without_claims` for a description, which also leaves out the language model's
-    sentences about what the map records, and puts ``opening()`` (a sentence, or None: keep
-    the model's) in place of its first sentence when that names the scene. Called once the
-    first sentence is complete, so what it reads (the detector) does not delay the model."""
+    sentences about what the map records (it never sees the map's data: "OpenStreetMap records
+    no features here." is a retrieved neighbour's). With an ``opening`` (a sentence), that
+    comes first, in place of the model's first sentence when that names the scene."""
     sep, first = "", True
+    if opening:
+        yield opening
+        sep = " "
     for sentence in sentences(pieces):
-        replaced = opening() if first and opening and _SCENE_OPENING.match(sentence) else None
+        if first and opening and _SCENE_OPENING.match(sentence):
+            first = False
+            continue
         first = False
-        if replaced:
-            yield sep + replaced
-            sep = " "
-        elif not claims_about(sentence, labels) and not _MAP_CLAIM.search(sentence):
+        if not claims_about(sentence, labels) and not _MAP_CLAIM.search(sentence):
             yield sep + sentence
             sep = " "
 

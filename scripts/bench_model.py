@@ -6,7 +6,8 @@ Ours: `rsvlm.engine.ChatEngine` on the embedded preset (DINOv2-S + SmolLM2-135M,
 connector). Plain: transformers' `LlavaForConditionalGeneration` on the *same* two backbones with
 an MLP connector (256 patch tokens), answering a follow-up the way a stateless chat app does:
 re-encoding the image and the whole conversation. Both decode greedily with a fixed number of new
-tokens. Prints first-token latency, decode tokens/s, follow-up first-token latency, peak RSS, and
+tokens. Prints first-token latency (and when a description's first words reach the reader),
+decode tokens/s, follow-up first-token latency, peak RSS, and
 the ratios. Goals: first token <= 0.8 s, follow-up <= 0.3 s and >= 3x the plain pipeline,
 decode >= 30 tokens/s.
 
@@ -76,7 +77,12 @@ def make_engine(loaded, new_tokens: int, decode: str):
 
 def bench_ours(engine, chip) -> dict[str, float]:
     session = engine.session(chip)
-    list(session.ask(Q1))
+    t0, first_text = time.perf_counter(), None
+    for piece in session.ask(Q1):
+        # What the reader sees first: a description's sentences pass whole, and its opening
+        # waits for the detector (`ChatSession._scene_opening`).
+        if first_text is None and piece.strip():
+            first_text = time.perf_counter() - t0
     a1 = session.last.timing
     list(session.ask(Q2))
     a2 = session.last.timing
@@ -90,6 +96,7 @@ def bench_ours(engine, chip) -> dict[str, float]:
     return {
         **detector,
         "first_token_s": a1["first_token_s"],
+        "first_text_s": first_text,
         "decode_tok_s": decode,
         "followup_first_token_s": a2["first_token_s"],
         "prefill_tokens": a1["prefill_tokens"],
@@ -221,6 +228,7 @@ def main() -> None:
         "other_decode_backends": others,
         "ours_detector_answer_s": (round(med(ours, "detector_answer_s"), 4)
                                    if "detector_answer_s" in ours[0] else None),
+        "ours_description_first_text_s": round(med(ours, "first_text_s"), 4),
         "ours_prefill_tokens": ours[0]["prefill_tokens"],
         "ours_followup_prefill_tokens": ours[0]["followup_prefill_tokens"],
         "peak_rss_mb": {"before_load": round(base_mb), "ours": round(ours_peak),
@@ -234,6 +242,7 @@ def main() -> None:
     }
     result["goals"] = {
         "first_token_le_0.8s": o["first_token_s"] <= 0.8,
+        "description_first_text_le_0.8s": result["ours_description_first_text_s"] <= 0.8,
         "detector_answer_le_0.8s": (result["ours_detector_answer_s"] is None
                                     or result["ours_detector_answer_s"] <= 0.8),
         "followup_le_0.3s": o["followup_first_token_s"] <= 0.3,

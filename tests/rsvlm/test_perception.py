@@ -539,21 +539,19 @@ def test_a_description_opens_with_the_scene_the_detector_finds() -> None:
     said = ("An aerial image of an airport. OpenStreetMap records no features here. "
             "There are 7 buildings. Trees line the road.")
     pieces = [said[i:i + 5] for i in range(0, len(said), 5)]
-    asked = []
-
-    def opening() -> str:
-        asked.append(True)
-        return "An overhead image of a built-up area."
-
-    got = "".join(grounded_description(iter(pieces), ["building"], opening))
-    assert got == "An overhead image of a built-up area. Trees line the road."
-    assert asked == [True]  # read once, when the first sentence was complete
-    # No detections to say otherwise (None): the model's own scene stays.
-    assert "".join(grounded_description(iter([said]), ["building"], lambda: None)) == (
+    opening = "An overhead image of a built-up area."
+    streamed = list(grounded_description(iter(pieces), ["building"], opening))
+    assert streamed[0] == opening  # before the model's first sentence is complete
+    assert "".join(streamed) == "An overhead image of a built-up area. Trees line the road."
+    # No detections to say otherwise: the model's own scene stays.
+    assert "".join(grounded_description(iter([said]), ["building"], None)) == (
         "An aerial image of an airport. Trees line the road.")
-    # Only an opening that names the scene is replaced, and only the first sentence.
+    # Only a first sentence that names the scene gives way.
     later = "Trees line the road. An aerial image of an airport."
-    assert "".join(grounded_description(iter([later]), ["building"], opening)) == later
+    assert "".join(grounded_description(iter([later]), ["building"], opening)) == (
+        f"{opening} {later}")
+    assert "".join(grounded_description(iter(["No mapped objects are visible."]),
+                                        ["building"])) == ""
 
 
 def test_the_scene_words_agree_with_the_rural_urban_answer() -> None:
@@ -577,6 +575,8 @@ def test_the_scene_words_agree_with_the_rural_urban_answer() -> None:
 
 
 def test_a_small_chips_description_opens_with_what_the_detector_finds(tmp_path: Path) -> None:
+    import re
+
     from affine import Affine
 
     from rsvlm.engine import ChatEngine
@@ -596,6 +596,9 @@ def test_a_small_chips_description_opens_with_what_the_detector_finds(tmp_path: 
     small = engine.session(chip(0.5))  # 32 m across; hundreds of small boxes: urban by number
     assert small._scene_opening(None) == "An overhead image of a built-up area."
     assert small._scene_opening((0, 0, 10, 10)) is None  # a drawn region: its own words
+    pieces = list(small.ask("Describe this image."))
+    assert pieces[0] == "An overhead image of a built-up area."  # before the model's words
+    assert re.search(r"The detector finds \d+ buildings", small.last.text)
     small.adopt_detections("building", [])
     assert small._scene_opening(None) is None  # nothing found: the model's scene stays
     assert engine.session(chip(10.0))._scene_opening(None) is None  # 640 m: a scene
