@@ -80,17 +80,36 @@ def split_of_item(item: FolderItem, seed: int, val_fraction: float) -> str:
 
 
 _SCENE_TEMPLATES = (
-    "An aerial image of {a} {label}.",
-    "This remote sensing image shows {a} {label}.",
-    "A satellite view of {a} {label} scene.",
-    "The scene is {a} {label}, seen from above.",
-    "Overhead imagery of {a} {label}.",
+    "An aerial image of {scene}.",
+    "This remote sensing image shows {scene}.",
+    "A satellite view of {scene}.",
+    "The scene is {scene}, seen from above.",
+    "Overhead imagery of {scene}.",
 )
+# Scene classes (AID's, UC Merced's) whose names are adjectives, mass nouns or plurals, as a
+# sentence names them: "an aerial image of a dense residential area", not "of a dense
+# residential"; "of a town center", not "of a center" (a language model trained on the latter
+# said "This remote sensing image shows a center." of a housing estate).
+_SCENE_NOUNS = {
+    "commercial": "a commercial area", "industrial": "an industrial area",
+    "dense residential": "a dense residential area",
+    "medium residential": "a medium residential area",
+    "sparse residential": "a sparse residential area",
+    "mobile home park": "a mobile home park", "center": "a town center",
+    "square": "a town square", "parking": "a parking lot", "parking lot": "a parking lot",
+    "bare land": "bare land", "farmland": "farmland", "agricultural": "agricultural land",
+    "chaparral": "chaparral", "storage tanks": "storage tanks", "buildings": "buildings",
+}
+
+
+def scene_noun(label: str) -> str:
+    """A scene class as a sentence names it, with its article: "a beach", "farmland"."""
+    return _SCENE_NOUNS.get(label, f"{article(label)} {label}")
 
 
 def scene_caption(label: str, rng: random.Random) -> str:
     """One templated sentence naming the scene class."""
-    return rng.choice(_SCENE_TEMPLATES).format(a=article(label), label=label)
+    return rng.choice(_SCENE_TEMPLATES).format(scene=scene_noun(label))
 
 
 def scene_caption_sample(item: FolderItem, rng: random.Random) -> Sample:

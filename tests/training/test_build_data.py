@@ -230,3 +230,26 @@ def test_cli_build_data_bbox_takes_negative_coordinates(tmp_path: Path, capsys) 
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage and the reason
         main([*base, "--out", str(tmp_path / "bad"), "--bbox", "-122.5,37.9,-122.6,38"])
     assert exit_info.value.code == 2 and "W < E" in capsys.readouterr().err
+
+
+def test_scene_captions_name_a_class_as_a_sentence_would() -> None:
+    """A class named by an adjective, a mass noun or a plural gets a noun and the right
+    article: a language model trained on "This remote sensing image shows a center." said just
+    that of a housing estate."""
+    import random
+
+    from training.classification import class_words, scene_caption, scene_noun
+
+    assert scene_noun(class_words("DenseResidential")) == "a dense residential area"
+    assert scene_noun(class_words("Industrial")) == "an industrial area"
+    assert scene_noun(class_words("Center")) == "a town center"
+    assert scene_noun(class_words("StorageTanks")) == "storage tanks"
+    assert scene_noun(class_words("BareLand")) == "bare land"
+    assert scene_noun(class_words("Airport")) == "an airport"
+    rng = random.Random(0)
+    for label in ("sparse residential", "farmland", "airport", "center"):
+        for _ in range(10):
+            caption = scene_caption(label, rng)
+            assert label in caption and caption.endswith(".")
+            assert f"of a {label}." not in caption.replace("a town center", "")
+            assert " a farmland" not in caption and " an storage" not in caption
