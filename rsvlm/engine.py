@@ -376,9 +376,11 @@ class ChatSession(OnChip):
         (best, prob), took = ranked[0], round(time.perf_counter() - t0, 4)
         text = best
         if not offered:
-            text = f"It looks like {best} (probability {prob:.2f})"
+            from rsvlm.scene import scene_noun
+
+            text = f"It looks like {scene_noun(best)} (probability {prob:.2f})"
             if len(ranked) > 1:
-                text += f"; next: {ranked[1][0]} ({ranked[1][1]:.2f})"
+                text += f"; next: {scene_noun(ranked[1][0])} ({ranked[1][1]:.2f})"
             text += "."
         where = "offered" if offered else "it knows"
         return Answer(text=text, boxes=[], retrieved=list(self.retrieved or []),

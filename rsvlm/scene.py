@@ -26,6 +26,28 @@ CONFIG_NAME = "scene.json"
 WEIGHTS_NAME = "scene.safetensors"
 
 
+# Scene classes (AID's, UC Merced's) whose names are adjectives, mass nouns or plurals, as a
+# sentence names them: "an aerial image of a dense residential area", not "of a dense
+# residential"; "of a town center", not "of a center" (a language model trained on the latter
+# said "This remote sensing image shows a center." of a housing estate).
+_SCENE_NOUNS = {
+    "commercial": "a commercial area", "industrial": "an industrial area",
+    "dense residential": "a dense residential area",
+    "medium residential": "a medium residential area",
+    "sparse residential": "a sparse residential area",
+    "mobile home park": "a mobile home park", "center": "a town center",
+    "square": "a town square", "parking": "a parking lot", "parking lot": "a parking lot",
+    "bare land": "bare land", "farmland": "farmland", "agricultural": "agricultural land",
+    "chaparral": "chaparral", "storage tanks": "storage tanks", "buildings": "buildings",
+}
+
+
+def scene_noun(label: str) -> str:
+    """A scene class as a sentence names it, with its article: "a beach", "farmland"."""
+    return _SCENE_NOUNS.get(label, f"{'an' if label[:1].lower() in 'aeio' else 'a'} {label}")
+
+
+
 @dataclass
 class SceneConfig:
     classes: list[str]

@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rsvlm.scene import scene_noun
 from training.captions import CAPTION_PROMPTS
-from training.osm import article
 from training.samples import Sample
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -86,27 +86,6 @@ _SCENE_TEMPLATES = (
     "The scene is {scene}, seen from above.",
     "Overhead imagery of {scene}.",
 )
-# Scene classes (AID's, UC Merced's) whose names are adjectives, mass nouns or plurals, as a
-# sentence names them: "an aerial image of a dense residential area", not "of a dense
-# residential"; "of a town center", not "of a center" (a language model trained on the latter
-# said "This remote sensing image shows a center." of a housing estate).
-_SCENE_NOUNS = {
-    "commercial": "a commercial area", "industrial": "an industrial area",
-    "dense residential": "a dense residential area",
-    "medium residential": "a medium residential area",
-    "sparse residential": "a sparse residential area",
-    "mobile home park": "a mobile home park", "center": "a town center",
-    "square": "a town square", "parking": "a parking lot", "parking lot": "a parking lot",
-    "bare land": "bare land", "farmland": "farmland", "agricultural": "agricultural land",
-    "chaparral": "chaparral", "storage tanks": "storage tanks", "buildings": "buildings",
-}
-
-
-def scene_noun(label: str) -> str:
-    """A scene class as a sentence names it, with its article: "a beach", "farmland"."""
-    return _SCENE_NOUNS.get(label, f"{article(label)} {label}")
-
-
 def scene_caption(label: str, rng: random.Random) -> str:
     """One templated sentence naming the scene class."""
     return rng.choice(_SCENE_TEMPLATES).format(scene=scene_noun(label))

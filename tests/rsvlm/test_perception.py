@@ -372,7 +372,7 @@ def test_what_kind_of_area_smaller_than_the_scene_classifiers_scenes(tmp_path: P
                     "over the image.") and fine.last.timing["detector"] == 1.0
     # 64 px at 5 m: 320 m across, a scene of AID's size.
     coarse = engine.session(Chip(pixels, "EPSG:32636", Affine(5.0, 0, 455_000, 0, -5.0, 40_000)))
-    assert "".join(coarse.ask(question)).startswith("It looks like resort (probability ")
+    assert "".join(coarse.ask(question)).startswith("It looks like a resort (probability ")
 
 
 @pytest.mark.parametrize("question, expected", [

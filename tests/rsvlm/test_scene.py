@@ -76,7 +76,7 @@ def test_the_chat_path_answers_offered_categories_from_the_classifier(tmp_path: 
     assert "scene" not in other.last.timing
     # An open question about the kind of scene: the likeliest of all it knows, and the next.
     said = "".join(session.ask("Classify the scene: what kind of area is this?"))
-    assert said.startswith("It looks like forest (probability ") and "; next: " in said
+    assert said.startswith("It looks like a forest (probability ") and "; next: " in said
     assert "among the 3 categories it knows" in session.last.prompt
     # A drawn region is the language model's (the classifier reads the whole chip).
     list(other.ask(classification_prompt(["airport", "forest"]), region_box_px=(0, 0, 8, 8)))

@@ -238,7 +238,8 @@ def test_scene_captions_name_a_class_as_a_sentence_would() -> None:
     that of a housing estate."""
     import random
 
-    from training.classification import class_words, scene_caption, scene_noun
+    from rsvlm.scene import scene_noun
+    from training.classification import class_words, scene_caption
 
     assert scene_noun(class_words("DenseResidential")) == "a dense residential area"
     assert scene_noun(class_words("Industrial")) == "an industrial area"
