@@ -209,7 +209,8 @@ def building_sets(names: list[str]) -> list[str]:
 def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim: int = 64,
              reduce: int | None = 128, convs: int = 2, train_files: int | None = None,
              heads: int = 1, input_dropout: float = 0.0,
-             object_negatives: bool = False, iou_target: bool = False) -> dict | None:
+             object_negatives: bool = False, iou_target: bool = False,
+             ignore_below: float = 0.0) -> dict | None:
     """One fold: a head trained without the sets of ``fold`` ("kampala_ug", or a group
     "kampala_ug+trees_osbs+aircraft_b": one training holds out a building region and sets of
     other classes at once), scored on each of them (a building region: `folds/NAME.json`, its
@@ -238,14 +239,14 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
     head = train_heads(x, boxes, heads=heads, seed=seed, members=out / "members" / fold,
                        hidden=x.shape[-1], levels=x.shape[1], epochs=epochs, dim=dim,
                        reduce=reduce, convs=convs, input_dropout=input_dropout,
-                       iou_target=iou_target, **extra)
+                       iou_target=iou_target, ignore_below=ignore_below, **extra)
     train_s = time.perf_counter() - t0
     settings = {"format": FOLD_FORMAT, "fold": fold, "trained_on": others,
                 "train_views": len(x), "epochs": epochs, "dim": dim, "convs": convs,
                 "reduce": reduce, "heads": heads, "train_files": train_files,
                 "input_dropout": input_dropout, "train_s": round(train_s, 1), "seed": seed,
                 "classes": classes, "object_negatives": object_negatives,
-                "iou_target": iou_target}
+                "iou_target": iou_target, "ignore_below": ignore_below}
     config = {"labels": classes, "hidden": x.shape[-1], "dim": dim, "convs": convs,
               "heads": heads}
     if class_paths:  # the fold's head, for the card's examples (scripts/loro_examples.py)
@@ -984,6 +985,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="inside a labelled object, the other classes' heatmaps learn background")
     ap.add_argument("--iou-target", action="store_true",
                     help="an object's centre learns to score its own box's IoU with it")
+    ap.add_argument("--ignore-below", type=float, default=0.0,
+                    help="objects whose box covers less than this share of a view train "
+                         "nothing (0.004: four patches of 32 x 32)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64, help="detector width")
     ap.add_argument("--convs", type=int, default=2, help="3 x 3 convolutions of the detector")
@@ -1038,7 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
         for held in folds:
             run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,
                      args.convs, args.train_files, args.heads, args.input_dropout,
-                     args.object_negatives, args.iou_target)
+                     args.object_negatives, args.iou_target, args.ignore_below)
         cross_thresholds(out)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))

@@ -203,7 +203,7 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                    view_classes: Sequence[int] | None = None,
                    known: torch.Tensor | None = None,
                    object_negatives: bool = False,
-                   iou_target: bool = False) -> DenseDetector:
+                   iou_target: bool = False, ignore_below: float = 0.0) -> DenseDetector:
     """The head on cached features, AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
@@ -214,7 +214,11 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     box is of it, every heatmap trained. ``object_negatives``: inside a view's labelled objects
     every other class's heatmap learns background too (an airliner is not a roof), wherever
     the rest of the view leaves that class unlabelled. ``iou_target``: an object's centre
-    learns to score its own box's IoU with the object (`rsvlm.detector.detection_loss`)."""
+    learns to score its own box's IoU with the object (`rsvlm.detector.detection_loss`).
+    ``ignore_below``: a labelled building (class 0) whose box covers less than this share of
+    the view (0.004: four patches of the 32 x 32 grid) trains nothing where it lies, neither an object
+    nor background (`small_objects_mask`): too small to see at the view's resolution, and
+    mapped in some regions and not in others."""
     torch.manual_seed(seed)
     pca = None
     if init is not None:
@@ -245,12 +249,22 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                 x = torch.nn.functional.dropout(x, input_dropout)
             heat, box = head([x[:, j] for j in range(levels)])
             tb = [boxes[j] for j in idx]
-            th, tt, tm = detection_targets(tb, [torch.full((len(boxes[j]),), view_classes[j],
-                                                           dtype=torch.long) for j in idx],
+            small = None
+            if ignore_below:  # buildings (class 0) only: aircraft and crowns are small
+                tiny = [(box_areas(b) < ignore_below) & (view_classes[j] == 0)
+                        for b, j in zip(tb, idx, strict=True)]
+                small = [b[t] for b, t in zip(tb, tiny, strict=True)]
+                tb = [b[~t] for b, t in zip(tb, tiny, strict=True)]
+            th, tt, tm = detection_targets(tb, [torch.full((len(b),), view_classes[j],
+                                                           dtype=torch.long)
+                                                for b, j in zip(tb, idx, strict=True)],
                                            grid, classes)
             mask = known[idx] if known is not None else None
             if mask is not None and object_negatives:
                 mask = mask[:, :, None, None] | (tm > 0)[:, None]
+            if small is not None:
+                mask = small_objects_mask(mask, small, [view_classes[j] for j in idx], classes,
+                                          grid)
             loss = detection_loss(heat, box, th, tt, tm, mask, iou_target=iou_target)
             opt.zero_grad()
             loss.backward()
@@ -264,6 +278,32 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     if pca is not None:
         return compose_projection(head.eval(), *pca, full_hidden, full_levels)
     return head.eval()
+
+
+def box_areas(boxes: torch.Tensor) -> torch.Tensor:
+    """Areas of (n, 4) boxes in 0-1 of the image, as shares of it."""
+    b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    return (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+
+
+def small_objects_mask(mask: torch.Tensor | None, small: list[torch.Tensor],
+                       view_classes: list[int], classes: int, grid: int) -> torch.Tensor:
+    """``mask`` (None: every heatmap trained; (batch, classes) or per patch) per patch, with
+    the patches each small object covers, and the ring of patches around them, left out of its
+    class's heatmap."""
+    b = len(small)
+    if mask is None:
+        out = torch.ones(b, classes, grid, grid, dtype=torch.bool)
+    elif mask.dim() == 2:
+        out = mask[:, :, None, None].expand(b, classes, grid, grid).clone()
+    else:
+        out = mask.clone()
+    for i, (boxes, cls) in enumerate(zip(small, view_classes, strict=True)):
+        for x1, y1, x2, y2 in (torch.as_tensor(boxes).reshape(-1, 4) * grid).tolist():
+            c1, r1 = max(int(x1) - 1, 0), max(int(y1) - 1, 0)
+            c2, r2 = min(int(x2) + 2, grid), min(int(y2) + 2, grid)
+            out[i, cls, r1:r2, c1:c2] = False
+    return out
 
 
 def train_heads(features: torch.Tensor, boxes: list[torch.Tensor], *, heads: int = 1,
