@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                        levels=x.shape[1], epochs=epochs, dim=dim, reduce=reduce, convs=convs,
                        input_dropout=fold.get("input_dropout", 0.0),
                        iou_target=fold.get("iou_target", False),
+                       ignore_below=fold.get("ignore_below", 0.0),
                        members=loro / "members" / "shipped", **extra)
     threshold, count_threshold = pooled_thresholds(cross_thresholds(loro))
     per_class = class_table(loro)[1] if (loro / "class_folds").is_dir() else {}
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "trained_on": regions, "views": len(x), "epochs": epochs,
                                 "heads": heads, "input_dropout": fold.get("input_dropout", 0.0),
                                 "iou_target": fold.get("iou_target", False),
+                                "ignore_below": fold.get("ignore_below", 0.0),
                                 "threshold": "best mean over the LORO folds' held-out regions",
                                 "class_f1": {c: round(v, 3) for c, v in f1.items()},
                                 "loro_f1": {f["held_out"]: round(f["f1"], 3) for f in folds}})

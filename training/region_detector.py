@@ -95,7 +95,8 @@ def tune_detector(spec: Any, shipped: Path, out: Path, *, preset: str = "embedde
                            view_classes=[building] * len(views),
                            known=known if classes > 1 else None,
                            # on as the shipped heads learnt: their scores keep their meaning
-                           iou_target=bool(config.notes.get("iou_target", False)))
+                           iou_target=bool(config.notes.get("iou_target", False)),
+                           ignore_below=float(config.notes.get("ignore_below", 0.0)))
     plain = slice(0, len(items))  # the chips themselves, not their augmented views
     preds = predict(tuned, x[plain], 0.1, cls=building)
     # The shipped box refiner goes along unchanged, and the thresholds are chosen on the
