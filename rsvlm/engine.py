@@ -474,7 +474,7 @@ class ChatSession(OnChip):
             return None
         found = [d for d in perception.select(self._detections(perception), "count")
                  if d.label == "building"]
-        return f"An overhead image of {scene_words(found, 'building', ground)}." if found else None
+        return f"This overhead image shows {scene_words(found, 'building', ground)}." if found else None
 
     def _detections_note(self, question: str,
                          region_box_px: tuple[float, float, float, float] | None) -> str | None:

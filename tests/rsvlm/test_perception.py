@@ -539,10 +539,10 @@ def test_a_description_opens_with_the_scene_the_detector_finds() -> None:
     said = ("An aerial image of an airport. OpenStreetMap records no features here. "
             "There are 7 buildings. Trees line the road.")
     pieces = [said[i:i + 5] for i in range(0, len(said), 5)]
-    opening = "An overhead image of a built-up area."
+    opening = "This overhead image shows a built-up area."
     streamed = list(grounded_description(iter(pieces), ["building"], opening))
     assert streamed[0] == opening  # before the model's first sentence is complete
-    assert "".join(streamed) == "An overhead image of a built-up area. Trees line the road."
+    assert "".join(streamed) == "This overhead image shows a built-up area. Trees line the road."
     # No detections to say otherwise: the model's own scene stays.
     assert "".join(grounded_description(iter([said]), ["building"], None)) == (
         "An aerial image of an airport. Trees line the road.")
@@ -594,10 +594,10 @@ def test_a_small_chips_description_opens_with_what_the_detector_finds(tmp_path: 
                     transform=Affine(px_m, 0, 3_628_000, 0, -px_m, 39_000))
 
     small = engine.session(chip(0.5))  # 32 m across; hundreds of small boxes: urban by number
-    assert small._scene_opening(None) == "An overhead image of a built-up area."
+    assert small._scene_opening(None) == "This overhead image shows a built-up area."
     assert small._scene_opening((0, 0, 10, 10)) is None  # a drawn region: its own words
     pieces = list(small.ask("Describe this image."))
-    assert pieces[0] == "An overhead image of a built-up area."  # before the model's words
+    assert pieces[0] == "This overhead image shows a built-up area."  # before the model's words
     assert re.search(r"The detector finds \d+ buildings", small.last.text)
     small.adopt_detections("building", [])
     assert small._scene_opening(None) is None  # nothing found: the model's scene stays
