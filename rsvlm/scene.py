@@ -47,7 +47,6 @@ def scene_noun(label: str) -> str:
     return _SCENE_NOUNS.get(label, f"{'an' if label[:1].lower() in 'aeio' else 'a'} {label}")
 
 
-
 @dataclass
 class SceneConfig:
     classes: list[str]
