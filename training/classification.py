@@ -86,6 +86,8 @@ _SCENE_TEMPLATES = (
     "The scene is {scene}, seen from above.",
     "Overhead imagery of {scene}.",
 )
+
+
 def scene_caption(label: str, rng: random.Random) -> str:
     """One templated sentence naming the scene class."""
     return rng.choice(_SCENE_TEMPLATES).format(scene=scene_noun(label))

@@ -216,9 +216,9 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     the rest of the view leaves that class unlabelled. ``iou_target``: an object's centre
     learns to score its own box's IoU with the object (`rsvlm.detector.detection_loss`).
     ``ignore_below``: a labelled building (class 0) whose box covers less than this share of
-    the view (0.004: four patches of the 32 x 32 grid) trains nothing where it lies, neither an object
-    nor background (`small_objects_mask`): too small to see at the view's resolution, and
-    mapped in some regions and not in others."""
+    the view (0.004: four patches of the 32 x 32 grid) trains nothing where it lies, neither
+    an object nor background (`small_objects_mask`): too small to see at the view's
+    resolution, and mapped in some regions and not in others."""
     torch.manual_seed(seed)
     pca = None
     if init is not None:
