@@ -305,6 +305,9 @@ def test_a_description_of_a_scanned_area_says_what_the_scan_found(ctx: AppContex
     assert adopted == [(id(state.session), "building", 36)]
     list(h.ask(with_detector, state, "How many buildings are there?"))
     assert adopted[-1] == (id(state.session), "building", 36) and len(adopted) == 2
+    # What kind of area: on this 230 m area the detector answers it, from the same read.
+    list(h.ask(with_detector, state, h.QUICK_ACTIONS["classify"]))
+    assert adopted[-1] == (id(state.session), "building", 36) and len(adopted) == 3
     # Without a detector the description is the chip's one look, as before: no scan.
     plain, _ = h.start_session(ctx)
     list(h.ask(ctx, plain, "Describe this image."))
