@@ -456,15 +456,15 @@ def _describes_scanned_area(ctx: AppContext, state: SessionState, question: str)
     kind of area it is where the detector answers that (an area smaller than the scene
     classifier's scenes): its count then comes from the same read as a count question's
     (`_ask_described_area`)."""
-    from rsvlm.engine import SCENE_MIN_SIDE_M
+    from rsvlm.engine import below_scene_scale
     from rsvlm.perception import asks_description
     from rsvlm.scene import asks_scene
 
     if not _detector_labels(ctx) or state.chip is None:
         return False
-    ground = state.chip.ground_area_m2 if state.chip.georeferenced else None
-    by_detector = asks_scene(question) and bool(ground) and ground ** 0.5 < SCENE_MIN_SIDE_M
-    return (asks_description(question) or by_detector) and _area_needs_scan(ctx, state)
+    asked = asks_description(question) or (asks_scene(question)
+                                            and below_scene_scale(state.chip.ground_area_m2))
+    return asked and _area_needs_scan(ctx, state)
 
 
 def _detector_labels(ctx: AppContext) -> list[str]:

@@ -182,6 +182,12 @@ class SessionCaches:
 SCENE_MIN_SIDE_M = 300.0
 
 
+def below_scene_scale(ground_m2: float | None) -> bool:
+    """Whether an area of ``ground_m2`` (None: unknown, a plain photo) is smaller than any scene
+    the classifier learnt (`SCENE_MIN_SIDE_M` across)."""
+    return bool(ground_m2) and ground_m2 ** 0.5 < SCENE_MIN_SIDE_M
+
+
 class ChatSession(OnChip):
     """A multi-turn conversation about one chip. Use `ask`, then read `last`."""
 
@@ -360,8 +366,7 @@ class ChatSession(OnChip):
         choices = asked_choices(question)
         offered = choices is not None
         if not offered and asks_scene(question):
-            ground = getattr(self.chip, "ground_area_m2", None)
-            if ground and ground ** 0.5 < SCENE_MIN_SIDE_M:
+            if below_scene_scale(getattr(self.chip, "ground_area_m2", None)):
                 # Smaller than any scene the classifier learnt: what the detector finds.
                 return self._scene_from_detections()
             choices = reader.classes
@@ -469,8 +474,8 @@ class ChatSession(OnChip):
 
         perception = self.engine.perception
         ground = getattr(self.chip, "ground_area_m2", None)
-        if (perception is None or region_box_px is not None or not ground
-                or ground ** 0.5 >= SCENE_MIN_SIDE_M or "building" not in perception.config.answered):
+        if (perception is None or region_box_px is not None or not below_scene_scale(ground)
+                or "building" not in perception.config.answered):
             return None
         found = [d for d in perception.select(self._detections(perception), "count")
                  if d.label == "building"]

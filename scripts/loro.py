@@ -444,6 +444,8 @@ LARGE_M2 = 50.0  # the issue's new region: "large, clearly visible buildings"
 def large_table(out: Path) -> str:
     """The folds scored over buildings of at least `LARGE_M2` (`score_large`): what the
     held-out regions say of an area of large, clearly visible buildings."""
+    from training.labelled import DEMO_AREAS
+
     rows = [r for r in (json.loads(p.read_text()) for p in sorted((out / "folds").glob("*.json")))
             if r.get("large")]
     if not rows:
@@ -455,16 +457,15 @@ def large_table(out: Path) -> str:
         lines.append(f"| {r['held_out']} | {g['true']} | {_fmt(g['f1'])} | "
                      f"{_fmt(g['precision'])} | {_fmt(g['recall'])} | "
                      f"{_fmt(g['counting']['within_20pct'])} |")
-    from training.labelled import DEMO_AREAS
-
     oam = [r["large"] for r in rows if r["held_out"] in DEMO_AREAS]
     if oam:
-        def mean(k: str) -> float:
-            return sum(g[k] if k != "count" else g["counting"]["within_20pct"]
-                       for g in oam) / len(oam)
+        def mean(get: Any) -> float:
+            return sum(map(get, oam)) / len(oam)
 
-        lines.append(f"| mean of the {len(oam)} OAM areas | | {mean('f1'):.3f} | "
-                     f"{mean('precision'):.3f} | {mean('recall'):.3f} | {mean('count'):.3f} |")
+        lines.append(f"| mean of the {len(oam)} OAM areas | | {mean(lambda g: g['f1']):.3f} | "
+                     f"{mean(lambda g: g['precision']):.3f} | "
+                     f"{mean(lambda g: g['recall']):.3f} | "
+                     f"{mean(lambda g: g['counting']['within_20pct']):.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -778,9 +779,10 @@ def card_section(out: Path, baseline: Path | None, previous: str = "",
         lines += [
             f"The same folds over the buildings of {LARGE_M2:g} m² or more (COCO's rule: a "
             "smaller footprint is neither to be found nor wrong to find, and the counts "
-            "compare boxes and footprints that large). Nearly half of the buildings missed above "
-            "are footprints under 40 m² (sheds, outbuildings, unfinished walls); an area of "
-            "large, clearly visible buildings reads as this table does (`training.detection.score_large`):",
+            "compare boxes and footprints that large). Nearly half of the buildings missed "
+            "above are footprints under 40 m² (sheds, outbuildings, unfinished walls); an area "
+            "of large, clearly visible buildings reads as this table does "
+            "(`training.detection.score_large`):",
             "",
             large.strip(),
             "",
@@ -986,7 +988,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iou-target", action="store_true",
                     help="an object's centre learns to score its own box's IoU with it")
     ap.add_argument("--ignore-below", type=float, default=0.0,
-                    help="objects whose box covers less than this share of a view train "
+                    help="buildings whose box covers less than this share of a view train "
                          "nothing (0.004: four patches of 32 x 32)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64, help="detector width")
