@@ -17,7 +17,7 @@ from typing import Any
 
 from training.build import BuildConfig, RegionBuilder
 from training.classification import classification_prompt, scan_image_folder
-from training.dataset_files import question_of
+from training.dataset_files import question_of, read_chips
 from training.metrics import (
     box_iou,
     caption_scores,
@@ -63,6 +63,26 @@ def _rgb(path: Path) -> Any:
 
     with Image.open(path) as im:
         return im.convert("RGB")
+
+
+def split_chip(data_dir: Path, rel: str, chips: dict[str, dict[str, Any]]) -> Any:
+    """A held-back chip as the app holds it: a `tiles.Chip` on its ground (its lon/lat bounds
+    in ``chips.jsonl``), so that answers in square metres and readings by ground resolution
+    apply; the plain image where build-data recorded no bounds (an ImageFolder photo)."""
+    image = _rgb(Path(data_dir) / rel)
+    bounds = (chips.get(rel) or {}).get("bounds_lonlat")
+    if not bounds:
+        return image
+    import numpy as np
+    from affine import Affine
+
+    from tiles.chip import Chip
+    from tiles.geometry import LONLAT, as_crs
+
+    west, south, east, north = bounds
+    transform = Affine((east - west) / image.width, 0.0, west,
+                       0.0, -(north - south) / image.height, north)
+    return Chip(pixels=np.asarray(image), crs=as_crs(LONLAT), transform=transform, source=rel)
 
 
 def score_classification(items: list[tuple[Path, str]], classes: list[str], answer: AnswerFn,
@@ -367,6 +387,7 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
         raise ValueError(f"{data_dir}/{split}.jsonl has no {source} samples")
     every_row = rows
     rows = sample_rows(rows, data_dir, task, split, seed, limit)
+    chips = {c["image"]: c for c in read_chips(data_dir)}
     if source == "classification":
         # The class list of the whole dataset (both splits), as the training prompts named it.
         other = "train" if split == "val" else "val"
@@ -376,23 +397,24 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
         report = score_classification([(data_dir / r["image"], r["meta"]["cls"]) for r in rows],
                                       classes, answer, progress)
     elif source == "vqa":
-        report = score_vqa([(_rgb(data_dir / r["image"]), question_of(r),
+        report = score_vqa([(split_chip(data_dir, r["image"], chips), question_of(r),
                              r["conversations"][1]["value"], {**r["meta"], "image": r["image"]})
                             for r in rows],
                            answer, progress)
     elif source == "grounding":
         items = []
         for r in rows:
-            image = _rgb(data_dir / r["image"])
-            items.append((image, question_of(r), {**r["meta"], "chip": r["image"]}, image.size))
+            chip = split_chip(data_dir, r["image"], chips)
+            size = (chip.width, chip.height)
+            items.append((chip, question_of(r), {**r["meta"], "chip": r["image"]}, size))
         score = score_findall if task == "findall" else score_grounding
         report = score(items, answer, progress)
     else:
         refs: dict[str, list[str]] = defaultdict(list)
         for r in rows:
             refs[r["image"]].append(r["conversations"][1]["value"])
-        report = score_captions([(k, _rgb(data_dir / k), v) for k, v in refs.items()], answer,
-                                progress)
+        report = score_captions([(k, split_chip(data_dir, k, chips), v)
+                                 for k, v in refs.items()], answer, progress)
     report.update({"data": str(data_dir), "split": split})
     return report
 

@@ -201,12 +201,17 @@ def _split_table(data: Path, split: str) -> dict:
     return table
 
 
+def _bytes(image) -> bytes:
+    """The pixels of what an answer function is given: a region chip or a plain image."""
+    return (image.to_image() if hasattr(image, "to_image") else image).tobytes()
+
+
 def test_eval_scores_exactly_the_held_back_split(split_dataset: Path) -> None:
     val = _split_table(split_dataset, "val")
     train = _split_table(split_dataset, "train")
 
     def oracle(image, question: str) -> str:
-        return val[(image.tobytes(), question)]  # a KeyError if a training item were asked
+        return val[(_bytes(image), question)]  # a KeyError if a training item were asked
 
     for task in ("classification", "vqa", "grounding"):
         report = run_eval(task, split_dataset, oracle, progress=False)
@@ -218,7 +223,7 @@ def test_eval_scores_exactly_the_held_back_split(split_dataset: Path) -> None:
         "bare land", "dense residential", "forest"}
     caps = run_eval("captioning", split_dataset, oracle_caption(val), progress=False)
     assert caps["n"] > 0 and caps["CIDEr"] > 1.0
-    on_train = run_eval("vqa", split_dataset, lambda im, q: train[(im.tobytes(), q)],
+    on_train = run_eval("vqa", split_dataset, lambda im, q: train[(_bytes(im), q)],
                         split="train", progress=False)
     assert on_train["accuracy"] == 1.0
     limited = run_eval("vqa", split_dataset, oracle, limit=3, progress=False)
@@ -226,7 +231,33 @@ def test_eval_scores_exactly_the_held_back_split(split_dataset: Path) -> None:
 
 
 def oracle_caption(table: dict):
-    return lambda image, q: table[("caption", image.tobytes())]
+    return lambda image, q: table[("caption", _bytes(image))]
+
+
+def test_held_back_region_chips_are_asked_on_their_ground(split_dataset: Path) -> None:
+    """The app asks about a GeoTIFF's chip with its georeference (answers in m², zoom by
+    ground resolution); the held-back split's region chips are asked the same way, at the
+    ground resolution build-data recorded, and an ImageFolder photo stays a plain image."""
+    from rsvlm.answer import ground_sample_distance
+    from training.dataset_files import read_chips
+
+    gsd = {c["image"]: c["gsd_m"] for c in read_chips(split_dataset) if c.get("gsd_m")}
+    seen: dict[str, list] = {"chip": [], "plain": []}
+
+    def answer(image, question: str) -> str:
+        if hasattr(image, "to_image"):
+            seen["chip"].append(ground_sample_distance(image, (image.width, image.height)))
+        else:
+            seen["plain"].append(image)
+        return "yes"
+
+    run_eval("vqa", split_dataset, answer, progress=False)
+    assert seen["chip"] and not seen["plain"]
+    assert min(seen["chip"]) == pytest.approx(min(gsd.values()), rel=0.02)
+    assert max(seen["chip"]) == pytest.approx(max(gsd.values()), rel=0.02)
+    seen["chip"].clear()
+    run_eval("captioning", split_dataset, answer, progress=False)
+    assert seen["chip"] and seen["plain"]  # region chips and ImageFolder photos
 
 
 def test_inference_time_ablations_switch_parts_off() -> None:
@@ -302,6 +333,6 @@ def test_findall_eval_on_a_region_scores_boxes_and_counts(small_region: Path) ->
 
 def test_findall_eval_on_a_held_back_split(split_dataset: Path) -> None:
     val = _split_table(split_dataset, "val")
-    report = run_eval("findall", split_dataset, lambda im, q: val[(im.tobytes(), q)],
+    report = run_eval("findall", split_dataset, lambda im, q: val[(_bytes(im), q)],
                       progress=False)
     assert report["task"] == "findall" and report["n"] > 0 and report["f1"] == pytest.approx(1.0)
