@@ -83,8 +83,11 @@ def vqa_samples(ctx: ChipContext, stats: RegionStats, rng: random.Random,
                         f"What area do the {plural_of(cls)} cover?"])
         out.append(_q("area", q, area_bucket(total), cls=cls, area_m2=round(total, 1)))
 
-    q = rng.choice(["Is it a rural or an urban area?", "Is this an urban or a rural area?"])
-    out.append(_q("rural_urban", q, scene_kind(ctx)))
+    # Rural or urban rests on the building footprints: a region that maps none (SpaceNet-3
+    # Las Vegas labels roads only) would call its shopping centres rural.
+    if "building" in stats.vocabulary:
+        q = rng.choice(["Is it a rural or an urban area?", "Is this an urban or a rural area?"])
+        out.append(_q("rural_urban", q, scene_kind(ctx)))
     return out
 
 

@@ -41,6 +41,24 @@ def test_every_generated_question_about_buildings_reaches_the_detector() -> None
             assert object_question(q, ["building"]) == (ROUTED[kind], "building"), q
 
 
+def test_rural_or_urban_is_asked_only_where_buildings_are_mapped() -> None:
+    road = ChipObject(cls="road", plural="roads", detail="", attributes=[], tags={}, kind="line",
+                      geom=shapely.LineString([(0, 0), (512, 512)]), box=(0, 0, 512, 512),
+                      area_m2=0.0, length_m=100.0, visible=1.0)
+    roads_only = RegionStats()
+    ctx = ChipContext("vegas", 512, 512, 0.3, [road])
+    roads_only.add(ctx)
+    kinds = {s.meta["type"] for seed in range(20)
+             for s in vqa_samples(ctx, roads_only, random.Random(seed))}
+    assert "rural_urban" not in kinds and "presence" in kinds
+    mapped = RegionStats()
+    mapped.add(ChipContext("a", 512, 512, 0.15, [_building(10)]))
+    mapped.add(ctx)
+    answers = {s.answer for s in vqa_samples(ctx, mapped, random.Random(0))
+               if s.meta["type"] == "rural_urban"}
+    assert answers == {"rural"}  # a region that maps buildings and has none here
+
+
 def test_every_referring_and_find_all_question_reaches_the_detector() -> None:
     from training.grounding import _ASK, _ASK_ALL
 
