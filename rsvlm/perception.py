@@ -62,6 +62,12 @@ class DetectorConfig:
     # across as read whole; scripts/loro_zoom.py --input-size: Rio F1 0.131 -> 0.214 against
     # 0.257 at 448, Atlanta 0.111 -> 0.180 against 0.105).
     zoom_input_size: int | None = 336
+    # The ground a pixel of the training views spans as the tower reads them (512 px tiles at
+    # 0.15 m read at 448 px). A finer chip (a 38 m box at 0.15 m) is read smaller than
+    # `input_size`, at this scale (`read_size`): read at 448 px its roofs span 1.75 times the
+    # patches the head learnt them at, and it counts parts of roofs as roofs. None: always
+    # `input_size`.
+    trained_gsd: float | None = 0.15 * 512 / 448
     # Per class other than the first: [boxes, presence and counts] thresholds, each chosen on
     # that class's held-out sets (scripts/loro.py class folds); a class not here takes
     # `threshold` / `count_threshold`.
@@ -201,7 +207,9 @@ class Perception:
         low = min([REFER_FLOOR] + [self.config.cut(label, kind) for label in answered
                                    for kind in ("find_all", "count")])
         if not self.zooms(gsd):
-            heat, box = self.head(self.features(image))
+            size = read_size(max(image.size), gsd, self.config.input_size,
+                             self.config.trained_gsd, self.vision.config.patch_size)
+            heat, box = self.head(self.features(image, size))
             return self.refined(image, [d for d in decode(heat, box, self.config.labels, low)[0]
                                         if d.label in answered])
         w, h = image.size
@@ -251,6 +259,19 @@ class Perception:
                 return unsure or sure or every
             return sure or every
         return chosen or list(detections)
+
+
+def read_size(pixels: int, gsd: float | None, input_size: int,
+              trained_gsd: float | None = 0.15 * 512 / 448, patch: int = 14) -> int:
+    """The size (a multiple of ``patch``) to read an image ``pixels`` across at ``gsd`` metres
+    a pixel: ``input_size``, or less for imagery finer than ``trained_gsd`` as the tower reads
+    it, so that its objects span as many patches as the detector learnt them at; never below
+    half of ``input_size`` (16 x 16 patches at 448 px)."""
+    if not gsd or not trained_gsd:
+        return input_size
+    floor = max(patch, input_size // 2 // patch * patch)
+    size = round(pixels * gsd / trained_gsd / patch) * patch
+    return int(min(input_size, max(floor, size)))
 
 
 def crop_frames(crop: float) -> list[tuple[float, float]]:

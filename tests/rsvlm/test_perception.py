@@ -215,7 +215,7 @@ def test_coarse_imagery_is_read_zoomed_in(tmp_path: Path) -> None:
     perception.config.zoom_input_size = 28  # each crop read as 2 x 2 patches (the chip: 4 x 4)
     image = Image.new("RGB", (100, 100), (120, 110, 100))
     whole = perception.detect(image, gsd=0.15)
-    assert seen == [([(100, 100)], None)] and perception.detect(image) == whole
+    assert seen == [([(100, 100)], 56)] and perception.detect(image) == whole
     zoomed = perception.detect(image, gsd=0.5)
     assert seen[-1] == ([(60, 60)] * 4, 28)
     # Each patch's own box: a quarter of the chip whole, half of 0.6 of it zoomed in,
@@ -231,6 +231,35 @@ def test_coarse_imagery_is_read_zoomed_in(tmp_path: Path) -> None:
                 Affine(0.5, 0, 455_000, 0, -0.5, 40_000))
     assert OnChip(chip).gsd == pytest.approx(0.5, rel=0.01)
     assert ground_sample_distance(image, image.size) is None
+
+
+def test_a_chip_finer_than_the_training_views_is_read_at_their_scale(tmp_path: Path) -> None:
+    """The detector learnt roofs at about 0.17 m a pixel as the tower reads them (512 px at
+    0.15 m, read at 448). A 256 px chip at 0.15 m is read at 224 px, not blown up to 448; a
+    512 px one, coarser imagery and imagery of unknown ground stay at the input size."""
+    from rsvlm.perception import read_size
+
+    assert read_size(256, 0.15, 448) == 224
+    assert read_size(512, 0.15, 448) == 448
+    assert read_size(400, 0.15, 448) == 350  # 25 x 25 patches
+    assert read_size(1000, 0.3, 448) == 448
+    assert read_size(100, 0.05, 448) == 224  # never below half the input size
+    assert read_size(256, None, 448) == read_size(256, 0.15, 448, trained_gsd=None) == 448
+    perception, _ = _tiny_perception(tmp_path, bias=3.0)
+    seen = []
+    read = perception.features
+
+    def spy(image, size=None):
+        seen.append(size)
+        return read(image, size)
+
+    perception.features = spy
+    image = Image.new("RGB", (100, 100), (120, 110, 100))
+    coarse, fine = perception.detect(image, gsd=0.15), perception.detect(image, gsd=0.06)
+    assert seen == [56, 28]  # the tiny tower's 4 x 4 patches, and 2 x 2 at the finer ground
+    # Each patch's own box: a quarter of the chip read at 56 px, half of it read at 28.
+    assert {round(d.box[2] - d.box[0], 2) for d in coarse} == {0.25}
+    assert {round(d.box[2] - d.box[0], 2) for d in fine} == {0.5}
 
 
 def _tiny_perception(tmp_path: Path, bias: float) -> tuple[Perception, object]:
