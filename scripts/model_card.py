@@ -98,13 +98,14 @@ def run_reports(model: Path, data: Path, out: Path, limit: int | None,
 
 def run_examples(model: Path, data: Path, out: Path, n: int) -> list[dict[str, Any]]:
     """Answers on validation chips of the demo regions, drawn with their boxes."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     from rsvlm.engine import ChatEngine
     from rsvlm.loading import load
 
     engine = ChatEngine(load(str(model)), max_cached_sessions=1)
-    from training.dataset_files import read_split
+    from training.dataset_files import read_chips, read_split
+    from training.evaluate import split_chip
 
     rows = read_split(data, "val")
     demo = [r for r in rows if r["image"].split("/")[1] in DEMO_REGIONS]
@@ -118,12 +119,13 @@ def run_examples(model: Path, data: Path, out: Path, n: int) -> list[dict[str, A
     ex_dir = out / "examples"
     ex_dir.mkdir(parents=True, exist_ok=True)
     examples = []
+    chip_rows = {c["image"]: c for c in read_chips(data)}
     for i, rel in enumerate(chosen):
-        with Image.open(data / rel) as im:
-            image = im.convert("RGB")
+        chip = split_chip(data, rel, chip_rows)  # on its ground, as the evaluation asks it
+        image = chip.to_image() if hasattr(chip, "to_image") else chip
         qa = []
         for question in EXAMPLE_QUESTIONS:
-            session = engine.session(image)
+            session = engine.session(chip)
             for _ in session.ask(question, max_new_tokens=96):
                 pass
             text = session.last.text
