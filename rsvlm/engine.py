@@ -112,6 +112,11 @@ class ChatEngine:
         self.caches = SessionCaches(max_cached_sessions)
         self.decoder: DecodeStrategy = choose(self.model, decode_backend)
         self.info["decode"] = self.decoder.name
+        # Where ONNX Runtime decodes, it reads the detector's tower too: most of a detector
+        # answer's time (`rsvlm.onnx_tower`). A tower too small to gain (a test's) stays.
+        if (self.perception is not None and self.decoder.name.startswith("onnx")
+                and sum(p.numel() for p in self.perception.vision.parameters()) > 5_000_000):
+            self.info["detector_tower"] = ("onnx" if self.perception.use_onnx() else "torch")
 
     @property
     def device(self) -> torch.device:

@@ -155,6 +155,17 @@ class Perception:
         self.vision = vision_model
         self.mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.onnx: Any = None  # `rsvlm.onnx_tower.OnnxTower`, when `use_onnx` found it can run
+
+    def use_onnx(self, cache_dir: str | Path | None = None) -> bool:
+        """Read the tower's levels through ONNX Runtime from now on (`rsvlm.onnx_tower`), where
+        it can run them: a ViT in float32 on the CPU. Whether it will."""
+        from rsvlm.onnx_tower import OnnxTower, supported
+
+        if self.onnx is None and supported(self.vision):
+            layers = sorted(set(self.config.layers))
+            self.onnx = OnnxTower(self.vision, layers, cache_dir=cache_dir)
+        return self.onnx is not None
 
     @classmethod
     def load(cls, parts: str | Path, vision_model: Any, image_processor: Any
@@ -180,6 +191,11 @@ class Perception:
         param = next(self.vision.parameters())
         x = x.to(param.device, param.dtype)
         n = (size // self.vision.config.patch_size) ** 2
+        if self.onnx is not None:
+            read = self.onnx.levels(x)
+            if read is not None:
+                by_level = dict(zip(self.onnx.layers, read, strict=True))
+                return [by_level[i][:, -n:].float() for i in self.config.layers]
         blocks = getattr(getattr(self.vision, "encoder", None), "layer", None)
         if blocks is None or not hasattr(self.vision, "embeddings"):
             out = self.vision(pixel_values=x, output_hidden_states=True)
