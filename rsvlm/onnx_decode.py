@@ -137,7 +137,6 @@ def weights_key(language_model: nn.Module, quantize: str | None) -> str:
     import onnxruntime
     import transformers
 
-    digest = hashlib.blake2b(digest_size=16)
     header = {
         "format": FORMAT_VERSION,
         "quantize": quantize,
@@ -147,9 +146,16 @@ def weights_key(language_model: nn.Module, quantize: str | None) -> str:
         "config": language_model.config.to_json_string(use_diff=False),
         "class": type(language_model).__name__,
     }
+    return graph_key(language_model, header)
+
+
+def graph_key(module: nn.Module, header: dict[str, Any]) -> str:
+    """A hash of ``header`` (what else a graph depends on) and of ``module``'s weights: names,
+    shapes, types and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps(header, sort_keys=True).encode())
     with torch.no_grad():
-        for name, tensor in language_model.state_dict().items():
+        for name, tensor in module.state_dict().items():
             digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
             digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().data)
     return digest.hexdigest()

@@ -14,7 +14,6 @@ or to agree is read by PyTorch from then on.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -71,16 +70,13 @@ def weights_digest(vision: nn.Module, layers: list[int]) -> str:
     import onnxruntime
     import transformers
 
-    digest = hashlib.blake2b(digest_size=16)
-    header = {"format": FORMAT_VERSION, "layers": sorted(layers), "torch": torch.__version__,
-              "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
-              "class": type(vision).__name__}
-    digest.update(json.dumps(header, sort_keys=True).encode())
-    with torch.no_grad():
-        for name, tensor in vision.state_dict().items():
-            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().data)
-    return digest.hexdigest()
+    from rsvlm.onnx_decode import graph_key
+
+    return graph_key(vision, {"format": FORMAT_VERSION, "layers": sorted(layers),
+                              "torch": torch.__version__,
+                              "transformers": transformers.__version__,
+                              "onnxruntime": onnxruntime.__version__,
+                              "class": type(vision).__name__})
 
 
 class OnnxTower:
