@@ -149,6 +149,7 @@ class EngineBackend:
     @property
     def info(self) -> dict[str, Any]:
         return {**dict(self.loaded.info), "decode": self.engine.info.get("decode"),
+                **{k: self.engine.info[k] for k in ("detector_tower",) if k in self.engine.info},
                 "state": "ready"}
 
     def new_session(self, chip: Chip) -> Session:
@@ -167,8 +168,8 @@ class EngineBackend:
                       adapter=adapter, allow_untrained=allow_untrained, retriever="embedded")
         if progress is not None and loaded.info.get("device") == "cpu" \
                 and not loaded.info.get("pretrained"):
-            progress("Preparing the decoder (the first start with new weights exports it "
-                     "to ONNX Runtime, about 30 s) ...")
+            progress("Preparing the decoder and the detector's tower (the first start with "
+                     "new weights exports them to ONNX Runtime, about 45 s) ...")
         return cls(loaded, decode=decode, semantic_context=semantic_context, osm=osm)
 
 

@@ -108,6 +108,13 @@ class OnnxTower:
         out = session.run(None, {"pixel_values": x.detach().contiguous().numpy()})
         return [torch.from_numpy(o) for o in out]
 
+    def prepare(self, sizes: list[int]) -> None:
+        """Export (once for these weights) and open the graphs of ``sizes`` now, so that the
+        first chip read at one does not wait for its export (about 7 s for DINOv2-S)."""
+        for size in sizes:
+            if size not in self.sessions and size not in self.failed:
+                self._session(size)
+
     def _session(self, size: int) -> Any:
         folder = self.cache_dir / f"{self.key}-{size}"
         try:

@@ -47,6 +47,11 @@ def test_the_onnx_tower_reads_the_levels_pytorch_reads(tmp_path: Path) -> None:
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*/tower.onnx")}
     again.features(images[:1])
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    # An engine opens the sizes every read takes before the first chip.
+    third = _perception(tmp_path / "third")
+    third.use_onnx(cache_dir=tmp_path / "cache")
+    third.onnx.prepare([56, 28])
+    assert set(third.onnx.sessions) == {56, 28}
 
 
 def test_a_size_that_cannot_run_is_read_by_pytorch(tmp_path: Path, monkeypatch) -> None:
