@@ -117,10 +117,6 @@ class ChatEngine:
         if (self.perception is not None and self.decoder.name.startswith("onnx")
                 and sum(p.numel() for p in self.perception.vision.parameters()) > 5_000_000):
             self.info["detector_tower"] = ("onnx" if self.perception.use_onnx() else "torch")
-            if self.perception.onnx is not None:  # the sizes every whole or zoomed read takes
-                cfg = self.perception.config
-                self.perception.onnx.prepare(sorted({cfg.input_size, cfg.zoom_input_size
-                                                     or cfg.input_size}))
 
     @property
     def device(self) -> torch.device:

@@ -38,6 +38,11 @@ CONFIG_NAME = "detector.json"
 WEIGHTS_NAME = "detector.safetensors"
 
 
+#: The ground a pixel of the detector's training views spans as the tower reads them: 512 px
+#: tiles at 0.15 m, read at 448 px.
+TRAINED_GSD = 0.15 * 512 / 448
+
+
 @dataclass
 class DetectorConfig:
     labels: list[str] = field(default_factory=lambda: ["building"])
@@ -67,7 +72,7 @@ class DetectorConfig:
     # `input_size`, at this scale (`read_size`): read at 448 px its roofs span 1.75 times the
     # patches the head learnt them at, and it counts parts of roofs as roofs. None: always
     # `input_size`.
-    trained_gsd: float | None = 0.15 * 512 / 448
+    trained_gsd: float | None = TRAINED_GSD
     # Per class other than the first: [boxes, presence and counts] thresholds, each chosen on
     # that class's held-out sets (scripts/loro.py class folds); a class not here takes
     # `threshold` / `count_threshold`.
@@ -159,12 +164,16 @@ class Perception:
 
     def use_onnx(self, cache_dir: str | Path | None = None) -> bool:
         """Read the tower's levels through ONNX Runtime from now on (`rsvlm.onnx_tower`), where
-        it can run them: a ViT in float32 on the CPU. Whether it will."""
+        it can run them: a ViT in float32 on the CPU. The graphs of the sizes every whole or
+        zoomed read takes are opened now (exported once for these weights), so that the first
+        chip does not wait for them. Whether it will."""
         from rsvlm.onnx_tower import OnnxTower, supported
 
         if self.onnx is None and supported(self.vision):
             layers = sorted(set(self.config.layers))
             self.onnx = OnnxTower(self.vision, layers, cache_dir=cache_dir)
+            cfg = self.config
+            self.onnx.prepare(sorted({cfg.input_size, cfg.zoom_input_size or cfg.input_size}))
         return self.onnx is not None
 
     @classmethod
@@ -278,7 +287,7 @@ class Perception:
 
 
 def read_size(pixels: int, gsd: float | None, input_size: int,
-              trained_gsd: float | None = 0.15 * 512 / 448, patch: int = 14) -> int:
+              trained_gsd: float | None = TRAINED_GSD, patch: int = 14) -> int:
     """The size (a multiple of ``patch``) to read an image ``pixels`` across at ``gsd`` metres
     a pixel: ``input_size``, or less for imagery finer than ``trained_gsd`` as the tower reads
     it, so that its objects span as many patches as the detector learnt them at; never below

@@ -74,14 +74,12 @@ def split_chip(data_dir: Path, rel: str, chips: dict[str, dict[str, Any]]) -> An
     if not bounds:
         return image
     import numpy as np
-    from affine import Affine
 
     from tiles.chip import Chip
     from tiles.geometry import LONLAT, as_crs
+    from tiles.sources.base import chip_grid
 
-    west, south, east, north = bounds
-    transform = Affine((east - west) / image.width, 0.0, west,
-                       0.0, -(north - south) / image.height, north)
+    _, _, transform = chip_grid(bounds, (image.width, image.height))
     return Chip(pixels=np.asarray(image), crs=as_crs(LONLAT), transform=transform, source=rel)
 
 

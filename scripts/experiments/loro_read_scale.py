@@ -39,11 +39,12 @@ from training.labelled import crop_boxes, load_sets  # noqa: E402
 OAM = ["kampala_ug", "zanzibar_tz", "banepa_np", "catanduanes_ph"]
 
 
-def chips_of(region: str, chip: int) -> tuple[list[np.ndarray], list[torch.Tensor], float]:
+def chips_of(run: Path, region: str, chip: int
+             ) -> tuple[list[np.ndarray], list[torch.Tensor], float]:
     gsd = load_sets(loro.DATA, [region])[region][0].gsd
     images, boxes = [], []
     _, tiles = loro.held_out_tiles(loro.DATA, region)
-    truths = loro._load(Path(ARGS.run), region, "eval")["boxes"]
+    truths = loro._load(run, region, "eval")["boxes"]
     for tile, truth in zip(tiles, truths, strict=True):
         h, w = tile.shape[:2]
         px = truth.numpy() * np.array([w, h, w, h], np.float32)
@@ -57,7 +58,6 @@ def chips_of(region: str, chip: int) -> tuple[list[np.ndarray], list[torch.Tenso
 
 
 def main(argv: list[str] | None = None) -> int:
-    global ARGS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/loro_mc")
     ap.add_argument("--heads", default="runs/exp/tune_tower")
@@ -67,23 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="",
                     help="more read sizes to compare, comma-separated (e.g. 322)")
     ap.add_argument("--out", default="runs/exp/read_scale.json")
-    ARGS = ap.parse_args(argv)
+    args = ap.parse_args(argv)
     torch.set_num_threads(2)
     result = {}
     towers: dict[int, FrozenTower] = {}
     for held in OAM:
-        head = torch.load(Path(ARGS.heads) / held / "base.pt", weights_only=False)
-        images, truths, gsd = chips_of(held, ARGS.chip)
-        sizes = [(ARGS.chip, ARGS.chip)] * len(images)
+        head = torch.load(Path(args.heads) / held / "base.pt", weights_only=False)
+        images, truths, gsd = chips_of(Path(args.run), held, args.chip)
+        sizes = [(args.chip, args.chip)] * len(images)
         row = {"chips": len(images), "gsd": gsd}
-        extra = [(s, int(s)) for s in ARGS.sizes.split(",") if s]
-        for label, size in (("448", 448), ("own scale", read_size(ARGS.chip, gsd, 448)),
+        extra = [(s, int(s)) for s in args.sizes.split(",") if s]
+        for label, size in (("448", 448), ("own scale", read_size(args.chip, gsd, 448)),
                             *extra):
             tower = towers.setdefault(size, FrozenTower(size=size))
             feats = torch.cat([tower(images[i:i + 8]) for i in range(0, len(images), 8)])
             preds = predict(head, feats, 0.1)
-            boxes = score_detections(preds, truths, sizes, ARGS.box_threshold)
-            counts = score_detections(preds, truths, sizes, ARGS.count_threshold)
+            boxes = score_detections(preds, truths, sizes, args.box_threshold)
+            counts = score_detections(preds, truths, sizes, args.count_threshold)
             row[label] = {"size": size, "f1": round(boxes["f1"], 3),
                           "precision": round(boxes["precision"], 3),
                           "recall": round(boxes["recall"], 3),
@@ -91,17 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                           "mape": round(counts["counting"]["mape"] or 0, 3)}
         result[held] = row
         print(held, json.dumps(row), flush=True)
-    for label in ("448", "own scale", *[s for s in ARGS.sizes.split(",") if s]):
+    for label in ("448", "own scale", *[s for s in args.sizes.split(",") if s]):
         result.setdefault("mean", {})[label] = {
             k: round(float(np.mean([result[h][label][k] for h in OAM])), 3)
             for k in ("f1", "within_20pct", "mape")}
     print(json.dumps(result["mean"], indent=2))
-    Path(ARGS.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ARGS.out).write_text(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
-
-
-ARGS: argparse.Namespace
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def _perception(tmp_path: Path) -> Perception:
 
     model = tiny_model()
     cfg = DetectorConfig(labels=["building"], input_size=56, layers=[1, 2], hidden=32, dim=8,
-                         convs=1, threshold=0.3)
+                         convs=1, threshold=0.3, zoom_input_size=None)
     save_detector(cfg.build(), cfg, tmp_path / "parts")
     return Perception.load(tmp_path / "parts", model.vision_tower.model, tiny_image_processor())
 
@@ -43,8 +43,8 @@ def test_the_onnx_tower_reads_the_levels_pytorch_reads(tmp_path: Path) -> None:
     graphs = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(graphs) == 2
     again = _perception(tmp_path / "again")
-    assert again.use_onnx(cache_dir=tmp_path / "cache")
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*/tower.onnx")}
+    assert again.use_onnx(cache_dir=tmp_path / "cache")
     again.features(images[:1])
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     # An engine opens the sizes every read takes before the first chip.
@@ -60,12 +60,12 @@ def test_a_size_that_cannot_run_is_read_by_pytorch(tmp_path: Path, monkeypatch) 
     perception = _perception(tmp_path)
     image = Image.new("RGB", (64, 64), (100, 140, 90))
     expected = perception.features(image)
-    perception.use_onnx(cache_dir=tmp_path / "cache")
 
     def broken(*args, **kwargs):
         raise RuntimeError("no exporter here")
 
     monkeypatch.setattr(onnx_tower.torch.onnx, "export", broken)
+    perception.use_onnx(cache_dir=tmp_path / "cache")
     got = perception.features(image)
     assert perception.onnx.failed == {56} and not perception.onnx.sessions
     for a, b in zip(expected, got, strict=True):
