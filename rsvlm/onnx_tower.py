@@ -32,7 +32,7 @@ from tiles.atomic import atomic_path
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-KEEP_EXPORTS = 24  # graphs kept in the cache (a size and a set of weights each; ~90 MB for DINOv2-S)
+KEEP_EXPORTS = 8  # graphs kept in the cache (a prepared size and a set of weights each; ~80 MB)
 _GRAPH = "tower.onnx"
 _META = "tower.json"
 TOLERANCE = 1e-3  # largest difference from PyTorch, relative to the levels' largest value
@@ -98,12 +98,15 @@ class OnnxTower:
 
     def levels(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         """The hidden states at the levels for pixel values ``x`` (batch, 3, size, size); None
-        when this size cannot run here (PyTorch reads it then)."""
+        when no graph of this size is open (PyTorch reads it then).
+
+        Only the sizes `prepare` opened run here. A chip finer than the training views is read
+        at a size of its own (`rsvlm.perception.read_size`: any multiple of the patch between
+        half and the whole input size), so graphs opened on demand would make each new drawn
+        box wait for an export and keep one more graph in memory for the server's life."""
         size = int(x.shape[-1])
-        if size in self.failed or x.shape[-2] != size:
-            return None
-        session = self.sessions.get(size) or self._session(size)
-        if session is None:
+        session = self.sessions.get(size)
+        if session is None or x.shape[-2] != size:
             return None
         out = session.run(None, {"pixel_values": x.detach().contiguous().numpy()})
         return [torch.from_numpy(o) for o in out]

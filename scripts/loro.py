@@ -67,7 +67,8 @@ CHUNK = 100  # training views per cache file: a larger --max-views adds files, k
 
 def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
                 min_views: int, max_views: int, seed: int, input_size: int = INPUT_SIZE,
-                zoom_gsd: float | None = None, zoom_crop: float = 0.6) -> None:
+                zoom_gsd: float | None = None, zoom_crop: float = 0.6, gray: float = 0.0,
+                hue: float = 0.0) -> None:
     """Per region: its scoring tiles and augmented training views through the frozen tower,
     cached (`NAME.eval.pt`, `NAME.train*.pt`). Training views are added in files of `CHUNK`,
     each from its own seed, until the region has as many as asked: raising the counts tops a
@@ -98,6 +99,11 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             raise SystemExit(f"{out} caches {name}'s views at zoom {meta.get('view_zoom', 1.0)}, "
                              f"not {zoom}: use another --out")
         meta["view_zoom"] = zoom
+        colour = {"gray": gray, "hue": hue} if gray or hue else {}
+        if meta.get("train") and meta.get("view_colour", {}) != colour:
+            raise SystemExit(f"{out} caches {name}'s views with colour changes "
+                             f"{meta.get('view_colour', {})}, not {colour}: use another --out")
+        meta["view_colour"] = colour
         wanted = min(max(views_per_tile * meta["eval"], min_views), max_views)
         have = sum(_chunk_sizes(out, name).values())
         t0, k = time.perf_counter(), len(_chunk_sizes(out, name))
@@ -108,8 +114,8 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             weights = [it.image.shape[0] * it.image.shape[1] for it in items]
             size = int((items[0].tile or eval_tile_size(items[0].gsd)) * zoom)
             n = min(CHUNK, wanted - have)
-            views = [augment_view(rng.choices(items, weights)[0], rng, size, f"{name}_aug{k}_{i}")
-                     for i in range(n)]
+            views = [augment_view(rng.choices(items, weights)[0], rng, size, f"{name}_aug{k}_{i}",
+                                  gray=gray, hue=hue) for i in range(n)]
             cache_views(tower, views, out / "cache" / f"{name}.train{k or ''}.pt")
             have, k = have + n, k + 1
             meta["train"] = have
@@ -1000,6 +1006,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zoom-gsd", type=float, default=None,
                     help="cut training views of regions this coarse (m/px) --zoom-crop as large")
     ap.add_argument("--zoom-crop", type=float, default=0.6)
+    ap.add_argument("--gray", type=float, default=0.0,
+                    help="share of training views made panchromatic")
+    ap.add_argument("--hue", type=float, default=0.0,
+                    help="half the training views' hues turn by up to this share of the circle")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--folds", default=None, help="held-out regions to run (default: all)")
     ap.add_argument("--table", action="store_true", help="only render the table")
@@ -1033,7 +1043,8 @@ def main(argv: list[str] | None = None) -> int:
         cross_thresholds(out)
     elif not args.table:
         build_cache(Path(args.data), out, names, args.views_per_tile, args.min_views,
-                    args.max_views, args.seed, args.input_size, args.zoom_gsd, args.zoom_crop)
+                    args.max_views, args.seed, args.input_size, args.zoom_gsd, args.zoom_crop,
+                    args.gray, args.hue)
         names = [n for n in names if (out / "cache" / f"{n}.pt").is_file()]
         if args.cache_only:
             return 0

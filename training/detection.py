@@ -57,9 +57,12 @@ def _rot90_boxes(boxes: np.ndarray, w: int, h: int, k: int) -> np.ndarray:
     return b
 
 
-def augment_view(item: LabelledImage, rng: random.Random, base: int, name: str) -> View:
+def augment_view(item: LabelledImage, rng: random.Random, base: int, name: str, *,
+                 gray: float = 0.0, hue: float = 0.0) -> View:
     """A random crop (0.7-1.4 x `base` px), quarter turn and mirror, colour, contrast, blur,
-    resolution and JPEG changes; boxes move along."""
+    resolution and JPEG changes; boxes move along. With ``gray`` a view is made panchromatic
+    with that probability (a PAN sensor), with ``hue`` half the views' hues turn by up to that
+    share of the circle (another region's roofs and soil)."""
     from PIL import Image, ImageEnhance, ImageFilter
 
     w, h = item.size
@@ -78,6 +81,10 @@ def augment_view(item: LabelledImage, rng: random.Random, base: int, name: str) 
     im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.7, 1.3))
     im = ImageEnhance.Contrast(im).enhance(rng.uniform(0.7, 1.3))
     im = ImageEnhance.Color(im).enhance(rng.uniform(0.5, 1.4))
+    if hue and rng.random() < 0.5:
+        im = _turn_hue(im, rng.uniform(-hue, hue))
+    if gray and rng.random() < gray:
+        im = im.convert("L").convert("RGB")
     if rng.random() < 0.3:
         im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
     if rng.random() < 0.3:  # a coarser sensor
@@ -90,6 +97,14 @@ def augment_view(item: LabelledImage, rng: random.Random, base: int, name: str) 
         im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     arr = np.asarray(im)
     return View(name, arr, clip_boxes(boxes.astype(np.float32), side, side))
+
+
+def _turn_hue(im: Any, turn: float) -> Any:
+    from PIL import Image
+
+    h, s, v = im.convert("HSV").split()
+    h = h.point(lambda x: int(x + turn * 256) % 256)
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
 
 
 # ------------------------------------------------------------------------ features

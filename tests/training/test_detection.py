@@ -167,6 +167,26 @@ def test_quarter_turns_and_mirrors_move_boxes_with_the_pixels() -> None:
             assert inside > 150, (i, v.boxes)
 
 
+def test_panchromatic_and_hue_turned_views() -> None:
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[..., 0] = 200  # a red field
+    img[16:48, 16:48] = (40, 60, 220)  # a blue roof
+    item = LabelledImage("r", "x", img, np.array([[16, 16, 48, 48]], np.float32), ["building"])
+    rng = random.Random(0)
+    views = [augment_view(item, rng, 64, f"v{i}", gray=1.0) for i in range(5)]
+    for v in views:  # every view panchromatic: three equal bands
+        assert np.array_equal(v.image[..., 0], v.image[..., 1])
+        assert np.array_equal(v.image[..., 1], v.image[..., 2])
+    plain = [augment_view(item, random.Random(i), 64, "p") for i in range(30)]
+    turned = [augment_view(item, random.Random(i), 64, "t", hue=0.3) for i in range(30)]
+    # the same crops and boxes; about half the views' colours move
+    assert all(np.array_equal(p.boxes, t.boxes) for p, t in zip(plain, turned, strict=True))
+    moved = sum(np.abs(p.image.astype(int) - t.image).mean() > 10
+                for p, t in zip(plain, turned, strict=True))
+    assert 5 <= moved <= 25, moved
+    assert not any(np.array_equal(v.image[..., 0], v.image[..., 2]) for v in turned)
+
+
 def test_crops_keep_mostly_visible_boxes_and_tiles_cover_the_image() -> None:
     boxes = np.array([[0, 0, 10, 10], [8, 8, 30, 30], [45, 45, 55, 55]], np.float32)
     got = crop_boxes(boxes, 5, 5, 40, 40)
