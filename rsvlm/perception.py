@@ -526,7 +526,9 @@ def area_answer(kind: str, label: str, n: int) -> str:
 def referred_detection(question: str, label: str, detections: list[Detection]
                        ) -> Detection | None:
     """The one detection a referring question (`referred`) means: among those in its cell (all
-    when it names none, or none is there), the largest, the smallest, or the surest."""
+    when it names none), the largest, the smallest, or the surest. The question says a building
+    is in that cell, so when none is centred there, those within half a cell of it stand in (a
+    box whose centre fell just over the line), else the nearest."""
     asked = referred(question, label)
     mine = [d for d in detections if d.label == label]
     if asked is None or not mine:
@@ -534,7 +536,11 @@ def referred_detection(question: str, label: str, detections: list[Detection]
     size, cell = asked
     if cell is not None:
         inside = [d for d in mine if _cell_of(d) == cell]
-        mine = inside or mine
+        if not inside:
+            away = [_cell_distance(d, cell) for d in mine]
+            inside = [d for d, a in zip(mine, away, strict=True) if a <= 1 / 6] or [
+                mine[min(range(len(mine)), key=away.__getitem__)]]
+        mine = inside
     if size is None:
         return max(mine, key=lambda d: d.score)
     area = [(d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) for d in mine]
@@ -551,8 +557,20 @@ def _cell_counts(detections: list[Detection]) -> list[tuple[str, int]]:
 def _cell_of(det: Detection) -> str:
     cx, cy = (det.box[0] + det.box[2]) / 2, (det.box[1] + det.box[3]) / 2
     row, col = min(int(cy * 3), 2), min(int(cx * 3), 2)
-    return (("top left", "top", "top right"), ("left", "center", "right"),
-            ("bottom left", "bottom", "bottom right"))[row][col]
+    return _CELL_NAMES[row][col]
+
+
+_CELL_NAMES = (("top left", "top", "top right"), ("left", "center", "right"),
+               ("bottom left", "bottom", "bottom right"))
+
+
+def _cell_distance(det: Detection, cell: str) -> float:
+    """How far (0-1 of the image) the detection's centre lies outside the 3 x 3 cell."""
+    (row, col), = [(r, c) for r in range(3) for c in range(3) if _CELL_NAMES[r][c] == cell]
+    cx, cy = (det.box[0] + det.box[2]) / 2, (det.box[1] + det.box[3]) / 2
+    dx = max(col / 3 - cx, 0.0, cx - (col + 1) / 3)
+    dy = max(row / 3 - cy, 0.0, cy - (row + 1) / 3)
+    return (dx * dx + dy * dy) ** 0.5
 
 
 def _centre_in(det: Detection, box: tuple[float, float, float, float] | None,

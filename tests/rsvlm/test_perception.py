@@ -112,7 +112,11 @@ def test_a_referring_question_picks_one_detection() -> None:
     assert pick("Locate the building in the center.") is centre
     assert pick("Locate the building at the bottom.") is tiny_bottom
     assert pick("Where is the building?") is small_top_left  # the surest
-    assert pick("Where is the building on the right?") is small_top_left  # none there: surest
+    # None is centred there: the one nearest the cell, not the surest on the other side.
+    assert pick("Where is the building on the right?") is centre
+    edge = Detection("building", 0.2, (0.55, 0.10, 0.75, 0.20))  # centre just left of the line
+    assert referred_detection("Where is the building in the top right?", "building",
+                              dets + [edge]) is edge
     assert referred_detection("Where is the largest building?", "building", []) is None
     text = perception_answer("refer", "building", dets, (1000, 1000),
                              question="Where is the largest building?")
