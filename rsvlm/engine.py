@@ -447,7 +447,8 @@ class ChatSession(OnChip):
         ground_m2 = (getattr(self.chip, "ground_area_m2", None)
                      if kind in {"rural_urban", "area"} else None)
         text, stated = perception_reply(kind, label, selected, (self.chip_width, self.chip_height),
-                                        region_box_px, ground_m2, question)
+                                        region_box_px, ground_m2, question,
+                                        sure_from=perception.config.cut(label, "find_all"))
         took = round(time.perf_counter() - t0, 4)
         boxed = kind in {"find_all", "refer"}
         return Answer(text=text, boxes=self.ground(text, [d.score for d in stated] if boxed else None),

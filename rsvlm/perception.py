@@ -604,13 +604,15 @@ def perception_answer(kind: str, label: str, detections: list[Detection],
 def perception_reply(kind: str, label: str, detections: list[Detection],
                      size: tuple[int, int],
                      region_box_px: tuple[float, float, float, float] | None = None,
-                     ground_m2: float | None = None, question: str = ""
-                     ) -> tuple[str, list[Detection]]:
+                     ground_m2: float | None = None, question: str = "",
+                     sure_from: float | None = None) -> tuple[str, list[Detection]]:
     """The answer to an object question from the detections, and the detections it states (in
     the order its boxes are written): "yes"/"no", the count, every box in the canonical grammar,
     "rural"/"urban" or the ground covered (``ground_m2``: the chip's ground area, when known),
-    or the one box a
-    referring ``question`` means. Counts and boxes are the detections', nothing else."""
+    or the one box a referring ``question`` means. Counts and boxes are the detections',
+    nothing else. A referring answer below ``sure_from`` (the score "find all" reports from)
+    says that it is a weak candidate: the question presumes the object, so the box stays, but
+    the analyst who was just told there is none sees why it is there."""
     from rsvlm.boxes import format_box
 
     mine = answered_detections(label, detections, size, region_box_px)
@@ -618,7 +620,11 @@ def perception_reply(kind: str, label: str, detections: list[Detection],
         det = referred_detection(question, label, mine)
         if det is None:
             return f"I find no {label} like that in this image.", []
-        return format_box(label, [v * 1000 for v in det.box]), [det]
+        text = format_box(label, [v * 1000 for v in det.box])
+        if sure_from is not None and det.score < sure_from:
+            text += (f" A weak candidate only: the detector scores it {det.score:.2f}, and "
+                     f"reports {plural(label)} from {sure_from:.2f}.")
+        return text, [det]
     if kind == "rural_urban":
         frac = 1.0
         if region_box_px is not None:  # the drawn box's share of the chip

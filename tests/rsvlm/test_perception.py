@@ -121,6 +121,17 @@ def test_a_referring_question_picks_one_detection() -> None:
     text = perception_answer("refer", "building", dets, (1000, 1000),
                              question="Where is the largest building?")
     assert [b.box_norm for b in parse_boxes(text)] == [(50, 50, 300, 250)]
+    # Below the score "find all" reports from, the box stays and the answer says it is weak.
+    from rsvlm.perception import perception_reply
+
+    sure, _ = perception_reply("refer", "building", dets, (1000, 1000),
+                               question="Where is the largest building?", sure_from=0.5)
+    assert sure == text
+    weak, stated = perception_reply("refer", "building", dets, (1000, 1000),
+                                    question="Where is the largest building?", sure_from=0.6)
+    assert stated == [big_top_left]
+    assert [b.box_norm for b in parse_boxes(weak)] == [(50, 50, 300, 250)]
+    assert "weak candidate" in weak and "0.50" in weak and "0.60" in weak
 
 
 def test_a_description_ends_with_what_the_detector_found() -> None:
