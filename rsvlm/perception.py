@@ -554,20 +554,24 @@ def _cell_counts(detections: list[Detection]) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda x: -x[1])
 
 
-def _cell_of(det: Detection) -> str:
-    cx, cy = (det.box[0] + det.box[2]) / 2, (det.box[1] + det.box[3]) / 2
-    row, col = min(int(cy * 3), 2), min(int(cx * 3), 2)
-    return _CELL_NAMES[row][col]
-
-
 _CELL_NAMES = (("top left", "top", "top right"), ("left", "center", "right"),
                ("bottom left", "bottom", "bottom right"))
+_CELL_INDEX = {name: (r, c) for r, row in enumerate(_CELL_NAMES) for c, name in enumerate(row)}
+
+
+def _centre(det: Detection) -> tuple[float, float]:
+    return (det.box[0] + det.box[2]) / 2, (det.box[1] + det.box[3]) / 2
+
+
+def _cell_of(det: Detection) -> str:
+    cx, cy = _centre(det)
+    return _CELL_NAMES[min(int(cy * 3), 2)][min(int(cx * 3), 2)]
 
 
 def _cell_distance(det: Detection, cell: str) -> float:
     """How far (0-1 of the image) the detection's centre lies outside the 3 x 3 cell."""
-    (row, col), = [(r, c) for r in range(3) for c in range(3) if _CELL_NAMES[r][c] == cell]
-    cx, cy = (det.box[0] + det.box[2]) / 2, (det.box[1] + det.box[3]) / 2
+    row, col = _CELL_INDEX[cell]
+    cx, cy = _centre(det)
     dx = max(col / 3 - cx, 0.0, cx - (col + 1) / 3)
     dy = max(row / 3 - cy, 0.0, cy - (row + 1) / 3)
     return (dx * dx + dy * dy) ** 0.5

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from training.metrics import yes_no
+
 BUILDING = (60, 16, 152)
 UNLABELLED = (155, 155, 155)
 
@@ -85,7 +87,7 @@ def main() -> int:
         for _ in session.ask("Is there a building in the image?"):
             pass
         text = session.last.text
-        said = text.strip().lower().startswith("yes")
+        said = yes_no(text) == "yes"
         n = sum(d.label == "building" for d in session.detections or [])
         rows.append({"chip": name, "truth": true, "said": said, "answer": text,
                      "detections": n})

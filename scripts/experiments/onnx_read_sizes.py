@@ -8,18 +8,14 @@ the process's resident memory after each. Shows what a server pays for a new rea
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
+import psutil
 from PIL import Image
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def main() -> None:

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from rsvlm.loading import load
-from training.detection import score_detections
-from training.labelled import load_sets, tiles
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loro import eval_tile_size  # noqa: E402
 
-def eval_size(gsd: float) -> int:
-    return 512 if gsd < 0.3 else 450
+from rsvlm.loading import load  # noqa: E402
+from training.detection import score_detections  # noqa: E402
+from training.labelled import load_sets, tiles  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
         reads = {"whole": [], "zoomed": []}
         truths, sizes, sides = [], [], []
         for item in items:
-            size = item.tile or eval_size(item.gsd)
+            size = item.tile or eval_tile_size(item.gsd)
             for _, im, boxes in tiles(item, size):
                 image = Image.fromarray(np.ascontiguousarray(im))
                 w, h = image.size
@@ -67,7 +68,7 @@ def main() -> None:
         print(region, {k: v for k, v in row.items() if k != "median_side"},
               "median side", np.nanmedian([s for s in sides if s is not None] or [np.nan]),
               flush=True)
-        report[region]["reads"] = {k: v for k, v in reads.items()}
+        report[region]["reads"] = reads
     Path(args.out).write_text(json.dumps(report))
 
 
