@@ -68,7 +68,7 @@ CHUNK = 100  # training views per cache file: a larger --max-views adds files, k
 def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
                 min_views: int, max_views: int, seed: int, input_size: int = INPUT_SIZE,
                 zoom_gsd: float | None = None, zoom_crop: float = 0.6, gray: float = 0.0,
-                hue: float = 0.0) -> None:
+                hue: float = 0.0, coarse: float = 0.0) -> None:
     """Per region: its scoring tiles and augmented training views through the frozen tower,
     cached (`NAME.eval.pt`, `NAME.train*.pt`). Training views are added in files of `CHUNK`,
     each from its own seed, until the region has as many as asked: raising the counts tops a
@@ -99,7 +99,10 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             raise SystemExit(f"{out} caches {name}'s views at zoom {meta.get('view_zoom', 1.0)}, "
                              f"not {zoom}: use another --out")
         meta["view_zoom"] = zoom
-        colour = {"gray": gray, "hue": hue} if gray or hue else {}
+        # zooming out is for imagery finer than the 0.5 m class; coarser would be too blurred
+        wide = coarse if meta["gsd"] < 0.3 else 0.0
+        colour = ({"gray": gray, "hue": hue} if gray or hue else {}) | (
+            {"coarse": wide} if wide else {})
         if meta.get("train") and meta.get("view_colour", {}) != colour:
             raise SystemExit(f"{out} caches {name}'s views with colour changes "
                              f"{meta.get('view_colour', {})}, not {colour}: use another --out")
@@ -115,7 +118,7 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             size = int((items[0].tile or eval_tile_size(items[0].gsd)) * zoom)
             n = min(CHUNK, wanted - have)
             views = [augment_view(rng.choices(items, weights)[0], rng, size, f"{name}_aug{k}_{i}",
-                                  gray=gray, hue=hue) for i in range(n)]
+                                  gray=gray, hue=hue, coarse=wide) for i in range(n)]
             cache_views(tower, views, out / "cache" / f"{name}.train{k or ''}.pt")
             have, k = have + n, k + 1
             meta["train"] = have
@@ -1010,6 +1013,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of training views made panchromatic")
     ap.add_argument("--hue", type=float, default=0.0,
                     help="half the training views' hues turn by up to this share of the circle")
+    ap.add_argument("--coarse", type=float, default=0.0,
+                    help="this share of fine imagery's training views cut 2-3.5 x as large "
+                         "(roofs as a 0.5 m sensor shows them)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--folds", default=None, help="held-out regions to run (default: all)")
     ap.add_argument("--table", action="store_true", help="only render the table")
@@ -1044,7 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.table:
         build_cache(Path(args.data), out, names, args.views_per_tile, args.min_views,
                     args.max_views, args.seed, args.input_size, args.zoom_gsd, args.zoom_crop,
-                    args.gray, args.hue)
+                    args.gray, args.hue, args.coarse)
         names = [n for n in names if (out / "cache" / f"{n}.pt").is_file()]
         if args.cache_only:
             return 0

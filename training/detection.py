@@ -58,15 +58,18 @@ def _rot90_boxes(boxes: np.ndarray, w: int, h: int, k: int) -> np.ndarray:
 
 
 def augment_view(item: LabelledImage, rng: random.Random, base: int, name: str, *,
-                 gray: float = 0.0, hue: float = 0.0) -> View:
+                 gray: float = 0.0, hue: float = 0.0, coarse: float = 0.0) -> View:
     """A random crop (0.7-1.4 x `base` px), quarter turn and mirror, colour, contrast, blur,
     resolution and JPEG changes; boxes move along. With ``gray`` a view is made panchromatic
     with that probability (a PAN sensor), with ``hue`` half the views' hues turn by up to that
-    share of the circle (another region's roofs and soil)."""
+    share of the circle (another region's roofs and soil). With ``coarse``, that share of the
+    views is cut 2-3.5 x `base` px, so that read at the input size fine imagery looks as a
+    coarser sensor's does (roofs of 0.15 m imagery at 0.35-0.6 m a pixel)."""
     from PIL import Image, ImageEnhance, ImageFilter
 
     w, h = item.size
-    side = int(min(base * rng.uniform(0.7, 1.4), w, h))
+    scale = rng.uniform(2.0, 3.5) if coarse and rng.random() < coarse else rng.uniform(0.7, 1.4)
+    side = int(min(base * scale, w, h))
     x, y = rng.randint(0, w - side), rng.randint(0, h - side)
     crop = item.image[y:y + side, x:x + side]
     boxes = crop_boxes(item.boxes, x, y, side, side)

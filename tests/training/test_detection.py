@@ -344,3 +344,18 @@ def test_an_iou_target_asks_a_centre_to_score_how_well_its_box_fits() -> None:
     assert loss(loose, 0.3, True) < loss(loose, 0.95, True)
     assert loss(loose, 0.95, False) < loss(loose, 0.3, False)  # CenterNet asks 1 whatever the box
     assert loss(fits, 0.95, True) < loss(fits, 0.3, True)
+
+
+def test_coarse_views_are_cut_wider_so_roofs_read_smaller() -> None:
+    img = np.zeros((400, 400, 3), np.uint8)
+    boxes = np.array([[x, y, x + 20, y + 20] for x in range(10, 390, 40) for y in range(10, 390, 40)],
+                     np.float32)
+    item = LabelledImage("r", "x", img, boxes, ["building"] * len(boxes))
+    plain = [augment_view(item, random.Random(i), 100, "p") for i in range(20)]
+    wide = [augment_view(item, random.Random(i), 100, "w", coarse=1.0) for i in range(20)]
+    assert all(70 <= v.image.shape[0] <= 140 for v in plain)
+    assert all(200 <= v.image.shape[0] <= 350 for v in wide)
+    # a roof keeps its 20 px, so against the view's side it is 2-3.5 times smaller: more fit
+    assert np.mean([len(v.boxes) for v in wide]) > 4 * np.mean([len(v.boxes) for v in plain])
+    some = [augment_view(item, random.Random(i), 100, "s", coarse=0.3) for i in range(200)]
+    assert 30 <= sum(v.image.shape[0] >= 200 for v in some) <= 90
