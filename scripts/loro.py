@@ -99,14 +99,13 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             raise SystemExit(f"{out} caches {name}'s views at zoom {meta.get('view_zoom', 1.0)}, "
                              f"not {zoom}: use another --out")
         meta["view_zoom"] = zoom
-        # zooming out is for imagery finer than the 0.5 m class; coarser would be too blurred
-        wide = coarse if meta["gsd"] < 0.3 else 0.0
-        colour = ({"gray": gray, "hue": hue} if gray or hue else {}) | (
-            {"coarse": wide} if wide else {})
-        if meta.get("train") and meta.get("view_colour", {}) != colour:
-            raise SystemExit(f"{out} caches {name}'s views with colour changes "
-                             f"{meta.get('view_colour', {})}, not {colour}: use another --out")
-        meta["view_colour"] = colour
+        # cut wider only imagery the chat path reads unzoomed: coarser would blur past use
+        wide = coarse if meta["gsd"] < DetectorConfig().zoom_gsd else 0.0
+        changes = {k: v for k, v in {"gray": gray, "hue": hue, "coarse": wide}.items() if v}
+        if meta.get("train") and meta.get("view_changes", {}) != changes:
+            raise SystemExit(f"{out} caches {name}'s views made with {meta.get('view_changes', {})}"
+                             f", not {changes}: use another --out")
+        meta["view_changes"] = changes
         wanted = min(max(views_per_tile * meta["eval"], min_views), max_views)
         have = sum(_chunk_sizes(out, name).values())
         t0, k = time.perf_counter(), len(_chunk_sizes(out, name))

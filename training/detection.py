@@ -64,7 +64,7 @@ def augment_view(item: LabelledImage, rng: random.Random, base: int, name: str, 
     with that probability (a PAN sensor), with ``hue`` half the views' hues turn by up to that
     share of the circle (another region's roofs and soil). With ``coarse``, that share of the
     views is cut 2-3.5 x `base` px, so that read at the input size fine imagery looks as a
-    coarser sensor's does (roofs of 0.15 m imagery at 0.35-0.6 m a pixel)."""
+    coarser sensor's does (roofs of 0.15 m imagery at 0.34-0.6 m a pixel)."""
     from PIL import Image, ImageEnhance, ImageFilter
 
     w, h = item.size
