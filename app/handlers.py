@@ -630,7 +630,7 @@ def _adopt_scan(ctx: AppContext, state: SessionState, question: str, result: Any
     from rsvlm.detector import Detection as Found
     from rsvlm.perception import object_question
 
-    if result.cancelled or state.chip is None:
+    if result.cancelled or state.chip is None or getattr(result, "place", None):
         return  # a part of the area is not what the whole of it holds
     asked = object_question(question, _detector_labels(ctx))
     labels = {d.label for d in result.detections} | ({asked[1]} if asked else set())
@@ -663,12 +663,13 @@ def progress_html(done: int, total: int, note: str = "") -> str:
 def _ask_scene(ctx: AppContext, state: SessionState, question: str) -> Iterator[UIUpdate]:
     """Scan the question area tile by tile in a worker thread, reporting progress; the Stop
     button (or the client going away) ends it after the current tile, keeping what was found."""
-    from app.scene import scan_area, tile_count
+    from app.scene import scan_area, scan_bounds, tile_count
     from tiles import open_source
 
     history, chip, cancel = state.history, state.chip, state.cancel
+    read = scan_bounds(ctx.backend, question, chip.bounds)[0]
     with open_source(state.chip_source) as src:
-        done: dict[str, Any] = {"tiles": (0, tile_count(src, chip.bounds, ctx.chip_size))}
+        done: dict[str, Any] = {"tiles": (0, tile_count(src, read, ctx.chip_size))}
 
     def progress(n: int, total: int) -> None:
         done["tiles"] = (n, total)
@@ -721,7 +722,8 @@ def _scene_update(ctx: AppContext, state: SessionState, question: str, result: A
     if result.cancelled:
         text = f"Stopped after {tiles} of {result.tiles_total}. {found} so far."
     else:
-        text = f"{found}, reading the whole area in {tiles}."
+        part = "that part of the area" if getattr(result, "place", None) else "the whole area"
+        text = f"{found}, reading {part} in {tiles}."
     footer = f"{result.seconds:.1f} s"
     state.history[-1] = {"role": "assistant",
                          "content": markdown_text(text) + f"\n\n*{markdown_text(footer)}*"}

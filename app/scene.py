@@ -27,7 +27,8 @@ OVERLAP = 0.125
 #: Most tiles one question may read (a 2048-px scene in 512-px tiles with overlap is 25).
 MAX_TILES = 400
 _FIND_OR_COUNT = re.compile(r"\b(?:find|count|how\s+many|detect|locate|where\s+are|number\s+of|"
-                            r"all|every)\b", re.I)
+                            r"all|every)\b|^\s*(?:please\s+)?(?:show|highlight|mark|outline)\b",
+                            re.I)
 
 
 def asks_to_find(question: str) -> bool:
@@ -66,20 +67,28 @@ class ScanAnswer:
     # A count or presence question: (kind, label, the find-all question the tiles were asked),
     # `rsvlm.perception.area_question`; the answer counts the merged detections of the label.
     area: tuple[str, str, str] | None = None
+    # The part of the area the question named ("in the top left": its top-left quarter), which
+    # alone was read (`scan_bounds`); None: all of it.
+    place: str | None = None
 
     def found(self, numbers: Sequence[int], where: str = "on the map") -> str:
         """What the scan found, as the start of the chat's answer."""
         from app.answers import count_phrase, number_range
-        from rsvlm.perception import area_answer
+        from rsvlm.perception import area_answer, asked_size, size_words
 
         numbered = f" (numbered {number_range(numbers)}{' ' + where if where else ''})"
+        part = f"the {self.place} of this area" if self.place else "this area"
         if self.area is not None:
             kind, label, _ = self.area
             n = sum(d.label == label for d in self.detections)
-            return area_answer(kind, label, n) + (numbered if self.detections else "")
+            sized = asked_size(self.area[2])
+            if sized is not None:  # "3 buildings of more than 200 m² in this area"
+                part = f"{size_words(sized)[1:]} in {part}"
+            return area_answer(kind, label, n, part) + (numbered if self.detections else "")
+        inside = f" in {part}" if self.place else ""
         if self.detections:
-            return f"Found {count_phrase([d.label for d in self.detections])}{numbered}"
-        return "Found nothing to mark"
+            return f"Found {count_phrase([d.label for d in self.detections])}{inside}{numbered}"
+        return f"Found nothing to mark{inside}"
 
 
 def session_answer_fn(backend: Backend, boxes_out: list[AnswerBox], raw_out: list[str],
@@ -148,6 +157,42 @@ def tile_count(source: Any, bounds: Sequence[float], chip_size: int) -> int:
     return len(grid_windows(area.bounds, source.info()["resolution"], chip_size, OVERLAP))
 
 
+def _labels(backend: Backend) -> list[str]:
+    """The detector's classes; buildings for a model that grounds what it is asked."""
+    return (getattr(backend, "info", None) or {}).get("detector_labels") or ["building"]
+
+
+def scan_bounds(backend: Backend, question: str, bounds: Sequence[float]
+                ) -> tuple[tuple[float, ...], str | None, str]:
+    """What a scan of ``bounds`` (source CRS, y up) for ``question`` reads: the part a count,
+    presence or find question names ("in the top left": the top-left quarter), its name (None:
+    all of it), and the question each tile is then asked (about the whole tile)."""
+    from rsvlm.perception import (
+        PLACED_KINDS,
+        asked_place,
+        asked_size,
+        object_question,
+        plural,
+        size_words,
+    )
+
+    asked = object_question(question, _labels(backend))
+    if not asked or asked[0] not in PLACED_KINDS:
+        return tuple(bounds), None, question
+    sized = asked_size(question)
+    tile_question = (f"Find all {plural(asked[1])}"
+                     f"{size_words(sized, ' than') if sized else ''} in the image.")
+    place = asked_place(question)
+    if place is None:  # a plain "find all" as asked; counts and sizes: each tile finds them
+        return tuple(bounds), None, (question if asked[0] == "find_all" and not sized
+                                     else tile_question)
+    (px1, py1, px2, py2), name = place
+    x1, y1, x2, y2 = bounds
+    w, h = x2 - x1, y2 - y1
+    part = (x1 + px1 * w, y2 - py2 * h, x1 + px2 * w, y2 - py1 * h)  # image rows run down
+    return part, name, tile_question
+
+
 def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], question: str, *,
               chip_size: int, progress: Callable[[int, int], None] | None = None,
               cancel: threading.Event | None = None) -> ScanAnswer:
@@ -159,9 +204,11 @@ def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], quest
 
     # "How many buildings?" over an area: the tiles find them and the merged boxes are counted,
     # each once. The detector's classes; buildings for a model that grounds what it is asked.
-    labels = (getattr(backend, "info", None) or {}).get("detector_labels") or ["building"]
+    labels = _labels(backend)
     counted = area_question(question, labels)
-    question = counted[2] if counted is not None else question
+    bounds, place, question = scan_bounds(backend, question, bounds)
+    if counted is not None:  # the tiles' question, a size it asks about included
+        counted = (*counted[:2], question)
 
     boxes: list[AnswerBox] = []
     raw: list[str] = []
@@ -182,4 +229,5 @@ def scan_area(backend: Backend, source_path: str, bounds: Sequence[float], quest
     carry_scores(detections, boxes)
     detections.sort(key=lambda d: -(d.score if d.score is not None else 0.0))
     return ScanAnswer(detections, result.chips_done, result.chips_total, result.cancelled,
-                      result.seconds, raw, retrieved, prompt[0] if prompt else "", counted)
+                      result.seconds, raw, retrieved, prompt[0] if prompt else "", counted,
+                      place)

@@ -106,6 +106,8 @@ class ChatEngine:
         self.perception = getattr(loaded, "perception", None)
         # Scene categories from a classifier of the frozen features (`rsvlm.scene`).
         self.scene = getattr(loaded, "scene", None)
+        # A yes/no question answered "yes" or "no" (`prompting.answer_words`).
+        self.answer_forms = bool(getattr(loaded, "answer_forms", True))
         # The model is shared and its expert routing state lives on its modules: one
         # generation at a time (chat turns, scan batches).
         self.generation_lock = threading.Lock()
@@ -136,6 +138,19 @@ class ChatEngine:
             )
             kwargs["logits_processor"] = processors
         return kwargs
+
+    def only_words(self, words: list[str], prompt_length: int) -> LogitsProcessor | None:
+        """A processor that lets the answer be only one of ``words`` (`prompting.answer_words`:
+        "yes" or "no", or the two a question offers; lower case or capitalised), token by token
+        the likeliest as the model scores them, and then ends it; None without an end token."""
+        tokenizer = self.processor.tokenizer
+        forms = [f for word in words for f in dict.fromkeys((word, word.capitalize()))]
+        spelt = [tokenizer.encode(form, add_special_tokens=False) for form in forms]
+        # A word the tokenizer spells with its unknown token cannot be said.
+        spelt = [ids for ids, form in zip(spelt, forms, strict=True)
+                 if ids and tokenizer.decode(ids).strip() == form]
+        eos = sorted(_eos_ids(self))
+        return _OnlyTokens(spelt, eos, prompt_length) if spelt and eos else None
 
     def session(self, chip: Any) -> ChatSession:
         """A new conversation about ``chip`` (a `tiles.Chip`, or anything with ``to_image()``)."""
@@ -276,7 +291,9 @@ class ChatSession(OnChip):
             kwargs, prompt_text, n_uncached = self._inputs_for(user_text, question)
             streamer = TimedStreamer(engine.processor.tokenizer)
             pieces: list[str] = []
-            stream = self._stream(kwargs, streamer, max_new_tokens)
+            words = prompting.answer_words(question) if engine.answer_forms else None
+            only = engine.only_words(words, kwargs["input_ids"].shape[1]) if words else None
+            stream = self._stream(kwargs, streamer, max_new_tokens, only)
             if claimed:  # the detector says how many and where; the LM's guesses go
                 from rsvlm.perception import grounded_description
 
@@ -316,13 +333,19 @@ class ChatSession(OnChip):
             )
 
     def _stream(
-        self, kwargs: dict[str, Any], streamer: TimedStreamer, max_new_tokens: int | None
+        self, kwargs: dict[str, Any], streamer: TimedStreamer, max_new_tokens: int | None,
+        only: LogitsProcessor | None = None,
     ) -> Iterator[str]:
         """Run ``generate()`` in a thread (the engine's decode strategy hooked) and yield its
-        text; afterwards the session holds the extended KV cache. Errors come out here."""
+        text; afterwards the session holds the extended KV cache. Errors come out here.
+        ``only``: a processor that restricts the answer's form (`ChatEngine.yes_or_no`)."""
         engine = self.engine
         result: dict[str, Any] = {}
         tokenizer = engine.processor.tokenizer
+        generation = engine.generate_kwargs(kwargs["input_ids"].shape[1])
+        if only is not None:
+            generation["logits_processor"] = LogitsProcessorList(
+                [*(generation.get("logits_processor") or []), only])
 
         def run() -> None:
             try:
@@ -334,7 +357,7 @@ class ChatSession(OnChip):
                         stopping_criteria=StoppingCriteriaList([CancelOnEvent(self._cancel)]),
                         return_dict_in_generate=True,
                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                        **engine.generate_kwargs(kwargs["input_ids"].shape[1]),
+                        **generation,
                     )
             except BaseException as exc:  # surfaced in the caller's thread below
                 result["error"] = exc
@@ -433,7 +456,18 @@ class ChatSession(OnChip):
     def _perceived(self, question: str,
                    region_box_px: tuple[float, float, float, float] | None) -> Answer | None:
         """The detector's answer to an object question, or None (the LM answers)."""
-        from rsvlm.perception import detections_summary, object_question, perception_reply
+        from rsvlm.perception import (
+            PLACED_KINDS,
+            asked_place,
+            asked_size,
+            detections_summary,
+            footprint_m2,
+            object_question,
+            perception_reply,
+            place_box,
+            plural,
+            size_words,
+        )
 
         perception = self.engine.perception
         asked = object_question(question, perception.config.answered) if perception else None
@@ -442,15 +476,37 @@ class ChatSession(OnChip):
         t0 = time.perf_counter()
         self._detect(perception)
         kind, label = asked
-        selected = perception.select(self.detections, kind, question)
+        # "How big is the largest building?" picks its building as "Where is ..." does.
+        selected = perception.select(self.detections, "refer" if kind == "measure" else kind,
+                                     question)
         # The geodesic area only where the answer uses it (per hectare, m² covered).
         ground_m2 = (getattr(self.chip, "ground_area_m2", None)
-                     if kind in {"rural_urban", "area"} else None)
-        text, stated = perception_reply(kind, label, selected, (self.chip_width, self.chip_height),
-                                        region_box_px, ground_m2, question,
+                     if kind in {"rural_urban", "area", "measure"} else None)
+        size = (self.chip_width, self.chip_height)
+        place = asked_place(question) if kind in PLACED_KINDS else None
+        where = region_box_px
+        if place is not None:  # "in the top left": that part of the image (or drawn box)
+            where = place_box(place[0], size, region_box_px)
+        sized = asked_size(question) if kind in PLACED_KINDS else None
+        chip_m2 = getattr(self.chip, "ground_area_m2", None)
+        if sized is not None and chip_m2:  # "larger than 200 m²": by the area each box suggests
+            larger, m2 = sized
+            selected = [d for d in selected if d.label != label
+                        or (footprint_m2(d, chip_m2) > m2) == larger]
+        notes = []
+        if sized is not None:
+            notes.append(f"{plural(label)}{size_words(sized)}, each estimated from its box"
+                         if chip_m2 else
+                         "of every size: this image has no ground resolution to measure them by")
+        if place is not None:
+            notes.append(f"in the {place[1]} of the "
+                         f"{'drawn box' if region_box_px is not None else 'image'}")
+        text, stated = perception_reply(kind, label, selected, size, where, ground_m2, question,
                                         sure_from=perception.config.cut(label, "find_all"))
+        if notes:
+            text = f"{text} ({'; '.join(notes)})"
         took = round(time.perf_counter() - t0, 4)
-        boxed = kind in {"find_all", "refer"}
+        boxed = kind in {"find_all", "refer", "measure"}
         return Answer(text=text, boxes=self.ground(text, [d.score for d in stated] if boxed else None),
                       retrieved=list(self.retrieved or []),
                       timing={"first_token_s": took, "total_s": took, "new_tokens": 0,
@@ -624,6 +680,28 @@ class _SuppressTokens(LogitsProcessor):
         if not len(ids):
             return scores
         return scores.index_fill(1, ids, float("-inf"))
+
+
+class _OnlyTokens(LogitsProcessor):
+    """The new tokens spell one of ``words`` (token id lists), then the end (``eos``)."""
+
+    def __init__(self, words: list[list[int]], eos: list[int], prompt_length: int) -> None:
+        self.words, self.eos, self.prompt_length = words, eos, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        out = torch.full_like(scores, float("-inf"))
+        for row in range(scores.shape[0]):
+            said = input_ids[row, self.prompt_length:].tolist()
+            n = len(said)
+            going = sorted({w[n] for w in self.words if len(w) > n and w[:n] == said})
+            if not going:  # a whole word said: the end, whatever an earlier processor did to it
+                out[row, self.eos] = 0.0
+                continue
+            keep = torch.tensor(going, dtype=torch.long, device=scores.device)
+            out[row, keep] = scores[row, keep]
+            if said in self.words:  # a whole word that also starts a longer one
+                out[row, self.eos] = scores[row, self.eos]
+        return out
 
 
 def _generation_error(error: BaseException) -> RuntimeError:

@@ -45,6 +45,7 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
     perception: Any = None  # rsvlm.perception.Perception | None (a trained detector)
     scene: Any = None  # rsvlm.scene.SceneReader | None (a trained scene classifier)
+    answer_forms: bool = True  # a yes/no question gets "yes" or "no" (rsvlm.prompting)
 
 
 class GPUMemoryError(RuntimeError):

@@ -431,14 +431,16 @@ def plural(label: str) -> str:
     return _PLURALS.get(label, label + "s")
 
 
-def _label_pattern(label: str, plurals: bool = True, asked: bool = False) -> str:
+def _label_pattern(label: str, plurals: bool = True, asked: bool = False,
+                   singulars: bool = True) -> str:
     """A regex for ``label`` and the words it is asked by (plurals first, so that they win;
     ``asked``: also the words a question may use for it, `_ASKED_AS`)."""
     singular, many = _SYNONYMS.get(label, ((), ()))
     if asked:
         more_one, more_many = _ASKED_AS.get(label, ((), ()))
         singular, many = (*singular, *more_one), (*many, *more_many)
-    words = [*((plural(label), *many) if plurals else ()), label, *singular]
+    words = [*((plural(label), *many) if plurals else ()),
+             *((label, *singular) if singulars else ())]
     return "(?:" + "|".join(re.escape(w) for w in dict.fromkeys(words)) + ")"
 
 
@@ -466,11 +468,99 @@ def referred(question: str, label: str) -> tuple[str | None, str | None] | None:
     return size, cell.group(1) if cell else None
 
 
+# The part of the image a count, presence, area or "find all" question confines itself to, as
+# 0-1 boxes (x1, y1, x2, y2), and what the answer calls it. An analyst counting "in the top left"
+# means that corner of the image, not the 3 x 3 cell a referring expression names one building
+# by ("the building on the left" is the only one in the middle-left cell, `referred`).
+_PLACES = {"top left": ((0.0, 0.0, 0.5, 0.5), "top-left quarter"),
+           "top right": ((0.5, 0.0, 1.0, 0.5), "top-right quarter"),
+           "bottom left": ((0.0, 0.5, 0.5, 1.0), "bottom-left quarter"),
+           "bottom right": ((0.5, 0.5, 1.0, 1.0), "bottom-right quarter"),
+           "top": ((0.0, 0.0, 1.0, 0.5), "top half"),
+           "bottom": ((0.0, 0.5, 1.0, 1.0), "bottom half"),
+           "left": ((0.0, 0.0, 0.5, 1.0), "left half"),
+           "right": ((0.5, 0.0, 1.0, 1.0), "right half"),
+           "center": ((0.25, 0.25, 0.75, 0.75), "central quarter")}
+PLACED_KINDS = frozenset({"count", "presence", "area", "find_all"})
+_PLACE = re.compile(
+    rf"\b(?:in|at|on|within|inside) the ({'|'.join(sorted(_PLACES, key=len, reverse=True))})"
+    r"(?: (?:half|part|side|corner|quarter|area|portion|section|edge))?"
+    r"(?: of (?:the|this) (\w+))?")
+
+
+def asked_place(question: str) -> tuple[tuple[float, float, float, float], str] | None:
+    """(0-1 box, its name) of the part of the image a question names ("How many houses are in
+    the top left?": the top-left quarter), or None: none named, or a place relative to
+    something else ("the buildings on the left of the road" is the language model's)."""
+    q = " ".join(question.lower().replace("-", " ").split())
+    q = re.sub(r"\bupper\b", "top", re.sub(r"\blower\b", "bottom", q))
+    q = re.sub(r"\b(?:centre|middle)\b", "center", q)
+    m = _PLACE.search(q)
+    if m is None or (m.group(2) and m.group(2) not in _WHOLE):
+        return None
+    return _PLACES[m.group(1)]
+
+
+_WHOLE = {"image", "picture", "photo", "scene", "chip", "area", "map", "tile", "view", "box",
+          "region", "rectangle", "selection"}
+
+
+def place_box(place: tuple[float, float, float, float], size: tuple[int, int],
+              within: tuple[float, float, float, float] | None = None
+              ) -> tuple[float, float, float, float]:
+    """A 0-1 ``place`` as pixels of an image of ``size``, or of the drawn box ``within``."""
+    x1, y1, x2, y2 = within if within is not None else (0.0, 0.0, *size)
+    w, h = x2 - x1, y2 - y1
+    return (x1 + place[0] * w, y1 + place[1] * h, x1 + place[2] * w, y1 + place[3] * h)
+
+
+_SIZE = re.compile(
+    r"\b(larger|bigger|greater|more|over|above|at least|smaller|less|under|below|at most)"
+    r"(?: than)? (\d+(?:\.\d+)?) ?(?:m²|m2|sq\.? ?m\b|square met(?:er|re)s?)")
+
+
+def asked_size(question: str) -> tuple[bool, float] | None:
+    """(larger, m²) of a size a count, presence or "find all" question asks about ("How many
+    buildings are larger than 200 m²?": (True, 200.0)), or None."""
+    m = _SIZE.search(" ".join(question.lower().replace(",", "").split()))
+    if m is None:
+        return None
+    return m.group(1) in {"larger", "bigger", "greater", "more", "over", "above", "at least"}, \
+        float(m.group(2))
+
+
+def size_words(sized: tuple[bool, float], than: str = "") -> str:
+    """" of more than 200 m²" (or, with ``than`` " than", " larger than 200 m²") for an
+    `asked_size`: words a question or an answer can carry."""
+    larger, m2 = sized
+    if than:
+        return f" {'larger' if larger else 'smaller'}{than} {m2:g} m²"
+    return f" of {'more' if larger else 'less'} than {m2:g} m²"
+
+
+def box_share(detection: Detection) -> float:
+    x1, y1, x2, y2 = detection.box
+    return max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
+
+
+def box_sides_m(detection: Detection, ground_m2: float) -> str:
+    """"a box of 12 m x 9 m" on an image of ``ground_m2`` (taken as square)."""
+    side = ground_m2 ** 0.5
+    x1, y1, x2, y2 = detection.box
+    return f"a box of {(x2 - x1) * side:.0f} m x {(y2 - y1) * side:.0f} m"
+
+
+def footprint_m2(detection: Detection, ground_m2: float) -> float:
+    """The ground a detection's object covers: its box's share of an image of ``ground_m2``
+    square metres, times the share of a box a footprint fills (`FOOTPRINT_SHARE`)."""
+    return box_share(detection) * ground_m2 * FOOTPRINT_SHARE
+
+
 def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
-    """("presence" | "count" | "area" | "find_all" | "rural_urban" | "refer", label) when the
-    question asks that about a class the detector knows (rural or urban: about its buildings;
-    refer: one object by size or place, `referred`); None otherwise (the language model
-    answers)."""
+    """("presence" | "count" | "area" | "find_all" | "rural_urban" | "refer" | "measure",
+    label) when the question asks that about a class the detector knows (rural or urban: about
+    its buildings; refer: one object by size or place, `referred`; measure: how large that one
+    is); None otherwise (the language model answers)."""
     q = re.sub(r"^(?:please |(?:can|could|would) you (?!see\b)(?:please )?)", "",
                " ".join(question.lower().split()))
     if "building" in labels and re.search(r"\brural\b.*\burban\b|\burban\b.*\brural\b", q):
@@ -485,8 +575,12 @@ def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
                      rf"cover\b|^how much (?:ground|area|land|space|of the (?:image|area|chip)) "
                      rf"(?:is covered by|do) (?:the )?{obj}\b", q):
             return "area", label
+        many = _label_pattern(label, singulars=False, asked=True)
         if re.search(rf"\b(?:find|locate|detect|show|mark|box)\b.*\b(?:all|every|each)\b.*\b{obj}\b",
-                     q):
+                     q) or re.search(
+                rf"^(?:where are|(?:find|locate|detect|show|mark|box|highlight|outline|draw)"
+                rf"(?: me)?)(?: the)? {many}\b(?! (?:of|closest|nearest|next|near|beside|along|between)\b)",
+                q):  # "Where are the houses?", "Show me the buildings": every one of them
             return "find_all", label
         if re.search(rf"^(?:is|are) there (?:any |a |an |some )?{obj}\b", q) or re.search(
                 rf"^(?:does|do) (?:the|this) (?:image|scene|area|chip|picture) (?:contain|show|"
@@ -498,7 +592,14 @@ def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
     for label in labels:
         if _ASKS_WHERE.search(q) and referred(q, label) is not None:
             return "refer", label
+        if _ASKS_SIZE.search(q) and referred(_ASKS_SIZE.sub("", q), label) is not None:
+            return "measure", label
     return None
+
+
+# "What is the size of the largest building?", "How big is the building in the top left?"
+_ASKS_SIZE = re.compile(r"^(?:what(?: is|'s) the (?:size|area|footprint|ground area)(?: of)?|how "
+                        r"(?:big|large|small) is) ")
 
 
 def area_question(question: str, labels: list[str]) -> tuple[str, str, str] | None:
@@ -514,13 +615,14 @@ def area_question(question: str, labels: list[str]) -> tuple[str, str, str] | No
     return kind, label, f"Find all {plural(label)} in the image."
 
 
-def area_answer(kind: str, label: str, n: int) -> str:
-    """The answer to an `area_question` from the number of merged detections of ``label``."""
+def area_answer(kind: str, label: str, n: int, where: str = "this area") -> str:
+    """The answer to an `area_question` from the number of merged detections of ``label``
+    (``where``: what was read, "the top-left quarter of this area")."""
     noun = label if n == 1 else plural(label)
     if kind == "presence":
-        return (f"Yes: {n} {noun} in this area" if n
-                else f"No {plural(label)} found in this area")
-    return f"{n} {noun} in this area"
+        return (f"Yes: {n} {noun} in {where}" if n
+                else f"No {plural(label)} found in {where}")
+    return f"{n} {noun} in {where}"
 
 
 def referred_detection(question: str, label: str, detections: list[Detection]
@@ -620,6 +722,16 @@ def perception_reply(kind: str, label: str, detections: list[Detection],
     from rsvlm.boxes import format_box
 
     mine = answered_detections(label, detections, size, region_box_px)
+    if kind == "measure":  # the one a referring question means, and the ground it covers
+        det = referred_detection(_ASKS_SIZE.sub("", question.lower()), label, mine)
+        if det is None:
+            return f"I find no {label} like that in this image.", []
+        box = format_box(label, [v * 1000 for v in det.box])
+        if not ground_m2:
+            return (f"{box} It spans {box_share(det):.1%} of the image; with no ground "
+                    "resolution I cannot give its size in metres."), [det]
+        return (f"{box} About {footprint_m2(det, ground_m2):,.0f} m² (estimated from its box, "
+                f"{box_sides_m(det, ground_m2)})."), [det]
     if kind == "refer":
         det = referred_detection(question, label, mine)
         if det is None:

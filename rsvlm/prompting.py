@@ -8,6 +8,7 @@ into the connector's image tokens.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,3 +88,30 @@ def continuation(
         if stripped.startswith(eos):  # the generated end-of-turn token is already in the cache
             cut += len(rest) - len(stripped) + len(eos)
     return longer[cut:]
+
+
+
+
+# A yes/no question opens with an auxiliary verb, offers no choice ("Is it rural or urban?")
+# and asks nothing more after its "?" but the evaluation's "Answer with a single word."; a
+# request ("Can you describe ...?") is not one.
+_AUXILIARY = re.compile(r"^(?:is|are|was|were|isn't|aren't|does|do|did|doesn't|don't|has|have|had|"
+                        r"can|could|will|would|should|may|might|must)\b")
+_REQUEST = re.compile(r"^(?:can|could|will|would) you (?!see\b|spot\b|tell (?:if|whether)\b)")
+_ANSWER_WITH = re.compile(r"^answer with\b[^?]*$")
+
+
+def answer_words(question: str) -> list[str] | None:
+    """The words ``question`` lets its answer be: ["yes", "no"] for a yes/no question, None
+    otherwise. The engine then lets the model say only one of them: a 135M model answered some
+    with an area or a caption ("Is there a swimming pool?" -> "over 100 m²"). A choice between
+    offered words is left to the model: its first token alone would favour a word spelt in one
+    token ("industrial") over one spelt in two ("residential") whatever the model means."""
+    q = " ".join(question.lower().split())
+    q = re.sub(r"^(?:and|but|so|also|then|ok|okay|well|now)\b,? ", "", q)  # a follow-up's opening
+    head, _, rest = q.partition("?")
+    if not _AUXILIARY.match(head) or _REQUEST.match(head):
+        return None
+    if rest.strip() and not _ANSWER_WITH.match(rest.strip()):
+        return None
+    return None if re.search(r"\bor\b(?! not\b)", head) else ["yes", "no"]

@@ -125,7 +125,8 @@ def asked_choices(question: str) -> list[str] | None:
 _ASKS_SCENE = re.compile(
     r"\b(?:what|which) (?:kind|type|sort|category|class) of (?:area|scene|place|land ?use|"
     r"landscape|site|image|region)\b|\bclassify (?:the|this) (?:scene|image|area|picture)\b|"
-    r"\bscene (?:class|category|type)\b", re.IGNORECASE)
+    r"\bscene (?:class|category|type)\b|\bwhat(?: is|'s) the (?:main |dominant |primary )?land ?use\b|"
+    r"\bwhat (?:is|are) (?:this|the) (?:area|place|land|site|scene) used for\b", re.IGNORECASE)
 
 
 def asks_scene(question: str) -> bool:

@@ -82,7 +82,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(classification) or a region")
     e.add_argument("--ablate", default="", metavar="PARTS",
                    help="switch trained parts off at inference: experts, retrieval, box_head, "
-                        "detector, scene (comma list)")
+                        "detector, scene, answer_form (comma list)")
+    e.add_argument("--as-typed", action="store_true",
+                   help="ask without the answer-format instruction the questions carry "
+                        "('Answer with a single word or number.'), as an analyst types them")
     e.add_argument("--split", default="val", choices=("val", "train"),
                    help="split of a build-data folder to score (val)")
     e.add_argument("--out", default=None, help="report JSON path")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -417,7 +418,7 @@ def eval_dataset_split(task: str, data_dir: str | Path, answer: AnswerFn, *, spl
     return report
 
 
-ABLATIONS = ("experts", "retrieval", "box_head", "detector", "scene")
+ABLATIONS = ("experts", "retrieval", "box_head", "detector", "scene", "answer_form")
 
 
 def ablate(loaded: Any, parts: set[str] | frozenset[str]) -> None:
@@ -425,8 +426,9 @@ def ablate(loaded: Any, parts: set[str] | frozenset[str]) -> None:
     ``experts`` (every expert's output projection zeroed: the FFNs run alone, as before
     training), ``retrieval`` (no semantic database: no retrieved texts reach the prompter),
     ``box_head`` (the boxes stay where the language model wrote them), ``detector`` (object
-    questions go to the language model, as before `rsvlm.perception`) and ``scene`` (category
-    questions go to the language model, as before `rsvlm.scene`)."""
+    questions go to the language model, as before `rsvlm.perception`), ``scene`` (category
+    questions go to the language model, as before `rsvlm.scene`) and ``answer_form`` (a yes/no
+    question's answer may be any words, `rsvlm.prompting.answer_words`)."""
     unknown = set(parts) - set(ABLATIONS)
     if unknown:
         raise ValueError(f"unknown ablation(s) {sorted(unknown)}; choose from {ABLATIONS}")
@@ -456,6 +458,8 @@ def ablate(loaded: Any, parts: set[str] | frozenset[str]) -> None:
         if getattr(loaded, "scene", None) is None:
             raise ValueError("this model has no scene classifier to switch off")
         loaded.scene = None
+    if "answer_form" in parts:
+        loaded.answer_forms = False
 
 
 def engine_answer_fn(model: str | None = None, device: str | None = None,
@@ -500,17 +504,36 @@ def run_eval(task: str, data: str | Path, answer: AnswerFn, *, seed: int = 0,
     return fn(spec, answer, seed=seed, limit=limit, progress=progress)
 
 
+_INSTRUCTION = re.compile(r"\s*Answer with (?:a single word|one word)(?: or number)?\.\s*$", re.I)
+
+
+def as_typed(answer: AnswerFn) -> AnswerFn:
+    """``answer`` asked each question without its answer-format instruction (`training.vqa`'s
+    "Answer with a single word or number."): as an analyst types it, where the model alone
+    decides the form of its answer."""
+
+    def ask(chip: Any, question: str) -> str:
+        text = answer(chip, _INSTRUCTION.sub("", question))
+        ask.retrieved = getattr(answer, "retrieved", None)  # type: ignore[attr-defined]
+        return text
+
+    return ask
+
+
 def evaluate_cli(args: Any) -> dict[str, Any]:
     """`rsvlm-train eval`: load the model, run the task, write the report."""
     ablations = frozenset(a.strip() for a in (getattr(args, "ablate", None) or "").split(",")
                           if a.strip())
     answer = engine_answer_fn(args.model, args.device, args.max_new_tokens, ablations)
+    if getattr(args, "as_typed", False):
+        answer = as_typed(answer)
     overrides = {"chip_size": args.chip_size, "overlap": args.overlap,
                  "resolution": args.resolution}
     report = run_eval(args.task, args.data, answer, seed=args.seed, limit=args.limit,
                       split=getattr(args, "split", "val"), region_overrides=overrides)
     report["model"] = args.model or "default"
     report["ablated"] = sorted(ablations)
+    report["as_typed"] = bool(getattr(args, "as_typed", False))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

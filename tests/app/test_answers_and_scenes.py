@@ -164,6 +164,22 @@ def test_a_count_over_the_whole_region_counts_the_merged_detections(ctx: AppCont
     assert len(json.loads(geojson)["features"]) == 36
 
 
+def test_a_count_in_a_named_part_of_the_area_reads_that_part(ctx: AppContext) -> None:
+    state, _ = h.start_session(ctx)
+    final = list(h.ask(ctx, state, "How many buildings are in the top left?"))[-1]
+    said = _plain(final.chat[-1]["content"])
+    m = re.match(r"(\d+) buildings in the top-left quarter of this area \(numbered 1–(\d+) on the "
+                 r"map\), reading that part of the area in (\d+) tiles\.", said)
+    assert m, said
+    # 768 x 512 px: 2 tiles of 512 px with 1/8 overlap (the whole area takes 12).
+    assert int(m.group(3)) == 2 and int(m.group(1)) == len(state.detections) == 6
+    assert "Find all buildings in the image." in final.prompt  # each tile about all of itself
+    w, s, e, n = ctx.region.bounds_lonlat
+    for det in state.detections:  # all in the top-left quarter
+        bw, bs, be, bn = det.geometry.bounds
+        assert bw >= w - 1e-6 and be <= (w + e) / 2 + 1e-6 and bs >= (s + n) / 2 - 1e-6
+
+
 def test_stop_ends_a_scan_after_the_current_tile(ctx: AppContext) -> None:
     slow = AppContext(backend=FakeBackend(delay_s=0.02), region=ctx.region,
                       export_dir=ctx.export_dir)
@@ -308,6 +324,10 @@ def test_a_description_of_a_scanned_area_says_what_the_scan_found(ctx: AppContex
     # What kind of area: on this 230 m area the detector answers it, from the same read.
     list(h.ask(with_detector, state, h.QUICK_ACTIONS["classify"]))
     assert adopted[-1] == (id(state.session), "building", 36) and len(adopted) == 3
+    # A count of one part reads that part; the chip keeps the whole area's buildings.
+    before = len(state.detections)
+    list(h.ask(with_detector, state, "How many buildings are in the bottom right?"))
+    assert len(adopted) == 3 and len(state.detections) == before + 6
     # Without a detector the description is the chip's one look, as before: no scan.
     plain, _ = h.start_session(ctx)
     list(h.ask(ctx, plain, "Describe this image."))

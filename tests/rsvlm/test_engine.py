@@ -50,7 +50,7 @@ def test_follow_up_reuses_cache_and_matches_full_recompute(connector: str) -> No
     session = engine.session(_chip())
     list(session.ask("describe the image"))
     first_prefill = session.last.timing["prefill_tokens"]
-    list(session.ask("is there a road ?"))
+    list(session.ask("what is near the road ?"))
     follow = session.last
     # Only the new turn is fed, not the image tokens again.
     assert follow.timing["prefill_tokens"] < first_prefill - engine.model.config.num_image_tokens + 1
@@ -164,3 +164,63 @@ def test_generate_kwargs_hand_suppression_to_the_cheap_processor() -> None:
     (processor,) = kwargs["logits_processor"]
     assert processor.eos_from == 14 and TINY_IMAGE_TOKEN_ID in processor.always.tolist()
     assert engine.generation["suppress_tokens"] == [TINY_IMAGE_TOKEN_ID]  # settings unchanged
+
+
+@pytest.mark.parametrize("question, words", [
+    ("Is there a swimming pool?", ["yes", "no"]),
+    ("Are there more buildings than trees? Answer with a single word.", ["yes", "no"]),
+    ("Can you see a road?", ["yes", "no"]),
+    ("And is there a car?", ["yes", "no"]),  # a follow-up
+    ("Is this a residential area or not?", ["yes", "no"]),
+    ("Is it a rural or an urban area?", None),  # a choice: left to the model
+    ("Is this a residential area or an industrial one?", None),
+    ("Can you describe this image?", None),  # a request
+    ("Is there a road? Describe it.", None),  # asks more after its question
+    ("What is in the image?", None),
+])
+def test_the_words_a_question_lets_its_answer_be(question: str, words: list[str] | None) -> None:
+    from rsvlm.prompting import answer_words
+
+    assert answer_words(question) == words
+
+
+def test_a_yes_or_no_question_gets_yes_or_no() -> None:
+    """A 135M model answered "Is there a swimming pool?" with "over 100 m²": a yes/no question
+    now gets one of the two words, the likelier as the model scores them, even from a random
+    model that would say anything; other questions keep the model's own words."""
+    engine = ChatEngine(_Loaded(), max_new_tokens=6,
+                        generation={"repetition_penalty": 1.0, "min_new_tokens": 3})
+    for question in ("Is there a swimming pool?", "Are there any trees?", "Is the road paved?"):
+        session = engine.session(_chip())
+        assert "".join(session.ask(question)).strip() in {"yes", "no"}
+        assert session.last.timing["new_tokens"] <= 2  # the word, then the end
+        follow = "".join(session.ask("And is there a car?")).strip()  # from the cached prefix
+        assert follow in {"yes", "no"}
+    open_ = engine.session(_chip())
+    assert "".join(open_.ask("What is in the image?")).strip() not in {"yes", "no"}
+    # `rsvlm-train eval --ablate answer_form` lets the model say anything again.
+    from training.evaluate import ablate
+
+    loaded = _Loaded()
+    ablate(loaded, {"answer_form"})
+    free = ChatEngine(loaded, max_new_tokens=6, generation={"repetition_penalty": 1.0})
+    assert not free.answer_forms
+    assert "".join(free.session(_chip()).ask("Is there a swimming pool?")).strip() not in {
+        "yes", "no"}
+    # Words of several tokens are spelt out one token at a time, then the end.
+    spell = engine.only_words(["yes", "no"], 5)
+    spell.words = [[40, 41], [42]]  # as a tokenizer with "rural" in two pieces spells them
+    step = spell(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 100))
+    assert sorted(torch.isfinite(step[0]).nonzero().flatten().tolist()) == [40, 42]
+    step = spell(torch.tensor([[0, 0, 0, 0, 0, 40]]), torch.zeros(1, 100))
+    assert torch.isfinite(step[0]).nonzero().flatten().tolist() == [41]
+    step = spell(torch.tensor([[0, 0, 0, 0, 0, 40, 41]]), torch.zeros(1, 100))
+    assert torch.isfinite(step[0]).nonzero().flatten().tolist() == [2]  # the end
+    # The processor keeps the model's preference between the two words.
+    only = engine.only_words(["yes", "no"], 5)
+    scores = torch.zeros(1, 100)
+    scores[0, 75] = 3.0  # "no"
+    first = only(torch.zeros(1, 5, dtype=torch.long), scores.clone())
+    assert int(first.argmax()) == 75 and torch.isinf(first).sum() == 98
+    after = only(torch.zeros(1, 6, dtype=torch.long), scores.clone())
+    assert int(after.argmax()) in {2} and torch.isinf(after).sum() == 99

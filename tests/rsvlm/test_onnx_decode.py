@@ -46,7 +46,7 @@ def cache(tmp_path, monkeypatch):
 def _conversation(engine: ChatEngine) -> list[str]:
     session = engine.session(_image())
     answers = []
-    for question in ("describe the image", "is there a road ?", "how many buildings are there ?"):
+    for question in ("describe the image", "what is near the road ?", "how many buildings are there ?"):
         list(session.ask(question))
         answers.append(session.last.text)
     return answers

@@ -1,6 +1,7 @@
 """Object questions answered from the detector: which questions, what the answer says (the
 count it states is the number of detections it was given), and the chat path around it."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,15 @@ from rsvlm.perception import (
     ("Locate the building in the top left.", ("refer", "building")),
     ("Give the bounding box of the smallest building.", ("refer", "building")),
     ("Output the bounding box of the building.", ("refer", "building")),
+    ("Where are the houses?", ("find_all", "building")),
+    ("Show me the buildings in the top left.", ("find_all", "building")),
+    ("Highlight the roofs.", ("find_all", "building")),
+    ("Locate the buildings.", ("find_all", "building")),
+    ("Find the buildings closest to the road.", None),  # a relation: the LM's
+    ("Where are the buildings of the school?", None),
+    ("What is the size of the largest building?", ("measure", "building")),
+    ("How big is the building in the top left?", ("measure", "building")),
+    ("How big is the building closest to the road?", None),
     ("Where is the building closest to the parking lot?", None),  # a relation: the LM's
     ("Where is the largest parking lot?", None),
 ])
@@ -71,6 +81,37 @@ def test_object_questions(question, expected) -> None:
 def _dets(n: int) -> list[Detection]:
     return [Detection("building", 0.9, (0.1 * i, 0.1 * i, 0.1 * i + 0.05, 0.1 * i + 0.05))
             for i in range(n)] + [Detection("aircraft", 0.8, (0.5, 0.5, 0.6, 0.6))]
+
+
+@pytest.mark.parametrize("question, place", [
+    ("How many houses are in the top left?", "top-left quarter"),
+    ("Is there a building in the top-right corner?", "top-right quarter"),
+    ("Find all buildings in the left half of the image.", "left half"),
+    ("Count the buildings at the bottom of the picture.", "bottom half"),
+    ("How many buildings are in the upper half?", "top half"),
+    ("How many buildings in the middle?", "central quarter"),
+    ("Are there buildings on the right side?", "right half"),
+    ("How many buildings are there?", None),
+    ("How many buildings are on the left of the road?", None),  # relative to something else
+])
+def test_the_part_of_the_image_a_question_names(question: str, place: str | None) -> None:
+    from rsvlm.perception import asked_place
+
+    found = asked_place(question)
+    assert (found[1] if found else None) == place
+
+
+@pytest.mark.parametrize("question, size", [
+    ("How many buildings are larger than 200 m²?", (True, 200.0)),
+    ("Find all buildings bigger than 150 square meters.", (True, 150.0)),
+    ("How many houses under 50 m2?", (False, 50.0)),
+    ("Count the buildings of at least 1,000 m².", (True, 1000.0)),
+    ("How many buildings are there?", None),
+])
+def test_the_size_a_question_asks_about(question: str, size: tuple | None) -> None:
+    from rsvlm.perception import asked_size
+
+    assert asked_size(question) == size
 
 
 @pytest.mark.parametrize("n", [0, 1, 7])
@@ -345,6 +386,44 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
     # Of a drawn region: the detections centred in it.
     region = "".join(other.ask("Describe this area.", region_box_px=(0, 0, 32, 32)))
     assert region.endswith(" The detector finds 4 buildings here.")
+    # A part of the image named: the detections centred there (the 4 x 4 grid's top-left
+    # 2 x 2 patches in the top-left quarter; the right half's 8), said with the answer.
+    assert "".join(other.ask("How many houses are in the top left?")) == (
+        "4 (in the top-left quarter of the image)")
+    assert len(parse_boxes("".join(other.ask("Find all buildings on the right side.")))) == 8
+    assert len(other.last.boxes) == 8 and all(b.box_norm[0] >= 500 for b in parse_boxes(
+        other.last.text))
+    assert "".join(other.ask("Is there a building in the centre?")).startswith("yes (in the ")
+    # ... of a drawn box, that part of the box.
+    assert "".join(other.ask("How many buildings are in the top half?",
+                             region_box_px=(0, 0, 32, 64))) == "4 (in the top half of the drawn box)"
+    # A size asked about: by the ground each box suggests (none without a ground resolution).
+    assert "".join(other.ask("How many buildings are larger than 200 m²?")) == (
+        "16 (of every size: this image has no ground resolution to measure them by)")
+    from tiles import Chip
+
+    metres = Chip(pixels=np.asarray(image), crs="EPSG:32636",  # 1 m pixels: 64 m x 64 m
+                  transform=Affine(1, 0, 455000, 0, -1, 39000), source="t")
+    # Read whole, as the plain picture was (not zoomed in, not at the training views' scale).
+    perception.config.zoom_gsd = perception.config.trained_gsd = None
+    sized = engine.session(metres)  # each box 16 m x 16 m, a footprint of about 154 m²
+    assert "".join(sized.ask("How many buildings are larger than 100 m²?")) == (
+        "16 (buildings of more than 100 m², each estimated from its box)")
+    assert "".join(sized.ask("How many buildings are bigger than 200 square metres?")).startswith(
+        "0 (")
+    assert "".join(sized.ask("Are there buildings smaller than 200 m2 in the top left?")) == (
+        "yes (buildings of less than 200 m², each estimated from its box; in the top-left "
+        "quarter of the image)")
+    (box,) = parse_boxes(said := "".join(sized.ask("How big is the largest building?")))
+    # 0.6 of a 16 m x 16 m box (the chip's geodesic area is a little over 64 m x 64 m).
+    assert re.search(r"</box> About 15\d m² \(estimated from its box, a box of 16 m x 16 m\)\.$",
+                     said), said
+    assert sized.last.boxes and "weak" not in said
+    plain = "".join(other.ask("What is the size of the building in the top left?"))
+    assert plain.endswith("It spans 6.2% of the image; with no ground resolution I cannot give "
+                          "its size in metres.")
+    perception.config.zoom_gsd, perception.config.trained_gsd = DetectorConfig().zoom_gsd, (
+        DetectorConfig().trained_gsd)
     # Nothing above the threshold: "no", "0".
     quiet, _ = _tiny_perception(tmp_path / "quiet", bias=-6.0)
     engine.perception = quiet

@@ -92,6 +92,9 @@ def test_the_chat_path_answers_offered_categories_from_the_classifier(tmp_path: 
     ("What type of land use is shown?", True),
     ("Which kind of place is this?", True),
     ("What is the scene category?", True),
+    ("What is the land use here?", True),
+    ("What's the main land use?", True),
+    ("What is this area used for?", True),
     (classification_prompt(["airport", "farmland"]), False),  # offered: the categories decide
     ("How many buildings are there?", False),
     ("What kind of roof does the largest building have?", False),
