@@ -19,6 +19,7 @@ generation runs at a time (a lock); the app's queue decides who waits.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -106,7 +107,8 @@ class ChatEngine:
         self.perception = getattr(loaded, "perception", None)
         # Scene categories from a classifier of the frozen features (`rsvlm.scene`).
         self.scene = getattr(loaded, "scene", None)
-        # A yes/no question answered "yes" or "no" (`prompting.answer_words`).
+        # A yes/no or either/or question answered with one of its words
+        # (`prompting.answer_options`, `ChatSession._chosen`).
         self.answer_forms = bool(getattr(loaded, "answer_forms", True))
         # The model is shared and its expert routing state lives on its modules: one
         # generation at a time (chat turns, scan batches).
@@ -138,19 +140,6 @@ class ChatEngine:
             )
             kwargs["logits_processor"] = processors
         return kwargs
-
-    def only_words(self, words: list[str], prompt_length: int) -> LogitsProcessor | None:
-        """A processor that lets the answer be only one of ``words`` (`prompting.answer_words`:
-        "yes" or "no", or the two a question offers; lower case or capitalised), token by token
-        the likeliest as the model scores them, and then ends it; None without an end token."""
-        tokenizer = self.processor.tokenizer
-        forms = [f for word in words for f in dict.fromkeys((word, word.capitalize()))]
-        spelt = [tokenizer.encode(form, add_special_tokens=False) for form in forms]
-        # A word the tokenizer spells with its unknown token cannot be said.
-        spelt = [ids for ids, form in zip(spelt, forms, strict=True)
-                 if ids and tokenizer.decode(ids).strip() == form]
-        eos = sorted(_eos_ids(self))
-        return _OnlyTokens(spelt, eos, prompt_length) if spelt and eos else None
 
     def session(self, chip: Any) -> ChatSession:
         """A new conversation about ``chip`` (a `tiles.Chip`, or anything with ``to_image()``)."""
@@ -206,6 +195,10 @@ def below_scene_scale(ground_m2: float | None) -> bool:
     """Whether an area of ``ground_m2`` (None: unknown, a plain photo) is smaller than any scene
     the classifier learnt (`SCENE_MIN_SIDE_M` across)."""
     return bool(ground_m2) and ground_m2 ** 0.5 < SCENE_MIN_SIDE_M
+
+
+#: What `training.vqa` asks its one-word answers with.
+ONE_WORD = "Answer with a single word or number."
 
 
 class ChatSession(OnChip):
@@ -282,6 +275,13 @@ class ChatSession(OnChip):
             self.drop_cache()  # the next turn encodes this one afresh
             yield perceived.text
             return
+        choices = prompting.answer_options(question) if engine.answer_forms else None
+        chosen = self._chosen(user_text, question, choices) if choices else None
+        if chosen is not None:
+            self.last = chosen
+            self.turns.append((user_text, chosen.text))
+            yield chosen.text
+            return
         with engine.generation_lock:
             self._cancel.clear()
             claimed = self._claimed_labels(question)
@@ -291,9 +291,7 @@ class ChatSession(OnChip):
             kwargs, prompt_text, n_uncached = self._inputs_for(user_text, question)
             streamer = TimedStreamer(engine.processor.tokenizer)
             pieces: list[str] = []
-            words = prompting.answer_words(question) if engine.answer_forms else None
-            only = engine.only_words(words, kwargs["input_ids"].shape[1]) if words else None
-            stream = self._stream(kwargs, streamer, max_new_tokens, only)
+            stream = self._stream(kwargs, streamer, max_new_tokens)
             if claimed:  # the detector says how many and where; the LM's guesses go
                 from rsvlm.perception import grounded_description
 
@@ -333,19 +331,14 @@ class ChatSession(OnChip):
             )
 
     def _stream(
-        self, kwargs: dict[str, Any], streamer: TimedStreamer, max_new_tokens: int | None,
-        only: LogitsProcessor | None = None,
+        self, kwargs: dict[str, Any], streamer: TimedStreamer, max_new_tokens: int | None
     ) -> Iterator[str]:
         """Run ``generate()`` in a thread (the engine's decode strategy hooked) and yield its
-        text; afterwards the session holds the extended KV cache. Errors come out here.
-        ``only``: a processor that restricts the answer's form (`ChatEngine.yes_or_no`)."""
+        text; afterwards the session holds the extended KV cache. Errors come out here."""
         engine = self.engine
         result: dict[str, Any] = {}
         tokenizer = engine.processor.tokenizer
         generation = engine.generate_kwargs(kwargs["input_ids"].shape[1])
-        if only is not None:
-            generation["logits_processor"] = LogitsProcessorList(
-                [*(generation.get("logits_processor") or []), only])
 
         def run() -> None:
             try:
@@ -380,6 +373,63 @@ class ChatSession(OnChip):
         self._ended_with_eos = bool(out.sequences.shape[1]) and int(
             out.sequences[0, -1]) in _eos_ids(engine)
         engine.caches.touch(self)
+
+    def _chosen(self, user_text: str, question: str, choices: list[str]) -> Answer | None:
+        """The likelier of a question's answer words (`prompting.answer_options`: yes or no, or
+        the two it offers), each
+        scored whole by the model after the prompt (the sum of its tokens' log-probabilities,
+        lower case or capitalised), as the answer; None when the tokenizer cannot spell one.
+        A 135M model asked "Is there a swimming pool?" otherwise wrote "over 100 m²", and "Is
+        the area dense or sparse?" "Spreading over 100 m²."; constraining its first token instead
+        would favour a word spelt in one token over one spelt in two, whatever it means."""
+        import copy
+
+        engine = self.engine
+        tokenizer = engine.processor.tokenizer
+        spelt: dict[str, list[list[int]]] = {}
+        for word in choices:
+            forms = [tokenizer.encode(f, add_special_tokens=False)
+                     for f in dict.fromkeys((word, word.capitalize()))]
+            spelt[word] = [ids for ids in forms if ids and tokenizer.decode(ids).strip().lower()
+                           == word]
+            if not spelt[word]:
+                return None
+        with engine.generation_lock:
+            t0 = time.perf_counter()
+            # Asked as the training data asks for one word ("Answer with a single word."), so
+            # that a bare word is the answer the model expects to give, not the start of a
+            # sentence ("A residential area.").
+            kwargs, prompt_text, n_uncached = self._inputs_for(
+                f"{user_text} {ONE_WORD}", f"{question} {ONE_WORD}")
+            cache = kwargs["past_key_values"]
+            ids = kwargs["input_ids"][:, cache.get_seq_length():]
+            with torch.inference_mode():
+                out = engine.model(**{**kwargs, "input_ids": ids}, use_cache=True,
+                                   logits_to_keep=1)
+                first = out.logits[0, -1].float().log_softmax(-1)
+                scores: dict[str, float] = {}
+                for word, forms in spelt.items():
+                    best = -math.inf
+                    for form in forms:
+                        score = float(first[form[0]])
+                        if len(form) > 1:  # the rest of the word, after its first token
+                            rest = torch.tensor([form], device=engine.device)
+                            more = engine.model(input_ids=rest[:, :-1],
+                                                past_key_values=copy.deepcopy(out.past_key_values),
+                                                use_cache=True)
+                            steps = more.logits[0].float().log_softmax(-1)
+                            score += float(steps.gather(1, rest[0, 1:, None]).sum())
+                        best = max(best, score)
+                    scores[word] = best
+            self.drop_cache()  # the cache holds the prompt only: the next turn encodes afresh
+        word = max(scores, key=scores.get)
+        took = round(time.perf_counter() - t0, 4)
+        return Answer(text=word, boxes=[], retrieved=list(self.retrieved or []),
+                      timing={"first_token_s": took, "total_s": took, "new_tokens": 1,
+                              "prefill_tokens": n_uncached},
+                      prompt=f"{prompt_text}\n(the likelier of the words offered, as the model "
+                             "scores them: " + ", ".join(f"{w} {v:.2f}" for w, v in scores.items())
+                             + ")")
 
     def _classified(self, question: str) -> Answer | None:
         """The scene classifier's answer to "the best category from: ..." (the category, among
@@ -680,28 +730,6 @@ class _SuppressTokens(LogitsProcessor):
         if not len(ids):
             return scores
         return scores.index_fill(1, ids, float("-inf"))
-
-
-class _OnlyTokens(LogitsProcessor):
-    """The new tokens spell one of ``words`` (token id lists), then the end (``eos``)."""
-
-    def __init__(self, words: list[list[int]], eos: list[int], prompt_length: int) -> None:
-        self.words, self.eos, self.prompt_length = words, eos, prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        out = torch.full_like(scores, float("-inf"))
-        for row in range(scores.shape[0]):
-            said = input_ids[row, self.prompt_length:].tolist()
-            n = len(said)
-            going = sorted({w[n] for w in self.words if len(w) > n and w[:n] == said})
-            if not going:  # a whole word said: the end, whatever an earlier processor did to it
-                out[row, self.eos] = 0.0
-                continue
-            keep = torch.tensor(going, dtype=torch.long, device=scores.device)
-            out[row, keep] = scores[row, keep]
-            if said in self.words:  # a whole word that also starts a longer one
-                out[row, self.eos] = scores[row, self.eos]
-        return out
 
 
 def _generation_error(error: BaseException) -> RuntimeError:

@@ -92,21 +92,25 @@ def continuation(
 
 
 
-# A yes/no question opens with an auxiliary verb, offers no choice ("Is it rural or urban?")
-# and asks nothing more after its "?" but the evaluation's "Answer with a single word."; a
-# request ("Can you describe ...?") is not one.
+
+# A yes/no question opens with an auxiliary verb and asks nothing more after its "?" but the
+# evaluation's "Answer with a single word."; a request ("Can you describe ...?") is not one. An
+# either/or question offers two words ("Is it a rural or an urban area?").
 _AUXILIARY = re.compile(r"^(?:is|are|was|were|isn't|aren't|does|do|did|doesn't|don't|has|have|had|"
                         r"can|could|will|would|should|may|might|must)\b")
 _REQUEST = re.compile(r"^(?:can|could|will|would) you (?!see\b|spot\b|tell (?:if|whether)\b)")
 _ANSWER_WITH = re.compile(r"^answer with\b[^?]*$")
+_CHOICE = re.compile(r"\b(?:an? |the )?([a-z]+)(?: (?:area|one|scene|region|place|image|land))? or "
+                     r"(?:an? |the )?([a-z]+)\b")
+_NOT_A_CHOICE = {"not", "no", "any", "more", "less", "fewer", "other", "else", "both", "either",
+                 "neither", "and", "is", "are"}
 
 
-def answer_words(question: str) -> list[str] | None:
-    """The words ``question`` lets its answer be: ["yes", "no"] for a yes/no question, None
-    otherwise. The engine then lets the model say only one of them: a 135M model answered some
-    with an area or a caption ("Is there a swimming pool?" -> "over 100 m²"). A choice between
-    offered words is left to the model: its first token alone would favour a word spelt in one
-    token ("industrial") over one spelt in two ("residential") whatever the model means."""
+def answer_options(question: str) -> list[str] | None:
+    """The words ``question`` lets its answer be: ["yes", "no"], the two it offers ("Is the area
+    dense or sparse?": ["dense", "sparse"]), or None (an open question, or more than two
+    offered). The engine answers with the likelier as the model scores them
+    (`rsvlm.engine.ChatSession._chosen`)."""
     q = " ".join(question.lower().split())
     q = re.sub(r"^(?:and|but|so|also|then|ok|okay|well|now)\b,? ", "", q)  # a follow-up's opening
     head, _, rest = q.partition("?")
@@ -114,4 +118,11 @@ def answer_words(question: str) -> list[str] | None:
         return None
     if rest.strip() and not _ANSWER_WITH.match(rest.strip()):
         return None
-    return None if re.search(r"\bor\b(?! not\b)", head) else ["yes", "no"]
+    if not re.search(r"\bor\b(?! not\b)", head):
+        return ["yes", "no"]
+    found = _CHOICE.search(head)
+    if (found is None or "," in head or re.search(r"\bor\b", head[found.end():])
+            or {found.group(1), found.group(2)} & _NOT_A_CHOICE
+            or found.group(1) == found.group(2)):
+        return None
+    return [found.group(1), found.group(2)]

@@ -39,6 +39,9 @@ Q1 = "Describe this image."
 # there?" is answered by the detector; that is timed apart, as Q_DETECT).
 Q2 = "Where is the largest building?"
 Q_DETECT = "How many buildings are there?"
+# A yes/no question the language model answers with one of its words, each scored whole
+# (`ChatSession._chosen`): one prefill and no decode steps.
+Q_YES_NO = "Is there a swimming pool?"
 
 
 class PeakRSS:
@@ -93,8 +96,12 @@ def bench_ours(engine, chip) -> dict[str, float]:
         list(fresh.ask(Q_DETECT))
         detector = {"detector_answer_s": fresh.last.timing["first_token_s"],
                     "detector_answer": fresh.last.text}
+    yes_no = engine.session(chip)
+    list(yes_no.ask(Q_YES_NO))
     return {
         **detector,
+        "yes_no_answer_s": yes_no.last.timing["first_token_s"],
+        "yes_no_answer": yes_no.last.text,
         "first_token_s": a1["first_token_s"],
         "first_text_s": first_text,
         "decode_tok_s": decode,
@@ -229,6 +236,7 @@ def main() -> None:
         "ours_detector_answer_s": (round(med(ours, "detector_answer_s"), 4)
                                    if "detector_answer_s" in ours[0] else None),
         "ours_description_first_text_s": round(med(ours, "first_text_s"), 4),
+        "ours_yes_no_answer_s": round(med(ours, "yes_no_answer_s"), 4),
         "ours_prefill_tokens": ours[0]["prefill_tokens"],
         "ours_followup_prefill_tokens": ours[0]["followup_prefill_tokens"],
         "peak_rss_mb": {"before_load": round(base_mb), "ours": round(ours_peak),
@@ -245,6 +253,7 @@ def main() -> None:
         "description_first_text_le_0.8s": result["ours_description_first_text_s"] <= 0.8,
         "detector_answer_le_0.8s": (result["ours_detector_answer_s"] is None
                                     or result["ours_detector_answer_s"] <= 0.8),
+        "yes_no_answer_le_0.8s": result["ours_yes_no_answer_s"] <= 0.8,
         "followup_le_0.3s": o["followup_first_token_s"] <= 0.3,
         "followup_ge_3x_plain": result["ratios"]["followup_speedup_vs_plain"] >= 3,
         "decode_ge_30_tok_s": o["decode_tok_s"] >= 30,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -166,39 +168,18 @@ def test_generate_kwargs_hand_suppression_to_the_cheap_processor() -> None:
     assert engine.generation["suppress_tokens"] == [TINY_IMAGE_TOKEN_ID]  # settings unchanged
 
 
-@pytest.mark.parametrize("question, words", [
-    ("Is there a swimming pool?", ["yes", "no"]),
-    ("Are there more buildings than trees? Answer with a single word.", ["yes", "no"]),
-    ("Can you see a road?", ["yes", "no"]),
-    ("And is there a car?", ["yes", "no"]),  # a follow-up
-    ("Is this a residential area or not?", ["yes", "no"]),
-    ("Is it a rural or an urban area?", None),  # a choice: left to the model
-    ("Is this a residential area or an industrial one?", None),
-    ("Can you describe this image?", None),  # a request
-    ("Is there a road? Describe it.", None),  # asks more after its question
-    ("What is in the image?", None),
-])
-def test_the_words_a_question_lets_its_answer_be(question: str, words: list[str] | None) -> None:
-    from rsvlm.prompting import answer_words
-
-    assert answer_words(question) == words
-
-
 def test_a_yes_or_no_question_gets_yes_or_no() -> None:
     """A 135M model answered "Is there a swimming pool?" with "over 100 m²": a yes/no question
-    now gets one of the two words, the likelier as the model scores them, even from a random
-    model that would say anything; other questions keep the model's own words."""
-    engine = ChatEngine(_Loaded(), max_new_tokens=6,
-                        generation={"repetition_penalty": 1.0, "min_new_tokens": 3})
+    now gets one of the two words, even from a random model that would say anything; other
+    questions keep the model's own words, and `--ablate answer_form` gives them back."""
+    engine = _engine()
     for question in ("Is there a swimming pool?", "Are there any trees?", "Is the road paved?"):
         session = engine.session(_chip())
-        assert "".join(session.ask(question)).strip() in {"yes", "no"}
-        assert session.last.timing["new_tokens"] <= 2  # the word, then the end
-        follow = "".join(session.ask("And is there a car?")).strip()  # from the cached prefix
-        assert follow in {"yes", "no"}
+        assert "".join(session.ask(question)) in {"yes", "no"}
+        assert session.last.timing["new_tokens"] == 1
+        assert "".join(session.ask("And is there a car?")) in {"yes", "no"}  # a follow-up
     open_ = engine.session(_chip())
     assert "".join(open_.ask("What is in the image?")).strip() not in {"yes", "no"}
-    # `rsvlm-train eval --ablate answer_form` lets the model say anything again.
     from training.evaluate import ablate
 
     loaded = _Loaded()
@@ -207,20 +188,60 @@ def test_a_yes_or_no_question_gets_yes_or_no() -> None:
     assert not free.answer_forms
     assert "".join(free.session(_chip()).ask("Is there a swimming pool?")).strip() not in {
         "yes", "no"}
-    # Words of several tokens are spelt out one token at a time, then the end.
-    spell = engine.only_words(["yes", "no"], 5)
-    spell.words = [[40, 41], [42]]  # as a tokenizer with "rural" in two pieces spells them
-    step = spell(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 100))
-    assert sorted(torch.isfinite(step[0]).nonzero().flatten().tolist()) == [40, 42]
-    step = spell(torch.tensor([[0, 0, 0, 0, 0, 40]]), torch.zeros(1, 100))
-    assert torch.isfinite(step[0]).nonzero().flatten().tolist() == [41]
-    step = spell(torch.tensor([[0, 0, 0, 0, 0, 40, 41]]), torch.zeros(1, 100))
-    assert torch.isfinite(step[0]).nonzero().flatten().tolist() == [2]  # the end
-    # The processor keeps the model's preference between the two words.
-    only = engine.only_words(["yes", "no"], 5)
-    scores = torch.zeros(1, 100)
-    scores[0, 75] = 3.0  # "no"
-    first = only(torch.zeros(1, 5, dtype=torch.long), scores.clone())
-    assert int(first.argmax()) == 75 and torch.isinf(first).sum() == 98
-    after = only(torch.zeros(1, 6, dtype=torch.long), scores.clone())
-    assert int(after.argmax()) in {2} and torch.isinf(after).sum() == 99
+
+
+@pytest.mark.parametrize("question, words", [
+    ("Is there a swimming pool?", ["yes", "no"]),
+    ("Are there more buildings than trees? Answer with a single word.", ["yes", "no"]),
+    ("Can you see a road?", ["yes", "no"]),
+    ("And is there a car?", ["yes", "no"]),  # a follow-up
+    ("Can you describe this image?", None),  # a request
+    ("Is there a road? Describe it.", None),  # asks more after its question
+    ("What is in the image?", None),
+    ("Is the area dense or sparse?", ["dense", "sparse"]),
+    ("Is it a rural or an urban area? Answer with a single word.", ["rural", "urban"]),
+    ("Is this a residential area or an industrial one?", ["residential", "industrial"]),
+    ("Is the roof red, blue or green?", None),  # three: left to the model
+    ("Is this a residential area or not?", ["yes", "no"]),
+    ("Is it urban or rural or mixed?", None),
+    ("What is it, a road or a river?", None),
+])
+def test_the_words_a_question_lets_its_answer_be(question: str, words: list[str] | None
+                                                 ) -> None:
+    from rsvlm.prompting import answer_options
+
+    assert answer_options(question) == words
+
+
+def test_a_choice_is_the_likelier_word_scored_whole() -> None:
+    """"Is the area dense or sparse?" is answered with one of the two, the one whose tokens the
+    model scores likelier after the prompt (asked for one word); a word of several tokens is
+    scored token by token from the prompt's cache, as a full forward over it scores it."""
+    from rsvlm.engine import ONE_WORD
+
+    engine = _engine()
+    tok = engine.processor.tokenizer
+    real_encode, real_decode = tok.encode, tok.decode
+    tok.encode = lambda text, **k: [59, 31] if text == "dense" else real_encode(text, **k)
+    tok.decode = lambda ids, **k: "dense" if list(ids) == [59, 31] else real_decode(ids, **k)
+    session = engine.session(_chip())
+    answer = "".join(session.ask("Is the area dense or sparse?"))
+    scores = dict(re.findall(r"(dense|sparse) (-?\d+\.\d+)", session.last.prompt))
+    assert answer == max(scores, key=lambda w: float(scores[w]))
+    # The same scores from full forwards over the prompt and each word's tokens.
+    prompt = session.last.prompt.split("\n(the likelier")[0]
+    inputs = engine.processor(text=prompt, images=[session.image],
+                              semantic_texts=[[r["text"] for r in session.retrieved]],
+                              queries=[f"Is the area dense or sparse? {ONE_WORD}"])
+    ids = inputs.pop("input_ids")
+    inputs.pop("attention_mask", None)
+    with torch.inference_mode():
+        full = engine.model(input_ids=torch.cat([ids, torch.tensor([[59]])], 1), **inputs).logits
+    logp = full[0].float().log_softmax(-1)
+    n = ids.shape[1]
+    assert float(scores["dense"]) == pytest.approx(float(logp[n - 1, 59] + logp[n, 31]), abs=0.01)
+    assert float(scores["sparse"]) == pytest.approx(float(logp[n - 1, 60]), abs=0.01)
+    assert session.turns[-1] == ("Is the area dense or sparse?", answer)
+    # A follow-up after it encodes the conversation afresh and still answers.
+    assert "".join(session.ask("And is it rural or urban?")) in {"rural", "urban"}
+    tok.encode, tok.decode = real_encode, real_decode
