@@ -197,10 +197,6 @@ def below_scene_scale(ground_m2: float | None) -> bool:
     return bool(ground_m2) and ground_m2 ** 0.5 < SCENE_MIN_SIDE_M
 
 
-#: What `training.vqa` asks its one-word answers with.
-ONE_WORD = "Answer with a single word or number."
-
-
 class ChatSession(OnChip):
     """A multi-turn conversation about one chip. Use `ask`, then read `last`."""
 
@@ -338,7 +334,6 @@ class ChatSession(OnChip):
         engine = self.engine
         result: dict[str, Any] = {}
         tokenizer = engine.processor.tokenizer
-        generation = engine.generate_kwargs(kwargs["input_ids"].shape[1])
 
         def run() -> None:
             try:
@@ -350,7 +345,7 @@ class ChatSession(OnChip):
                         stopping_criteria=StoppingCriteriaList([CancelOnEvent(self._cancel)]),
                         return_dict_in_generate=True,
                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                        **generation,
+                        **engine.generate_kwargs(kwargs["input_ids"].shape[1]),
                     )
             except BaseException as exc:  # surfaced in the caller's thread below
                 result["error"] = exc
@@ -376,9 +371,9 @@ class ChatSession(OnChip):
 
     def _chosen(self, user_text: str, question: str, choices: list[str]) -> Answer | None:
         """The likelier of a question's answer words (`prompting.answer_options`: yes or no, or
-        the two it offers), each
-        scored whole by the model after the prompt (the sum of its tokens' log-probabilities,
-        lower case or capitalised), as the answer; None when the tokenizer cannot spell one.
+        the two it offers), each scored whole by the model after the prompt (the sum of its
+        tokens' log-probabilities, lower case or capitalised), as the answer; None when the
+        tokenizer cannot spell one.
         A 135M model asked "Is there a swimming pool?" otherwise wrote "over 100 m²", and "Is
         the area dense or sparse?" "Spreading over 100 m²."; constraining its first token instead
         would favour a word spelt in one token over one spelt in two, whatever it means."""
@@ -400,7 +395,7 @@ class ChatSession(OnChip):
             # that a bare word is the answer the model expects to give, not the start of a
             # sentence ("A residential area.").
             kwargs, prompt_text, n_uncached = self._inputs_for(
-                f"{user_text} {ONE_WORD}", f"{question} {ONE_WORD}")
+                prompting.one_word(user_text), prompting.one_word(question))
             cache = kwargs["past_key_values"]
             ids = kwargs["input_ids"][:, cache.get_seq_length():]
             with torch.inference_mode():

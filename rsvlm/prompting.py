@@ -93,6 +93,21 @@ def continuation(
 
 
 
+#: What the training data (`training.vqa`) asks its one-word answers with.
+ONE_WORD = "Answer with a single word or number."
+_INSTRUCTION = re.compile(r"\s*Answer with (?:a single word|one word)(?: or number)?\.\s*$", re.I)
+
+
+def without_instruction(question: str) -> str:
+    """``question`` without a trailing "Answer with a single word or number."."""
+    return _INSTRUCTION.sub("", question)
+
+
+def one_word(question: str) -> str:
+    """``question`` asking for one word, as the training data asks it."""
+    return f"{without_instruction(question)} {ONE_WORD}"
+
+
 # A yes/no question opens with an auxiliary verb and asks nothing more after its "?" but the
 # evaluation's "Answer with a single word."; a request ("Can you describe ...?") is not one. An
 # either/or question offers two words ("Is it a rural or an urban area?").

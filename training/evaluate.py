@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -504,16 +503,15 @@ def run_eval(task: str, data: str | Path, answer: AnswerFn, *, seed: int = 0,
     return fn(spec, answer, seed=seed, limit=limit, progress=progress)
 
 
-_INSTRUCTION = re.compile(r"\s*Answer with (?:a single word|one word)(?: or number)?\.\s*$", re.I)
-
-
 def as_typed(answer: AnswerFn) -> AnswerFn:
     """``answer`` asked each question without its answer-format instruction (`training.vqa`'s
     "Answer with a single word or number."): as an analyst types it, where the model alone
     decides the form of its answer."""
 
+    from rsvlm.prompting import without_instruction
+
     def ask(chip: Any, question: str) -> str:
-        text = answer(chip, _INSTRUCTION.sub("", question))
+        text = answer(chip, without_instruction(question))
         ask.retrieved = getattr(answer, "retrieved", None)  # type: ignore[attr-defined]
         return text
 

@@ -13,12 +13,13 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from rsvlm.perception import area_bucket  # the chat path answers in the same classes
+from rsvlm.prompting import ONE_WORD
 from training.captions import RegionStats, scene_kind
 from training.osm import plural_of
 from training.region import ChipContext
 from training.samples import Sample, rng_for
 
-SHORT = "Answer with a single word or number."
+SHORT = ONE_WORD  # the chat path asks a yes/no or either/or question's words the same way
 YES_NO_TYPES = {"presence", "comparison"}
 
 

@@ -180,6 +180,12 @@ def test_a_yes_or_no_question_gets_yes_or_no() -> None:
         assert "".join(session.ask("And is there a car?")) in {"yes", "no"}  # a follow-up
     open_ = engine.session(_chip())
     assert "".join(open_.ask("What is in the image?")).strip() not in {"yes", "no"}
+    # Asked for one word, as the training data asks: once, whether the question said it or not.
+    from rsvlm.prompting import ONE_WORD
+
+    asked = engine.session(_chip())
+    list(asked.ask(f"Is there a road? {ONE_WORD}"))
+    assert asked.last.prompt.count(ONE_WORD) == 1
     from training.evaluate import ablate
 
     loaded = _Loaded()
@@ -217,7 +223,7 @@ def test_a_choice_is_the_likelier_word_scored_whole() -> None:
     """"Is the area dense or sparse?" is answered with one of the two, the one whose tokens the
     model scores likelier after the prompt (asked for one word); a word of several tokens is
     scored token by token from the prompt's cache, as a full forward over it scores it."""
-    from rsvlm.engine import ONE_WORD
+    from rsvlm.prompting import ONE_WORD
 
     engine = _engine()
     tok = engine.processor.tokenizer
