@@ -437,6 +437,9 @@ class ChatSession(OnChip):
         if reader is None:
             return None
         choices = asked_choices(question)
+        pair = prompting.answer_options(question)
+        if choices is None and pair not in (None, ["yes", "no"]) and reader.knows(pair):
+            choices = pair  # "Is this a farmland or a forest?": two of its categories
         offered = choices is not None
         if not offered and asks_scene(question):
             if below_scene_scale(getattr(self.chip, "ground_area_m2", None)):

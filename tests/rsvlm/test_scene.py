@@ -68,6 +68,9 @@ def test_the_chat_path_answers_offered_categories_from_the_classifier(tmp_path: 
     # Among the offered categories only: without "forest", the likeliest of the others.
     assert "".join(session.ask("Choose the best category from: airport, desert.")) in {
         "airport", "desert"}
+    # Two of its categories offered either/or: the classifier's too.
+    assert "".join(session.ask("Is this a desert or a forest?")) == "forest"
+    assert session.last.timing["scene"] == 1.0
     # A category it does not know, or no categories at all: the language model answers.
     other = engine.session(image)
     list(other.ask(classification_prompt(["airport", "harbour"])))
