@@ -81,10 +81,9 @@ class ScanAnswer:
         if self.area is not None:
             kind, label, _ = self.area
             n = sum(d.label == label for d in self.detections)
-            sized = asked_size(self.area[2])
-            if sized is not None:  # "3 buildings of more than 200 m² in this area"
-                part = f"{size_words(sized)[1:]} in {part}"
-            return area_answer(kind, label, n, part) + (numbered if self.detections else "")
+            sized = asked_size(self.area[2])  # "3 buildings of more than 200 m² in this area"
+            size = size_words(sized) if sized is not None else ""
+            return area_answer(kind, label, n, part, size) + (numbered if self.detections else "")
         inside = f" in {part}" if self.place else ""
         if self.detections:
             return f"Found {count_phrase([d.label for d in self.detections])}{inside}{numbered}"

@@ -615,14 +615,15 @@ def area_question(question: str, labels: list[str]) -> tuple[str, str, str] | No
     return kind, label, f"Find all {plural(label)} in the image."
 
 
-def area_answer(kind: str, label: str, n: int, where: str = "this area") -> str:
+def area_answer(kind: str, label: str, n: int, where: str = "this area", size: str = "") -> str:
     """The answer to an `area_question` from the number of merged detections of ``label``
-    (``where``: what was read, "the top-left quarter of this area")."""
+    (``where``: what was read, "the top-left quarter of this area"; ``size``: the size asked
+    about, " of more than 200 m²", `size_words`)."""
     noun = label if n == 1 else plural(label)
     if kind == "presence":
-        return (f"Yes: {n} {noun} in {where}" if n
-                else f"No {plural(label)} found in {where}")
-    return f"{n} {noun} in {where}"
+        return (f"Yes: {n} {noun}{size} in {where}" if n
+                else f"No {plural(label)}{size} found in {where}")
+    return f"{n} {noun}{size} in {where}"
 
 
 def referred_detection(question: str, label: str, detections: list[Detection]

@@ -4,7 +4,7 @@
     python scripts/screenshot_app.py --url http://127.0.0.1:7870/ --out docs/screenshots/app-embedded.png
 
 Uses the Debian Chromium through playwright (as the browser test does). The question is one of
-the quick actions (`--action find|describe|count|classify`).
+the quick actions (`--action find|describe|count|classify`) or a typed `--question`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--action", default="find",
                         choices=("find", "describe", "count", "classify"))
+    parser.add_argument("--question", default=None,
+                        help="type this question and press Ask instead of a quick action")
     parser.add_argument("--box", default="0.30,0.30,0.62,0.66",
                         help="drawn rectangle as fractions of the map frame: x0,y0,x1,y1")
     parser.add_argument("--timeout-s", type=float, default=180)
@@ -51,7 +53,11 @@ def main() -> None:
             fl.locator("path.rsvlm-chip").wait_for(timeout=30_000)
             bot = page.locator("#rsvlm-chat .message.bot, #rsvlm-chat [data-testid='bot']")
             before = bot.count()
-            page.locator(f"#rsvlm-{args.action}").click()
+            if args.question:
+                page.locator("#rsvlm-question textarea").fill(args.question)
+                page.locator("#rsvlm-send").click()
+            else:
+                page.locator(f"#rsvlm-{args.action}").click()
             page.wait_for_function(
                 "n => document.querySelectorAll(\"#rsvlm-chat .message.bot, "
                 "#rsvlm-chat [data-testid='bot']\").length > n", arg=before,

@@ -174,6 +174,11 @@ def test_a_count_in_a_named_part_of_the_area_reads_that_part(ctx: AppContext) ->
     # 768 x 512 px: 2 tiles of 512 px with 1/8 overlap (the whole area takes 12).
     assert int(m.group(3)) == 2 and int(m.group(1)) == len(state.detections) == 6
     assert "Find all buildings in the image." in final.prompt  # each tile about all of itself
+    # A size asked about too: each tile finds those, and the answer says which.
+    sized = _plain(list(h.ask(ctx, state, "How many buildings larger than 5 m² are in the top "
+                                          "left?"))[-1].chat[-1]["content"])
+    assert re.match(r"\d+ buildings of more than 5 m² in the top-left quarter of this area ",
+                    sized), sized
     w, s, e, n = ctx.region.bounds_lonlat
     for det in state.detections:  # all in the top-left quarter
         bw, bs, be, bn = det.geometry.bounds
