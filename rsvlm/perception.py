@@ -98,7 +98,7 @@ class DetectorConfig:
         """The score a detection of ``label`` needs to answer a question of ``kind``: boxes at
         the box threshold, presence, counts, rural/urban and area at the counting one."""
         box, count = self.class_thresholds.get(label, (self.threshold, self.count_threshold))
-        if kind in {"presence", "count", "rural_urban", "area"} and count is not None:
+        if kind in {"presence", "count", "compare", "rural_urban", "area"} and count is not None:
             return count
         return box
 
@@ -481,7 +481,7 @@ _PLACES = {"top left": ((0.0, 0.0, 0.5, 0.5), "top-left quarter"),
            "left": ((0.0, 0.0, 0.5, 1.0), "left half"),
            "right": ((0.5, 0.0, 1.0, 1.0), "right half"),
            "center": ((0.25, 0.25, 0.75, 0.75), "central quarter")}
-PLACED_KINDS = frozenset({"count", "presence", "area", "find_all"})
+PLACED_KINDS = frozenset({"count", "presence", "area", "find_all", "compare"})
 _PLACE = re.compile(
     rf"\b(?:in|at|on|within|inside) the ({'|'.join(sorted(_PLACES, key=len, reverse=True))})"
     r"(?: (?:half|part|side|corner|quarter|area|portion|section|edge))?"
@@ -543,11 +543,12 @@ def box_share(detection: Detection) -> float:
     return max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
 
 
-def box_sides_m(detection: Detection, ground_m2: float) -> str:
-    """"a box of 12 m x 9 m" on an image of ``ground_m2`` (taken as square)."""
-    side = ground_m2 ** 0.5
+def box_sides_m(detection: Detection, ground_m2: float, size: tuple[int, int]) -> str:
+    """"a box of 12 m x 9 m" on an image of ``ground_m2`` and ``size`` pixels (square ones)."""
+    w, h = size
+    width_m, height_m = (ground_m2 * w / h) ** 0.5, (ground_m2 * h / w) ** 0.5
     x1, y1, x2, y2 = detection.box
-    return f"a box of {(x2 - x1) * side:.0f} m x {(y2 - y1) * side:.0f} m"
+    return f"a box of {(x2 - x1) * width_m:.0f} m x {(y2 - y1) * height_m:.0f} m"
 
 
 def footprint_m2(detection: Detection, ground_m2: float) -> float:
@@ -590,11 +591,33 @@ def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
                 rf"^(?:can|do) you see (?:any |a |an |some )?{obj}\b", q):
             return "presence", label
     for label in labels:
-        if _ASKS_WHERE.search(q) and referred(q, label) is not None:
-            return "refer", label
+        obj = _label_pattern(label, asked=True)
+        if re.search(rf"^(?:are|is) there (?:more|fewer|less) than \d+ {obj}\b", q) or re.search(
+                rf"^(?:are|is) there at (?:least|most) \d+ {obj}\b", q):
+            return "compare", label
+        if _POSSESSIVE_SIZE.search(q) and referred(q, label) is not None:
+            return "measure", label  # "What is the largest building's area?"
         if _ASKS_SIZE.search(q) and referred(_ASKS_SIZE.sub("", q), label) is not None:
             return "measure", label
+        if (_ASKS_WHERE.search(q) or _ASKS_WHICH.search(q)) and referred(q, label) is not None:
+            return "refer", label
     return None
+
+
+# "Which is the largest building?", "What is the building in the top left?": one building.
+_ASKS_WHICH = re.compile(r"^(?:which|what)(?: one)? is the (?:(?:largest|biggest|smallest) )?\w+")
+_POSSESSIVE_SIZE = re.compile(r"'s (?:size|area|footprint|ground area)\b")
+_COMPARED = re.compile(r"\b(more|fewer|less) than (\d+)\b|\bat (least|most) (\d+)\b")
+
+
+def compare_reply(question: str, label: str, n: int) -> str:
+    """"yes"/"no" to "Are there more than 5 buildings?" from the ``n`` detected."""
+    m = _COMPARED.search(question.lower())
+    if m is None:
+        return str(n)
+    word, k = (m.group(1), int(m.group(2))) if m.group(1) else (m.group(3), int(m.group(4)))
+    holds = {"more": n > k, "fewer": n < k, "less": n < k, "least": n >= k, "most": n <= k}[word]
+    return f"{'yes' if holds else 'no'}: {n} {label if n == 1 else plural(label)} found"
 
 
 # "What is the size of the largest building?", "How big is the building in the top left?"
@@ -724,7 +747,8 @@ def perception_reply(kind: str, label: str, detections: list[Detection],
 
     mine = answered_detections(label, detections, size, region_box_px)
     if kind == "measure":  # the one a referring question means, and the ground it covers
-        det = referred_detection(_ASKS_SIZE.sub("", question.lower()), label, mine)
+        det = referred_detection(_POSSESSIVE_SIZE.sub("", _ASKS_SIZE.sub("", question.lower())),
+                                 label, mine)
         if det is None:
             return f"I find no {label} like that in this image.", []
         box = format_box(label, [v * 1000 for v in det.box])
@@ -732,7 +756,7 @@ def perception_reply(kind: str, label: str, detections: list[Detection],
             return (f"{box} It spans {box_share(det):.1%} of the image; with no ground "
                     "resolution I cannot give its size in metres."), [det]
         return (f"{box} About {footprint_m2(det, ground_m2):,.0f} m² (estimated from its box, "
-                f"{box_sides_m(det, ground_m2)})."), [det]
+                f"{box_sides_m(det, ground_m2, size)})."), [det]
     if kind == "refer":
         det = referred_detection(question, label, mine)
         if det is None:
@@ -755,6 +779,8 @@ def perception_reply(kind: str, label: str, detections: list[Detection],
         return area_reply(mine, label, ground_m2), mine
     if kind == "count":
         return str(len(mine)), mine
+    if kind == "compare":
+        return compare_reply(question, label, len(mine)), mine
     if not mine:
         return f"I find no {plural(label)} in this image.", []
     return "".join(format_box(label, [v * 1000 for v in d.box]) for d in mine), mine

@@ -71,6 +71,11 @@ from rsvlm.perception import (
     ("What is the size of the largest building?", ("measure", "building")),
     ("How big is the building in the top left?", ("measure", "building")),
     ("How big is the building closest to the road?", None),
+    ("What is the largest building's area?", ("measure", "building")),
+    ("Which is the largest building?", ("refer", "building")),
+    ("Are there more than 5 buildings?", ("compare", "building")),
+    ("Are there at least 3 houses in the top left?", ("compare", "building")),
+    ("Are there more buildings than roads?", None),  # the VQA generator's comparison: the LM's
     ("Where is the building closest to the parking lot?", None),  # a relation: the LM's
     ("Where is the largest parking lot?", None),
 ])
@@ -109,9 +114,14 @@ def test_the_part_of_the_image_a_question_names(question: str, place: str | None
     ("How many buildings are there?", None),
 ])
 def test_the_size_a_question_asks_about(question: str, size: tuple | None) -> None:
-    from rsvlm.perception import asked_size
+    from rsvlm.perception import asked_size, box_sides_m, footprint_m2
 
     assert asked_size(question) == size
+    # Half of each side of a 1536 x 1024 px image at 0.15 m (230 m x 154 m), and 0.6 of it.
+    half = Detection("building", 1.0, (0.0, 0.0, 0.5, 0.5))
+    ground = 1536 * 1024 * 0.15 ** 2
+    assert box_sides_m(half, ground, (1536, 1024)) == "a box of 115 m x 77 m"
+    assert footprint_m2(half, ground) == pytest.approx(0.25 * ground * 0.6)
 
 
 @pytest.mark.parametrize("n", [0, 1, 7])
@@ -397,6 +407,10 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
     # ... of a drawn box, that part of the box.
     assert "".join(other.ask("How many buildings are in the top half?",
                              region_box_px=(0, 0, 32, 64))) == "4 (in the top half of the drawn box)"
+    # A number to compare the count with: yes or no, and the count.
+    assert "".join(other.ask("Are there more than 15 buildings?")) == "yes: 16 buildings found"
+    assert "".join(other.ask("Are there at least 5 houses in the top left?")) == (
+        "no: 4 buildings found (in the top-left quarter of the image)")
     # A size asked about: by the ground each box suggests (none without a ground resolution).
     assert "".join(other.ask("How many buildings are larger than 200 m²?")) == (
         "16 (of every size: this image has no ground resolution to measure them by)")
