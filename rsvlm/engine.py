@@ -259,6 +259,8 @@ class ChatSession(OnChip):
         if not question:
             raise ValueError("Ask a question (the text is empty).")
         engine = self.engine
+        if region_box_px is None:  # "Describe the top left": that part, as if drawn
+            region_box_px = self._described_part(question)
         region_text = None
         if region_box_px is not None:
             region_text = format_region_box(region_box_px, self.chip_width, self.chip_height)
@@ -368,6 +370,14 @@ class ChatSession(OnChip):
         self._ended_with_eos = bool(out.sequences.shape[1]) and int(
             out.sequences[0, -1]) in _eos_ids(engine)
         engine.caches.touch(self)
+
+    def _described_part(self, question: str) -> tuple[float, float, float, float] | None:
+        """The pixels of the part of the image a description names ("Describe the top left of
+        the image": its top-left quarter), or None."""
+        from rsvlm.perception import asked_place, asks_description, place_box
+
+        place = asked_place(question) if asks_description(question) else None
+        return place_box(place[0], (self.chip_width, self.chip_height)) if place else None
 
     def _chosen(self, user_text: str, question: str, choices: list[str]) -> Answer | None:
         """The likelier of a question's answer words (`prompting.answer_options`: yes or no, or

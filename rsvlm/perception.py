@@ -481,9 +481,10 @@ _PLACES = {"top left": ((0.0, 0.0, 0.5, 0.5), "top-left quarter"),
            "left": ((0.0, 0.0, 0.5, 1.0), "left half"),
            "right": ((0.5, 0.0, 1.0, 1.0), "right half"),
            "center": ((0.25, 0.25, 0.75, 0.75), "central quarter")}
-PLACED_KINDS = frozenset({"count", "presence", "area", "find_all", "compare"})
+PLACED_KINDS = frozenset({"count", "presence", "area", "find_all", "compare", "rural_urban"})
 _PLACE = re.compile(
-    rf"\b(?:in|at|on|within|inside) the ({'|'.join(sorted(_PLACES, key=len, reverse=True))})"
+    r"(?:\b(?:in|at|on|within|inside)|^(?:please )?(?:describe|summari[sz]e)|^(?:is|are)) the "
+    rf"({'|'.join(sorted(_PLACES, key=len, reverse=True))})"
     r"(?: (?:half|part|side|corner|quarter|area|portion|section|edge))?"
     r"(?: of (?:the|this) (\w+))?")
 

@@ -76,6 +76,7 @@ from rsvlm.perception import (
     ("Are there more than 5 buildings?", ("compare", "building")),
     ("Are there at least 3 houses in the top left?", ("compare", "building")),
     ("Are there more buildings than roads?", None),  # the VQA generator's comparison: the LM's
+    ("Is the top left rural or urban?", ("rural_urban", "building")),
     ("Where is the building closest to the parking lot?", None),  # a relation: the LM's
     ("Where is the largest parking lot?", None),
 ])
@@ -98,6 +99,8 @@ def _dets(n: int) -> list[Detection]:
     ("Are there buildings on the right side?", "right half"),
     ("How many buildings are there?", None),
     ("How many buildings are on the left of the road?", None),  # relative to something else
+    ("Describe the bottom half.", "bottom half"),
+    ("Is the top left rural or urban?", "top-left quarter"),
 ])
 def test_the_part_of_the_image_a_question_names(question: str, place: str | None) -> None:
     from rsvlm.perception import asked_place
@@ -407,6 +410,11 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
     # ... of a drawn box, that part of the box.
     assert "".join(other.ask("How many buildings are in the top half?",
                              region_box_px=(0, 0, 32, 64))) == "4 (in the top half of the drawn box)"
+    # A description or rural/urban of a named part: that part, as if drawn.
+    assert "".join(other.ask("Describe the top left of the image.")).endswith(
+        " The detector finds 4 buildings here.")
+    assert "".join(other.ask("Is the top left rural or urban?")).endswith(
+        " (in the top-left quarter of the image)")
     # A number to compare the count with: yes or no, and the count.
     assert "".join(other.ask("Are there more than 15 buildings?")) == "yes: 16 buildings found"
     assert "".join(other.ask("Are there at least 5 houses in the top left?")) == (
