@@ -78,7 +78,14 @@ def _perceived(engine: Any, chips: Sequence[Any], images: Sequence[Any], questio
     """The detector's answers (`rsvlm.perception`) when the engine has one and the question is
     about the objects it detects (as in a one-chip chat); None otherwise."""
     from rsvlm.answer import ground_sample_distance
-    from rsvlm.perception import area_question, object_question, perception_answer
+    from rsvlm.perception import (
+        PLACED_KINDS,
+        area_question,
+        asked_size,
+        footprint_m2,
+        object_question,
+        perception_answer,
+    )
 
     perception = getattr(engine, "perception", None)
     if perception is None:
@@ -90,12 +97,21 @@ def _perceived(engine: Any, chips: Sequence[Any], images: Sequence[Any], questio
     asked = ("find_all", counted[1]) if counted else object_question(question, labels)
     if asked is None:
         return None
+    sized = asked_size(question) if asked[0] in PLACED_KINDS else None
+
+    def found(chip: Any, im: Any) -> list[Any]:
+        dets = perception.select(perception.detect(im, ground_sample_distance(chip, im.size)),
+                                 asked[0], question)
+        ground = getattr(chip, "ground_area_m2", None)
+        if sized is not None and ground:  # "larger than 200 m²", as a one-chip chat reads it
+            dets = [d for d in dets if d.label != asked[1]
+                    or (footprint_m2(d, ground) > sized[1]) == sized[0]]
+        return dets
+
     with engine.generation_lock:
-        return [perception_answer(
-                    asked[0], asked[1],
-                    perception.select(perception.detect(im, ground_sample_distance(chip, im.size)),
-                                      asked[0], question),
-                    im.size, ground_m2=getattr(chip, "ground_area_m2", None), question=question)
+        return [perception_answer(asked[0], asked[1], found(chip, im), im.size,
+                                  ground_m2=getattr(chip, "ground_area_m2", None),
+                                  question=question)
                 for chip, im in zip(chips, images, strict=True)]
 
 

@@ -473,6 +473,17 @@ def test_a_scan_asks_the_detector_for_every_chip(tmp_path: Path) -> None:
     # A scan counts its merged boxes (`area_question`): every chip answers a count with them.
     assert [len(parse_boxes(t)) for t in answer(chips, "how many buildings are there?")] == \
         [16, 16]
+    # A size asked about: each chip keeps the boxes whose footprint passes (16 m boxes on a
+    # 64 m chip, read whole: about 154 m² each).
+    from tiles import Chip
+
+    perception.config.zoom_gsd = perception.config.trained_gsd = None
+    metres = [Chip(pixels=np.asarray(c), crs="EPSG:32636", source="t",
+                   transform=Affine(1, 0, 455000, 0, -1, 39000)) for c in chips]
+    assert [len(parse_boxes(t)) for t in answer(metres, "find all buildings larger than 100 m²")
+            ] == [16, 16]
+    assert [len(parse_boxes(t)) for t in answer(metres, "how many buildings larger than 200 m²?")
+            ] == [0, 0]
 
 
 def test_an_area_question_asks_the_tiles_to_find_and_counts_once() -> None:
