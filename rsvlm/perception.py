@@ -559,10 +559,11 @@ def footprint_m2(detection: Detection, ground_m2: float) -> float:
 
 
 def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
-    """("presence" | "count" | "area" | "find_all" | "rural_urban" | "refer" | "measure",
-    label) when the question asks that about a class the detector knows (rural or urban: about
-    its buildings; refer: one object by size or place, `referred`; measure: how large that one
-    is); None otherwise (the language model answers)."""
+    """("presence" | "count" | "compare" | "area" | "find_all" | "rural_urban" | "refer" |
+    "measure", label) when the question asks that about a class the detector knows (compare:
+    "more than 5?", `compare_reply`; rural or urban: about its buildings; refer: one object by
+    size or place, `referred`; measure: how large that one is); None otherwise (the language
+    model answers)."""
     q = re.sub(r"^(?:please |(?:can|could|would) you (?!see\b)(?:please )?)", "",
                " ".join(question.lower().split()))
     if "building" in labels and re.search(r"\brural\b.*\burban\b|\burban\b.*\brural\b", q):
