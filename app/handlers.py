@@ -630,7 +630,7 @@ def _adopt_scan(ctx: AppContext, state: SessionState, question: str, result: Any
     from rsvlm.detector import Detection as Found
     from rsvlm.perception import object_question
 
-    if result.cancelled or state.chip is None or getattr(result, "place", None):
+    if result.cancelled or state.chip is None or result.place:
         return  # a part of the area is not what the whole of it holds
     asked = object_question(question, _detector_labels(ctx))
     labels = {d.label for d in result.detections} | ({asked[1]} if asked else set())
@@ -722,7 +722,7 @@ def _scene_update(ctx: AppContext, state: SessionState, question: str, result: A
     if result.cancelled:
         text = f"Stopped after {tiles} of {result.tiles_total}. {found} so far."
     else:
-        part = "that part of the area" if getattr(result, "place", None) else "the whole area"
+        part = "that part of the area" if result.place else "the whole area"
         text = f"{found}, reading {part} in {tiles}."
     footer = f"{result.seconds:.1f} s"
     state.history[-1] = {"role": "assistant",

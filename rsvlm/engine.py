@@ -519,8 +519,8 @@ class ChatSession(OnChip):
             asked_place,
             asked_size,
             detections_summary,
-            footprint_m2,
             object_question,
+            of_size,
             perception_reply,
             place_box,
             plural,
@@ -548,9 +548,7 @@ class ChatSession(OnChip):
         sized = asked_size(question) if kind in PLACED_KINDS else None
         chip_m2 = getattr(self.chip, "ground_area_m2", None)
         if sized is not None and chip_m2:  # "larger than 200 m²": by the area each box suggests
-            larger, m2 = sized
-            selected = [d for d in selected if d.label != label
-                        or (footprint_m2(d, chip_m2) > m2) == larger]
+            selected = of_size(selected, label, sized, chip_m2)
         notes = []
         if sized is not None:
             notes.append(f"{plural(label)}{size_words(sized)}, each estimated from its box"

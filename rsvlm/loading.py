@@ -45,7 +45,7 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
     perception: Any = None  # rsvlm.perception.Perception | None (a trained detector)
     scene: Any = None  # rsvlm.scene.SceneReader | None (a trained scene classifier)
-    answer_forms: bool = True  # a yes/no question gets "yes" or "no" (rsvlm.prompting)
+    answer_forms: bool = True  # yes/no, either/or: one of its words (prompting.answer_options)
 
 
 class GPUMemoryError(RuntimeError):

@@ -558,6 +558,15 @@ def footprint_m2(detection: Detection, ground_m2: float) -> float:
     return box_share(detection) * ground_m2 * FOOTPRINT_SHARE
 
 
+def of_size(detections: list[Detection], label: str, sized: tuple[bool, float],
+            ground_m2: float) -> list[Detection]:
+    """``detections`` without the ``label``s whose footprint (`footprint_m2` on an image of
+    ``ground_m2``) misses the `asked_size` ``sized``; other classes stay."""
+    larger, m2 = sized
+    return [d for d in detections
+            if d.label != label or (footprint_m2(d, ground_m2) > m2) == larger]
+
+
 def object_question(question: str, labels: list[str]) -> tuple[str, str] | None:
     """("presence" | "count" | "compare" | "area" | "find_all" | "rural_urban" | "refer" |
     "measure", label) when the question asks that about a class the detector knows (compare:

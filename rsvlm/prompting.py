@@ -90,9 +90,6 @@ def continuation(
     return longer[cut:]
 
 
-
-
-
 #: What the training data (`training.vqa`) asks its one-word answers with.
 ONE_WORD = "Answer with a single word or number."
 _INSTRUCTION = re.compile(r"\s*Answer with (?:a single word|one word)(?: or number)?\.\s*$", re.I)

@@ -82,8 +82,8 @@ def _perceived(engine: Any, chips: Sequence[Any], images: Sequence[Any], questio
         PLACED_KINDS,
         area_question,
         asked_size,
-        footprint_m2,
         object_question,
+        of_size,
         perception_answer,
     )
 
@@ -104,8 +104,7 @@ def _perceived(engine: Any, chips: Sequence[Any], images: Sequence[Any], questio
                                  asked[0], question)
         ground = getattr(chip, "ground_area_m2", None)
         if sized is not None and ground:  # "larger than 200 m²", as a one-chip chat reads it
-            dets = [d for d in dets if d.label != asked[1]
-                    or (footprint_m2(d, ground) > sized[1]) == sized[0]]
+            dets = of_size(dets, asked[1], sized, ground)
         return dets
 
     with engine.generation_lock:

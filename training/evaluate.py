@@ -427,7 +427,7 @@ def ablate(loaded: Any, parts: set[str] | frozenset[str]) -> None:
     ``box_head`` (the boxes stay where the language model wrote them), ``detector`` (object
     questions go to the language model, as before `rsvlm.perception`), ``scene`` (category
     questions go to the language model, as before `rsvlm.scene`) and ``answer_form`` (a yes/no
-    question's answer may be any words, `rsvlm.prompting.answer_words`)."""
+    or either/or question's answer may be any words, `rsvlm.prompting.answer_options`)."""
     unknown = set(parts) - set(ABLATIONS)
     if unknown:
         raise ValueError(f"unknown ablation(s) {sorted(unknown)}; choose from {ABLATIONS}")
@@ -507,7 +507,6 @@ def as_typed(answer: AnswerFn) -> AnswerFn:
     """``answer`` asked each question without its answer-format instruction (`training.vqa`'s
     "Answer with a single word or number."): as an analyst types it, where the model alone
     decides the form of its answer."""
-
     from rsvlm.prompting import without_instruction
 
     def ask(chip: Any, question: str) -> str:
