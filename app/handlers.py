@@ -717,13 +717,7 @@ def _scene_update(ctx: AppContext, state: SessionState, question: str, result: A
     state.last_boxes = [(tuple(round(v) for v in bounds), f"#{n} {det.label}")
                         for n, det, bounds in placed]
     _adopt_scan(ctx, state, question, result, [(det, bounds) for _, det, bounds in placed])
-    tiles = f"{result.tiles_read} tile{'s' if result.tiles_read != 1 else ''}"
-    found = result.found(numbers)
-    if result.cancelled:
-        text = f"Stopped after {tiles} of {result.tiles_total}. {found} so far."
-    else:
-        part = "that part of the area" if result.place else "the whole area"
-        text = f"{found}, reading {part} in {tiles}."
+    text = result.said(numbers)
     footer = f"{result.seconds:.1f} s"
     state.history[-1] = {"role": "assistant",
                          "content": markdown_text(text) + f"\n\n*{markdown_text(footer)}*"}
@@ -893,10 +887,7 @@ def _api_scene(ctx: AppContext, source: str, chip: Chip, question: str, say: Say
     for i, feature in enumerate(fc["features"], start=1):
         feature["properties"]["n"] = i
     numbers = list(range(1, len(result.detections) + 1))
-    found = result.found(numbers, where="")
-    tiles = f"{result.tiles_read} tile{'s' if result.tiles_read != 1 else ''}"
-    text = (f"Stopped after {tiles} of {result.tiles_total}. {found} so far."
-            if result.cancelled else f"{found}, reading the whole area in {tiles}.")
+    text = result.said(numbers, where="")
     fc["chip"] = chip_summary(chip)
     fc.update(answer=text, raw_answer="\n".join(result.raw), tiles_read=result.tiles_read,
               tiles_total=result.tiles_total, cancelled=result.cancelled)

@@ -89,6 +89,15 @@ class ScanAnswer:
             return f"Found {count_phrase([d.label for d in self.detections])}{inside}{numbered}"
         return f"Found nothing to mark{inside}"
 
+    def said(self, numbers: Sequence[int], where: str = "on the map") -> str:
+        """The chat's whole answer: what was found, and how much of the area was read."""
+        tiles = f"{self.tiles_read} tile{'s' if self.tiles_read != 1 else ''}"
+        found = self.found(numbers, where)
+        if self.cancelled:
+            return f"Stopped after {tiles} of {self.tiles_total}. {found} so far."
+        part = "that part of the area" if self.place else "the whole area"
+        return f"{found}, reading {part} in {tiles}."
+
 
 def session_answer_fn(backend: Backend, boxes_out: list[AnswerBox], raw_out: list[str],
                       retrieved_out: list[dict[str, Any]] | None = None,

@@ -171,6 +171,10 @@ def test_a_count_over_the_whole_region_counts_the_merged_detections(ctx: AppCont
                  said := _plain(final.chat[-1]["content"]))
     assert m and int(m.group(1)) == len(state.detections) == 6, said
     assert "Find all buildings in the image." in final.prompt
+    # The API says the same of it.
+    text, _ = h.api_ask(ctx, None, "", "How many buildings are in the top left?")
+    assert text == ("6 buildings in the top-left quarter of this area (numbered 1–6), reading "
+                    "that part of the area in 2 tiles.")
     # A size asked about too: each tile finds those, and the answer says which.
     sized = _plain(list(h.ask(ctx, state, "How many buildings larger than 5 m² are in the top "
                                           "left?"))[-1].chat[-1]["content"])
