@@ -48,6 +48,7 @@ from training.labelled import (  # noqa: E402
     CLASS_SETS,
     DETECTOR_CLASSES,
     SETS,
+    cut_tiles,
     known_classes,
     load_sets,
     set_class,
@@ -154,6 +155,48 @@ def _load(out: Path, name: str, part: str) -> dict:
     return torch.load(out / "cache" / f"{name}.{part}.pt", weights_only=False, mmap=True)
 
 
+def relabelled(out: Path, name: str, part: str, min_visible: float, seed: int = 0) -> dict:
+    """The boxes of ``name``'s cached views (``part``: "eval" or "trainK") as cut under
+    ``min_visible`` instead of the cache's 0.5, with the boxes each view's edge cuts further
+    (``ignore``, 0-1 of the view). The views are cut again from the same seeds as
+    `build_cache` cut them (no tower pass), kept beside the cache."""
+    path = out / "cache" / f"visible{min_visible:g}" / f"{name}.{part}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    meta = torch.load(out / "cache" / f"{name}.pt", weights_only=False)
+    items = load_sets(DATA, [name])[name]
+    cached = _load(out, name, part)
+    size = items[0].tile or eval_tile_size(items[0].gsd)
+    if part == "eval":
+        views = [View(n, im, b, c) for it in items
+                 for n, im, b, c in cut_tiles(it, size, min_visible)]
+    else:
+        k = int(part[5:] or 0)
+        rng = random.Random(f"{seed}:{name}" + (f":{k}" if k else ""))
+        weights = [it.image.shape[0] * it.image.shape[1] for it in items]
+        changes = meta.get("view_changes", {})
+        size = int(size * meta.get("view_zoom", 1.0))
+        views = [augment_view(rng.choices(items, weights)[0], rng, size, f"{name}_aug{k}_{i}",
+                              gray=changes.get("gray", 0.0), hue=changes.get("hue", 0.0),
+                              coarse=changes.get("coarse", 0.0), min_visible=min_visible)
+                 for i in range(len(cached["names"]))]
+    if [v.name for v in views] != list(cached["names"]) or [
+            (int(v.image.shape[1]), int(v.image.shape[0])) for v in views] != [
+            tuple(z) for z in cached["sizes"]]:
+        raise SystemExit(f"{name}.{part}: the views cut again are not the cached ones "
+                         f"(another --seed or data?)")
+
+    def norm(b: Any, v: View) -> torch.Tensor:
+        wh = torch.tensor([v.image.shape[1], v.image.shape[0]] * 2, dtype=torch.float32)
+        return torch.from_numpy(b.reshape(-1, 4).astype("float32")) / wh
+
+    data = {"boxes": [norm(v.boxes, v) for v in views],
+            "ignore": [norm(v.ignore, v) for v in views], "min_visible": min_visible}
+    path.parent.mkdir(exist_ok=True)
+    torch.save(data, path)
+    return data
+
+
 def scene_accuracy(preds: list, truths: list, sizes: list, gsd: float, threshold: float
                    ) -> dict[str, Any]:
     """Rural/urban as the chat path answers it (`rsvlm.perception.scene_of_detections` on the
@@ -192,13 +235,30 @@ def training_stack(out: Path, names: list[str], train_files: int | None, classes
     for n in names:
         own = classes.index(set_class(n))
         row = [c in known_classes(n) for c in classes]
-        for part in [*_train_parts(out, n, train_files), "eval"]:
+        for part in _stack_parts(out, n, train_files):
             d = _load(out, n, part)
             feats.append(d["features"])
             boxes += d["boxes"]
             view_classes += [own] * len(d["boxes"])
             known += [row] * len(d["boxes"])
     return torch.cat(feats), boxes, view_classes, torch.tensor(known, dtype=torch.bool)
+
+
+def _stack_parts(out: Path, name: str, train_files: int | None) -> list[str]:
+    return [*_train_parts(out, name, train_files), "eval"]
+
+
+def relabelled_stack(out: Path, names: list[str], train_files: int | None, min_visible: float,
+                     seed: int = 0) -> tuple[list, list]:
+    """`training_stack`'s boxes as cut under ``min_visible``, and what each view ignores
+    (`relabelled`), in the same order."""
+    boxes, ignore = [], []
+    for n in names:
+        for part in _stack_parts(out, n, train_files):
+            cut = relabelled(out, n, part, min_visible, seed)
+            boxes += cut["boxes"]
+            ignore += cut["ignore"]
+    return boxes, ignore
 
 
 def class_training(classes: list[str], view_classes: list[int], known: torch.Tensor,
@@ -218,11 +278,13 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
              reduce: int | None = 128, convs: int = 2, train_files: int | None = None,
              heads: int = 1, input_dropout: float = 0.0,
              object_negatives: bool = False, iou_target: bool = False,
-             ignore_below: float = 0.0) -> dict | None:
+             ignore_below: float = 0.0, min_visible: float | None = None) -> dict | None:
     """One fold: a head trained without the sets of ``fold`` ("kampala_ug", or a group
     "kampala_ug+trees_osbs+aircraft_b": one training holds out a building region and sets of
     other classes at once), scored on each of them (a building region: `folds/NAME.json`, its
-    report; a set of another class: `class_folds/NAME.json`, `class_scores`)."""
+    report; a set of another class: `class_folds/NAME.json`, `class_scores`). With
+    ``min_visible``, the training views' boxes are cut under that rule and the objects cut
+    further are ignored (`relabelled`)."""
     group = fold.split("+")
     held_buildings = building_sets(group)
     if len(held_buildings) > 1:
@@ -242,19 +304,24 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
         return None
     classes = fold_classes(names)
     x, boxes, view_classes, known = training_stack(out, others, train_files, classes)
+    ignore = None
+    if min_visible is not None:
+        boxes, ignore = relabelled_stack(out, others, train_files, min_visible, seed)
     t0 = time.perf_counter()
     extra = class_training(classes, view_classes, known, object_negatives)
     head = train_heads(x, boxes, heads=heads, seed=seed, members=out / "members" / fold,
                        hidden=x.shape[-1], levels=x.shape[1], epochs=epochs, dim=dim,
                        reduce=reduce, convs=convs, input_dropout=input_dropout,
-                       iou_target=iou_target, ignore_below=ignore_below, **extra)
+                       iou_target=iou_target, ignore_below=ignore_below, ignore=ignore,
+                       **extra)
     train_s = time.perf_counter() - t0
     settings = {"format": FOLD_FORMAT, "fold": fold, "trained_on": others,
                 "train_views": len(x), "epochs": epochs, "dim": dim, "convs": convs,
                 "reduce": reduce, "heads": heads, "train_files": train_files,
                 "input_dropout": input_dropout, "train_s": round(train_s, 1), "seed": seed,
                 "classes": classes, "object_negatives": object_negatives,
-                "iou_target": iou_target, "ignore_below": ignore_below}
+                "iou_target": iou_target, "ignore_below": ignore_below,
+                "min_visible": min_visible}
     config = {"labels": classes, "hidden": x.shape[-1], "dim": dim, "convs": convs,
               "heads": heads}
     if class_paths:  # the fold's head, for the card's examples (scripts/loro_examples.py)
@@ -434,8 +501,14 @@ def score_fold(out: Path, held: str, head: Any, threshold: float, count_threshol
         large = {**score_large(preds, test["boxes"], test["sizes"], threshold, min_px),
                  "counting": score_large(preds, test["boxes"], test["sizes"], count_threshold,
                                          min_px)["counting"], "min_m2": LARGE_M2}
+    chips = relabelled(out, held, "eval", CHIP_VISIBLE)["boxes"] if DATA.is_dir() else None
     return {**score_detections(preds, test["boxes"], test["sizes"], threshold),
             "large": large,
+            # the chat evaluation's truths (`training.region.chip_objects`): 30 % inside
+            "chip_rule": ({**score_detections(preds, chips, test["sizes"], threshold),
+                           "counting": score_detections(preds, chips, test["sizes"],
+                                                        count_threshold)["counting"]}
+                          if chips is not None else None),
             "threshold": threshold, "count_threshold": count_threshold,
             "counting_at_count_threshold": {**counted["counting"],
                                             "presence": counted["presence"]},
@@ -446,6 +519,7 @@ def score_fold(out: Path, held: str, head: Any, threshold: float, count_threshol
                          for n, b, p in zip(test["names"], test["boxes"], preds, strict=True)]}
 
 
+CHIP_VISIBLE = 0.3  # build-data's chips hold an object at least this share inside
 LARGE_M2 = 50.0  # the issue's new region: "large, clearly visible buildings"
 
 
@@ -998,6 +1072,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ignore-below", type=float, default=0.0,
                     help="buildings whose box covers less than this share of a view train "
                          "nothing (0.004: four patches of 32 x 32)")
+    ap.add_argument("--min-visible", type=float, default=None,
+                    help="train on boxes cut under this rule (the chat evaluation's chips: 0.3) "
+                         "and ignore objects cut further (default: the cache's 0.5, none ignored)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64, help="detector width")
     ap.add_argument("--convs", type=int, default=2, help="3 x 3 convolutions of the detector")
@@ -1060,7 +1137,8 @@ def main(argv: list[str] | None = None) -> int:
         for held in folds:
             run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,
                      args.convs, args.train_files, args.heads, args.input_dropout,
-                     args.object_negatives, args.iou_target, args.ignore_below)
+                     args.object_negatives, args.iou_target, args.ignore_below,
+                     args.min_visible)
         cross_thresholds(out)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))

@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from rsvlm.detector import (
     detection_loss,
     detection_targets,
 )
-from training.labelled import LabelledImage, clip_boxes, crop_boxes
+from training.labelled import LabelledImage, clip_boxes, cut_boxes
 from training.metrics import count_scores, detection_scores, match_boxes, match_pairs
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class View:
     name: str
     image: np.ndarray  # (H, W, 3) uint8
     boxes: np.ndarray  # (n, 4) pixels of this view
+    # objects the view's edge cuts too far to count (`training.labelled.cut_boxes`)
+    ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
 
 
 # ------------------------------------------------------------------------ augmentation
@@ -57,14 +59,23 @@ def _rot90_boxes(boxes: np.ndarray, w: int, h: int, k: int) -> np.ndarray:
     return b
 
 
+def _mirror_boxes(boxes: np.ndarray, side: int) -> np.ndarray:
+    return boxes[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], np.float32) + np.array(
+        [side, 0, side, 0], np.float32)
+
+
 def augment_view(item: LabelledImage, rng: random.Random, base: int, name: str, *,
-                 gray: float = 0.0, hue: float = 0.0, coarse: float = 0.0) -> View:
+                 gray: float = 0.0, hue: float = 0.0, coarse: float = 0.0,
+                 min_visible: float = 0.5) -> View:
     """A random crop (0.7-1.4 x `base` px), quarter turn and mirror, colour, contrast, blur,
     resolution and JPEG changes; boxes move along. With ``gray`` a view is made panchromatic
     with that probability (a PAN sensor), with ``hue`` half the views' hues turn by up to that
     share of the circle (another region's roofs and soil). With ``coarse``, that share of the
     views is cut 2-3.5 x `base` px, so that read at the input size fine imagery looks as a
-    coarser sensor's does (roofs of 0.15 m imagery at 0.34-0.6 m a pixel)."""
+    coarser sensor's does (roofs of 0.15 m imagery at 0.34-0.6 m a pixel). An object the crop
+    cuts keeps its box when at least ``min_visible`` of it is inside; one cut further is the
+    view's ``ignore``. The random draws do not depend on ``min_visible``: the same seed cuts
+    the same view under either rule."""
     from PIL import Image, ImageEnhance, ImageFilter
 
     w, h = item.size
@@ -72,14 +83,14 @@ def augment_view(item: LabelledImage, rng: random.Random, base: int, name: str, 
     side = int(min(base * scale, w, h))
     x, y = rng.randint(0, w - side), rng.randint(0, h - side)
     crop = item.image[y:y + side, x:x + side]
-    boxes = crop_boxes(item.boxes, x, y, side, side)
+    boxes, cut = cut_boxes(item.boxes, x, y, side, side, min_visible)
     k = rng.randrange(4)
     crop = np.rot90(crop, k)
     boxes = _rot90_boxes(boxes, side, side, k) if len(boxes) else boxes
+    cut = _rot90_boxes(cut, side, side, k) if len(cut) else cut
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
-        boxes = boxes[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], np.float32) + np.array(
-            [side, 0, side, 0], np.float32)
+        boxes, cut = _mirror_boxes(boxes, side), _mirror_boxes(cut, side)
     im = Image.fromarray(np.ascontiguousarray(crop))
     im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.7, 1.3))
     im = ImageEnhance.Contrast(im).enhance(rng.uniform(0.7, 1.3))
@@ -99,7 +110,8 @@ def augment_view(item: LabelledImage, rng: random.Random, base: int, name: str, 
         im.save(buf, "JPEG", quality=rng.randint(30, 90))
         im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     arr = np.asarray(im)
-    return View(name, arr, clip_boxes(boxes.astype(np.float32), side, side))
+    return View(name, arr, clip_boxes(boxes.astype(np.float32), side, side),
+                clip_boxes(cut.astype(np.float32), side, side, min_side=1.0))
 
 
 def _turn_hue(im: Any, turn: float) -> Any:
@@ -161,6 +173,8 @@ def cache_views(tower: FrozenTower, views: list[View], path: Path | None, batch:
         "boxes": [torch.from_numpy(v.boxes / np.array([v.image.shape[1], v.image.shape[0]] * 2,
                                                        np.float32)) for v in views],
         "sizes": [(int(v.image.shape[1]), int(v.image.shape[0])) for v in views],
+        "ignore": [torch.from_numpy(v.ignore.reshape(-1, 4) / np.array(
+            [v.image.shape[1], v.image.shape[0]] * 2, np.float32)) for v in views],
     }
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +235,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                    view_classes: Sequence[int] | None = None,
                    known: torch.Tensor | None = None,
                    object_negatives: bool = False,
-                   iou_target: bool = False, ignore_below: float = 0.0) -> DenseDetector:
+                   iou_target: bool = False, ignore_below: float = 0.0,
+                   ignore: Sequence[torch.Tensor] | None = None) -> DenseDetector:
     """The head on cached features, AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
@@ -236,7 +251,9 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     ``ignore_below``: a labelled building (class 0) whose box covers less than this share of
     the view (0.004: four patches of the 32 x 32 grid) trains nothing where it lies, neither
     an object nor background (`small_objects_mask`): too small to see at the view's
-    resolution, and mapped in some regions and not in others."""
+    resolution, and mapped in some regions and not in others. ``ignore``: per view, boxes (0-1)
+    of objects its edge cuts too far to count (`View.ignore`), left out of their class's
+    heatmap in the same way: a part of a roof is neither an object to find nor background."""
     torch.manual_seed(seed)
     pca = None
     if init is not None:
@@ -273,6 +290,10 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                         for b, j in zip(tb, idx, strict=True)]
                 small = [b[t] for b, t in zip(tb, tiny, strict=True)]
                 tb = [b[~t] for b, t in zip(tb, tiny, strict=True)]
+            if ignore is not None:
+                cut = [torch.as_tensor(ignore[j]).reshape(-1, 4) for j in idx]
+                small = cut if small is None else [torch.cat([torch.as_tensor(a).reshape(-1, 4), c])
+                                                   for a, c in zip(small, cut, strict=True)]
             th, tt, tm = detection_targets(tb, [torch.full((len(b),), view_classes[j],
                                                            dtype=torch.long)
                                                 for b, j in zip(tb, idx, strict=True)],

@@ -256,30 +256,48 @@ def tiles(item: LabelledImage, size: int, min_visible: float = 0.5
           ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Non-overlapping `size` tiles (the last row/column flush with the edge) with the boxes
     that keep at least `min_visible` of their area inside, clipped to the tile."""
+    for name, crop, boxes, _ in cut_tiles(item, size, min_visible):
+        yield name, crop, boxes
+
+
+def cut_tiles(item: LabelledImage, size: int, min_visible: float = 0.5
+              ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """`tiles`, each with the boxes the tile's edge cuts below `min_visible` (`cut_boxes`)."""
     w, h = item.size
     if w <= size * 1.25 and h <= size * 1.25:  # a chip already: score it whole
-        yield item.name, item.image, item.boxes
+        yield item.name, item.image, item.boxes, np.zeros((0, 4), np.float32)
         return
     xs = sorted({min(x, max(w - size, 0)) for x in range(0, w, size)})
     ys = sorted({min(y, max(h - size, 0)) for y in range(0, h, size)})
     for y in ys:
         for x in xs:
             crop = item.image[y:y + size, x:x + size]
-            boxes = crop_boxes(item.boxes, x, y, crop.shape[1], crop.shape[0], min_visible)
-            yield f"{item.name}_{x}_{y}", crop, boxes
+            boxes, cut = cut_boxes(item.boxes, x, y, crop.shape[1], crop.shape[0], min_visible)
+            yield f"{item.name}_{x}_{y}", crop, boxes, cut
 
 
 def crop_boxes(boxes: np.ndarray, x: float, y: float, w: int, h: int,
                min_visible: float = 0.5) -> np.ndarray:
     """Boxes moved into a crop at (x, y) of size (w, h): those with at least `min_visible` of
     their area inside, clipped to it."""
+    return cut_boxes(boxes, x, y, w, h, min_visible)[0]
+
+
+def cut_boxes(boxes: np.ndarray, x: float, y: float, w: int, h: int,
+              min_visible: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(`crop_boxes`, the boxes inside the crop by less than `min_visible` of their area,
+    clipped): an object the crop's edge cuts that far is neither to be found nor background
+    to a detector (`training.detection.train_detector`'s ``ignore``)."""
     if not len(boxes):
-        return boxes.reshape(0, 4)
+        empty = np.asarray(boxes, np.float32).reshape(0, 4)
+        return empty, empty
     moved = boxes - np.array([x, y, x, y], np.float32)
     full = (moved[:, 2] - moved[:, 0]) * (moved[:, 3] - moved[:, 1])
     inside = moved.copy()
     inside[:, [0, 2]] = inside[:, [0, 2]].clip(0, w)
     inside[:, [1, 3]] = inside[:, [1, 3]].clip(0, h)
     visible = (inside[:, 2] - inside[:, 0]) * (inside[:, 3] - inside[:, 1])
-    keep = (visible > 0) & (visible >= min_visible * np.maximum(full, 1e-6))
-    return clip_boxes(inside[keep], w, h)
+    enough = visible >= min_visible * np.maximum(full, 1e-6)
+    keep = (visible > 0) & enough
+    cut = (visible > 0) & ~enough
+    return clip_boxes(inside[keep], w, h), clip_boxes(inside[cut], w, h, min_side=1.0)

@@ -27,7 +27,7 @@ from training.detection import (
     train_detector,
     train_heads,
 )
-from training.labelled import LabelledImage, crop_boxes, mask_boxes, tiles
+from training.labelled import LabelledImage, crop_boxes, cut_boxes, cut_tiles, mask_boxes, tiles
 
 
 def test_targets_decode_back_to_the_boxes() -> None:
@@ -194,6 +194,64 @@ def test_crops_keep_mostly_visible_boxes_and_tiles_cover_the_image() -> None:
     item = LabelledImage("r", "x", np.zeros((100, 250, 3), np.uint8), boxes, ["b"] * 3)
     names = [n for n, _, _ in tiles(item, 50)]
     assert len(names) == 10
+
+
+def test_objects_cut_by_the_edge_are_kept_or_ignored_by_their_visible_share() -> None:
+    boxes = np.array([[0, 0, 10, 10], [8, 8, 30, 30], [45, 45, 55, 55], [-6, 20, 4, 30]],
+                     np.float32)
+    kept, cut = cut_boxes(boxes, 5, 5, 40, 40)
+    assert kept.tolist() == [[3, 3, 25, 25]]
+    # a quarter of the first inside, a tenth of the last: neither kept nor background
+    assert cut.tolist() == [[0, 0, 5, 5]]
+    kept, cut = cut_boxes(boxes, 5, 5, 40, 40, min_visible=0.2)
+    assert kept.tolist() == [[0, 0, 5, 5], [3, 3, 25, 25]] and cut.tolist() == []
+    item = LabelledImage("r", "x", np.zeros((100, 250, 3), np.uint8), boxes, ["b"] * 4)
+    assert [b.tolist() for _, _, b, _ in cut_tiles(item, 50)] == [
+        b.tolist() for _, _, b in tiles(item, 50)]
+    # the box over four tiles a quarter in each, the one off the left edge 40 % inside
+    assert sum(len(c) for *_, c in cut_tiles(item, 50)) == 5
+
+
+def test_a_view_cut_again_under_another_rule_is_the_same_view() -> None:
+    img = np.zeros((120, 120, 3), np.uint8)
+    boxes = np.array([[x, y, x + 18, y + 14] for x in range(0, 110, 25) for y in range(0, 110, 30)],
+                     np.float32)
+    img[10:20, 10:20] = 200
+    item = LabelledImage("r", "x", img, boxes, ["building"] * len(boxes))
+    half = [augment_view(item, random.Random(i), 60, "v") for i in range(20)]
+    third = [augment_view(item, random.Random(i), 60, "v", min_visible=0.3) for i in range(20)]
+    for a, b in zip(half, third, strict=True):
+        assert np.array_equal(a.image, b.image)
+        # the 0.3 rule keeps what 0.5 kept and some of what it ignored, nothing else
+        assert len(b.boxes) + len(b.ignore) == len(a.boxes) + len(a.ignore)
+        assert {tuple(r) for r in a.boxes.tolist()} <= {tuple(r) for r in b.boxes.tolist()}
+    assert sum(len(v.ignore) for v in half) > sum(len(v.ignore) for v in third) > 0
+    for v in half:  # ignored boxes turn and mirror with the view: inside it, touching an edge
+        side = v.image.shape[0]
+        for x1, y1, x2, y2 in v.ignore.tolist():
+            assert 0 <= x1 < x2 <= side and 0 <= y1 < y2 <= side
+            assert min(x1, y1) == 0 or max(x2, y2) == side
+
+
+def test_objects_cut_by_the_edge_train_nothing_where_they_lie(monkeypatch) -> None:
+    import training.detection as det
+
+    feats = torch.randn(4, 1, 64, 8)
+    boxes = [torch.tensor([[0.3, 0.3, 0.6, 0.6]])] * 4
+    ignore = [torch.tensor([[0.0, 0.0, 0.2, 0.5]])] * 4
+    calls = []
+    original = det.detection_loss
+
+    def spy(heat, box, th, tt, tm, mask=None, **kw):
+        calls.append(mask)
+        return original(heat, box, th, tt, tm, mask, **kw)
+
+    monkeypatch.setattr(det, "detection_loss", spy)
+    train_detector(feats, boxes, hidden=8, levels=1, epochs=1, batch_size=4, dim=8,
+                   ignore=ignore)
+    (mask,) = calls
+    # 8 x 8 patches: the sliver's columns 0-1 and rows 0-4, and the ring around them
+    assert not mask[:, 0, :6, :3].any() and mask[:, 0].sum() == 4 * (64 - 18)
 
 
 @pytest.mark.parametrize("mask, n", [(np.zeros((8, 8)), 0), (np.eye(8) * 255, 0)])
