@@ -28,16 +28,23 @@ class Detection:
 
 class DenseDetector(nn.Module):
     """Levels of patch features (batch, grid*grid, hidden) -> (heatmap logits (batch, classes,
-    grid, grid), boxes (batch, 4, grid, grid))."""
+    grid, grid), boxes (batch, 4, grid, grid)). With ``upsample`` 2 the maps are twice as fine
+    as the patch grid (half a patch a cell): two roofs whose centres share a patch, or lie in
+    neighbouring ones, can then be two peaks."""
 
     def __init__(self, hidden: int, levels: int, classes: int = 1, dim: int = 96,
-                 convs: int = 2) -> None:
+                 convs: int = 2, upsample: int = 1) -> None:
         super().__init__()
         self.proj = nn.Sequential(nn.Linear(hidden * levels, dim), nn.GELU())
         layers: list[nn.Module] = []
         for _ in range(convs):
             layers += [nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(8, dim), nn.GELU()]
         self.body = nn.Sequential(*layers)
+        self.upsample = upsample
+        self.up = (nn.Sequential(nn.Upsample(scale_factor=upsample, mode="bilinear",
+                                             align_corners=False),
+                                 nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(8, dim),
+                                 nn.GELU()) if upsample > 1 else nn.Identity())
         self.heat = nn.Conv2d(dim, classes, 1)
         self.box = nn.Conv2d(dim, 4, 1)
         # A prior of 1 % objectness keeps the first steps' focal loss from exploding
@@ -51,7 +58,7 @@ class DenseDetector(nn.Module):
         if grid * grid != n:
             raise ValueError(f"{n} patches do not make a square grid")
         x = self.proj(x).transpose(1, 2).reshape(b, -1, grid, grid)
-        x = self.body(x)
+        x = self.up(self.body(x))
         return self.heat(x), self.box(x)
 
 
@@ -64,6 +71,10 @@ class DetectorEnsemble(nn.Module):
     def __init__(self, members: list[DenseDetector]) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+
+    @property
+    def upsample(self) -> int:
+        return self.members[0].upsample
 
     def forward(self, levels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         probs, edges = [], []

@@ -51,6 +51,8 @@ class DetectorConfig:
     hidden: int = 384
     dim: int = 96
     convs: int = 2
+    # Maps this many times finer than the patch grid (`rsvlm.detector.DenseDetector`).
+    upsample: int = 1
     # Heads trained from other seeds, read as their average (`rsvlm.detector.DetectorEnsemble`).
     heads: int = 1
     threshold: float = 0.3  # boxes ("find all"): the best F1 on the selection regions
@@ -104,7 +106,8 @@ class DetectorConfig:
 
     def build(self) -> DenseDetector | DetectorEnsemble:
         members = [DenseDetector(self.hidden, len(self.layers), classes=len(self.labels),
-                                 dim=self.dim, convs=self.convs) for _ in range(self.heads)]
+                                 dim=self.dim, convs=self.convs, upsample=self.upsample)
+                   for _ in range(self.heads)]
         return members[0] if self.heads == 1 else DetectorEnsemble(members)
 
 

@@ -278,7 +278,8 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
              reduce: int | None = 128, convs: int = 2, train_files: int | None = None,
              heads: int = 1, input_dropout: float = 0.0,
              object_negatives: bool = False, iou_target: bool = False,
-             ignore_below: float = 0.0, min_visible: float | None = None) -> dict | None:
+             ignore_below: float = 0.0, min_visible: float | None = None,
+             upsample: int = 1) -> dict | None:
     """One fold: a head trained without the sets of ``fold`` ("kampala_ug", or a group
     "kampala_ug+trees_osbs+aircraft_b": one training holds out a building region and sets of
     other classes at once), scored on each of them (a building region: `folds/NAME.json`, its
@@ -313,7 +314,7 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                        hidden=x.shape[-1], levels=x.shape[1], epochs=epochs, dim=dim,
                        reduce=reduce, convs=convs, input_dropout=input_dropout,
                        iou_target=iou_target, ignore_below=ignore_below, ignore=ignore,
-                       **extra)
+                       upsample=upsample, **extra)
     train_s = time.perf_counter() - t0
     settings = {"format": FOLD_FORMAT, "fold": fold, "trained_on": others,
                 "train_views": len(x), "epochs": epochs, "dim": dim, "convs": convs,
@@ -321,9 +322,9 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                 "input_dropout": input_dropout, "train_s": round(train_s, 1), "seed": seed,
                 "classes": classes, "object_negatives": object_negatives,
                 "iou_target": iou_target, "ignore_below": ignore_below,
-                "min_visible": min_visible}
+                "min_visible": min_visible, "upsample": upsample}
     config = {"labels": classes, "hidden": x.shape[-1], "dim": dim, "convs": convs,
-              "heads": heads}
+              "heads": heads, "upsample": upsample}
     if class_paths:  # the fold's head, for the card's examples (scripts/loro_examples.py)
         save_detector(head, DetectorConfig(**config, notes={"held_out": group}),
                       out / "class_folds" / fold)
@@ -1075,6 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-visible", type=float, default=None,
                     help="train on boxes cut under this rule (the chat evaluation's chips: 0.3) "
                          "and ignore objects cut further (default: the cache's 0.5, none ignored)")
+    ap.add_argument("--upsample", type=int, default=1,
+                    help="the detector's maps this many times finer than the patch grid")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64, help="detector width")
     ap.add_argument("--convs", type=int, default=2, help="3 x 3 convolutions of the detector")
@@ -1138,7 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
             run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,
                      args.convs, args.train_files, args.heads, args.input_dropout,
                      args.object_negatives, args.iou_target, args.ignore_below,
-                     args.min_visible)
+                     args.min_visible, args.upsample)
         cross_thresholds(out)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))

@@ -217,7 +217,8 @@ def compose_projection(head: DenseDetector, mean: torch.Tensor, comps: torch.Ten
     """A head on the full levels computing exactly what `head` computes on the projections:
     its input layer W x' + b with x' = (x - mean) V becomes (W V^T) x + (b - W V^T mean)."""
     full = DenseDetector(hidden, levels, classes=head.heat.out_channels,
-                         dim=head.heat.in_channels, convs=len(head.body) // 3)
+                         dim=head.heat.in_channels, convs=len(head.body) // 3,
+                         upsample=head.upsample)
     state = head.state_dict()
     w, b = state["proj.0.weight"], state["proj.0.bias"]
     state["proj.0.weight"] = w @ comps.T
@@ -236,7 +237,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                    known: torch.Tensor | None = None,
                    object_negatives: bool = False,
                    iou_target: bool = False, ignore_below: float = 0.0,
-                   ignore: Sequence[torch.Tensor] | None = None) -> DenseDetector:
+                   ignore: Sequence[torch.Tensor] | None = None,
+                   upsample: int = 1) -> DenseDetector:
     """The head on cached features, AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
@@ -253,7 +255,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     an object nor background (`small_objects_mask`): too small to see at the view's
     resolution, and mapped in some regions and not in others. ``ignore``: per view, boxes (0-1)
     of objects its edge cuts too far to count (`View.ignore`), left out of their class's
-    heatmap in the same way: a part of a roof is neither an object to find nor background."""
+    heatmap in the same way: a part of a roof is neither an object to find nor background.
+    ``upsample``: maps that many times finer than the patch grid (`DenseDetector`)."""
     torch.manual_seed(seed)
     pca = None
     if init is not None:
@@ -264,10 +267,11 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
         full_hidden, full_levels = hidden, levels
         hidden, levels = reduce, 1
     head = (copy.deepcopy(init) if init is not None
-            else DenseDetector(hidden, levels, classes=classes, dim=dim, convs=convs))
+            else DenseDetector(hidden, levels, classes=classes, dim=dim, convs=convs,
+                               upsample=upsample))
     view_classes = list(view_classes) if view_classes is not None else [0] * len(features)
     n = len(features)
-    grid = int(round(features.shape[2] ** 0.5))
+    grid = int(round(features.shape[2] ** 0.5)) * head.upsample
     steps = epochs * math.ceil(n / batch_size)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
@@ -360,7 +364,8 @@ def train_heads(features: torch.Tensor, boxes: list[torch.Tensor], *, heads: int
         if path is not None and path.is_file():
             head = DenseDetector(kwargs["hidden"], kwargs["levels"],
                                  classes=kwargs.get("classes", 1),
-                                 dim=kwargs.get("dim", 96), convs=kwargs.get("convs", 2))
+                                 dim=kwargs.get("dim", 96), convs=kwargs.get("convs", 2),
+                                 upsample=kwargs.get("upsample", 1))
             head.load_state_dict(load_file(str(path)))
             trained.append(head.eval())
             continue

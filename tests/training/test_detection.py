@@ -94,6 +94,36 @@ def test_the_head_learns_boxes_from_features() -> None:
     assert report["f1"] > 0.8 and report["presence"] > 0.9, report
 
 
+def test_maps_finer_than_the_patches_find_objects_in_neighbouring_patches() -> None:
+    """Pairs of objects side by side, their centres in neighbouring patches: on the patch grid
+    the two peaks are neighbours and one of them goes (3 x 3 local maxima), on maps twice as
+    fine they are two cells apart and both stay."""
+    g, hidden, rng = 8, 16, np.random.default_rng(0)
+    feats, boxes = [], []
+    for _ in range(32):
+        f = torch.randn(1, g * g, hidden) * 0.1
+        bx = []
+        for _ in range(rng.integers(1, 4)):
+            r, c = rng.integers(0, g), rng.integers(0, g - 1)
+            f[:, r * g + c, 0] += 3.0
+            f[:, r * g + c + 1, 0] += 3.0
+            bx += [[(c + 0.1) / g, (r + 0.1) / g, (c + 0.9) / g, (r + 0.9) / g],
+                   [(c + 1.1) / g, (r + 0.1) / g, (c + 1.9) / g, (r + 0.9) / g]]
+        feats.append(f)
+        boxes.append(torch.tensor(bx, dtype=torch.float32).reshape(-1, 4))
+    x = torch.stack(feats)
+    from training.detection import predict
+
+    recall = {}
+    for up in (1, 2):
+        head = train_detector(x, boxes, hidden=hidden, levels=1, epochs=30, batch_size=8,
+                              lr=1e-2, dim=16, upsample=up)
+        assert head([x[:1, 0].float()])[0].shape[-1] == g * up
+        report = score_detections(predict(head, x, 0.3), boxes, [(112, 112)] * len(boxes), 0.3)
+        recall[up] = report["recall"]
+    assert recall[1] <= 0.55 and recall[2] >= 0.75, recall
+
+
 def test_large_objects_score_without_the_small_ones() -> None:
     # 100 x 100 px image, objects of 400 px and more count: two large footprints, two small.
     truth = torch.tensor([[0.0, 0.0, 0.3, 0.3], [0.5, 0.5, 0.8, 0.8],
