@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                        input_dropout=fold.get("input_dropout", 0.0),
                        iou_target=fold.get("iou_target", False),
                        ignore_below=fold.get("ignore_below", 0.0),
+                       upsample=fold.get("upsample", 1),
                        members=loro / "members" / "shipped", **extra)
     threshold, count_threshold = pooled_thresholds(cross_thresholds(loro))
     per_class = class_table(loro)[1] if (loro / "class_folds").is_dir() else {}
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{loro}/cache mixes input sizes {sorted(sizes)}")
     config = DetectorConfig(labels=classes, input_size=sizes.pop(), hidden=x.shape[-1],
                             dim=dim, convs=convs, heads=heads,
-                            threshold=threshold, count_threshold=count_threshold,
+                            upsample=fold.get("upsample", 1), threshold=threshold,
+                            count_threshold=count_threshold,
                             class_thresholds={c: list(per_class[c]) for c in classes[1:]
                                               if c in per_class},
                             answers=None if answers == classes else answers, notes={

@@ -112,6 +112,28 @@ def test_folds_of_several_heads_take_thresholds_from_the_other_folds(loro, tmp_p
     assert (config.threshold, config.count_threshold) == want and config.heads == 2
 
 
+def test_a_cache_cut_again_under_another_rule_trains_a_fold_of_finer_maps(loro, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    monkeypatch.setattr(loro, "DATA", tmp_path)  # the labelled sets are the fixture's
+    out = tmp_path / "run"
+    loro.build_cache(tmp_path, out, ["aa", "bb"], 1, 4, 4, seed=0)
+    for part in ("train", "eval"):  # the views cut again from their seeds are the cached ones
+        again = loro.relabelled(out, "bb", part, 0.5)
+        cached = torch.load(out / "cache" / f"bb.{part}.pt")
+        assert all(torch.allclose(a, b) for a, b in zip(again["boxes"], cached["boxes"],
+                                                        strict=True))
+    boxes, ignore = loro.relabelled_stack(out, ["bb"], None, 0.3)
+    assert len(boxes) == len(ignore) == 4 + 1
+    report = loro.run_fold(out, "aa", ["aa", "bb"], epochs=1, seed=0, dim=8, reduce=None,
+                           convs=1, min_visible=0.3, upsample=2)
+    assert report["min_visible"] == 0.3 and report["upsample"] == 2
+    head, config = loro._fold_head(out, "aa")
+    assert config.upsample == 2 and head(
+        [torch.zeros(1, 1024, 8)] * 3)[0].shape[-1] == 64
+    # scored against the chips' truths too (30 % inside): here every box is well inside
+    assert report["chip_rule"]["f1"] == report["f1"]
+
+
 def test_views_of_coarse_regions_are_cut_as_the_chat_path_reads_them(loro, tmp_path: Path
                                                                       ) -> None:
     out = tmp_path / "zoomed"
