@@ -39,3 +39,9 @@ for heads in 2 4; do
 done
 # the box refiner on the finer maps' boxes (stopped after two areas in round 13)
 $P scripts/loro_refine.py --run runs/loro_up2 --out runs/refine_up2 --epochs 20 --width 24 --per-set 1500 --steps 1 --rescore 0 --regions kampala_ug,zanzibar_tz
+# the dense city: Rio's fold with finer maps, and referring on its 200 px chips
+$P scripts/loro.py --out runs/loro_up2 --regions $B,$O --convs 3 --train-files 3 --heads 2 --input-dropout 0.3 --upsample 2 --folds rio
+rm -rf runs/parts_up2/rio && cp -as "$PWD/assets/models/embedded" runs/parts_up2/rio
+rm -rf runs/parts_up2/rio/detector && cp -r runs/loro_up2/folds/rio/detector runs/parts_up2/rio/
+.venv/bin/rsvlm-train eval --task grounding --data runs/rio_region --model runs/parts_up2/rio --limit 300 \
+  --chip-size 200 --out runs/refer_up2/rio.grounding.200.json
