@@ -155,6 +155,11 @@ def _load(out: Path, name: str, part: str) -> dict:
     return torch.load(out / "cache" / f"{name}.{part}.pt", weights_only=False, mmap=True)
 
 
+@functools.lru_cache(maxsize=1)  # `relabelled_stack` reads a region's parts one after another
+def _region_items(name: str) -> list:
+    return load_sets(DATA, [name])[name]
+
+
 def relabelled(out: Path, name: str, part: str, min_visible: float, seed: int = 0) -> dict:
     """The boxes of ``name``'s cached views (``part``: "eval" or "trainK") as cut under
     ``min_visible`` instead of the cache's 0.5, with the boxes each view's edge cuts further
@@ -164,7 +169,7 @@ def relabelled(out: Path, name: str, part: str, min_visible: float, seed: int = 
     if path.is_file():
         return torch.load(path, weights_only=False)
     meta = torch.load(out / "cache" / f"{name}.pt", weights_only=False)
-    items = load_sets(DATA, [name])[name]
+    items = _region_items(name)
     cached = _load(out, name, part)
     size = items[0].tile or eval_tile_size(items[0].gsd)
     if part == "eval":

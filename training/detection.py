@@ -173,8 +173,6 @@ def cache_views(tower: FrozenTower, views: list[View], path: Path | None, batch:
         "boxes": [torch.from_numpy(v.boxes / np.array([v.image.shape[1], v.image.shape[0]] * 2,
                                                        np.float32)) for v in views],
         "sizes": [(int(v.image.shape[1]), int(v.image.shape[0])) for v in views],
-        "ignore": [torch.from_numpy(v.ignore.reshape(-1, 4) / np.array(
-            [v.image.shape[1], v.image.shape[0]] * 2, np.float32)) for v in views],
     }
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
