@@ -604,17 +604,26 @@ class ChatSession(OnChip):
         """For a description of the image (or of the drawn region): what the detector found
         there, said after the language model's words (counts at the counting threshold).
         Called under the lock."""
-        from rsvlm.perception import answered_detections, asks_description, detections_sentence
+        from rsvlm.perception import (
+            answered_detections,
+            asks_description,
+            detections_sentence,
+            sizes_sentence,
+        )
 
         perception = self.engine.perception
         if perception is None or not asks_description(question):
             return None
         size = (self.chip_width, self.chip_height)
-        found = [d for label in perception.config.answered for d in answered_detections(
+        labels = perception.config.answered
+        found = [d for label in labels for d in answered_detections(
             label, perception.select(self._detections(perception), "count"), size,
             region_box_px)]
-        return detections_sentence(found, perception.config.answered,
-                                   where=region_box_px is None)
+        said = detections_sentence(found, labels, where=region_box_px is None)
+        # Sizes of the first class (buildings) over the whole image, where its ground is known.
+        sizes = (sizes_sentence(found, labels[0], getattr(self.chip, "ground_area_m2", None))
+                 if region_box_px is None and labels else None)
+        return f"{said} {sizes}" if sizes else said
 
     def ground(self, text: str, scores: list[float] | None = None) -> list[AnswerBox]:
         """Boxes in ``text`` on this session's chip (`rsvlm.answer.ground`); ``scores[i]`` is

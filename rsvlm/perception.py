@@ -910,6 +910,33 @@ def detections_sentence(detections: list[Detection], labels: list[str], where: b
     return "The detector finds " + "; ".join(parts) + (" here." if not where else ".")
 
 
+def sizes_sentence(detections: list[Detection], label: str, ground_m2: float | None) -> str | None:
+    """How large the detected ``label``s are, for a description of an image of ``ground_m2``
+    square metres: the middle half of their footprints (each estimated from its box,
+    `footprint_m2`), the largest and where it is, and the share of the ground they cover.
+    None with fewer than two, or without a ground resolution to measure them by."""
+    mine = [d for d in detections if d.label == label]
+    if not ground_m2 or len(mine) < 2:
+        return None
+    sizes = sorted(footprint_m2(d, ground_m2) for d in mine)
+    n = len(sizes)
+    low, high = _nice_m2(sizes[n // 4]), _nice_m2(sizes[(3 * n) // 4])
+    largest = max(mine, key=box_share)
+    spread = f"about {low:,.0f} m²" if low == high else f"{low:,.0f}-{high:,.0f} m²"
+    cover = covered_share(mine) * FOOTPRINT_SHARE
+    return (f"Most {plural(label)} are {spread} (estimated from their boxes); the largest, "
+            f"about {_nice_m2(footprint_m2(largest, ground_m2)):,.0f} m², is "
+            f"{_CELL_PHRASES[_cell_of(largest)]}. Together they cover about "
+            f"{max(cover, 0.01):.0%} of the ground.")
+
+
+def _nice_m2(m2: float) -> float:
+    """``m2`` rounded as an estimate from a box deserves: to 5 m² below 100, to 10 below
+    1,000, to 100 above."""
+    step = 5.0 if m2 < 100 else 10.0 if m2 < 1000 else 100.0
+    return max(step, round(m2 / step) * step)
+
+
 def detections_summary(detections: list[Detection], labels: list[str]) -> str:
     """Per class: how many, and where (the 3 x 3 cell of the image), as one line of text (a
     class other than the first only when found, as in `detections_sentence`)."""

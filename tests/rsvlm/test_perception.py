@@ -755,6 +755,30 @@ def test_a_small_chips_description_opens_with_what_the_detector_finds(tmp_path: 
     pieces = list(small.ask("Describe this image."))
     assert pieces[0] == "This overhead image shows a built-up area."  # before the model's words
     assert re.search(r"The detector finds \d+ buildings", small.last.text)
+    # Over a chip whose ground is known, how large they are as well.
+    assert re.search(r"Most buildings are (?:about )?[\d,-]+ m² \(estimated from their boxes\); the "
+                     r"largest, about [\d,]+ m², is [a-z ]+\. Together they cover about \d+% "
+                     r"of the ground\.$", small.last.text)
     small.adopt_detections("building", [])
     assert small._scene_opening(None) is None  # nothing found: the model's scene stays
     assert engine.session(chip(10.0))._scene_opening(None) is None  # 640 m: a scene
+
+
+def test_the_sizes_a_description_gives_are_the_boxes_footprints() -> None:
+    from rsvlm.perception import FOOTPRINT_SHARE, sizes_sentence
+
+    hectare = 10_000.0
+    # Four boxes of 0.1 x 0.1 (100 m² each, 60 m² as footprints) and one of 0.3 x 0.2 in the
+    # bottom right (600 m², 360 m² as a footprint).
+    small = [Detection("building", 0.9, (0.1 * i, 0.0, 0.1 * i + 0.1, 0.1)) for i in range(4)]
+    large = Detection("building", 0.8, (0.7, 0.75, 1.0, 0.95))
+    said = sizes_sentence([*small, large, Detection("tree", 0.9, (0.5, 0.5, 0.9, 0.9))],
+                          "building", hectare)
+    cover = (4 * 0.01 + 0.06) * FOOTPRINT_SHARE
+    assert said == ("Most buildings are about 60 m² (estimated from their boxes); the largest, "
+                    f"about 360 m², is in the bottom right. Together they cover about "
+                    f"{cover:.0%} of the ground.")
+    assert "60-360 m²" in sizes_sentence([*small[:2], large, large, large], "building", hectare)
+    # Nothing to say without a ground resolution, or of fewer than two.
+    assert sizes_sentence([*small, large], "building", None) is None
+    assert sizes_sentence([large], "building", hectare) is None
