@@ -27,3 +27,34 @@ mkdir -p runs/loro_p2 && ln -sfn "$PWD/runs/loro_r13/cache" runs/loro_p2/cache
 $P scripts/loro.py --out runs/loro_p2 --regions $B,$O --convs 3 --train-files 3 --heads 2 --input-dropout 0.3 \
   --folds kampala_ug+trees_osbs+trees_soap+aircraft_b,zanzibar_tz+aircraft_a,banepa_np,catanduanes_ph
 $P scripts/experiments/mixed_grids.py --coarse runs/loro_p2 --fine runs/loro_up2 --weights 0,0.3,0.5,0.7,1
+# 4. the patch grid with four heads (seeds 0-1 from runs/loro_p2), through the chat path too
+mkdir -p runs/loro_p4/members && ln -sfn "$PWD/runs/loro_r13/cache" runs/loro_p4/cache
+cp -rn runs/loro_p2/members/. runs/loro_p4/members/
+$P scripts/loro.py --out runs/loro_p4 --regions $B,$O --convs 3 --train-files 3 --heads 4 --input-dropout 0.3 \
+  --folds kampala_ug+trees_osbs+trees_soap+aircraft_b,zanzibar_tz+aircraft_a,banepa_np,catanduanes_ph
+for run in p2 p4; do
+  for r in kampala_ug zanzibar_tz banepa_np catanduanes_ph; do
+    mkdir -p runs/parts_$run runs/refer_$run
+    rm -rf runs/parts_$run/$r && cp -as "$PWD/assets/models/embedded" runs/parts_$run/$r
+    rm -rf runs/parts_$run/$r/detector && cp -r runs/loro_$run/folds/$r/detector runs/parts_$run/$r/
+    for task in findall vqa; do
+      .venv/bin/rsvlm-train eval --task $task --data "$D/demo_region/$r" --model runs/parts_$run/$r \
+        --out runs/refer_$run/$r.$task.json
+    done
+  done
+  $P -c "import sys; sys.path.insert(0, 'scripts'); import loro; from pathlib import Path; print(loro.fold_chat_table(Path('runs/refer_$run')))"
+done
+# 5. shipped: two heads with finer maps on every region and set (no box refiner: it moves these
+#    boxes off the roofs, round 13), the folds' thresholds; then every number of the card and bar
+#    again with runs/loro_up2's folds
+$P scripts/loro.py --out runs/loro_up2 --regions $B,$O --convs 3 --train-files 3 --heads 2 --input-dropout 0.3 --upsample 2 --folds atlanta
+$P scripts/ship_detector.py --loro runs/loro_up2 --parts assets/models/embedded --refiner-epochs 0
+RUN=runs/loro_up2 OUT=runs/refer_up2full bash scripts/loro_refer.sh
+$P scripts/loro_zoom.py --run runs/loro_up2 --regions rio,atlanta --input-size 336 > runs/zoom_up2_336.md
+$P scripts/loro.py --out runs/loro_up2 --rescore --card assets/models/embedded/MODEL_CARD.md \
+  --refer runs/refer_up2full --zoom runs/zoom_up2_336.md
+$P scripts/loro_examples.py --run runs/loro_up2 --card assets/models/embedded/MODEL_CARD.md
+$P scripts/bench_scene.py --raster "$D/demo_region/zanzibar_tz/oam_rgb_epsg3857.tif" \
+  --footprints "$D/demo_region/zanzibar_tz/osm_buildings_epsg4326.geojson" --detector runs/loro_up2/folds/zanzibar_tz
+$P scripts/bench_model.py --repeats 3
+$P scripts/experiments/dubai_presence.py
