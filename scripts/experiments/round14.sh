@@ -57,4 +57,5 @@ $P scripts/loro_examples.py --run runs/loro_up2 --card assets/models/embedded/MO
 $P scripts/bench_scene.py --raster "$D/demo_region/zanzibar_tz/oam_rgb_epsg3857.tif" \
   --footprints "$D/demo_region/zanzibar_tz/osm_buildings_epsg4326.geojson" --detector runs/loro_up2/folds/zanzibar_tz
 $P scripts/bench_model.py --repeats 3
-$P scripts/experiments/dubai_presence.py
+$P scripts/experiments/dubai_presence.py --out runs/exp/dubai_presence_up2.json
+$P scripts/experiments/presence_thresholds.py --run runs/loro_up2
