@@ -58,6 +58,9 @@ class DetectorConfig:
     threshold: float = 0.3  # boxes ("find all"): the best F1 on the selection regions
     # presence and counts: the most counts within 20 % there (None: `threshold`)
     count_threshold: float | None = None
+    # presence alone: the most right yes/no answers on the folds' held-out aerial tiles (None:
+    # `count_threshold`). The threshold that counts best says "yes" over empty ground too.
+    presence_threshold: float | None = None
     # Imagery coarser than `zoom_gsd` metres a pixel is read as four overlapping crops of
     # `zoom_crop` of the chip, each at `input_size`: small roofs then span as many patches as
     # the head learnt them at (scripts/loro_zoom.py: Rio F1 0.146 -> 0.236 left out; the 0.15 m
@@ -98,8 +101,12 @@ class DetectorConfig:
 
     def cut(self, label: str, kind: str = "find_all") -> float:
         """The score a detection of ``label`` needs to answer a question of ``kind``: boxes at
-        the box threshold, presence, counts, rural/urban and area at the counting one."""
+        the box threshold, presence at its own (when chosen; a class with thresholds of its own
+        keeps them), counts, rural/urban and area at the counting one."""
         box, count = self.class_thresholds.get(label, (self.threshold, self.count_threshold))
+        if (kind == "presence" and self.presence_threshold is not None
+                and label not in self.class_thresholds):
+            return self.presence_threshold
         if kind in {"presence", "count", "compare", "rural_urban", "area"} and count is not None:
             return count
         return box

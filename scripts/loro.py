@@ -557,11 +557,29 @@ def large_table(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _curves(out: Path, held: str, preds: list) -> dict[float, tuple[float, float, float]]:
+def _curves(out: Path, held: str, preds: list) -> dict[float, tuple[float, ...]]:
     """Per threshold of the grid: the held-out region's find-all F1, its tiles' mean absolute
-    log count ratio, |log((said + 1) / (true + 1))|, and its share of counts within 20 %."""
-    return {t: (r["f1"], r["count_log_error"], r["counting"]["within_20pct"] or 0.0)
+    log count ratio, |log((said + 1) / (true + 1))|, its share of counts within 20 % and its
+    share of right answers to "is there one?"."""
+    return {t: (r["f1"], r["count_log_error"], r["counting"]["within_20pct"] or 0.0,
+                r["presence"] or 0.0)
             for t, r in threshold_scores(_load(out, held, "eval"), preds).items()}
+
+
+def pooled_presence(curves: dict[str, dict[float, tuple[float, ...]]],
+                    counting: float | None = None) -> float:
+    """The presence threshold with the most right answers on the given folds' held-out regions
+    (the mean of each region's share). A region whose tiles all hold buildings says nothing
+    here but "not too high"; the ones with empty tiles choose. A tie keeps ``counting`` (the
+    counting threshold) when it is among the best, as where no region has empty tiles; else
+    the lowest."""
+    def mean(t: float) -> float:
+        return round(sum(c[t][3] for c in curves.values()) / len(curves), 6)
+
+    best = max(mean(t) for t in THRESHOLDS)
+    if counting is not None and counting in THRESHOLDS and mean(counting) == best:
+        return counting
+    return next(t for t in THRESHOLDS if mean(t) == best)
 
 
 def pooled_thresholds(curves: dict[str, dict[float, tuple[float, ...]]]
@@ -615,7 +633,10 @@ def cross_thresholds(out: Path) -> dict[str, dict[float, tuple[float, float]]]:
             config["refiner"] = {"steps": 1, "rescore": 0.0, "labels": MOVES,
                                  **save_refiner(refiner, folder.parent)}
         folder.write_text(json.dumps({**config, "threshold": threshold,
-                                      "count_threshold": count_threshold}, indent=2) + "\n")
+                                      "count_threshold": count_threshold,
+                                      "presence_threshold": pooled_presence(
+                                          others, count_threshold)},
+                                     indent=2) + "\n")
     return curves
 
 
@@ -846,8 +867,9 @@ def card_section(out: Path, baseline: Path | None, previous: str = "",
         "contrast, blur, resolution, JPEG)" + _refiner_words(out) + " and its thresholds "
         "are those the other folds' "
         "held-out regions favour (aerial ones, as they are read whole; each scored by its own "
-        "fold's detector; boxes: the best find-all F1, presence and counts: the most counts "
-        "within 20 %); then the held-out region's tiles are scored (512 px tiles at 0.15 m, 450 px at "
+        "fold's detector; boxes: the best find-all F1, counts: the most counts within 20 %, "
+        "and in the chat path presence: the most right answers, the counting threshold where "
+        "no region has empty tiles to choose on); then the held-out region's tiles are scored (512 px tiles at 0.15 m, 450 px at "
         "0.5 m; SpaceNet Rio's chips whole). Presence, counts, rural/urban and find-all of "
         "buildings in the chat path are these detections (rural/urban: the training data's "
         "rule, a tenth of the ground built or 12 buildings a hectare, on the detected boxes, "

@@ -37,6 +37,7 @@ from loro import (  # noqa: E402
     class_training,
     cross_thresholds,
     fold_classes,
+    pooled_presence,
     pooled_thresholds,
     training_stack,
 )
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                        ignore_below=fold.get("ignore_below", 0.0),
                        upsample=fold.get("upsample", 1),
                        members=loro / "members" / "shipped", **extra)
-    threshold, count_threshold = pooled_thresholds(cross_thresholds(loro))
+    curves = cross_thresholds(loro)
+    threshold, count_threshold = pooled_thresholds(curves)
     per_class = class_table(loro)[1] if (loro / "class_folds").is_dir() else {}
     f1 = class_f1(loro) if per_class else {}
     answers = [c for c in classes if c == "building" or f1.get(c, 0.0) >= args.min_f1]
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                             dim=dim, convs=convs, heads=heads,
                             upsample=fold.get("upsample", 1), threshold=threshold,
                             count_threshold=count_threshold,
+                            presence_threshold=pooled_presence(curves, count_threshold),
                             class_thresholds={c: list(per_class[c]) for c in classes[1:]
                                               if c in per_class},
                             answers=None if answers == classes else answers, notes={

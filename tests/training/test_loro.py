@@ -216,6 +216,31 @@ def test_the_counting_threshold_is_the_one_most_counts_come_within_20_percent_at
     assert loro.pooled_thresholds({"a": tie}) == (0.15, 0.3)
 
 
+def test_the_presence_threshold_is_the_one_most_presence_answers_are_right_at(loro) -> None:
+    """Regions with empty tiles choose it (a region whose tiles all hold buildings is right at
+    every low threshold); a tie goes to the lowest."""
+    grid = loro.THRESHOLDS
+    full = {t: (0.5, 0.1, 0.5, 1.0 if t <= 0.3 else 0.8) for t in grid}
+    empty = {t: (0.5, 0.1, 0.5, 0.9 if t in (0.25, 0.3) else 0.7) for t in grid}
+    assert loro.pooled_presence({"full": full, "empty": empty}) == 0.25
+    assert loro.pooled_presence({"full": full, "empty": empty}, counting=0.15) == 0.25
+    # Nothing to choose on: the counting threshold stays; without one, the lowest.
+    assert loro.pooled_presence({"full": full}, counting=0.15) == 0.15
+    assert loro.pooled_presence({"full": full}) == grid[0]
+
+
+def test_presence_takes_its_own_threshold_where_one_was_chosen() -> None:
+    from rsvlm.perception import DetectorConfig
+
+    config = DetectorConfig(labels=["building", "aircraft"], threshold=0.3, count_threshold=0.15,
+                            presence_threshold=0.25, class_thresholds={"aircraft": [0.35, 0.4]})
+    assert config.cut("building", "presence") == 0.25
+    assert config.cut("building", "count") == config.cut("building", "rural_urban") == 0.15
+    assert config.cut("building", "find_all") == 0.3
+    assert config.cut("aircraft", "presence") == 0.4  # a class's own thresholds stay its own
+    assert DetectorConfig(count_threshold=0.15).cut("building", "presence") == 0.15
+
+
 def test_folds_read_with_their_refiners_carry_them(loro, tmp_path: Path, monkeypatch) -> None:
     from rsvlm.perception import detector_refiner
     from rsvlm.refine import BoxRefiner
