@@ -59,3 +59,20 @@ $P scripts/bench_scene.py --raster "$D/demo_region/zanzibar_tz/oam_rgb_epsg3857.
 $P scripts/bench_model.py --repeats 3
 $P scripts/experiments/dubai_presence.py --out runs/exp/dubai_presence_up2.json
 $P scripts/experiments/presence_thresholds.py --run runs/loro_up2
+# 6. presence at its own threshold (chosen on the folds): folds rescored (their detectors take
+#    it), the shipped detector written again from the same heads, presence asked again
+$P scripts/loro.py --out runs/loro_up2 --rescore
+$P scripts/ship_detector.py --loro runs/loro_up2 --parts assets/models/embedded --refiner-epochs 0
+for r in zanzibar_tz kampala_ug banepa_np catanduanes_ph atlanta rio; do
+  rm -rf runs/parts/$r && cp -as "$PWD/assets/models/embedded" runs/parts/$r
+  rm -rf runs/parts/$r/detector && cp -r runs/loro_up2/folds/$r/detector runs/parts/$r/
+done
+for r in zanzibar_tz kampala_ug banepa_np catanduanes_ph; do
+  .venv/bin/rsvlm-train eval --task vqa --data "$D/demo_region/$r" --model runs/parts/$r --out runs/refer_up2full/$r.vqa.json
+done
+.venv/bin/rsvlm-train eval --task vqa --data "$D/buildings/spacenet4_atlanta_pan_solaris" --model runs/parts/atlanta --chip-size 450 --out runs/refer_up2full/atlanta.vqa.json
+.venv/bin/rsvlm-train eval --task vqa --data runs/rio_region --model runs/parts/rio --chip-size 400 --out runs/refer_up2full/rio.vqa.json
+$P scripts/experiments/dubai_presence.py --out runs/exp/dubai_presence_up2p.json
+$P scripts/loro.py --out runs/loro_up2 --rescore --card assets/models/embedded/MODEL_CARD.md \
+  --refer runs/refer_up2full --zoom runs/zoom_up2_336.md
+$P scripts/loro_examples.py --run runs/loro_up2 --card assets/models/embedded/MODEL_CARD.md
