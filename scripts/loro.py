@@ -494,9 +494,10 @@ def _held_out_predictions(out: Path, held: str, head: Any = None) -> list:
 
 
 def score_fold(out: Path, held: str, head: Any, threshold: float, count_threshold: float,
-               preds: list | None = None) -> dict:
-    """The held-out region's scores: find-all at ``threshold``; presence, counts and
-    rural/urban at ``count_threshold``."""
+               preds: list | None = None, presence_threshold: float | None = None) -> dict:
+    """The held-out region's scores: find-all at ``threshold``; counts and rural/urban at
+    ``count_threshold``; presence at ``presence_threshold`` (None: the counting one), as the
+    chat path answers it (`DetectorConfig.cut`)."""
     test = _load(out, held, "eval")
     meta = torch.load(out / "cache" / f"{held}.pt", weights_only=False)
     preds = preds if preds is not None else _held_out_predictions(out, held, head)
@@ -516,8 +517,9 @@ def score_fold(out: Path, held: str, head: Any, threshold: float, count_threshol
                                                         count_threshold)["counting"]}
                           if chips is not None else None),
             "threshold": threshold, "count_threshold": count_threshold,
-            "counting_at_count_threshold": {**counted["counting"],
-                                            "presence": counted["presence"]},
+            "counting_at_count_threshold": {**counted["counting"], "presence": (
+                counted if presence_threshold is None else score_detections(
+                    preds, test["boxes"], test["sizes"], presence_threshold))["presence"]},
             "rural_urban": (scene_accuracy(preds, test["boxes"], test["sizes"], meta["gsd"],
                                            count_threshold) if "gsd" in meta else None),
             "per_tile": [{"tile": n, "true": len(b), "predicted": sum(d[4] >= threshold
@@ -615,9 +617,11 @@ def cross_thresholds(out: Path) -> dict[str, dict[float, tuple[float, float]]]:
         if not others:
             continue
         threshold, count_threshold = pooled_thresholds(others)
+        presence_threshold = pooled_presence(others, count_threshold)
         report.setdefault("selection_thresholds", [report["threshold"],
                                                    report.get("count_threshold")])
-        report.update(score_fold(out, held, None, threshold, count_threshold, preds[held]))
+        report.update(score_fold(out, held, None, threshold, count_threshold, preds[held],
+                                 presence_threshold))
         report["thresholds_from"] = "the other folds' held-out regions"
         refiner = fold_refiner(held)
         report["refined_by"] = ([str(d / f"{held}.pt") for d in REFINERS or []]
@@ -634,8 +638,7 @@ def cross_thresholds(out: Path) -> dict[str, dict[float, tuple[float, float]]]:
                                  **save_refiner(refiner, folder.parent)}
         folder.write_text(json.dumps({**config, "threshold": threshold,
                                       "count_threshold": count_threshold,
-                                      "presence_threshold": pooled_presence(
-                                          others, count_threshold)},
+                                      "presence_threshold": presence_threshold},
                                      indent=2) + "\n")
     return curves
 

@@ -76,10 +76,33 @@ class FeatureTTA(nn.Module):
         return torch.logit(prob), edges_to_box(torch.stack(edges).mean(0))
 
 
-def main() -> None:
+def held_out_scores(out: Path, held: str, regions: list[str], model: nn.Module) -> dict:
+    """``model`` (heads read as one) on ``held``'s cached tiles, at the find-all and counting
+    thresholds the other ``regions``' tiles favour read the same way: {"threshold",
+    "count_threshold", "boxes": find-all scores, "counts": scores at the counting one}."""
     import loro
 
     from training.detection import choose_threshold, predict, score_detections
+
+    with torch.inference_mode():
+        sel_p, sel_t, sel_s = [], [], []
+        for other in regions:
+            if other != held:
+                d = loro._load(out, other, "eval")
+                sel_p += predict(model, d["features"], 0.1)
+                sel_t += d["boxes"]
+                sel_s += d["sizes"]
+        thr = choose_threshold(sel_p, sel_t, sel_s)
+        cthr = choose_threshold(sel_p, sel_t, sel_s, metric="count")
+        test = loro._load(out, held, "eval")
+        preds = predict(model, test["features"], 0.1)
+    return {"threshold": thr, "count_threshold": cthr,
+            "boxes": score_detections(preds, test["boxes"], test["sizes"], thr),
+            "counts": score_detections(preds, test["boxes"], test["sizes"], cthr)}
+
+
+def main() -> None:
+    import loro
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/loro_up2")
@@ -90,25 +113,12 @@ def main() -> None:
     regions = args.regions.split(",")
     result = {}
     for held in regions:
-        head, config = loro._fold_head(out, held)
-        head.eval()
+        head = loro._fold_head(out, held)[0].eval()
         for k in map(int, args.views.split(",")):
-            model = FeatureTTA(head, k).eval()
-            with torch.inference_mode():
-                sel_p, sel_t, sel_s = [], [], []
-                for other in regions:
-                    if other == held:
-                        continue
-                    d = loro._load(out, other, "eval")
-                    sel_p += predict(model, d["features"], 0.1)
-                    sel_t += d["boxes"]
-                    sel_s += d["sizes"]
-                thr = choose_threshold(sel_p, sel_t, sel_s)
-                test = loro._load(out, held, "eval")
-                preds = predict(model, test["features"], 0.1)
-            s = score_detections(preds, test["boxes"], test["sizes"], thr)
+            r = held_out_scores(out, held, regions, FeatureTTA(head, k).eval())
+            s = r["boxes"]
             result[(held, k)] = s["f1"]
-            print(f"{held:15s} views {k}: threshold {thr:.2f} F1 {s['f1']:.3f} "
+            print(f"{held:15s} views {k}: threshold {r['threshold']:.2f} F1 {s['f1']:.3f} "
                   f"P {s['precision']:.3f} R {s['recall']:.3f} "
                   f"within20 {s['counting']['within_20pct']:.3f}", flush=True)
     for k in map(int, args.views.split(",")):

@@ -40,8 +40,7 @@ class MixedGrids(nn.Module):
 
 def main() -> None:
     import loro
-
-    from training.detection import choose_threshold, predict, score_detections
+    from feature_tta import held_out_scores
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--coarse", default="runs/loro_p2")
@@ -56,26 +55,13 @@ def main() -> None:
         coarse = loro._fold_head(Path(args.coarse), held)[0].eval()
         fine = loro._fold_head(Path(args.fine), held)[0].eval()
         for w in weights:
-            model = MixedGrids(coarse, fine, w).eval()
-            with torch.inference_mode():
-                sel_p, sel_t, sel_s = [], [], []
-                for other in regions:
-                    if other == held:
-                        continue
-                    d = loro._load(Path(args.fine), other, "eval")
-                    sel_p += predict(model, d["features"], 0.1)
-                    sel_t += d["boxes"]
-                    sel_s += d["sizes"]
-                thr = choose_threshold(sel_p, sel_t, sel_s)
-                cthr = choose_threshold(sel_p, sel_t, sel_s, metric="count")
-                test = loro._load(Path(args.fine), held, "eval")
-                preds = predict(model, test["features"], 0.1)
-            s = score_detections(preds, test["boxes"], test["sizes"], thr)
-            c = score_detections(preds, test["boxes"], test["sizes"], cthr)
+            r = held_out_scores(Path(args.fine), held, regions, MixedGrids(coarse, fine, w).eval())
+            s, c = r["boxes"], r["counts"]
             result[(held, w)] = (s["f1"], c["counting"]["within_20pct"])
-            print(f"{held:15s} coarse weight {w:.2f}: threshold {thr:.2f} F1 {s['f1']:.3f} "
-                  f"P {s['precision']:.3f} R {s['recall']:.3f} | count threshold {cthr:.2f} "
-                  f"within20 {c['counting']['within_20pct']:.3f}", flush=True)
+            print(f"{held:15s} coarse weight {w:.2f}: threshold {r['threshold']:.2f} "
+                  f"F1 {s['f1']:.3f} P {s['precision']:.3f} R {s['recall']:.3f} | count "
+                  f"threshold {r['count_threshold']:.2f} within20 "
+                  f"{c['counting']['within_20pct']:.3f}", flush=True)
     for w in weights:
         f = [result[(r, w)][0] for r in regions]
         c = [result[(r, w)][1] for r in regions]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from training.metrics import box_iou  # noqa: E402  (the IoU `rsvlm-train eval` scores with)
+
 
 def record(args: argparse.Namespace) -> None:
     from rsvlm.engine import ChatEngine
@@ -62,14 +64,6 @@ def _selected(detections, config, question):
     from rsvlm.perception import Perception
 
     return Perception.select(type("P", (), {"config": config})(), detections, "refer", question)
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _area(d) -> float:

@@ -110,6 +110,10 @@ def test_folds_of_several_heads_take_thresholds_from_the_other_folds(loro, tmp_p
     assert len(aa["selection_thresholds"]) == 2
     head, config = loro._fold_head(out, "aa")
     assert (config.threshold, config.count_threshold) == want and config.heads == 2
+    # Presence at its own threshold, chosen on the other fold, and reported as answered there.
+    assert config.presence_threshold == loro.pooled_presence({"bb": curves["bb"]}, want[1])
+    assert aa["counting_at_count_threshold"]["presence"] == curves["aa"][
+        config.presence_threshold][3]
 
 
 def test_a_cache_cut_again_under_another_rule_trains_a_fold_of_finer_maps(loro, tmp_path: Path,
@@ -218,7 +222,7 @@ def test_the_counting_threshold_is_the_one_most_counts_come_within_20_percent_at
 
 def test_the_presence_threshold_is_the_one_most_presence_answers_are_right_at(loro) -> None:
     """Regions with empty tiles choose it (a region whose tiles all hold buildings is right at
-    every low threshold); a tie goes to the lowest."""
+    every low threshold); a tie keeps the counting threshold, else goes to the lowest."""
     grid = loro.THRESHOLDS
     full = {t: (0.5, 0.1, 0.5, 1.0 if t <= 0.3 else 0.8) for t in grid}
     empty = {t: (0.5, 0.1, 0.5, 0.9 if t in (0.25, 0.3) else 0.7) for t in grid}
