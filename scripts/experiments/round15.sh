@@ -1,0 +1,13 @@
+#!/bin/bash
+# Round 15 (docs/benchmarks.md, "Leave-one-region-out perception, round 15"): a stem on the
+# pixels beside the tower's patch tokens. Needs round 14's folds (runs/loro_up2 and the cache
+# in runs/loro_r13/cache: scripts/experiments/round13.sh and round14.sh).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+P=.venv/bin/python
+# 0. where the shipped recipe's misses are
+$P scripts/experiments/misses.py --run runs/loro_up2
+# 1. the cut-again views are the cached ones (the tower on them gives the cached features)
+$P scripts/experiments/pixel_stem.py --run runs/loro_up2 --check
+# 2. one head with the stem per OAM fold against the fold's seed-0 head, on tiles and views
+$P scripts/experiments/pixel_stem.py --run runs/loro_up2 --out runs/exp/pixel_stem
