@@ -11,3 +11,5 @@ $P scripts/experiments/misses.py --run runs/loro_up2
 $P scripts/experiments/pixel_stem.py --run runs/loro_up2 --check
 # 2. one head with the stem per OAM fold against the fold's seed-0 head, on tiles and views
 $P scripts/experiments/pixel_stem.py --run runs/loro_up2 --out runs/exp/pixel_stem
+# 3. a find-all threshold by box size, chosen across the folds' held-out reads
+$P scripts/experiments/size_thresholds.py --run runs/loro_up2
