@@ -105,14 +105,11 @@ def read_pixels(views: list[View]) -> torch.Tensor:
         v.image)).resize((SIZE, SIZE), Image.BICUBIC)) for v in views])).permute(0, 3, 1, 2)
 
 
-def cached_pixels(run: Path, store: Path, name: str, part: str) -> torch.Tensor:
-    """The pixels of ``name``'s cached views of ``part`` as the tower read them (uint8, 448
-    px), cut again from the cache's seeds as `loro.relabelled` cuts them."""
+def cut_again(run: Path, name: str, part: str) -> list[View]:
+    """``name``'s cached views of ``part`` ("eval" or "trainK"), cut again from the cache's
+    seeds as `loro.relabelled` cuts them; checked against the cache's names and boxes."""
     import loro
 
-    path = store / f"{name}.{part}.pt"
-    if path.is_file():
-        return torch.load(path)
     meta = torch.load(run / "cache" / f"{name}.pt", weights_only=False)
     items = loro._region_items(name)
     cached = loro._load(run, name, part)
@@ -134,6 +131,16 @@ def cached_pixels(run: Path, store: Path, name: str, part: str) -> torch.Tensor:
                 [v.image.shape[1], v.image.shape[0]] * 2, np.float32)), b.reshape(-1, 4),
                 atol=1e-4) for v, b in zip(views, cached["boxes"], strict=True)):
         raise SystemExit(f"{name}.{part}: the views cut again are not the cached ones")
+    return views
+
+
+def cached_pixels(run: Path, store: Path, name: str, part: str) -> torch.Tensor:
+    """The pixels of ``name``'s cached views of ``part`` as the tower read them (uint8, 448
+    px), `cut_again`."""
+    path = store / f"{name}.{part}.pt"
+    if path.is_file():
+        return torch.load(path)
+    views = cut_again(run, name, part)
     pixels = read_pixels(views)
     store.mkdir(parents=True, exist_ok=True)
     torch.save(pixels, path)

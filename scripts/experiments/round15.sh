@@ -13,3 +13,8 @@ $P scripts/experiments/pixel_stem.py --run runs/loro_up2 --check
 $P scripts/experiments/pixel_stem.py --run runs/loro_up2 --out runs/exp/pixel_stem
 # 3. a find-all threshold by box size, chosen across the folds' held-out reads
 $P scripts/experiments/size_thresholds.py --run runs/loro_up2
+# 4. round 14's recipes on the held-out areas' augmented views too; counting by threshold;
+#    the tiles and views read at other sizes
+$P scripts/experiments/views_scores.py --runs runs/loro_up2,runs/loro_up4,runs/loro_p4,runs/loro_p2
+$P scripts/experiments/views_scores.py --runs runs/loro_up2 --count-curves
+$P scripts/experiments/views_scores.py --runs runs/loro_up2 --read-sizes 392,504
