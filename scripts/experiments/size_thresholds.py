@@ -1,8 +1,8 @@
 """Leave-one-region-out: one find-all threshold, or one for small boxes and one for large?
 
 Large roofs that a box matches score a median of 0.45-0.56 on a region the detector never
-saw, close to the find-all threshold, and the threshold loses a quarter of them; small boxes
-are more often wrong (`scripts/experiments/misses.py`). Here a box is kept when its score
+saw, close to the find-all threshold, and the threshold loses a quarter of them; small roofs
+are seldom found at all (`scripts/experiments/misses.py`). Here a box is kept when its score
 reaches the threshold of its size: ``small`` below ``split`` of the image's area, ``large``
 from there. Each OAM fold's detector reads its held-out area once (tiles, and the area's 300
 augmented views no fold trained on); the rule for an area is the one with the best pooled F1
