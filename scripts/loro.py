@@ -517,6 +517,7 @@ def score_fold(out: Path, held: str, head: Any, threshold: float, count_threshol
                                                         count_threshold)["counting"]}
                           if chips is not None else None),
             "threshold": threshold, "count_threshold": count_threshold,
+            "presence_threshold": presence_threshold,
             "counting_at_count_threshold": {**counted["counting"], "presence": (
                 counted if presence_threshold is None else score_detections(
                     preds, test["boxes"], test["sizes"], presence_threshold))["presence"]},
@@ -709,7 +710,8 @@ def _fmt(v: object) -> str:
 def table(out: Path, baseline: Path | None) -> str:
     rows = [json.loads(p.read_text()) for p in sorted((out / "folds").glob("*.json"))]
     lines = ["| held-out region | tiles | objects | detector F1 | P | R | presence | "
-             "count exact | count within 20 % | count MAPE | rural/urban (urban tiles) | threshold |",
+             "count exact | count within 20 % | count MAPE | rural/urban (urban tiles) | "
+             "thresholds: boxes / counts / presence |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         # Presence and counts at their own threshold when the fold chose one.
@@ -719,7 +721,9 @@ def table(out: Path, baseline: Path | None) -> str:
                      f"{_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(presence)} | "
                      f"{_fmt(c['exact'])} | {_fmt(c['within_20pct'])} | {_fmt(c['mape'])} | "
                      f"{_scene_cell(r)} | {r['threshold']}"
-                     + (f" / {r['count_threshold']}" if "count_threshold" in r else "") + " |")
+                     + (f" / {r['count_threshold']}" if "count_threshold" in r else "")
+                     + (f" / {r['presence_threshold']}" if r.get("presence_threshold") else "")
+                     + " |")
     if rows:
         def mean(get: Any) -> float:
             return sum(get(r) for r in rows) / len(rows)

@@ -114,6 +114,7 @@ def test_folds_of_several_heads_take_thresholds_from_the_other_folds(loro, tmp_p
     assert config.presence_threshold == loro.pooled_presence({"bb": curves["bb"]}, want[1])
     assert aa["counting_at_count_threshold"]["presence"] == curves["aa"][
         config.presence_threshold][3]
+    assert aa["presence_threshold"] == config.presence_threshold  # the card's table says it
 
 
 def test_a_cache_cut_again_under_another_rule_trains_a_fold_of_finer_maps(loro, tmp_path: Path,
