@@ -159,14 +159,19 @@ def edges_to_box(edges: torch.Tensor) -> torch.Tensor:
 
 
 def detection_targets(boxes: list[torch.Tensor], classes: list[torch.Tensor], grid: int,
-                      n_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      n_classes: int, centre_radius: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gaussian centre heatmaps (batch, classes, grid, grid), box targets (batch, 4, grid, grid:
     x1, y1, x2, y2 in patches) and their weights (batch, grid, grid). Boxes in 0-1 of the image.
 
     Every patch whose centre lies inside an object (the smallest one where objects overlap)
     learns that object's box, weighted by the centre heatmap there: the box is read at the peak,
     but a few dozen labelled objects per region give too few centre patches alone to learn
-    sizes from (FCOS, Tian et al. 2019)."""
+    sizes from (FCOS, Tian et al. 2019).
+
+    ``centre_radius``: the cells up to that many cells from the centre's (inside the object)
+    are centres too, so that a roof's centre need not be placed to one cell of a map finer
+    than the patches that describe it (FCOS's centre sampling)."""
     b = len(boxes)
     heat = torch.zeros(b, n_classes, grid, grid)
     target = torch.zeros(b, 4, grid, grid)
@@ -186,6 +191,9 @@ def detection_targets(boxes: list[torch.Tensor], classes: list[torch.Tensor], gr
             heat[i, c] = torch.maximum(heat[i, c], g)
             heat[i, c, row, col] = 1.0
             inside = (px > x1) & (px < x2) & (py > y1) & (py < y2)
+            if centre_radius:
+                near = ((xs - col).abs() <= centre_radius) & ((ys - row).abs() <= centre_radius)
+                heat[i, c][near & inside] = 1.0
             inside[row, col] = True  # an object smaller than a patch still has its centre
             target[i, :, inside] = torch.tensor([x1, y1, x2, y2]).view(4, 1)
             weight[i, inside] = g[inside].clamp(min=0.1)

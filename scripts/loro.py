@@ -284,7 +284,7 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
              heads: int = 1, input_dropout: float = 0.0,
              object_negatives: bool = False, iou_target: bool = False,
              ignore_below: float = 0.0, min_visible: float | None = None,
-             upsample: int = 1) -> dict | None:
+             upsample: int = 1, centre_radius: int = 0) -> dict | None:
     """One fold: a head trained without the sets of ``fold`` ("kampala_ug", or a group
     "kampala_ug+trees_osbs+aircraft_b": one training holds out a building region and sets of
     other classes at once), scored on each of them (a building region: `folds/NAME.json`, its
@@ -319,7 +319,7 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                        hidden=x.shape[-1], levels=x.shape[1], epochs=epochs, dim=dim,
                        reduce=reduce, convs=convs, input_dropout=input_dropout,
                        iou_target=iou_target, ignore_below=ignore_below, ignore=ignore,
-                       upsample=upsample, **extra)
+                       upsample=upsample, centre_radius=centre_radius, **extra)
     train_s = time.perf_counter() - t0
     settings = {"format": FOLD_FORMAT, "fold": fold, "trained_on": others,
                 "train_views": len(x), "epochs": epochs, "dim": dim, "convs": convs,
@@ -327,7 +327,8 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                 "input_dropout": input_dropout, "train_s": round(train_s, 1), "seed": seed,
                 "classes": classes, "object_negatives": object_negatives,
                 "iou_target": iou_target, "ignore_below": ignore_below,
-                "min_visible": min_visible, "upsample": upsample}
+                "min_visible": min_visible, "upsample": upsample,
+                "centre_radius": centre_radius}
     config = {"labels": classes, "hidden": x.shape[-1], "dim": dim, "convs": convs,
               "heads": heads, "upsample": upsample}
     if class_paths:  # the fold's head, for the card's examples (scripts/loro_examples.py)
@@ -1102,6 +1103,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="dropout on the features while training")
     ap.add_argument("--object-negatives", action="store_true",
                     help="inside a labelled object, the other classes' heatmaps learn background")
+    ap.add_argument("--centre-radius", type=int, default=0,
+                    help="cells this near an object's centre learn it as a centre too")
     ap.add_argument("--iou-target", action="store_true",
                     help="an object's centre learns to score its own box's IoU with it")
     ap.add_argument("--ignore-below", type=float, default=0.0,
@@ -1175,7 +1178,7 @@ def main(argv: list[str] | None = None) -> int:
             run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,
                      args.convs, args.train_files, args.heads, args.input_dropout,
                      args.object_negatives, args.iou_target, args.ignore_below,
-                     args.min_visible, args.upsample)
+                     args.min_visible, args.upsample, args.centre_radius)
         cross_thresholds(out)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))

@@ -236,7 +236,7 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                    object_negatives: bool = False,
                    iou_target: bool = False, ignore_below: float = 0.0,
                    ignore: Sequence[torch.Tensor] | None = None,
-                   upsample: int = 1) -> DenseDetector:
+                   upsample: int = 1, centre_radius: int = 0) -> DenseDetector:
     """The head on cached features, AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
@@ -254,7 +254,9 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     resolution, and mapped in some regions and not in others. ``ignore``: per view, boxes (0-1)
     of objects its edge cuts too far to count (`View.ignore`), left out of their class's
     heatmap in the same way: a part of a roof is neither an object to find nor background.
-    ``upsample``: maps that many times finer than the patch grid (`DenseDetector`)."""
+    ``upsample``: maps that many times finer than the patch grid (`DenseDetector`).
+    ``centre_radius``: cells that near an object's centre learn it as a centre too
+    (`rsvlm.detector.detection_targets`)."""
     torch.manual_seed(seed)
     pca = None
     if init is not None:
@@ -299,7 +301,7 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
             th, tt, tm = detection_targets(tb, [torch.full((len(b),), view_classes[j],
                                                            dtype=torch.long)
                                                 for b, j in zip(tb, idx, strict=True)],
-                                           grid, classes)
+                                           grid, classes, centre_radius)
             mask = known[idx] if known is not None else None
             if mask is not None and object_negatives:
                 mask = mask[:, :, None, None] | (tm > 0)[:, None]

@@ -47,6 +47,20 @@ def test_targets_decode_back_to_the_boxes() -> None:
     assert all(d.label == "building" for d in dets)
 
 
+def test_centre_sampling_makes_the_cells_near_a_large_objects_centre_centres_too() -> None:
+    # A roof of 6 x 6 cells and a shed smaller than a cell, on a 16-cell map.
+    boxes = torch.tensor([[0.25, 0.25, 0.625, 0.625], [0.80, 0.80, 0.84, 0.84]])
+    classes = [torch.zeros(2, dtype=torch.long)]
+    one, _, _ = detection_targets([boxes], classes, 16, 1)
+    near, _, weight = detection_targets([boxes], classes, 16, 1, centre_radius=1)
+    assert (one == 1.0).sum() == 2
+    # the roof: its centre cell and the 8 around it; the shed: its own cell only
+    assert (near == 1.0).sum() == 9 + 1
+    assert (near[0, 0, 6:9, 6:9] == 1.0).all() and near[0, 0, 13, 13] == 1.0
+    assert (near >= one).all() and torch.equal(weight, detection_targets([boxes], classes, 16,
+                                                                         1)[2])
+
+
 def test_loss_prefers_the_right_heatmap() -> None:
     boxes = [torch.tensor([[0.1, 0.1, 0.3, 0.3]])]
     heat, target, weight = detection_targets(boxes, [torch.zeros(1, dtype=torch.long)], 8, 1)
