@@ -18,3 +18,20 @@ $P scripts/experiments/size_thresholds.py --run runs/loro_up2
 $P scripts/experiments/views_scores.py --runs runs/loro_up2,runs/loro_up4,runs/loro_p4,runs/loro_p2
 $P scripts/experiments/views_scores.py --runs runs/loro_up2 --count-curves
 $P scripts/experiments/views_scores.py --runs runs/loro_up2 --read-sizes 392,504
+# 5. centre sampling (the cells next to a roof's centre cell are centres too): one head a fold
+#    against the shipped recipe's seed-0 head, then two heads a fold against runs/loro_up2
+B=kampala_ug,zanzibar_tz,banepa_np,catanduanes_ph,rio,atlanta
+O=trees_yell,trees_osbs,trees_soap,aircraft_a,aircraft_b
+F=kampala_ug+trees_osbs+trees_soap+aircraft_b,zanzibar_tz+aircraft_a,banepa_np,catanduanes_ph
+for run in loro_up1 loro_up1_c1 loro_up2_c1; do
+  mkdir -p runs/$run/members && ln -sfn "$PWD/runs/loro_r13/cache" runs/$run/cache
+done
+for f in ${F//,/ }; do
+  mkdir -p "runs/loro_up1/members/$f" && cp -n "runs/loro_up2/members/$f/seed0.safetensors" "runs/loro_up1/members/$f/"
+done
+$P scripts/loro.py --out runs/loro_up1 --regions $B,$O --convs 3 --train-files 3 --heads 1 --input-dropout 0.3 --upsample 2 --folds $F
+$P scripts/loro.py --out runs/loro_up1_c1 --regions $B,$O --convs 3 --train-files 3 --heads 1 --input-dropout 0.3 --upsample 2 --centre-radius 1 --folds $F
+$P scripts/experiments/views_scores.py --runs runs/loro_up1,runs/loro_up1_c1
+cp -rn runs/loro_up1_c1/members/. runs/loro_up2_c1/members/
+$P scripts/loro.py --out runs/loro_up2_c1 --regions $B,$O --convs 3 --train-files 3 --heads 2 --input-dropout 0.3 --upsample 2 --centre-radius 1 --folds $F
+$P scripts/experiments/views_scores.py --runs runs/loro_up2,runs/loro_up2_c1
