@@ -160,14 +160,11 @@ def _region_items(name: str) -> list:
     return load_sets(DATA, [name])[name]
 
 
-def relabelled(out: Path, name: str, part: str, min_visible: float, seed: int = 0) -> dict:
-    """The boxes of ``name``'s cached views (``part``: "eval" or "trainK") as cut under
-    ``min_visible`` instead of the cache's 0.5, with the boxes each view's edge cuts further
-    (``ignore``, 0-1 of the view). The views are cut again from the same seeds as
-    `build_cache` cut them (no tower pass), kept beside the cache."""
-    path = out / "cache" / f"visible{min_visible:g}" / f"{name}.{part}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=False)
+def cut_again(out: Path, name: str, part: str, min_visible: float = 0.5, seed: int = 0
+              ) -> list[View]:
+    """``name``'s cached views of ``part`` ("eval" or "trainK") with their pixels, cut again
+    from the seeds `build_cache` cut them from (no tower pass); their boxes cut under
+    ``min_visible``."""
     meta = torch.load(out / "cache" / f"{name}.pt", weights_only=False)
     items = _region_items(name)
     cached = _load(out, name, part)
@@ -190,6 +187,18 @@ def relabelled(out: Path, name: str, part: str, min_visible: float, seed: int = 
             tuple(z) for z in cached["sizes"]]:
         raise SystemExit(f"{name}.{part}: the views cut again are not the cached ones "
                          f"(another --seed or data?)")
+    return views
+
+
+def relabelled(out: Path, name: str, part: str, min_visible: float, seed: int = 0) -> dict:
+    """The boxes of ``name``'s cached views (``part``: "eval" or "trainK") as cut under
+    ``min_visible`` instead of the cache's 0.5, with the boxes each view's edge cuts further
+    (``ignore``, 0-1 of the view). The views are cut again from the same seeds as
+    `build_cache` cut them (no tower pass), kept beside the cache."""
+    path = out / "cache" / f"visible{min_visible:g}" / f"{name}.{part}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    views = cut_again(out, name, part, min_visible, seed)
 
     def norm(b: Any, v: View) -> torch.Tensor:
         wh = torch.tensor([v.image.shape[1], v.image.shape[0]] * 2, dtype=torch.float32)

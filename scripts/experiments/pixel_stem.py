@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rsvlm.detector import DenseDetector, box_edges, edges_to_box  # noqa: E402
 from training.detection import (  # noqa: E402
     View,
-    augment_view,
     choose_threshold,
     decode,
     detection_loss,
@@ -58,7 +56,6 @@ from training.detection import (  # noqa: E402
     reduce_features,
     score_detections,
 )
-from training.labelled import cut_tiles  # noqa: E402
 
 log = logging.getLogger("pixel_stem")
 OAM = ["banepa_np", "catanduanes_ph", "kampala_ug", "zanzibar_tz"]
@@ -106,30 +103,15 @@ def read_pixels(views: list[View]) -> torch.Tensor:
 
 
 def cut_again(run: Path, name: str, part: str) -> list[View]:
-    """``name``'s cached views of ``part`` ("eval" or "trainK"), cut again from the cache's
-    seeds as `loro.relabelled` cuts them; checked against the cache's names and boxes."""
+    """``name``'s cached views of ``part`` cut again (`loro.cut_again`), their boxes checked
+    against the cache's as well."""
     import loro
 
-    meta = torch.load(run / "cache" / f"{name}.pt", weights_only=False)
-    items = loro._region_items(name)
+    views = loro.cut_again(run, name, part)
     cached = loro._load(run, name, part)
-    size = items[0].tile or loro.eval_tile_size(items[0].gsd)
-    if part == "eval":
-        views = [View(n, im, b, c) for it in items for n, im, b, c in cut_tiles(it, size)]
-    else:
-        k = int(part[5:] or 0)
-        rng = random.Random(f"0:{name}" + (f":{k}" if k else ""))
-        weights = [it.image.shape[0] * it.image.shape[1] for it in items]
-        changes = meta.get("view_changes", {})
-        size = int(size * meta.get("view_zoom", 1.0))
-        views = [augment_view(rng.choices(items, weights)[0], rng, size, f"{name}_aug{k}_{i}",
-                              gray=changes.get("gray", 0.0), hue=changes.get("hue", 0.0),
-                              coarse=changes.get("coarse", 0.0))
-                 for i in range(len(cached["names"]))]
-    if [v.name for v in views] != list(cached["names"]) or not all(
-            torch.allclose(torch.from_numpy(v.boxes.reshape(-1, 4) / np.array(
-                [v.image.shape[1], v.image.shape[0]] * 2, np.float32)), b.reshape(-1, 4),
-                atol=1e-4) for v, b in zip(views, cached["boxes"], strict=True)):
+    if not all(torch.allclose(torch.from_numpy(v.boxes.reshape(-1, 4) / np.array(
+            [v.image.shape[1], v.image.shape[0]] * 2, np.float32)), b.reshape(-1, 4), atol=1e-4)
+               for v, b in zip(views, cached["boxes"], strict=True)):
         raise SystemExit(f"{name}.{part}: the views cut again are not the cached ones")
     return views
 
