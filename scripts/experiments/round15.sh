@@ -35,3 +35,14 @@ $P scripts/experiments/views_scores.py --runs runs/loro_up1,runs/loro_up1_c1
 cp -rn runs/loro_up1_c1/members/. runs/loro_up2_c1/members/
 $P scripts/loro.py --out runs/loro_up2_c1 --regions $B,$O --convs 3 --train-files 3 --heads 2 --input-dropout 0.3 --upsample 2 --centre-radius 1 --folds $F
 $P scripts/experiments/views_scores.py --runs runs/loro_up2,runs/loro_up2_c1
+# 6. the two heads with centre sampling through the chat path (the card's thresholds)
+for r in kampala_ug zanzibar_tz banepa_np catanduanes_ph; do
+  mkdir -p runs/parts_up2c1 runs/refer_up2c1
+  rm -rf runs/parts_up2c1/$r && cp -as "$PWD/assets/models/embedded" runs/parts_up2c1/$r
+  rm -rf runs/parts_up2c1/$r/detector && cp -r runs/loro_up2_c1/folds/$r/detector runs/parts_up2c1/$r/
+  for task in findall vqa; do
+    .venv/bin/rsvlm-train eval --task $task --data "${DATA:-../shared/data}/demo_region/$r" \
+      --model runs/parts_up2c1/$r --out runs/refer_up2c1/$r.$task.json
+  done
+done
+$P -c "import sys; sys.path.insert(0, 'scripts'); import loro; from pathlib import Path; print(loro.fold_chat_table(Path('runs/refer_up2c1')))"
