@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                        iou_target=fold.get("iou_target", False),
                        ignore_below=fold.get("ignore_below", 0.0),
                        upsample=fold.get("upsample", 1),
+                       centre_radius=fold.get("centre_radius", 0),
                        members=loro / "members" / "shipped", **extra)
     curves = cross_thresholds(loro)
     threshold, count_threshold = pooled_thresholds(curves)

@@ -186,8 +186,14 @@ def test_a_fold_holds_out_a_region_and_sets_of_other_classes_at_once(loro, tmp_p
     # A box refiner's thresholds come from folds scored on refined boxes: say which.
     with pytest.raises(SystemExit, match="--refiners"):
         ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts")])
+    # The shipped heads are trained with the folds' recipe (here, as if with centre sampling).
+    fold_json = sorted((out / "folds").glob("*.json"))[0]
+    fold_json.write_text(json.dumps({**json.loads(fold_json.read_text()), "centre_radius": 1}))
+    recipes, train = [], ship.train_heads
+    ship.train_heads = lambda *a, **k: recipes.append(k) or train(*a, **k)
     assert ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts"),
                       "--refiner-epochs", "0"]) == 0
+    assert [k["centre_radius"] for k in recipes] == [1]
     from rsvlm.perception import load_detector
 
     head, config = load_detector(tmp_path / "parts")
