@@ -5,7 +5,7 @@ Each OAM fold's detector (`RUN/folds/AREA`) on its held-out tiles, at the find-a
 the other OAM areas' tiles favour (`feature_tta.held_out_scores`):
 
 - find-all precision / recall / F1 with a box matching a footprint at IoU 0.5, 0.3 and 0.1
-  (greedy, a footprint matched once);
+  (`training.metrics.match_boxes`, as the evaluation matches);
 - recall at IoU 0.5 by footprint area (pixels of the tile), down to a score of 0.05 and at
   the threshold;
 - for footprints of at least 2,000 px² (45 m² at 0.15 m): the median score of the best box
@@ -28,35 +28,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.detection import predict  # noqa: E402
+from training.metrics import box_iou, detection_scores, match_boxes  # noqa: E402
 
 OAM = ["banepa_np", "catanduanes_ph", "kampala_ug", "zanzibar_tz"]
 BINS = [0, 1000, 2000, 4000, float("inf")]
 LARGE = 2000
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / max(union, 1e-6)
-
-
-def f1_at(preds: list, truths: list, sizes: list, threshold: float, min_iou: float) -> tuple:
+def f1_at(preds: list, truths: list, sizes: list, threshold: float, min_iou: float
+          ) -> dict[str, float | int]:
     tp = n_pred = n_true = 0
     for pred, truth, (w, h) in zip(preds, truths, sizes, strict=True):
         s = np.array([w, h, w, h], np.float32)
         p = [np.array(d[:4]) * s for d in pred if d[4] >= threshold]
         t = [np.array(b) * s for b in truth.tolist()]
-        n_pred, n_true, used = n_pred + len(p), n_true + len(t), set()
-        for pb in p:
-            fits = [(iou(pb, tb), j) for j, tb in enumerate(t) if j not in used]
-            best = max(fits, default=(0.0, None))
-            if best[0] >= min_iou:
-                used.add(best[1])
-                tp += 1
-    precision, recall = tp / max(n_pred, 1), tp / max(n_true, 1)
-    return precision, recall, 2 * precision * recall / max(precision + recall, 1e-9)
+        tp, n_pred, n_true = tp + match_boxes(p, t, min_iou), n_pred + len(p), n_true + len(t)
+    return detection_scores(tp, n_pred, n_true)
 
 
 def main() -> None:
@@ -77,8 +64,8 @@ def main() -> None:
         with torch.inference_mode():
             preds = predict(head, test["features"], 0.02)
         at = {m: f1_at(preds, test["boxes"], test["sizes"], thr, m) for m in (0.5, 0.3, 0.1)}
-        print(f"| {held} | {thr:.2f} | {at[0.5][2]:.3f} | {at[0.3][2]:.3f} | {at[0.1][2]:.3f} "
-              f"| {at[0.1][1]:.2f} |")
+        print(f"| {held} | {thr:.2f} | {at[0.5]['f1']:.3f} | {at[0.3]['f1']:.3f} | "
+              f"{at[0.1]['f1']:.3f} | {at[0.1]['recall']:.2f} |")
         total = np.zeros(len(BINS) - 1)
         found = {0.05: np.zeros(len(BINS) - 1), thr: np.zeros(len(BINS) - 1)}
         large_scores, lost_edge, all_edge = [], [], []
@@ -89,7 +76,7 @@ def main() -> None:
                 area = (tb[2] - tb[0]) * (tb[3] - tb[1])
                 k = int(np.searchsorted(BINS, area, side="right")) - 1
                 total[k] += 1
-                fits = [(iou(np.array(d[:4]) * s, tb), d[4]) for d in pred]
+                fits = [(box_iou(np.array(d[:4]) * s, tb), d[4]) for d in pred]
                 best = max([sc for f, sc in fits if f >= 0.5], default=0.0)
                 for cut, hits in found.items():
                     hits[k] += best >= cut

@@ -37,6 +37,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,18 +131,14 @@ def cached_pixels(run: Path, store: Path, name: str, part: str) -> torch.Tensor:
     return pixels
 
 
-def check_features(run: Path, store: Path, name: str, part: str) -> float:
-    """Cosine between the tower's deepest level on the first cut-again view and the cache's."""
+def check_features(run: Path, store: Path, name: str, part: str, tower: Any) -> float:
+    """Cosine between ``tower`` (a `training.detection.FrozenTower`) on the first cut-again
+    view and the cache's features of it, every level."""
     import loro
 
-    from training.detection import FrozenTower
-
-    tower = FrozenTower()
-    px = normalise(cached_pixels(run, store, name, part)[:1])
-    with torch.inference_mode():
-        out = tower.model(pixel_values=px, output_hidden_states=True)
-    got = out.hidden_states[tower.layers[-1]][0, -1024:].float()
-    want = loro._load(run, name, part)["features"][0, -1].float()
+    image = cached_pixels(run, store, name, part)[0].permute(1, 2, 0).numpy()
+    got = tower([image])[0].float()
+    want = loro._load(run, name, part)["features"][0].float()
     return float(nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0))
 
 
@@ -261,9 +258,12 @@ def main() -> None:
     run, out = Path(args.run), Path(args.out)
     store = Path(args.pixels) if args.pixels else run / "cache" / "pixels448"
     if args.check:
+        from training.detection import FrozenTower
+
+        tower = FrozenTower()
         for name in OAM + ["rio"]:
-            log.info("%s: cosine to the cache %.4f", name, check_features(run, store, name,
-                                                                         "train1"))
+            log.info("%s: cosine to the cache %.4f", name,
+                     check_features(run, store, name, "train1", tower))
         return
     out.mkdir(parents=True, exist_ok=True)
     bsets = OAM + ["rio", "atlanta"]
