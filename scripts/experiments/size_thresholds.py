@@ -20,12 +20,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.detection import predict  # noqa: E402
 from training.metrics import detection_scores, match_boxes  # noqa: E402
 
 OAM = ["banepa_np", "catanduanes_ph", "kampala_ug", "zanzibar_tz"]
@@ -49,6 +47,7 @@ def counts(preds: list, truths: list, sizes: list, small: float, large: float, s
 
 def main() -> None:
     import loro
+    from views_scores import _reads
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/loro_up2")
@@ -57,17 +56,8 @@ def main() -> None:
     tiles, views = {}, {}
     for area in OAM:
         head = loro._fold_head(run, area)[0].eval()
-        with torch.inference_mode():
-            d = loro._load(run, area, "eval")
-            tiles[area] = (predict(head, d["features"], 0.1), d["boxes"], d["sizes"])
-            parts = loro._train_parts(run, area, 3)
-            p, t, s = [], [], []
-            for part in parts:
-                d = loro._load(run, area, part)
-                p += predict(head, d["features"], 0.1)
-                t += d["boxes"]
-                s += d["sizes"]
-            views[area] = (p, t, s)
+        tiles[area] = _reads(run, area, head, ["eval"])
+        views[area] = _reads(run, area, head, loro._train_parts(run, area, 3))
     rules = [(c, c, 1.0) for c in CUTS] + [
         (a, b, s) for a, b, s in itertools.product(CUTS, CUTS, SPLITS) if a != b]
     table = {area: {r: counts(*tiles[area], *r) for r in rules} for area in OAM}
