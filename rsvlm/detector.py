@@ -30,17 +30,22 @@ class DenseDetector(nn.Module):
     """Levels of patch features (batch, grid*grid, hidden) -> (heatmap logits (batch, classes,
     grid, grid), boxes (batch, 4, grid, grid)). With ``upsample`` 2 the maps are twice as fine
     as the patch grid (half a patch a cell): two roofs whose centres share a patch, or lie in
-    neighbouring ones, can then be two peaks."""
+    neighbouring ones, can then be two peaks. With ``dilation`` d, the i-th convolution
+    looks d ** i patches apart (1, 2, 4 for d = 2), so that three of them span 15 patches
+    instead of 7: a large roof seen whole, not as parts each with a centre of its own."""
 
     def __init__(self, hidden: int, levels: int, classes: int = 1, dim: int = 96,
-                 convs: int = 2, upsample: int = 1) -> None:
+                 convs: int = 2, upsample: int = 1, dilation: int = 1) -> None:
         super().__init__()
         self.proj = nn.Sequential(nn.Linear(hidden * levels, dim), nn.GELU())
         layers: list[nn.Module] = []
-        for _ in range(convs):
-            layers += [nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(8, dim), nn.GELU()]
+        for i in range(convs):
+            d = dilation ** i
+            layers += [nn.Conv2d(dim, dim, 3, padding=d, dilation=d), nn.GroupNorm(8, dim),
+                       nn.GELU()]
         self.body = nn.Sequential(*layers)
         self.upsample = upsample
+        self.dilation = dilation
         self.up = (nn.Sequential(nn.Upsample(scale_factor=upsample, mode="bilinear",
                                              align_corners=False),
                                  nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(8, dim),

@@ -53,6 +53,8 @@ class DetectorConfig:
     convs: int = 2
     # Maps this many times finer than the patch grid (`rsvlm.detector.DenseDetector`).
     upsample: int = 1
+    # The convolutions' growing dilation (`rsvlm.detector.DenseDetector`).
+    dilation: int = 1
     # Heads trained from other seeds, read as their average (`rsvlm.detector.DetectorEnsemble`).
     heads: int = 1
     threshold: float = 0.3  # boxes ("find all"): the best F1 on the selection regions
@@ -113,7 +115,8 @@ class DetectorConfig:
 
     def build(self) -> DenseDetector | DetectorEnsemble:
         members = [DenseDetector(self.hidden, len(self.layers), classes=len(self.labels),
-                                 dim=self.dim, convs=self.convs, upsample=self.upsample)
+                                 dim=self.dim, convs=self.convs, upsample=self.upsample,
+                                 dilation=self.dilation)
                    for _ in range(self.heads)]
         return members[0] if self.heads == 1 else DetectorEnsemble(members)
 

@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                        ignore_below=fold.get("ignore_below", 0.0),
                        upsample=fold.get("upsample", 1),
                        centre_radius=fold.get("centre_radius", 0),
+                       dilation=fold.get("dilation", 1),
                        members=loro / "members" / "shipped", **extra)
     curves = cross_thresholds(loro)
     threshold, count_threshold = pooled_thresholds(curves)
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{loro}/cache mixes input sizes {sorted(sizes)}")
     config = DetectorConfig(labels=classes, input_size=sizes.pop(), hidden=x.shape[-1],
                             dim=dim, convs=convs, heads=heads,
-                            upsample=fold.get("upsample", 1), threshold=threshold,
+                            upsample=fold.get("upsample", 1),
+                            dilation=fold.get("dilation", 1), threshold=threshold,
                             count_threshold=count_threshold,
                             presence_threshold=pooled_presence(curves, count_threshold),
                             class_thresholds={c: list(per_class[c]) for c in classes[1:]

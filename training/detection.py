@@ -216,7 +216,7 @@ def compose_projection(head: DenseDetector, mean: torch.Tensor, comps: torch.Ten
     its input layer W x' + b with x' = (x - mean) V becomes (W V^T) x + (b - W V^T mean)."""
     full = DenseDetector(hidden, levels, classes=head.heat.out_channels,
                          dim=head.heat.in_channels, convs=len(head.body) // 3,
-                         upsample=head.upsample)
+                         upsample=head.upsample, dilation=head.dilation)
     state = head.state_dict()
     w, b = state["proj.0.weight"], state["proj.0.bias"]
     state["proj.0.weight"] = w @ comps.T
@@ -236,7 +236,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                    object_negatives: bool = False,
                    iou_target: bool = False, ignore_below: float = 0.0,
                    ignore: Sequence[torch.Tensor] | None = None,
-                   upsample: int = 1, centre_radius: int = 0) -> DenseDetector:
+                   upsample: int = 1, centre_radius: int = 0,
+                   dilation: int = 1) -> DenseDetector:
     """The head on cached features, AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
@@ -256,7 +257,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     heatmap in the same way: a part of a roof is neither an object to find nor background.
     ``upsample``: maps that many times finer than the patch grid (`DenseDetector`).
     ``centre_radius``: cells that near an object's centre learn it as a centre too
-    (`rsvlm.detector.detection_targets`)."""
+    (`rsvlm.detector.detection_targets`). ``dilation``: the convolutions' growing dilation
+    (`DenseDetector`)."""
     torch.manual_seed(seed)
     pca = None
     if init is not None:
@@ -268,7 +270,7 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
         hidden, levels = reduce, 1
     head = (copy.deepcopy(init) if init is not None
             else DenseDetector(hidden, levels, classes=classes, dim=dim, convs=convs,
-                               upsample=upsample))
+                               upsample=upsample, dilation=dilation))
     view_classes = list(view_classes) if view_classes is not None else [0] * len(features)
     n = len(features)
     grid = int(round(features.shape[2] ** 0.5)) * head.upsample
@@ -365,7 +367,8 @@ def train_heads(features: torch.Tensor, boxes: list[torch.Tensor], *, heads: int
             head = DenseDetector(kwargs["hidden"], kwargs["levels"],
                                  classes=kwargs.get("classes", 1),
                                  dim=kwargs.get("dim", 96), convs=kwargs.get("convs", 2),
-                                 upsample=kwargs.get("upsample", 1))
+                                 upsample=kwargs.get("upsample", 1),
+                                 dilation=kwargs.get("dilation", 1))
             head.load_state_dict(load_file(str(path)))
             trained.append(head.eval())
             continue

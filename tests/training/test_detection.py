@@ -461,3 +461,21 @@ def test_coarse_views_are_cut_wider_so_roofs_read_smaller() -> None:
     assert np.mean([len(v.boxes) for v in wide]) > 4 * np.mean([len(v.boxes) for v in plain])
     some = [augment_view(item, random.Random(i), 100, "s", coarse=0.3) for i in range(200)]
     assert 30 <= sum(v.image.shape[0] >= 200 for v in some) <= 90
+
+
+@pytest.mark.parametrize("dilation, steps", [(1, [1, 1, 1]), (2, [1, 2, 4])])
+def test_dilated_convolutions_keep_the_grid_and_round_trip_their_config(dilation, steps,
+                                                                        tmp_path) -> None:
+    from rsvlm.perception import DetectorConfig, load_detector, save_detector
+
+    torch.manual_seed(0)
+    head = DenseDetector(4, 1, dim=8, convs=3, dilation=dilation).eval()
+    assert [m.dilation[0] for m in head.body if isinstance(m, torch.nn.Conv2d)] == steps
+    heat, box = head([torch.randn(1, 32 * 32, 4)])
+    assert heat.shape == (1, 1, 32, 32) and box.shape == (1, 4, 32, 32)
+    save_detector(head, DetectorConfig(hidden=4, layers=[9], dim=8, convs=3,
+                                       dilation=dilation), tmp_path)
+    loaded, config = load_detector(tmp_path)
+    assert config.dilation == dilation
+    assert all(a.equal(b) for a, b in zip(loaded.state_dict().values(),
+                                          head.state_dict().values(), strict=True))

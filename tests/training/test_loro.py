@@ -186,18 +186,20 @@ def test_a_fold_holds_out_a_region_and_sets_of_other_classes_at_once(loro, tmp_p
     # A box refiner's thresholds come from folds scored on refined boxes: say which.
     with pytest.raises(SystemExit, match="--refiners"):
         ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts")])
-    # The shipped heads are trained with the folds' recipe (here, as if with centre sampling).
+    # The shipped heads are trained with the folds' recipe (here, as if with centre sampling and dilation).
     fold_json = sorted((out / "folds").glob("*.json"))[0]
-    fold_json.write_text(json.dumps({**json.loads(fold_json.read_text()), "centre_radius": 1}))
+    fold_json.write_text(json.dumps({**json.loads(fold_json.read_text()), "centre_radius": 1,
+                                     "dilation": 2}))
     recipes, train = [], ship.train_heads
     ship.train_heads = lambda *a, **k: recipes.append(k) or train(*a, **k)
     assert ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts"),
                       "--refiner-epochs", "0"]) == 0
-    assert [k["centre_radius"] for k in recipes] == [1]
+    assert [(k["centre_radius"], k["dilation"]) for k in recipes] == [(1, 2)]
     from rsvlm.perception import load_detector
 
     head, config = load_detector(tmp_path / "parts")
     assert config.labels == ["building", "tree"] and head.heat.out_channels == 2
+    assert config.dilation == head.dilation == 2
     assert config.class_thresholds == {"tree": list(shipped["tree"])}
     # A class is answered only when its held-out sets' F1 reaches --min-f1 (these can't).
     assert config.answers == ["building"] and config.answered == ["building"]
