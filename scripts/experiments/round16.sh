@@ -1,6 +1,6 @@
 #!/bin/bash
 # Round 16 (docs/benchmarks.md, "Leave-one-region-out perception, round 16"): more of the same
-# data, longer training, and the aerial folds without the satellite sets. One head a fold
+# data, longer training, the aerial folds without the satellite sets, dilated convolutions. One head a fold
 # against round 15's seed-0 heads (runs/loro_up1: scripts/experiments/round15.sh, step 5), on the
 # held-out tiles and the held-out areas' 1,200 augmented views. Needs round 13's cache
 # (runs/loro_r13/cache: scripts/experiments/round13.sh).
@@ -11,7 +11,7 @@ B=kampala_ug,zanzibar_tz,banepa_np,catanduanes_ph
 S=rio,atlanta
 O=trees_yell,trees_osbs,trees_soap,aircraft_a,aircraft_b
 F=kampala_ug+trees_osbs+trees_soap+aircraft_b,zanzibar_tz+aircraft_a,banepa_np,catanduanes_ph
-for run in loro_up1_t4 loro_up1_e12 loro_up1_oam; do
+for run in loro_up1_t4 loro_up1_e12 loro_up1_oam loro_up1_d2 loro_up1_s1; do
   mkdir -p runs/$run && ln -sfn "$PWD/runs/loro_r13/cache" runs/$run/cache
 done
 # 1. a fourth cached part of training views per region (train3; 300 -> 400 views an area)
@@ -20,4 +20,12 @@ $P scripts/loro.py --out runs/loro_up1_t4 --regions $B,$S,$O --convs 3 --train-f
 $P scripts/loro.py --out runs/loro_up1_e12 --regions $B,$S,$O --convs 3 --train-files 3 --heads 1 --input-dropout 0.3 --upsample 2 --epochs 12 --folds $F
 # 3. the aerial folds trained without Rio and Atlanta (0.5 m satellite)
 $P scripts/loro.py --out runs/loro_up1_oam --regions $B,$O --convs 3 --train-files 3 --heads 1 --input-dropout 0.3 --upsample 2 --folds $F
-$P scripts/experiments/views_scores.py --runs runs/loro_up1,runs/loro_up1_t4,runs/loro_up1_e12,runs/loro_up1_oam
+# 4. dilated convolutions (1, 2, 4 patches apart)
+$P scripts/loro.py --out runs/loro_up1_d2 --regions $B,$S,$O --convs 3 --train-files 3 --heads 1 --input-dropout 0.3 --upsample 2 --dilation 2 --folds $F
+# 5. how far a seed moves a one-head fold: the shipped recipe's seed-1 heads (runs/loro_up2) read alone
+for f in ${F//,/ }; do
+  mkdir -p "runs/loro_up1_s1/members/$f"
+  cp -n "runs/loro_up2/members/$f/seed1.safetensors" "runs/loro_up1_s1/members/$f/seed0.safetensors"
+done
+$P scripts/loro.py --out runs/loro_up1_s1 --regions $B,$S,$O --convs 3 --train-files 3 --heads 1 --input-dropout 0.3 --upsample 2 --folds $F
+$P scripts/experiments/views_scores.py --runs runs/loro_up1,runs/loro_up1_s1,runs/loro_up1_t4,runs/loro_up1_e12,runs/loro_up1_oam,runs/loro_up1_d2
