@@ -293,7 +293,8 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
              heads: int = 1, input_dropout: float = 0.0,
              object_negatives: bool = False, iou_target: bool = False,
              ignore_below: float = 0.0, min_visible: float | None = None,
-             upsample: int = 1, centre_radius: int = 0, dilation: int = 1) -> dict | None:
+             upsample: int = 1, centre_radius: int = 0, dilation: int = 1,
+             lr: float = 2e-3) -> dict | None:
     """One fold: a head trained without the sets of ``fold`` ("kampala_ug", or a group
     "kampala_ug+trees_osbs+aircraft_b": one training holds out a building region and sets of
     other classes at once), scored on each of them (a building region: `folds/NAME.json`, its
@@ -329,7 +330,7 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                        reduce=reduce, convs=convs, input_dropout=input_dropout,
                        iou_target=iou_target, ignore_below=ignore_below, ignore=ignore,
                        upsample=upsample, centre_radius=centre_radius, dilation=dilation,
-                       **extra)
+                       lr=lr, **extra)
     train_s = time.perf_counter() - t0
     settings = {"format": FOLD_FORMAT, "fold": fold, "trained_on": others,
                 "train_views": len(x), "epochs": epochs, "dim": dim, "convs": convs,
@@ -338,7 +339,7 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                 "classes": classes, "object_negatives": object_negatives,
                 "iou_target": iou_target, "ignore_below": ignore_below,
                 "min_visible": min_visible, "upsample": upsample,
-                "centre_radius": centre_radius, "dilation": dilation}
+                "centre_radius": centre_radius, "dilation": dilation, "lr": lr}
     config = {"labels": classes, "hidden": x.shape[-1], "dim": dim, "convs": convs,
               "heads": heads, "upsample": upsample, "dilation": dilation}
     if class_paths:  # the fold's head, for the card's examples (scripts/loro_examples.py)
@@ -1128,6 +1129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dilation", type=int, default=1,
                     help="the i-th 3 x 3 convolution looks this ** i patches apart")
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     ap.add_argument("--dim", type=int, default=64, help="detector width")
     ap.add_argument("--convs", type=int, default=2, help="3 x 3 convolutions of the detector")
     ap.add_argument("--reduce", type=int, default=128,
@@ -1190,7 +1192,8 @@ def main(argv: list[str] | None = None) -> int:
             run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,
                      args.convs, args.train_files, args.heads, args.input_dropout,
                      args.object_negatives, args.iou_target, args.ignore_below,
-                     args.min_visible, args.upsample, args.centre_radius, args.dilation)
+                     args.min_visible, args.upsample, args.centre_radius, args.dilation,
+                     args.lr)
         cross_thresholds(out)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))

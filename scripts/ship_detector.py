@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                        ignore_below=fold.get("ignore_below", 0.0),
                        upsample=fold.get("upsample", 1),
                        centre_radius=fold.get("centre_radius", 0),
-                       dilation=fold.get("dilation", 1),
+                       dilation=fold.get("dilation", 1), lr=fold.get("lr", 2e-3),
                        members=loro / "members" / "shipped", **extra)
     curves = cross_thresholds(loro)
     threshold, count_threshold = pooled_thresholds(curves)

@@ -33,6 +33,6 @@ $P scripts/experiments/views_scores.py --runs runs/loro_up1,runs/loro_up1_s1,run
 for lr in 1e-3 4e-3; do
   run=runs/loro_up1_lr${lr:0:1}
   mkdir -p $run && ln -sfn "$PWD/runs/loro_r13/cache" $run/cache
-  $P scripts/experiments/learning_rate.py --lr $lr --out $run --regions $B,$S,$O --convs 3 --train-files 3 --heads 1 --input-dropout 0.3 --upsample 2 --folds $F
+  $P scripts/loro.py --lr $lr --out $run --regions $B,$S,$O --convs 3 --train-files 3 --heads 1 --input-dropout 0.3 --upsample 2 --folds $F
 done
 $P scripts/experiments/views_scores.py --runs runs/loro_up1,runs/loro_up1_lr1,runs/loro_up1_lr4

@@ -189,12 +189,12 @@ def test_a_fold_holds_out_a_region_and_sets_of_other_classes_at_once(loro, tmp_p
     # The shipped heads are trained with the folds' recipe (here, as if with centre sampling and dilation).
     fold_json = sorted((out / "folds").glob("*.json"))[0]
     fold_json.write_text(json.dumps({**json.loads(fold_json.read_text()), "centre_radius": 1,
-                                     "dilation": 2}))
+                                     "dilation": 2, "lr": 1e-3}))
     recipes, train = [], ship.train_heads
     ship.train_heads = lambda *a, **k: recipes.append(k) or train(*a, **k)
     assert ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts"),
                       "--refiner-epochs", "0"]) == 0
-    assert [(k["centre_radius"], k["dilation"]) for k in recipes] == [(1, 2)]
+    assert [(k["centre_radius"], k["dilation"], k["lr"]) for k in recipes] == [(1, 2, 1e-3)]
     from rsvlm.perception import load_detector
 
     head, config = load_detector(tmp_path / "parts")
