@@ -294,7 +294,8 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
              object_negatives: bool = False, iou_target: bool = False,
              ignore_below: float = 0.0, min_visible: float | None = None,
              upsample: int = 1, centre_radius: int = 0, dilation: int = 1,
-             lr: float = 2e-3) -> dict | None:
+             lr: float = 2e-3, weight_decay: float = 0.05,
+             batch_size: int = 16) -> dict | None:
     """One fold: a head trained without the sets of ``fold`` ("kampala_ug", or a group
     "kampala_ug+trees_osbs+aircraft_b": one training holds out a building region and sets of
     other classes at once), scored on each of them (a building region: `folds/NAME.json`, its
@@ -330,7 +331,7 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                        reduce=reduce, convs=convs, input_dropout=input_dropout,
                        iou_target=iou_target, ignore_below=ignore_below, ignore=ignore,
                        upsample=upsample, centre_radius=centre_radius, dilation=dilation,
-                       lr=lr, **extra)
+                       lr=lr, weight_decay=weight_decay, batch_size=batch_size, **extra)
     train_s = time.perf_counter() - t0
     settings = {"format": FOLD_FORMAT, "fold": fold, "trained_on": others,
                 "train_views": len(x), "epochs": epochs, "dim": dim, "convs": convs,
@@ -339,7 +340,8 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                 "classes": classes, "object_negatives": object_negatives,
                 "iou_target": iou_target, "ignore_below": ignore_below,
                 "min_visible": min_visible, "upsample": upsample,
-                "centre_radius": centre_radius, "dilation": dilation, "lr": lr}
+                "centre_radius": centre_radius, "dilation": dilation, "lr": lr,
+                "weight_decay": weight_decay, "batch_size": batch_size}
     config = {"labels": classes, "hidden": x.shape[-1], "dim": dim, "convs": convs,
               "heads": heads, "upsample": upsample, "dilation": dilation}
     if class_paths:  # the fold's head, for the card's examples (scripts/loro_examples.py)
@@ -1130,6 +1132,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the i-th 3 x 3 convolution looks this ** i patches apart")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    ap.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's weight decay")
+    ap.add_argument("--batch-size", type=int, default=16, help="training views a step")
     ap.add_argument("--dim", type=int, default=64, help="detector width")
     ap.add_argument("--convs", type=int, default=2, help="3 x 3 convolutions of the detector")
     ap.add_argument("--reduce", type=int, default=128,
@@ -1193,7 +1197,7 @@ def main(argv: list[str] | None = None) -> int:
                      args.convs, args.train_files, args.heads, args.input_dropout,
                      args.object_negatives, args.iou_target, args.ignore_below,
                      args.min_visible, args.upsample, args.centre_radius, args.dilation,
-                     args.lr)
+                     args.lr, args.weight_decay, args.batch_size)
         cross_thresholds(out)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))

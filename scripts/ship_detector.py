@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                        upsample=fold.get("upsample", 1),
                        centre_radius=fold.get("centre_radius", 0),
                        dilation=fold.get("dilation", 1), lr=fold.get("lr", 2e-3),
+                       weight_decay=fold.get("weight_decay", 0.05),
+                       batch_size=fold.get("batch_size", 16),
                        members=loro / "members" / "shipped", **extra)
     curves = cross_thresholds(loro)
     threshold, count_threshold = pooled_thresholds(curves)

@@ -237,7 +237,7 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                    iou_target: bool = False, ignore_below: float = 0.0,
                    ignore: Sequence[torch.Tensor] | None = None,
                    upsample: int = 1, centre_radius: int = 0,
-                   dilation: int = 1) -> DenseDetector:
+                   dilation: int = 1, weight_decay: float = 0.05) -> DenseDetector:
     """The head on cached features, AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
@@ -258,7 +258,7 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     ``upsample``: maps that many times finer than the patch grid (`DenseDetector`).
     ``centre_radius``: cells that near an object's centre learn it as a centre too
     (`rsvlm.detector.detection_targets`). ``dilation``: the convolutions' growing dilation
-    (`DenseDetector`)."""
+    (`DenseDetector`). ``weight_decay``: AdamW's decoupled decay."""
     torch.manual_seed(seed)
     pca = None
     if init is not None:
@@ -275,7 +275,7 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     n = len(features)
     grid = int(round(features.shape[2] ** 0.5)) * head.upsample
     steps = epochs * math.ceil(n / batch_size)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
                                                 pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)

@@ -186,15 +186,18 @@ def test_a_fold_holds_out_a_region_and_sets_of_other_classes_at_once(loro, tmp_p
     # A box refiner's thresholds come from folds scored on refined boxes: say which.
     with pytest.raises(SystemExit, match="--refiners"):
         ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts")])
-    # The shipped heads are trained with the folds' recipe (here, as if with centre sampling and dilation).
+    # The shipped heads are trained with the folds' recipe (here, as if with centre sampling,
+    # dilation and another optimiser).
     fold_json = sorted((out / "folds").glob("*.json"))[0]
     fold_json.write_text(json.dumps({**json.loads(fold_json.read_text()), "centre_radius": 1,
-                                     "dilation": 2, "lr": 1e-3}))
+                                     "dilation": 2, "lr": 1e-3, "weight_decay": 0.2,
+                                     "batch_size": 8}))
     recipes, train = [], ship.train_heads
     ship.train_heads = lambda *a, **k: recipes.append(k) or train(*a, **k)
     assert ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts"),
                       "--refiner-epochs", "0"]) == 0
-    assert [(k["centre_radius"], k["dilation"], k["lr"]) for k in recipes] == [(1, 2, 1e-3)]
+    assert [(k["centre_radius"], k["dilation"], k["lr"], k["weight_decay"], k["batch_size"])
+            for k in recipes] == [(1, 2, 1e-3, 0.2, 8)]
     from rsvlm.perception import load_detector
 
     head, config = load_detector(tmp_path / "parts")
