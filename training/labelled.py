@@ -125,6 +125,31 @@ def spacenet_atlanta(root: Path) -> list[LabelledImage]:
                             folder / "buildings_epsg32616.geojson", "atlanta", gsd=0.5)]
 
 
+# LoveDA's label ids (Wang et al. 2021): 0 no data, 1 background, 2 building, 3 road, ...
+LOVEDA_BUILDING = 2
+
+
+def loveda(root: Path) -> list[LabelledImage]:
+    """LoveDA's three rural crops (Nanjing / Changzhou / Wuhan, 0.3 m aerial) of MMSegmentation's
+    test data: a few farmsteads among fields, ponds and woods, each building mask a box. Most
+    of what they teach is what is not a roof. (The ISPRS crops beside them are left out:
+    Potsdam's 512 px at 5 cm hold two roofs cut by the edge, and Vaihingen's are false colour,
+    near-infrared as red, which no analyst's RGB upload looks like.)"""
+    folder = root / "labelled_more" / "mmseg_test_samples" / "pseudo_loveda_dataset"
+    out = []
+    for img in sorted((folder / "img_dir").glob("*.png")):
+        from PIL import Image
+
+        with Image.open(folder / "ann_dir" / img.name) as im:
+            mask = np.asarray(im)
+        boxes = mask_boxes(mask == LOVEDA_BUILDING)
+        out.append(LabelledImage("loveda", img.stem, _read_rgb(img), boxes,
+                                 ["building"] * len(boxes), 0.3))
+    if not out:
+        raise FileNotFoundError(f"no LoveDA crops in {folder}")
+    return out
+
+
 def _voc_boxes(xml: Path) -> np.ndarray:
     """Pascal VOC boxes (every object, whatever its name) in pixels."""
     import xml.etree.ElementTree as ET
@@ -204,6 +229,7 @@ SETS: dict[str, Callable[[Path], list[LabelledImage]]] = {
     **{a: (lambda root, a=a: demo_area(root, a)) for a in DEMO_AREAS},
     "rio": spacenet_rio,
     "atlanta": spacenet_atlanta,
+    "loveda": loveda,
 }
 
 # Sets of other classes than buildings, trained on alongside the building regions (every set

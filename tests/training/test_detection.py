@@ -2,6 +2,7 @@
 labelled sets' box geometry (crops, quarter turns, mirrors, masks)."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -479,3 +480,25 @@ def test_dilated_convolutions_keep_the_grid_and_round_trip_their_config(dilation
     assert config.dilation == dilation
     assert all(a.equal(b) for a, b in zip(loaded.state_dict().values(),
                                           head.state_dict().values(), strict=True))
+
+
+def test_loveda_buildings_are_the_mask_components_of_its_building_id(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from training.labelled import LOVEDA_BUILDING, load_sets
+
+    folder = tmp_path / "labelled_more" / "mmseg_test_samples" / "pseudo_loveda_dataset"
+    (folder / "img_dir").mkdir(parents=True)
+    (folder / "ann_dir").mkdir()
+    label = np.ones((64, 64), np.uint8)  # background
+    label[4:10, 5:20] = LOVEDA_BUILDING
+    label[30:50, 40:44] = LOVEDA_BUILDING
+    label[55:60, :] = 3  # a road is not a building
+    Image.fromarray(label, "L").save(folder / "ann_dir" / "0.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "img_dir" / "0.png")
+    (item,) = load_sets(tmp_path, ["loveda"])["loveda"]
+    assert item.region == "loveda" and item.gsd == 0.3 and item.image.shape == (64, 64, 3)
+    assert sorted(item.boxes.tolist()) == [[5, 4, 20, 10], [40, 30, 44, 50]]
+    assert item.labels == ["building", "building"]
+    # Without the crops the set is skipped, and says so, as every other missing set is.
+    assert "loveda" not in load_sets(tmp_path / "absent", ["loveda"])
