@@ -47,6 +47,7 @@ from training.detection import (  # noqa: E402
 from training.labelled import (  # noqa: E402
     CLASS_SETS,
     DETECTOR_CLASSES,
+    NAMED_SETS,
     SETS,
     cut_tiles,
     known_classes,
@@ -1102,7 +1103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/loro")
     ap.add_argument("--regions", default=",".join(SETS),
                     help="comma list (folds are held out of these); sets of other classes "
-                         f"({', '.join(CLASS_SETS)}) make a multi-class detector")
+                         f"({', '.join(CLASS_SETS)}) make a multi-class detector; building "
+                         f"sets outside the default ({', '.join(NAMED_SETS)}) train when named")
     ap.add_argument("--cache-only", action="store_true",
                     help="only cache the regions' features (another --min/--max-views each)")
     ap.add_argument("--views-per-tile", type=int, default=4)
