@@ -1,5 +1,5 @@
 #!/bin/bash
-# Round 17 (docs/benchmarks.md, "Leave-one-region-out perception, round 17"): the optimiser's last
+# Round 17, steps 1-2 (docs/benchmarks.md, "Leave-one-region-out perception, round 17"): the optimiser's last
 # untried settings, weight decay and batch size. One head a fold against round 15's seed-0 heads
 # (runs/loro_up1: scripts/experiments/round15.sh, step 5) and their seed-1 twins
 # (runs/loro_up1_s1: round16.sh, step 5), on the held-out tiles and the held-out areas' 1,200
