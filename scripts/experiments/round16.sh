@@ -6,14 +6,8 @@
 # (runs/loro_r13/cache: scripts/experiments/round13.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-P=.venv/bin/python
-B=kampala_ug,zanzibar_tz,banepa_np,catanduanes_ph
-S=rio,atlanta
-O=trees_yell,trees_osbs,trees_soap,aircraft_a,aircraft_b
-F=kampala_ug+trees_osbs+trees_soap+aircraft_b,zanzibar_tz+aircraft_a,banepa_np,catanduanes_ph
-for run in loro_up1_t4 loro_up1_e12 loro_up1_oam loro_up1_d2 loro_up1_s1; do
-  mkdir -p runs/$run && ln -sfn "$PWD/runs/loro_r13/cache" runs/$run/cache
-done
+. scripts/experiments/one_head.sh
+on_r13_cache loro_up1_t4 loro_up1_e12 loro_up1_oam loro_up1_d2 loro_up1_s1
 # 1. a fourth cached part of training views per region (train3; 300 -> 400 views an area)
 $P scripts/loro.py --out runs/loro_up1_t4 --regions $B,$S,$O --convs 3 --train-files 4 --heads 1 --input-dropout 0.3 --upsample 2 --folds $F
 # 2. 12 epochs instead of 8
