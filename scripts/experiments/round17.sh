@@ -26,3 +26,7 @@ $P scripts/experiments/views_scores.py --runs runs/loro_up1,runs/loro_up1_s1,$ru
 $P scripts/loro.py --out runs/loro_up1_wd10 --weight-decay 1.0 --regions $B,$S,$O $RECIPE
 $P scripts/loro.py --out runs/loro_up1_b8 --batch-size 8 --regions $B,$S,$O $RECIPE
 $P scripts/experiments/views_scores.py --runs runs/loro_up1,runs/loro_up1_s1,runs/loro_up1_wd3,runs/loro_up1_wd10,runs/loro_up1_b8
+# 5. a third seed of the baseline, for the size of a seed's move
+on_r13_cache loro_up1_s2
+$P scripts/loro.py --out runs/loro_up1_s2 --seed 2 --regions $B,$S,$O $RECIPE
+$P scripts/experiments/views_scores.py --runs runs/loro_up1,runs/loro_up1_s1,runs/loro_up1_s2
