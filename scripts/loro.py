@@ -1195,11 +1195,14 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise SystemExit(f"folds name sets that are not cached in {out}: {sorted(missing)}")
         for held in folds:
-            run_fold(out, held, names, args.epochs, args.seed, args.dim, args.reduce or None,
-                     args.convs, args.train_files, args.heads, args.input_dropout,
-                     args.object_negatives, args.iou_target, args.ignore_below,
-                     args.min_visible, args.upsample, args.centre_radius, args.dilation,
-                     args.lr, args.weight_decay, args.batch_size)
+            run_fold(out, held, names, args.epochs, args.seed, dim=args.dim,
+                     reduce=args.reduce or None, convs=args.convs, train_files=args.train_files,
+                     heads=args.heads, input_dropout=args.input_dropout,
+                     object_negatives=args.object_negatives, iou_target=args.iou_target,
+                     ignore_below=args.ignore_below, min_visible=args.min_visible,
+                     upsample=args.upsample, centre_radius=args.centre_radius,
+                     dilation=args.dilation, lr=args.lr, weight_decay=args.weight_decay,
+                     batch_size=args.batch_size)
         cross_thresholds(out)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))

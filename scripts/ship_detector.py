@@ -53,6 +53,11 @@ from training.refine import (  # noqa: E402
     train_refiner,
 )
 
+# The folds' training settings (`scripts/loro.py` records them) that the shipped heads are
+# trained with; a field an older fold lacks keeps `train_detector`'s default.
+TRAINING_FIELDS = ("input_dropout", "iou_target", "ignore_below", "upsample", "centre_radius",
+                   "dilation", "lr", "weight_decay", "batch_size")
+
 
 def shipped_refiner(args: argparse.Namespace, path: Path) -> BoxRefiner:
     """The box refiner on every labelled building and aircraft set (kept at ``path``)."""
@@ -111,15 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = class_training(classes, view_classes, known, fold.get("object_negatives", False))
     head = train_heads(x, boxes, heads=heads, seed=args.seed, hidden=x.shape[-1],
                        levels=x.shape[1], epochs=epochs, dim=dim, reduce=reduce, convs=convs,
-                       input_dropout=fold.get("input_dropout", 0.0),
-                       iou_target=fold.get("iou_target", False),
-                       ignore_below=fold.get("ignore_below", 0.0),
-                       upsample=fold.get("upsample", 1),
-                       centre_radius=fold.get("centre_radius", 0),
-                       dilation=fold.get("dilation", 1), lr=fold.get("lr", 2e-3),
-                       weight_decay=fold.get("weight_decay", 0.05),
-                       batch_size=fold.get("batch_size", 16),
-                       members=loro / "members" / "shipped", **extra)
+                       members=loro / "members" / "shipped",
+                       **{k: fold[k] for k in TRAINING_FIELDS if k in fold}, **extra)
     curves = cross_thresholds(loro)
     threshold, count_threshold = pooled_thresholds(curves)
     per_class = class_table(loro)[1] if (loro / "class_folds").is_dir() else {}

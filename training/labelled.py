@@ -135,11 +135,11 @@ def loveda(root: Path) -> list[LabelledImage]:
     of what they teach is what is not a roof. (The ISPRS crops beside them are left out:
     Potsdam's 512 px at 5 cm hold two roofs cut by the edge, and Vaihingen's are false colour,
     near-infrared as red, which no analyst's RGB upload looks like.)"""
+    from PIL import Image
+
     folder = root / "labelled_more" / "mmseg_test_samples" / "pseudo_loveda_dataset"
     out = []
     for img in sorted((folder / "img_dir").glob("*.png")):
-        from PIL import Image
-
         with Image.open(folder / "ann_dir" / img.name) as im:
             mask = np.asarray(im)
         boxes = mask_boxes(mask == LOVEDA_BUILDING)

@@ -25,8 +25,8 @@ $P scripts/loro.py --out runs/loro_up1_s1 --regions $B,$S,$O --convs 3 --train-f
 $P scripts/experiments/views_scores.py --runs runs/loro_up1,runs/loro_up1_s1,runs/loro_up1_t4,runs/loro_up1_e12,runs/loro_up1_oam,runs/loro_up1_d2
 # 6. the peak learning rate halved and doubled (2e-3 in every round so far)
 for lr in 1e-3 4e-3; do
-  run=runs/loro_up1_lr${lr:0:1}
-  mkdir -p $run && ln -sfn "$PWD/runs/loro_r13/cache" $run/cache
-  $P scripts/loro.py --lr $lr --out $run --regions $B,$S,$O --convs 3 --train-files 3 --heads 1 --input-dropout 0.3 --upsample 2 --folds $F
+  run=loro_up1_lr${lr:0:1}
+  on_r13_cache $run
+  $P scripts/loro.py --lr $lr --out runs/$run --regions $B,$S,$O --convs 3 --train-files 3 --heads 1 --input-dropout 0.3 --upsample 2 --folds $F
 done
 $P scripts/experiments/views_scores.py --runs runs/loro_up1,runs/loro_up1_lr1,runs/loro_up1_lr4
