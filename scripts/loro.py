@@ -70,12 +70,15 @@ CHUNK = 100  # training views per cache file: a larger --max-views adds files, k
 def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
                 min_views: int, max_views: int, seed: int, input_size: int = INPUT_SIZE,
                 zoom_gsd: float | None = None, zoom_crop: float = 0.6, gray: float = 0.0,
-                hue: float = 0.0, coarse: float = 0.0) -> None:
+                hue: float = 0.0, coarse: float = 0.0, layers: list[int] | None = None) -> None:
     """Per region: its scoring tiles and augmented training views through the frozen tower,
     cached (`NAME.eval.pt`, `NAME.train*.pt`). Training views are added in files of `CHUNK`,
     each from its own seed, until the region has as many as asked: raising the counts tops a
     cache up instead of rebuilding it. With ``zoom_gsd``, views of regions that coarse are cut
-    `zoom_crop` as large, as the chat path reads such imagery (`DetectorConfig.zoom_gsd`)."""
+    `zoom_crop` as large, as the chat path reads such imagery (`DetectorConfig.zoom_gsd`).
+    ``layers``: the tower's levels cached (None: the detector's, `DetectorConfig.layers`); a
+    run reads all of them or those its `--levels` names (`_load`)."""
+    layers = list(layers or DetectorConfig().layers)
     tower = None
     for name in names:
         path = out / "cache" / f"{name}.pt"
@@ -83,6 +86,9 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
         if meta and meta.get("input_size", INPUT_SIZE) != input_size:
             raise SystemExit(f"{out} caches features at {meta.get('input_size', INPUT_SIZE)} px, "
                              f"not {input_size}: use another --out")
+        if meta and meta.get("layers", DetectorConfig().layers) != layers:
+            raise SystemExit(f"{out} caches the tower's levels {meta.get('layers')}, not "
+                             f"{layers}: use another --out")
         items = None
         if "eval" not in meta or "gsd" not in meta:
             items = load_sets(root, [name]).get(name)
@@ -91,10 +97,10 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             size = items[0].tile or eval_tile_size(items[0].gsd)
             evals = [View(n, im, b) for it in items for n, im, b in tiles(it, size)]
             if "eval" not in meta:
-                tower = tower or FrozenTower(size=input_size)
+                tower = tower or FrozenTower(size=input_size, layers=layers)
                 cache_views(tower, evals, path.with_name(f"{name}.eval.pt"))
             meta = {**meta, "region": name, "eval": len(evals), "gsd": items[0].gsd,
-                    "input_size": input_size}
+                    "input_size": input_size, "layers": layers}
             torch.save(meta, path)
         zoom = zoom_crop if zoom_gsd is not None and meta["gsd"] >= zoom_gsd else 1.0
         if meta.get("train") and meta.get("view_zoom", 1.0) != zoom:
@@ -113,7 +119,7 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
         t0, k = time.perf_counter(), len(_chunk_sizes(out, name))
         while have < wanted:
             items = items or load_sets(root, [name])[name]
-            tower = tower or FrozenTower(size=input_size)
+            tower = tower or FrozenTower(size=input_size, layers=layers)
             rng = random.Random(f"{seed}:{name}" + (f":{k}" if k else ""))
             weights = [it.image.shape[0] * it.image.shape[1] for it in items]
             size = int((items[0].tile or eval_tile_size(items[0].gsd)) * zoom)
@@ -151,9 +157,46 @@ def _train_parts(out: Path, name: str, files: int | None = None) -> list[str]:
     return [f.name.split(".")[1] for f in _chunk_sizes(out, name)][:files]
 
 
+def _ints(text: str | None) -> list[int] | None:
+    return [int(v) for v in text.split(",")] if text else None
+
+
+def read_levels(out: Path) -> list[int] | None:
+    """The tower's levels ``out``'s folds read (`--levels`, kept in ``out/levels.json``); None:
+    every level its cache holds."""
+    path = out / "levels.json"
+    return json.loads(path.read_text())["levels"] if path.is_file() else None
+
+
+def keep_levels(out: Path, levels: list[int] | None) -> None:
+    """Record ``levels`` as ``out``'s (`read_levels`); a run whose folds read others stops."""
+    if levels is None:
+        return
+    if read_levels(out) not in (None, levels):
+        raise SystemExit(f"{out}'s folds read the levels {read_levels(out)}, not {levels}: "
+                         "use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "levels.json").write_text(json.dumps({"levels": levels}))
+
+
+def cached_layers(out: Path, name: str) -> list[int]:
+    meta = torch.load(out / "cache" / f"{name}.pt", weights_only=False)
+    return list(meta.get("layers", DetectorConfig().layers))
+
+
 def _load(out: Path, name: str, part: str) -> dict:
     # Memory-mapped: a fold concatenates gigabytes of features, read once into the result.
-    return torch.load(out / "cache" / f"{name}.{part}.pt", weights_only=False, mmap=True)
+    data = torch.load(out / "cache" / f"{name}.{part}.pt", weights_only=False, mmap=True)
+    levels = read_levels(out)
+    if levels is None:
+        return data
+    cached = cached_layers(out, name)
+    missing = sorted(set(levels) - set(cached))
+    if missing:
+        raise SystemExit(f"{out}'s cache of {name} holds the levels {cached}, not {missing}")
+    if levels == cached:
+        return data
+    return {**data, "features": data["features"][:, [cached.index(v) for v in levels]]}
 
 
 @functools.lru_cache(maxsize=1)  # `relabelled_stack` reads a region's parts one after another
@@ -343,8 +386,11 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                 "min_visible": min_visible, "upsample": upsample,
                 "centre_radius": centre_radius, "dilation": dilation, "lr": lr,
                 "weight_decay": weight_decay, "batch_size": batch_size}
+    # The tower's levels the head read: the detector that loads it must run the same.
+    settings["levels"] = read_levels(out) or cached_layers(out, others[0])
     config = {"labels": classes, "hidden": x.shape[-1], "dim": dim, "convs": convs,
-              "heads": heads, "upsample": upsample, "dilation": dilation}
+              "heads": heads, "upsample": upsample, "dilation": dilation,
+              "layers": settings["levels"]}
     if class_paths:  # the fold's head, for the card's examples (scripts/loro_examples.py)
         save_detector(head, DetectorConfig(**config, notes={"held_out": group}),
                       out / "class_folds" / fold)
@@ -1140,6 +1186,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--convs", type=int, default=2, help="3 x 3 convolutions of the detector")
     ap.add_argument("--reduce", type=int, default=128,
                     help="train on this many principal components of the levels (0: all)")
+    ap.add_argument("--cache-layers", default=None,
+                    help="the tower's levels a new cache holds, comma-separated (default: the "
+                         "detector's, 7,9,11); 12 is the last block's")
+    ap.add_argument("--levels", default=None,
+                    help="the cached levels this run's folds read, comma-separated (default: "
+                         "all the cache holds); kept in OUT/levels.json")
     ap.add_argument("--input-size", type=int, default=INPUT_SIZE,
                     help="px the vision tower sees each tile at (a multiple of 14)")
     ap.add_argument("--zoom-gsd", type=float, default=None,
@@ -1186,10 +1238,11 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.table:
         build_cache(Path(args.data), out, names, args.views_per_tile, args.min_views,
                     args.max_views, args.seed, args.input_size, args.zoom_gsd, args.zoom_crop,
-                    args.gray, args.hue, args.coarse)
+                    args.gray, args.hue, args.coarse, _ints(args.cache_layers))
         names = [n for n in names if (out / "cache" / f"{n}.pt").is_file()]
         if args.cache_only:
             return 0
+        keep_levels(out, _ints(args.levels))
         folds = args.folds.split(",") if args.folds else building_sets(names)
         missing = {n for f in folds for n in f.split("+")} - set(names)
         if missing:

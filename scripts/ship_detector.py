@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(sizes) != 1:
         raise SystemExit(f"{loro}/cache mixes input sizes {sorted(sizes)}")
     config = DetectorConfig(labels=classes, input_size=sizes.pop(), hidden=x.shape[-1],
+                            # the tower's levels the folds read (`loro.py --levels`)
+                            layers=fold.get("levels", DetectorConfig().layers),
                             dim=dim, convs=convs, heads=heads,
                             upsample=fold.get("upsample", 1),
                             dilation=fold.get("dilation", 1), threshold=threshold,

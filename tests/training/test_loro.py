@@ -306,3 +306,37 @@ def test_the_chat_path_reports_of_the_folds_become_the_cards_table(loro, tmp_pat
     assert rows[2] == ("| kampala_ug | 24 | 1.000 | 0.167 (0.000; 0.366) | 0.500 | 0.250 | "
                        "0.500 (0.600 / 0.400) |")
     assert rows[3].startswith("| rio | 52 | 0.900 | – (–; –) |") and rows[3].endswith("| – |")
+
+
+def test_a_run_reads_the_cached_levels_it_names_and_ships_a_detector_that_runs_those(
+        loro, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    loro.build_cache(tmp_path, out, ["aa", "bb"], 1, 3, 3, seed=0)
+    full = loro._load(out, "aa", "train")["features"]
+    loro.keep_levels(out, [7, 11])
+    part = loro._load(out, "aa", "train")["features"]
+    assert part.shape[1] == 2
+    assert torch.equal(part[:, 0], full[:, 0]) and torch.equal(part[:, 1], full[:, 2])
+    for held in ("aa", "bb"):
+        report = loro.run_fold(out, held, ["aa", "bb"], epochs=1, seed=0, dim=8, reduce=None,
+                               convs=1)
+        assert report["levels"] == [7, 11]
+        assert loro._fold_head(out, held)[1].layers == [7, 11]
+    spec = importlib.util.spec_from_file_location("ship_detector",
+                                                  ROOT / "scripts" / "ship_detector.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    assert ship.main(["--loro", str(out), "--parts", str(tmp_path / "parts"),
+                      "--refiner-epochs", "0"]) == 0
+    from rsvlm.perception import load_detector
+
+    head, config = load_detector(tmp_path / "parts")
+    assert config.layers == [7, 11] and head.proj[0].in_features == 2 * config.hidden
+    # A run reads one set of levels, and a cache holds the levels it was built with.
+    with pytest.raises(SystemExit, match="read the levels"):
+        loro.keep_levels(out, [7, 9])
+    with pytest.raises(SystemExit, match="levels \\[7, 9, 11\\], not \\[7, 9, 11, 12\\]"):
+        loro.build_cache(tmp_path, out, ["aa"], 1, 5, 5, seed=0, layers=[7, 9, 11, 12])
+    (out / "levels.json").write_text('{"levels": [12]}')
+    with pytest.raises(SystemExit, match="not \\[12\\]"):
+        loro._load(out, "aa", "train")

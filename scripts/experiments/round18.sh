@@ -1,0 +1,22 @@
+#!/bin/bash
+# Round 18 (docs/benchmarks.md, "Leave-one-region-out perception, round 18"): the tower's last
+# block as a level of the detector. That block of this DINOv2 copy was trained further for
+# saliency (../shared/DESIGN.md), and no detector so far read it (levels 7, 9 and 11 of 12).
+# One head a fold on the four OAM folds, on a cache of levels 7, 9, 11 and 12 (runs/l12/cache;
+# its views are cut from the seeds round 13's were), scored on the held-out tiles and the held-out
+# areas' 1,200 augmented views. Every step is resumable.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/experiments/one_head.sh
+# 1. the cache: the building and satellite sets, then the tree and aircraft sets
+$P scripts/loro.py --out runs/l12 --regions $B,$S --views-per-tile 16 --min-views 300 --max-views 300 --cache-layers 7,9,11,12 --cache-only
+$P scripts/loro.py --out runs/l12 --regions $O --views-per-tile 16 --min-views 40 --max-views 300 --cache-layers 7,9,11,12 --cache-only
+for run in l12_base l12_all l12_swap; do
+  mkdir -p "runs/$run" && ln -sfn "$PWD/runs/l12/cache" "runs/$run/cache"
+done
+# 2. levels 7, 9, 11 (the shipped detector's), then 7, 9, 11, 12, then 7, 9, 12
+$P scripts/loro.py --out runs/l12_base --levels 7,9,11 --regions $B,$S,$O $RECIPE
+$P scripts/loro.py --out runs/l12_all --levels 7,9,11,12 --regions $B,$S,$O $RECIPE
+$P scripts/experiments/views_scores.py --runs runs/l12_base,runs/l12_all
+$P scripts/loro.py --out runs/l12_swap --levels 7,9,12 --regions $B,$S,$O $RECIPE
+$P scripts/experiments/views_scores.py --runs runs/l12_base,runs/l12_all,runs/l12_swap
