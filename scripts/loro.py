@@ -339,7 +339,7 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
              ignore_below: float = 0.0, min_visible: float | None = None,
              upsample: int = 1, centre_radius: int = 0, dilation: int = 1,
              lr: float = 2e-3, weight_decay: float = 0.05,
-             batch_size: int = 16) -> dict | None:
+             batch_size: int = 16, balance_levels: bool = False) -> dict | None:
     """One fold: a head trained without the sets of ``fold`` ("kampala_ug", or a group
     "kampala_ug+trees_osbs+aircraft_b": one training holds out a building region and sets of
     other classes at once), scored on each of them (a building region: `folds/NAME.json`, its
@@ -375,7 +375,8 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                        reduce=reduce, convs=convs, input_dropout=input_dropout,
                        iou_target=iou_target, ignore_below=ignore_below, ignore=ignore,
                        upsample=upsample, centre_radius=centre_radius, dilation=dilation,
-                       lr=lr, weight_decay=weight_decay, batch_size=batch_size, **extra)
+                       lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                       balance_levels=balance_levels, **extra)
     train_s = time.perf_counter() - t0
     settings = {"format": FOLD_FORMAT, "fold": fold, "trained_on": others,
                 "train_views": len(x), "epochs": epochs, "dim": dim, "convs": convs,
@@ -385,7 +386,8 @@ def run_fold(out: Path, fold: str, names: list[str], epochs: int, seed: int, dim
                 "iou_target": iou_target, "ignore_below": ignore_below,
                 "min_visible": min_visible, "upsample": upsample,
                 "centre_radius": centre_radius, "dilation": dilation, "lr": lr,
-                "weight_decay": weight_decay, "batch_size": batch_size}
+                "weight_decay": weight_decay, "batch_size": batch_size,
+                "balance_levels": balance_levels}
     # The tower's levels the head read: the detector that loads it must run the same.
     settings["levels"] = read_levels(out) or cached_layers(out, others[0])
     config = {"labels": classes, "hidden": x.shape[-1], "dim": dim, "convs": convs,
@@ -1182,6 +1184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     ap.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's weight decay")
     ap.add_argument("--batch-size", type=int, default=16, help="training views a step")
+    ap.add_argument("--balance-levels", action="store_true",
+                    help="the levels scaled to one spread before their principal components")
     ap.add_argument("--dim", type=int, default=64, help="detector width")
     ap.add_argument("--convs", type=int, default=2, help="3 x 3 convolutions of the detector")
     ap.add_argument("--reduce", type=int, default=128,
@@ -1255,7 +1259,7 @@ def main(argv: list[str] | None = None) -> int:
                      ignore_below=args.ignore_below, min_visible=args.min_visible,
                      upsample=args.upsample, centre_radius=args.centre_radius,
                      dilation=args.dilation, lr=args.lr, weight_decay=args.weight_decay,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, balance_levels=args.balance_levels)
         cross_thresholds(out)
     baseline = Path(args.baseline) if args.baseline else None
     print(table(out, baseline))

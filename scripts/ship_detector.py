@@ -56,7 +56,7 @@ from training.refine import (  # noqa: E402
 # The folds' training settings (`scripts/loro.py` records them) that the shipped heads are
 # trained with; a field an older fold lacks keeps `train_detector`'s default.
 TRAINING_FIELDS = ("input_dropout", "iou_target", "ignore_below", "upsample", "centre_radius",
-                   "dilation", "lr", "weight_decay", "batch_size")
+                   "dilation", "lr", "weight_decay", "batch_size", "balance_levels")
 
 
 def shipped_refiner(args: argparse.Namespace, path: Path) -> BoxRefiner:

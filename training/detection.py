@@ -186,17 +186,28 @@ def cache_views(tower: FrozenTower, views: list[View], path: Path | None, batch:
 
 
 def principal_components(features: torch.Tensor, k: int, samples: int = 20000,
-                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                         seed: int = 0, balance: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (d,) and the top-k principal directions (d, k) of the concatenated levels of a
-    sample of patches: the input layer then trains on k numbers per patch instead of d."""
+    sample of patches: the input layer then trains on k numbers per patch instead of d.
+
+    ``balance``: each level scaled to the same spread first. The tower's later levels spread
+    several times as wide as its earlier ones (levels 7, 9, 11 and 12 of this DINOv2: patch
+    norms about 2, 3, 9 and 56), so the top directions of the raw concatenation are nearly all
+    the widest level's. The directions returned are then in the unscaled levels' units (each
+    level's rows divided by its spread), so that `reduce_features` and `compose_projection`
+    take them as they are."""
     b, levels, n, h = features.shape
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, b, (samples,), generator=gen)
     cols = torch.randint(0, n, (samples,), generator=gen)
     x = features[rows, :, cols].float().reshape(samples, levels * h)
     mean = x.mean(0)
-    _, _, v = torch.pca_lowrank(x - mean, q=k, center=False, niter=3)
-    return mean, v[:, :k]
+    scale = torch.ones(levels * h)
+    if balance:
+        spread = (x - mean).reshape(samples, levels, h).pow(2).mean((0, 2)).sqrt()
+        scale = (1 / spread.clamp(min=1e-6)).repeat_interleave(h)
+    _, _, v = torch.pca_lowrank((x - mean) * scale, q=k, center=False, niter=3)
+    return mean, scale[:, None] * v[:, :k]
 
 
 def reduce_features(features: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor,
@@ -237,7 +248,8 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
                    iou_target: bool = False, ignore_below: float = 0.0,
                    ignore: Sequence[torch.Tensor] | None = None,
                    upsample: int = 1, centre_radius: int = 0,
-                   dilation: int = 1, weight_decay: float = 0.05) -> DenseDetector:
+                   dilation: int = 1, weight_decay: float = 0.05,
+                   balance_levels: bool = False) -> DenseDetector:
     """The head on cached features, AdamW with a one-cycle schedule.
 
     ``reduce``: train on the top principal components of the levels (2 CPU cores: the input
@@ -258,13 +270,14 @@ def train_detector(features: torch.Tensor, boxes: list[torch.Tensor], *, hidden:
     ``upsample``: maps that many times finer than the patch grid (`DenseDetector`).
     ``centre_radius``: cells that near an object's centre learn it as a centre too
     (`rsvlm.detector.detection_targets`). ``dilation``: the convolutions' growing dilation
-    (`DenseDetector`). ``weight_decay``: AdamW's decoupled decay."""
+    (`DenseDetector`). ``weight_decay``: AdamW's decoupled decay. ``balance_levels``: the
+    principal components of levels scaled to one spread (`principal_components`)."""
     torch.manual_seed(seed)
     pca = None
     if init is not None:
         reduce = None
     if reduce:
-        pca = principal_components(features, reduce, seed=seed)
+        pca = principal_components(features, reduce, seed=seed, balance=balance_levels)
         features = reduce_features(features, *pca)
         full_hidden, full_levels = hidden, levels
         hidden, levels = reduce, 1

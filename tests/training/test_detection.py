@@ -319,6 +319,31 @@ def test_a_head_trained_on_principal_components_takes_the_full_levels() -> None:
     assert torch.allclose(h1, h2, atol=1e-2) and torch.allclose(b1, b2, atol=1e-2)
 
 
+def test_balanced_components_keep_a_narrow_level_that_raw_ones_drop() -> None:
+    from training.detection import compose_projection, principal_components, reduce_features
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, 16, 4, generator=gen)
+    x[:, 1] *= 50  # a level spreading 50 times as wide, as the tower's last block does
+    x = x.half()
+    only_first = torch.zeros(1, 2, 1, 4, dtype=torch.half)
+    only_first[..., 0, :, :] = 1.0  # moves in the narrow level alone
+    spans = {}
+    for balance in (False, True):
+        mean, comps = principal_components(x, 4, samples=1024, balance=balance)
+        moved = reduce_features(only_first, mean, comps) - reduce_features(
+            torch.zeros_like(only_first), mean, comps)
+        spans[balance] = moved.float().norm().item()
+        # the head on the components still reads the full levels exactly
+        small = DenseDetector(4, 1, dim=8)
+        full = compose_projection(small.eval(), mean, comps, hidden=4, levels=2)
+        with torch.no_grad():
+            h1, _ = small([reduce_features(x[:2], mean, comps)[:, 0].float()])
+            h2, _ = full([x[:2, j].float() for j in range(2)])
+        assert torch.allclose(h1, h2, atol=1e-2)
+    assert spans[False] < 0.2 * spans[True]
+
+
 def test_an_ensemble_reads_as_the_mean_of_its_heads() -> None:
     torch.manual_seed(0)
     heads = [DenseDetector(8, 2, dim=8).eval() for _ in range(3)]
