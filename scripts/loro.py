@@ -76,19 +76,22 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
     each from its own seed, until the region has as many as asked: raising the counts tops a
     cache up instead of rebuilding it. With ``zoom_gsd``, views of regions that coarse are cut
     `zoom_crop` as large, as the chat path reads such imagery (`DetectorConfig.zoom_gsd`).
-    ``layers``: the tower's levels cached (None: the detector's, `DetectorConfig.layers`); a
-    run reads all of them or those its `--levels` names (`_load`)."""
-    layers = list(layers or DetectorConfig().layers)
-    tower = None
+    ``layers``: the tower's levels a new cache holds (None: those the cache holds, or the
+    detector's, `DetectorConfig.layers`); a run reads all of them or those its `--levels`
+    names (`_load`)."""
+    asked = list(layers) if layers else None
+    towers: dict[tuple[int, ...], Any] = {}  # one a set of levels: a cache may mix them
     for name in names:
         path = out / "cache" / f"{name}.pt"
         meta = torch.load(path, weights_only=False) if path.is_file() else {}
         if meta and meta.get("input_size", INPUT_SIZE) != input_size:
             raise SystemExit(f"{out} caches features at {meta.get('input_size', INPUT_SIZE)} px, "
                              f"not {input_size}: use another --out")
-        if meta and meta.get("layers", DetectorConfig().layers) != layers:
-            raise SystemExit(f"{out} caches the tower's levels {meta.get('layers')}, not "
-                             f"{layers}: use another --out")
+        held = meta.get("layers", DetectorConfig().layers) if meta else None
+        if held is not None and asked is not None and held != asked:
+            raise SystemExit(f"{out} caches the tower's levels {held}, not {asked}: use "
+                             "another --out")
+        layers = held or asked or list(DetectorConfig().layers)
         items = None
         if "eval" not in meta or "gsd" not in meta:
             items = load_sets(root, [name]).get(name)
@@ -97,7 +100,8 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             size = items[0].tile or eval_tile_size(items[0].gsd)
             evals = [View(n, im, b) for it in items for n, im, b in tiles(it, size)]
             if "eval" not in meta:
-                tower = tower or FrozenTower(size=input_size, layers=layers)
+                tower = towers.get(tuple(layers)) or FrozenTower(size=input_size, layers=layers)
+                towers[tuple(layers)] = tower
                 cache_views(tower, evals, path.with_name(f"{name}.eval.pt"))
             meta = {**meta, "region": name, "eval": len(evals), "gsd": items[0].gsd,
                     "input_size": input_size, "layers": layers}
@@ -119,7 +123,8 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
         t0, k = time.perf_counter(), len(_chunk_sizes(out, name))
         while have < wanted:
             items = items or load_sets(root, [name])[name]
-            tower = tower or FrozenTower(size=input_size, layers=layers)
+            tower = towers.get(tuple(layers)) or FrozenTower(size=input_size, layers=layers)
+            towers[tuple(layers)] = tower
             rng = random.Random(f"{seed}:{name}" + (f":{k}" if k else ""))
             weights = [it.image.shape[0] * it.image.shape[1] for it in items]
             size = int((items[0].tile or eval_tile_size(items[0].gsd)) * zoom)

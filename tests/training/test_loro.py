@@ -337,6 +337,10 @@ def test_a_run_reads_the_cached_levels_it_names_and_ships_a_detector_that_runs_t
         loro.keep_levels(out, [7, 9])
     with pytest.raises(SystemExit, match="levels \\[7, 9, 11\\], not \\[7, 9, 11, 12\\]"):
         loro.build_cache(tmp_path, out, ["aa"], 1, 5, 5, seed=0, layers=[7, 9, 11, 12])
+    other = tmp_path / "other"  # a cache of other levels is topped up with those levels
+    loro.build_cache(tmp_path, other, ["aa"], 1, 3, 3, seed=0, layers=[8, 10, 12])
+    loro.build_cache(tmp_path, other, ["aa"], 1, 5, 5, seed=0)
+    assert loro.cached_layers(other, "aa") == [8, 10, 12]
     (out / "levels.json").write_text('{"levels": [12]}')
     with pytest.raises(SystemExit, match="not \\[12\\]"):
         loro._load(out, "aa", "train")
