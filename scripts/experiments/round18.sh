@@ -11,16 +11,17 @@ cd "$(dirname "$0")/../.."
 # 1. the cache: the building and satellite sets, then the tree and aircraft sets
 $P scripts/loro.py --out runs/l12 --regions $B,$S --views-per-tile 16 --min-views 300 --max-views 300 --cache-layers 7,9,11,12 --cache-only
 $P scripts/loro.py --out runs/l12 --regions $O --views-per-tile 16 --min-views 40 --max-views 300 --cache-layers 7,9,11,12 --cache-only
-for run in l12_base l12_all_bal l12_base_bal l12_all; do
+for run in l12_base l12_all_bal l12_all; do
   mkdir -p "runs/$run" && ln -sfn "$PWD/runs/l12/cache" "runs/$run/cache"
 done
 # 2. levels 7, 9, 11 (the shipped detector's), then 7, 9, 11, 12 with each level scaled to one
 # spread before their principal components (`--balance-levels`: the last block's patches
-# spread six times as wide as level 11's, and level 11's four times level 7's), then the
-# shipped levels balanced, then all four raw
+# spread six times as wide as level 11's, and level 11's four times level 7's). The balanced
+# run was stopped after three folds (Kampala, Zanzibar, Banepa), each 0.07 below the first.
 $P scripts/loro.py --out runs/l12_base --levels 7,9,11 --regions $B,$S,$O $RECIPE
-$P scripts/loro.py --out runs/l12_all_bal --levels 7,9,11,12 --balance-levels --regions $B,$S,$O $RECIPE
-$P scripts/experiments/views_scores.py --runs runs/l12_base,runs/l12_all_bal
-$P scripts/loro.py --out runs/l12_base_bal --levels 7,9,11 --balance-levels --regions $B,$S,$O $RECIPE
+$P scripts/loro.py --out runs/l12_all_bal --levels 7,9,11,12 --balance-levels --regions $B,$S,$O \
+  --convs 3 --train-files 3 --heads 1 --input-dropout 0.3 --upsample 2 \
+  --folds kampala_ug+trees_osbs+trees_soap+aircraft_b,zanzibar_tz+aircraft_a,banepa_np
+# 3. the four levels as they are (the last block then takes most of the principal components)
 $P scripts/loro.py --out runs/l12_all --levels 7,9,11,12 --regions $B,$S,$O $RECIPE
-$P scripts/experiments/views_scores.py --runs runs/l12_base,runs/l12_all_bal,runs/l12_base_bal,runs/l12_all
+$P scripts/experiments/views_scores.py --runs runs/l12_base,runs/l12_all
