@@ -79,19 +79,18 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
     ``layers``: the tower's levels a new cache holds (None: those the cache holds, or the
     detector's, `DetectorConfig.layers`); a run reads all of them or those its `--levels`
     names (`_load`)."""
-    asked = list(layers) if layers else None
-    towers: dict[tuple[int, ...], Any] = {}  # one a set of levels: a cache may mix them
+    held = _cache_levels(out)
+    if held is not None and layers and list(layers) != held:
+        raise SystemExit(f"{out} caches the tower's levels {held}, not {list(layers)}: use "
+                         "another --out")
+    layers = held or list(layers or DetectorConfig().layers)  # one set of levels a cache
+    tower = None
     for name in names:
         path = out / "cache" / f"{name}.pt"
         meta = torch.load(path, weights_only=False) if path.is_file() else {}
         if meta and meta.get("input_size", INPUT_SIZE) != input_size:
             raise SystemExit(f"{out} caches features at {meta.get('input_size', INPUT_SIZE)} px, "
                              f"not {input_size}: use another --out")
-        held = meta.get("layers", DetectorConfig().layers) if meta else None
-        if held is not None and asked is not None and held != asked:
-            raise SystemExit(f"{out} caches the tower's levels {held}, not {asked}: use "
-                             "another --out")
-        layers = held or asked or list(DetectorConfig().layers)
         items = None
         if "eval" not in meta or "gsd" not in meta:
             items = load_sets(root, [name]).get(name)
@@ -100,8 +99,7 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
             size = items[0].tile or eval_tile_size(items[0].gsd)
             evals = [View(n, im, b) for it in items for n, im, b in tiles(it, size)]
             if "eval" not in meta:
-                tower = towers.get(tuple(layers)) or FrozenTower(size=input_size, layers=layers)
-                towers[tuple(layers)] = tower
+                tower = tower or FrozenTower(size=input_size, layers=layers)
                 cache_views(tower, evals, path.with_name(f"{name}.eval.pt"))
             meta = {**meta, "region": name, "eval": len(evals), "gsd": items[0].gsd,
                     "input_size": input_size, "layers": layers}
@@ -123,8 +121,7 @@ def build_cache(root: Path, out: Path, names: list[str], views_per_tile: int,
         t0, k = time.perf_counter(), len(_chunk_sizes(out, name))
         while have < wanted:
             items = items or load_sets(root, [name])[name]
-            tower = towers.get(tuple(layers)) or FrozenTower(size=input_size, layers=layers)
-            towers[tuple(layers)] = tower
+            tower = tower or FrozenTower(size=input_size, layers=layers)
             rng = random.Random(f"{seed}:{name}" + (f":{k}" if k else ""))
             weights = [it.image.shape[0] * it.image.shape[1] for it in items]
             size = int((items[0].tile or eval_tile_size(items[0].gsd)) * zoom)
@@ -177,15 +174,27 @@ def keep_levels(out: Path, levels: list[int] | None) -> None:
     """Record ``levels`` as ``out``'s (`read_levels`); a run whose folds read others stops."""
     if levels is None:
         return
-    if read_levels(out) not in (None, levels):
-        raise SystemExit(f"{out}'s folds read the levels {read_levels(out)}, not {levels}: "
-                         "use another --out")
+    recorded = read_levels(out)
+    if recorded not in (None, levels):
+        raise SystemExit(f"{out}'s folds read the levels {recorded}, not {levels}: use "
+                         "another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "levels.json").write_text(json.dumps({"levels": levels}))
 
 
 def cached_layers(out: Path, name: str) -> list[int]:
-    meta = torch.load(out / "cache" / f"{name}.pt", weights_only=False)
+    return _meta_levels(out / "cache" / f"{name}.pt")
+
+
+def _cache_levels(out: Path) -> list[int] | None:
+    """The tower's levels ``out``'s cache holds (every region the same); None: no region yet."""
+    metas = sorted(p for p in (out / "cache").glob("*.pt") if p.name.count(".") == 1)
+    return _meta_levels(metas[0]) if metas else None
+
+
+@functools.lru_cache(maxsize=64)  # `_load` asks for every part it reads; a cache's levels stay
+def _meta_levels(path: Path) -> list[int]:
+    meta = torch.load(path, weights_only=False)
     return list(meta.get("layers", DetectorConfig().layers))
 
 

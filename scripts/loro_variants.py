@@ -7,7 +7,9 @@ thing changed; loro.py's own options follow the variant's.
     python scripts/loro_variants.py standardise --cache runs/loro_v -- \\
         --out runs/loro_nstd --convs 3 --train-files 3 --input-dropout 0.3 \\
         --folds banepa_np,catanduanes_ph,kampala_ug,zanzibar_tz
-    # earlier tower layers as more levels: first cache them for the same views ...
+    # earlier tower layers as more levels: first cache them for the same views ... (a new run
+    # caches every level it needs in one go instead: loro.py --cache-layers 3,5,7,9,11
+    # --levels 7,9,11,5, the same features in one cache, recorded for ship_detector)
     python scripts/loro_variants.py cache-layers --cache runs/loro_v --layers 3,5 \\
         --to runs/loro_lv --train-files 3
     # ... then train on 7/9/11 + 5
