@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loro import _fold_head as fold_head  # noqa: E402
-from loro import write_card  # noqa: E402
+from loro import _load, write_card  # noqa: E402
 
 from rsvlm.detector import Detection  # noqa: E402
 from rsvlm.perception import detector_refiner, perception_answer  # noqa: E402
@@ -63,7 +63,7 @@ def draw(image: np.ndarray, truth: np.ndarray, pred: list, path: Path, side: int
 def region_examples(run: Path, held: str, items: list, out: Path, rel: str) -> list[str]:
     head, config = fold_head(run, held)
     meta = torch.load(run / "cache" / f"{held}.pt", weights_only=False)
-    data = torch.load(run / "cache" / f"{held}.eval.pt", weights_only=False)
+    data = _load(run, held, "eval")  # the levels the run's folds read (`loro.py --levels`)
     gsd = meta.get("gsd", items[0].gsd)
     size = 512 if gsd < 0.3 else 450  # scripts/loro.py's eval tiles
     views = [(n, im, b) for it in items for n, im, b in tiles(it, size)]
@@ -132,7 +132,7 @@ def class_examples(run: Path) -> list[str]:
         name, label = r["held_out"], r["class"]
         head, config = load_detector(run / "class_folds" / r["fold"])
         t, ct = held_out_thresholds(r, reports)
-        cache = torch.load(run / "cache" / f"{name}.eval.pt", weights_only=False)
+        cache = _load(run, name, "eval")
         preds = predict(head, cache["features"], min(t, ct), cls=config.labels.index(label))
         rows = []
         for tile, truth, (w, h), pred in zip(cache["names"], cache["boxes"], cache["sizes"],

@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "heads": heads, "input_dropout": fold.get("input_dropout", 0.0),
                                 "iou_target": fold.get("iou_target", False),
                                 "ignore_below": fold.get("ignore_below", 0.0),
+                                # how the heads were trained, so the weights say it themselves
+                                **{k: fold[k] for k in TRAINING_FIELDS if k in fold},
                                 "threshold": "best mean over the LORO folds' held-out regions",
                                 "class_f1": {c: round(v, 3) for c, v in f1.items()},
                                 "loro_f1": {f["held_out"]: round(f["f1"], 3) for f in folds}})

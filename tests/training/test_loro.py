@@ -208,6 +208,8 @@ def test_a_fold_holds_out_a_region_and_sets_of_other_classes_at_once(loro, tmp_p
     assert config.answers == ["building"] and config.answered == ["building"]
     assert set(config.notes["class_f1"]) == {"tree"}
     assert sorted(config.notes["trained_on"]) == sorted(names)
+    # ... and the weights say how they were trained.
+    assert (config.notes["dilation"], config.notes["lr"], config.notes["batch_size"]) == (2, 1e-3, 8)
 
     # The model card's examples of the other classes: text, each set's tiles under its fold.
     spec = importlib.util.spec_from_file_location("loro_examples",
@@ -332,6 +334,14 @@ def test_a_run_reads_the_cached_levels_it_names_and_ships_a_detector_that_runs_t
 
     head, config = load_detector(tmp_path / "parts")
     assert config.layers == [7, 11] and head.proj[0].in_features == 2 * config.hidden
+    # The card's examples read the fold's levels from the cache too.
+    spec = importlib.util.spec_from_file_location("loro_examples",
+                                                  ROOT / "scripts" / "loro_examples.py")
+    examples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(examples)
+    lines = examples.region_examples(out, "aa", loro.load_sets(tmp_path, ["aa"])["aa"],
+                                     tmp_path / "examples", "examples")
+    assert lines[0].startswith("### aa (fold trained on bb)")
     # A run reads one set of levels, and a cache holds the levels it was built with.
     with pytest.raises(SystemExit, match="read the levels"):
         loro.keep_levels(out, [7, 9])
