@@ -57,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     run = Path(args.run)
-    tower = FrozenTower(size=args.input_size)
+    tower = None
     print("| held-out region | read | F1 | P | R | counts within 20 % | presence |\n"
           "|---|---|---|---|---|---|---|")
     for held in args.regions.split(","):
         head, config = _fold_head(run, held)
+        # the levels the folds' heads read (one set a run: `loro.py --levels`)
+        tower = tower or FrozenTower(size=args.input_size, layers=config.layers)
         # The fold's box refiner, when `loro.py --refiners` gave it one: read as the chat
         # path reads (`rsvlm.perception.Perception.refined`).
         refiner = detector_refiner(run / "folds" / held, config)

@@ -342,6 +342,22 @@ def test_a_run_reads_the_cached_levels_it_names_and_ships_a_detector_that_runs_t
     lines = examples.region_examples(out, "aa", loro.load_sets(tmp_path, ["aa"])["aa"],
                                      tmp_path / "examples", "examples")
     assert lines[0].startswith("### aa (fold trained on bb)")
+    # ... and so do the zoomed reads: the crops go through a tower of the heads' levels.
+    spec = importlib.util.spec_from_file_location("loro_zoom", ROOT / "scripts" / "loro_zoom.py")
+    zoom = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoom)
+    towers = []
+
+    class Tower:
+        def __init__(self, size, layers) -> None:
+            towers.append(list(layers))
+
+        def __call__(self, crops):
+            return torch.zeros(len(crops), len(towers[-1]), 1024, 8)
+
+    zoom.FrozenTower, zoom.load_sets = Tower, loro.load_sets
+    assert zoom.main(["--run", str(out), "--regions", "aa", "--data", str(tmp_path)]) == 0
+    assert towers == [[7, 11]]
     # A run reads one set of levels, and a cache holds the levels it was built with.
     with pytest.raises(SystemExit, match="read the levels"):
         loro.keep_levels(out, [7, 9])
