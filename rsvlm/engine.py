@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -49,6 +50,26 @@ logger = logging.getLogger(__name__)
 # count the language model wrote ("the largest of all" is still one object).
 _ASKS_FOR_EVERY = re.compile(r"(?<!\bof )\b(?:all|every|each)\b", re.IGNORECASE)
 
+DETECTOR_TOWERS = ("torch", "onnx", "onnx-int8")
+# Where ONNX Runtime decodes, it reads the detector's tower too: most of a detector answer's
+# time. In int8: 1.7 times as fast as float32 on 2 cores, with the leave-one-region-out folds'
+# chat-path answers as good (docs/benchmarks.md, "The detector's tower in int8").
+DETECTOR_TOWER = "onnx-int8"
+
+
+def detector_tower_for(mode: str | None, decoder: str) -> str:
+    """Who reads the detector's tower (`ChatEngine`'s ``detector_tower``): ``auto`` (or None)
+    -> ``$RSVLM_DETECTOR_TOWER`` if set, else `DETECTOR_TOWER` where ``decoder`` (the decode
+    strategy's name) is ONNX Runtime's and PyTorch where it is not; validates the name."""
+    chosen = (mode or "auto").lower()
+    if chosen == "auto":
+        chosen = os.environ.get("RSVLM_DETECTOR_TOWER", "").lower() or (
+            DETECTOR_TOWER if decoder.startswith("onnx") else "torch")
+    if chosen not in DETECTOR_TOWERS:
+        raise ValueError(f"Unknown detector tower {chosen!r}; choose from auto, "
+                         f"{', '.join(DETECTOR_TOWERS)}.")
+    return chosen
+
 
 class ChatEngine:
     """Answers questions about chips with one loaded model (see `rsvlm.loading.load`).
@@ -63,6 +84,9 @@ class ChatEngine:
             who runs the decode steps and follow-up prompts. The engine picks a
             `rsvlm.decoding.DecodeStrategy` for it once and hooks it around every ``generate()``.
         semantic_context: False switches the retrieved descriptions off (the ablation).
+        detector_tower: who reads the detector's tower levels: ``auto``
+            (``$RSVLM_DETECTOR_TOWER``, else `DETECTOR_TOWER` where ONNX Runtime decodes, else
+            PyTorch), ``torch``, ``onnx`` (float32) or ``onnx-int8`` (`rsvlm.onnx_tower`).
 
     A pretrained family's model (`rsvlm.backends.loader.load_pretrained`) gets a
     `rsvlm.backends.engine.PretrainedEngine` instead: same seams, that family's prompts and boxes.
@@ -85,6 +109,7 @@ class ChatEngine:
         decode_backend: str | None = "auto",
         semantic_context: bool = True,
         osm: Any = None,
+        detector_tower: str = "auto",
     ) -> None:
         self.model = loaded.model
         self.processor = loaded.processor
@@ -118,9 +143,22 @@ class ChatEngine:
         self.info["decode"] = self.decoder.name
         # Where ONNX Runtime decodes, it reads the detector's tower too: most of a detector
         # answer's time (`rsvlm.onnx_tower`). A tower too small to gain (a test's) stays.
-        if (self.perception is not None and self.decoder.name.startswith("onnx")
-                and sum(p.numel() for p in self.perception.vision.parameters()) > 5_000_000):
-            self.info["detector_tower"] = ("onnx" if self.perception.use_onnx() else "torch")
+        self._detector_tower = detector_tower_for(detector_tower, self.decoder.name)
+        if self.perception is not None:
+            self.use_detector(self.perception)
+
+    def use_detector(self, perception: Any) -> None:
+        """Answer object questions with ``perception`` (a `rsvlm.perception.Perception`, e.g.
+        a leave-one-region-out fold's), its tower read as this engine reads its own
+        (``detector_tower``). A tower too small to gain (a test's) stays on PyTorch."""
+        self.perception = perception
+        tower = self._detector_tower
+        big = sum(p.numel() for p in perception.vision.parameters()) > 5_000_000
+        if tower != "torch" and big and perception.use_onnx(
+                quantize="int8" if tower == "onnx-int8" else None):
+            self.info["detector_tower"] = "onnx-int8" if perception.onnx.quantize else "onnx"
+        else:
+            self.info["detector_tower"] = "torch"
 
     @property
     def device(self) -> torch.device:

@@ -1,4 +1,4 @@
-"""The detector's levels of the vision tower through ONNX Runtime (CPU, float32).
+"""The detector's levels of the vision tower through ONNX Runtime (CPU; float32 or int8).
 
 `rsvlm.perception.Perception.features` runs the tower's embeddings and its blocks up to the
 deepest level the detector reads. On 2 CPU cores ONNX Runtime runs the same blocks 1.8 times as
@@ -9,6 +9,12 @@ The position embeddings are interpolated to the read size when the graph is trac
 one graph per size (the batch is free). Each is exported the first time that size is read,
 checked against PyTorch, and kept in the cache for these weights; a size that fails to export
 or to agree is read by PyTorch from then on.
+
+``quantize="int8"`` stores the blocks' matrix weights in int8 (ONNX Runtime dynamic
+quantization of the MatMuls; the patch embedding stays float32): about twice as fast again on
+2 cores. Its levels are not equal to PyTorch's, so the graph is checked by how closely each
+token's vector points the same way (`MIN_COSINE`) instead; whether the detector's answers hold
+is measured by `scripts/experiments/int8_tower.py`.
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ from tiles.atomic import atomic_path
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+QUANTIZE = (None, "int8")
 KEEP_EXPORTS = 8  # graphs kept in the cache (a prepared size and a set of weights each; ~80 MB)
 _GRAPH = "tower.onnx"
 _META = "tower.json"
 TOLERANCE = 1e-3  # largest difference from PyTorch, relative to the levels' largest value
+MIN_COSINE = 0.98  # int8: the mean cosine between a token's int8 and float32 vectors, per level
 
 
 class TowerLevels(nn.Module):
@@ -66,7 +74,7 @@ def supported(vision: nn.Module) -> bool:
             and getattr(getattr(vision, "encoder", None), "layer", None) is not None)
 
 
-def weights_digest(vision: nn.Module, layers: list[int]) -> str:
+def weights_digest(vision: nn.Module, layers: list[int], quantize: str | None = None) -> str:
     import onnxruntime
     import transformers
 
@@ -76,14 +84,18 @@ def weights_digest(vision: nn.Module, layers: list[int]) -> str:
                               "torch": torch.__version__,
                               "transformers": transformers.__version__,
                               "onnxruntime": onnxruntime.__version__,
-                              "class": type(vision).__name__})
+                              "class": type(vision).__name__,
+                              **({"quantize": quantize} if quantize else {})})
 
 
 class OnnxTower:
-    """The levels ``layers`` of ``vision`` through ONNX Runtime, one graph per read size."""
+    """The levels ``layers`` of ``vision`` through ONNX Runtime, one graph per read size;
+    ``quantize`` None (float32) or ``"int8"``."""
 
     def __init__(self, vision: nn.Module, layers: list[int], *, cache_dir: str | Path | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, quantize: str | None = None) -> None:
+        if quantize not in QUANTIZE:
+            raise ValueError(f"Unknown tower quantization {quantize!r}; choose None or 'int8'.")
         if cache_dir is None:
             from rsvlm.weights import default_cache_dir
 
@@ -92,7 +104,8 @@ class OnnxTower:
         self.layers = sorted(layers)
         self.cache_dir = Path(cache_dir)
         self.threads = threads
-        self.key = weights_digest(vision, layers)
+        self.quantize = quantize
+        self.key = weights_digest(vision, layers, quantize)
         self.sessions: dict[int, Any] = {}
         self.failed: set[int] = set()
 
@@ -162,11 +175,42 @@ class OnnxTower:
                                                                          strict=True))
             if diff > TOLERANCE * max(scale, 1.0):
                 raise RuntimeError(f"the graph differs from PyTorch by {diff:.3g}")
-            (tmp / _META).write_text(json.dumps({"format": FORMAT_VERSION, "size": size,
-                                                 "max_difference": diff}, indent=1))
+            meta = {"format": FORMAT_VERSION, "size": size, "max_difference": diff,
+                    "quantize": self.quantize}
+            if self.quantize == "int8":
+                meta["mean_cosine"] = _quantized(tmp / _GRAPH, self._open, example, expected)
+            (tmp / _META).write_text(json.dumps(meta, indent=1))
         logger.info("Vision tower at %d px exported to ONNX Runtime in %.1f s", size,
                     time.perf_counter() - started)
         _prune(self.cache_dir, KEEP_EXPORTS)
+
+
+def _quantized(path: Path, open_session: Any, example: torch.Tensor,
+               expected: tuple[torch.Tensor, ...]) -> float:
+    """Replace the float32 graph at ``path`` by its int8 one, checked against ``expected`` (the
+    PyTorch levels of ``example``); the lowest level's mean cosine."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = path.with_suffix(".fp32.onnx")
+    path.rename(source)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it warns on the root logger to "run pre-processing"
+    try:
+        # MatMuls only: the blocks' weights are most of the time; a quantized patch
+        # embedding (a Conv) would shift every token alike.
+        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
+    source.unlink()
+    got = open_session(path).run(None, {"pixel_values": example.numpy()})
+    cosines = [float(torch.nn.functional.cosine_similarity(torch.from_numpy(g), e, dim=-1).mean())
+               for g, e in zip(got, expected, strict=True)]
+    if min(cosines) < MIN_COSINE:
+        raise RuntimeError(f"the int8 graph's levels point elsewhere (mean cosine "
+                           f"{min(cosines):.3f} < {MIN_COSINE})")
+    return min(cosines)
 
 
 def _prune(cache_dir: Path, keep: int) -> None:

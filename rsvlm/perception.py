@@ -175,18 +175,23 @@ class Perception:
         self.std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
         self.onnx: Any = None  # `rsvlm.onnx_tower.OnnxTower`, when `use_onnx` found it can run
 
-    def use_onnx(self, cache_dir: str | Path | None = None) -> bool:
+    def use_onnx(self, cache_dir: str | Path | None = None, quantize: str | None = None) -> bool:
         """Read the tower's levels through ONNX Runtime from now on (`rsvlm.onnx_tower`), where
-        it can run them: a ViT in float32 on the CPU. The graphs of the sizes every whole or
-        zoomed read takes are opened now (exported once for these weights), so that the first
-        chip does not wait for them. Whether it will."""
+        it can run them: a ViT in float32 on the CPU; ``quantize="int8"`` runs its blocks in
+        int8, and a size whose int8 graph fails its check is read in float32 instead. The
+        graphs of the sizes every whole or zoomed read takes are opened now (exported once for
+        these weights), so that the first chip does not wait for them. Whether it will."""
         from rsvlm.onnx_tower import OnnxTower, supported
 
         if self.onnx is None and supported(self.vision):
             layers = sorted(set(self.config.layers))
-            self.onnx = OnnxTower(self.vision, layers, cache_dir=cache_dir)
             cfg = self.config
-            self.onnx.prepare(sorted({cfg.input_size, cfg.zoom_input_size or cfg.input_size}))
+            sizes = sorted({cfg.input_size, cfg.zoom_input_size or cfg.input_size})
+            self.onnx = OnnxTower(self.vision, layers, cache_dir=cache_dir, quantize=quantize)
+            self.onnx.prepare(sizes)
+            if quantize is not None and self.onnx.failed:
+                self.onnx = OnnxTower(self.vision, layers, cache_dir=cache_dir)
+                self.onnx.prepare(sizes)
         return self.onnx is not None
 
     @classmethod

@@ -202,7 +202,8 @@ def main() -> None:
           f"threads: {torch.get_num_threads()}")
     engine = make_engine(loaded, args.new_tokens, args.decode)  # may export the decoder once
     rss.reset()  # the export's own peak is not the chat's; the loaded graph still counts
-    print(f"decode backend: {engine.info['decode']}")
+    print(f"decode backend: {engine.info['decode']}; detector tower: "
+          f"{engine.info.get('detector_tower')}")
     bench_ours(engine, chip)  # warm-up (allocator, kernels)
     ours = [bench_ours(engine, chip) for _ in range(args.repeats)]
     ours_peak = rss.peak_mb
@@ -232,6 +233,7 @@ def main() -> None:
         "ours": {k: round(med(ours, k), 4) for k in keys},
         "plain_llava": {k: round(med(plain, k), 4) for k in keys},
         "ours_decode_backend": engine.info["decode"],
+        "ours_detector_tower": engine.info.get("detector_tower"),
         "other_decode_backends": others,
         "ours_detector_answer_s": (round(med(ours, "detector_answer_s"), 4)
                                    if "detector_answer_s" in ours[0] else None),

@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load(args.model, device="cpu")
     engine = ChatEngine(loaded)
     if args.detector:
-        engine.perception = Perception.load(args.detector, loaded.model.vision_tower.model,
-                                            loaded.processor.image_processor)
-        if engine.perception is None:
+        fold = Perception.load(args.detector, loaded.model.vision_tower.model,
+                               loaded.processor.image_processor)
+        if fold is None:
             raise SystemExit(f"{args.detector} holds no detector/")
+        engine.use_detector(fold)  # its tower read as the engine reads the shipped one's
     load_s = time.perf_counter() - t0
     raster = Path(args.raster)
     t1 = time.perf_counter()
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"raster": str(raster), "size": truth.size, "detector": args.detector,
               "question": args.question, "chips": result.chips_total, "scan_s": round(scan_s, 1),
               "load_s": round(load_s, 1), "threads": torch.get_num_threads(),
+              "detector_tower": engine.info.get("detector_tower"),
               **detection_scores(tp, len(pred), len(truth.boxes))}
     text = json.dumps(report, indent=2)
     if args.out:

@@ -876,6 +876,23 @@ def fold_chat_reports(folder: Path) -> dict[str, tuple[dict, dict]]:
     return reports
 
 
+def _tower_words(folder: Path) -> str:
+    """How the reports in ``folder`` read the detector's tower (`rsvlm-train eval`'s
+    ``engine``), as words for the card; empty where they do not say."""
+    towers = {json.loads(p.read_text()).get("engine", {}).get("detector_tower")
+              for p in folder.glob("*.json")}
+    words = {"onnx-int8": "in int8 through ONNX Runtime", "onnx": "in float32 through ONNX "
+             "Runtime", "torch": "by PyTorch"}
+    from rsvlm.engine import DETECTOR_TOWER
+
+    if len(towers) != 1 or None in towers:
+        return ""
+    tower = towers.pop()
+    default = ", as the engine reads it by default" if tower == DETECTOR_TOWER else ""
+    return (f" (the detector's tower read {words.get(tower, tower)}{default}; a chip whose "
+            "read size has no prepared graph is read by PyTorch)")
+
+
 def fold_chat_table(folder: Path) -> str:
     """`fold_chat_reports` as the card's table: the questions the bar names, each phrasing of
     the VQA generator, answered and scored as an analyst's would be."""
@@ -1034,7 +1051,7 @@ def card_section(out: Path, baseline: Path | None, previous: str = "",
             "present in this image?\", \"What is the area covered by buildings?\"; 512 px "
             "chips at 0.15 m, Atlanta's 450 px, Rio's 400 px). The chips' truths are the "
             "footprints at least 30 % inside a chip, so counts differ a little from the tiles' "
-            "above:",
+            f"above{_tower_words(refer)}:",
             "",
             fold_chat_table(refer).strip(),
             "",

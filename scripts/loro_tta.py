@@ -22,7 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loro import _fold_head, _load, eval_tile_size  # noqa: E402
+from loro import (  # noqa: E402
+    _cache_levels,
+    _fold_head,
+    _load,
+    cached_layers,
+    eval_tile_size,
+    read_levels,
+)
 
 from rsvlm.detector import Detection, box_edges, decode_maps  # noqa: E402
 from training.detection import (  # noqa: E402
@@ -93,19 +100,25 @@ def read_oriented(head: torch.nn.Module, levels: list[torch.Tensor], oriented: l
 
 def oriented_features(run: Path, data: str, name: str, tower: FrozenTower | None
                       ) -> torch.Tensor | None:
-    """(tiles, 8, levels, patches, hidden) of a region's scoring tiles, cached."""
+    """(tiles, 8, levels, patches, hidden) of a region's scoring tiles at the levels the run's
+    folds read (`loro.read_levels`); cached with every level the run's cache holds, as its views
+    are (`loro._load`)."""
     path = run / "cache" / f"{name}.tta.pt"
-    if path.is_file():
-        return torch.load(path, mmap=True)
-    items = load_sets(data, [name]).get(name)
-    if not items:
-        return None
-    images = [im for it in items for _, im, _ in tiles(it, eval_tile_size(items[0].gsd))]
-    tower = tower or FrozenTower()
-    feats = torch.stack([tower([np.ascontiguousarray(o.apply(im)) for o in orientations(8)])
-                         for im in images])
-    torch.save(feats, path)
-    return feats
+    held = cached_layers(run, name)
+    feats = torch.load(path, mmap=True) if path.is_file() else None
+    if feats is None or feats.shape[2] != len(held):  # absent, or read before the cache's levels
+        items = load_sets(data, [name]).get(name)
+        if not items:
+            return None
+        images = [im for it in items for _, im, _ in tiles(it, eval_tile_size(items[0].gsd))]
+        tower = tower or FrozenTower(layers=held)
+        feats = torch.stack([tower([np.ascontiguousarray(o.apply(im)) for o in orientations(8)])
+                             for im in images])
+        torch.save(feats, path)
+    levels = read_levels(run)
+    if levels is not None and not set(levels) <= set(held):
+        raise SystemExit(f"{run}'s cache of {name} holds the levels {held}, not {levels}")
+    return feats if levels in (None, held) else feats[:, :, [held.index(v) for v in levels]]
 
 
 def predictions(head: torch.nn.Module, feats: torch.Tensor, views: int
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     feats = {}
     for n in names:
         if not (run / "cache" / f"{n}.tta.pt").is_file():
-            tower = tower or FrozenTower()
+            tower = tower or FrozenTower(layers=_cache_levels(run))  # one set a cache
         f = oriented_features(run, args.data, n, tower)
         if f is None:
             raise SystemExit(f"{n}: its labelled set is not under {args.data}")

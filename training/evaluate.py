@@ -483,6 +483,8 @@ def engine_answer_fn(model: str | None = None, device: str | None = None,
         answer.retrieved = session.last.retrieved if engine.use_retrieval else None  # type: ignore[attr-defined]
         return text
 
+    # Who ran the decode steps and the detector's tower, for the report.
+    answer.engine = {k: engine.info.get(k) for k in ("decode", "detector_tower")}  # type: ignore[attr-defined]
     return answer
 
 
@@ -522,6 +524,7 @@ def evaluate_cli(args: Any) -> dict[str, Any]:
     ablations = frozenset(a.strip() for a in (getattr(args, "ablate", None) or "").split(",")
                           if a.strip())
     answer = engine_answer_fn(args.model, args.device, args.max_new_tokens, ablations)
+    engine = getattr(answer, "engine", None)
     if getattr(args, "as_typed", False):
         answer = as_typed(answer)
     overrides = {"chip_size": args.chip_size, "overlap": args.overlap,
@@ -531,6 +534,8 @@ def evaluate_cli(args: Any) -> dict[str, Any]:
     report["model"] = args.model or "default"
     report["ablated"] = sorted(ablations)
     report["as_typed"] = bool(getattr(args, "as_typed", False))
+    if engine is not None:
+        report["engine"] = engine
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

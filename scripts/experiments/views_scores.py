@@ -71,7 +71,9 @@ def read_sizes(run: Path, sizes: list[int]) -> None:
 
     from training.detection import FrozenTower
 
-    towers = {size: FrozenTower(size=size) for size in sizes}
+    # the levels the folds' heads read (one set a run: `loro.py --levels`)
+    layers = loro._fold_head(run, OAM[0])[1].layers
+    towers = {size: FrozenTower(size=size, layers=layers) for size in sizes}
     print("| held-out area | read | 448 px (cached) | " + " | ".join(f"{s} px" for s in sizes)
           + " |")
     print("|---|---|---|" + "---|" * len(sizes))

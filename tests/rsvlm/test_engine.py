@@ -251,3 +251,16 @@ def test_a_choice_is_the_likelier_word_scored_whole() -> None:
     # A follow-up after it encodes the conversation afresh and still answers.
     assert "".join(session.ask("And is it rural or urban?")) in {"rural", "urban"}
     tok.encode, tok.decode = real_encode, real_decode
+
+
+def test_an_eval_answer_function_says_who_ran_the_decode_and_the_tower(monkeypatch) -> None:
+    # `rsvlm-train eval` writes these into its report: a number is read with the tower it was
+    # measured with. A model without a detector reads no tower (None).
+    import rsvlm.loading
+    from training.evaluate import engine_answer_fn
+
+    monkeypatch.setattr(rsvlm.loading, "load", lambda model, device=None: _Loaded())
+    monkeypatch.setenv("RSVLM_DECODE", "torch")
+    answer = engine_answer_fn("tiny", max_new_tokens=2)
+    assert answer.engine == {"decode": "torch", "detector_tower": None}
+    assert isinstance(answer(_chip(), "Is there a road?"), str)

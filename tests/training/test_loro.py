@@ -308,6 +308,17 @@ def test_the_chat_path_reports_of_the_folds_become_the_cards_table(loro, tmp_pat
     assert rows[2] == ("| kampala_ug | 24 | 1.000 | 0.167 (0.000; 0.366) | 0.500 | 0.250 | "
                        "0.500 (0.600 / 0.400) |")
     assert rows[3].startswith("| rio | 52 | 0.900 | – (–; –) |") and rows[3].endswith("| – |")
+    # The card says how the reports read the detector's tower, when they all say the same.
+    assert loro._tower_words(tmp_path) == ""  # these reports do not say
+    for p in tmp_path.glob("*.json"):
+        report = json.loads(p.read_text())
+        p.write_text(json.dumps({**report, "engine": {"decode": "onnx",
+                                                      "detector_tower": "onnx-int8"}}))
+    assert loro._tower_words(tmp_path).startswith(
+        " (the detector's tower read in int8 through ONNX Runtime, as the engine reads it by "
+        "default;")
+    p.write_text(json.dumps({**report, "engine": {"detector_tower": "torch"}}))
+    assert loro._tower_words(tmp_path) == ""  # they disagree
 
 
 def test_a_run_reads_the_cached_levels_it_names_and_ships_a_detector_that_runs_those(

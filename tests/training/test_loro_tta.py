@@ -58,3 +58,42 @@ def test_orientations_turn_back_into_the_image_frame(tta) -> None:
     assert np.allclose(np.array(det.box) * g, box, atol=1e-3)
     with pytest.raises(ValueError):
         tta.orientations(3)
+
+
+def test_oriented_features_are_read_at_the_cache_s_levels_and_given_at_the_run_s(
+        tta, tmp_path: Path, monkeypatch) -> None:
+    # A run whose folds read levels 7 and 11 of a cache that holds 7, 9, 11 and 12: the tiles'
+    # eight orientations go through a tower of the cache's levels (kept whole in the cache),
+    # and the run gets its own two.
+    import json
+
+    run = tmp_path / "run"
+    (run / "cache").mkdir(parents=True)
+    torch.save({"layers": [7, 9, 11, 12]}, run / "cache" / "kampala_ug.pt")
+    (run / "levels.json").write_text(json.dumps({"levels": [7, 11]}))
+    built = []
+
+    class Tower:
+        def __init__(self, layers):
+            built.append(list(layers))
+            self.layers = list(layers)
+
+        def __call__(self, images):  # (orientations, levels, patches, hidden): level i is i
+            return torch.stack([torch.full((4, 2), float(v)) for v in self.layers]
+                               ).expand(len(images), -1, -1, -1)
+
+    class Item:
+        gsd = 0.15
+
+    monkeypatch.setattr(tta, "FrozenTower", Tower)
+    monkeypatch.setattr(tta, "load_sets", lambda data, names: {"kampala_ug": [Item()]})
+    monkeypatch.setattr(tta, "tiles", lambda item, size: [(0, np.zeros((8, 8, 3), np.uint8),
+                                                           None)] * 3)
+    feats = tta.oriented_features(run, "data", "kampala_ug", None)
+    assert built == [[7, 9, 11, 12]]
+    assert feats.shape == (3, 8, 2, 4, 2)
+    assert feats[0, 0, :, 0, 0].tolist() == [7.0, 11.0]
+    assert torch.load(run / "cache" / "kampala_ug.tta.pt").shape[2] == 4
+    # Read again from the cache, without a tower.
+    again = tta.oriented_features(run, "data", "kampala_ug", None)
+    assert built == [[7, 9, 11, 12]] and torch.equal(again, feats)
