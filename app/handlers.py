@@ -913,6 +913,8 @@ def status_markdown(ctx: AppContext) -> str:
               f"loaded in {load}"]
     if info.get("decode"):  # who runs the decode steps (ONNX Runtime on a CPU by default)
         fields.insert(3, f"decode {markdown_text(str(info['decode']))}")
+    if info.get("detector_tower"):  # who reads the detector's tower (int8 by default)
+        fields.insert(-1, f"detector tower {markdown_text(str(info['detector_tower']))}")
     if info.get("trained") is False:  # say it plainly: an untrained connector answers noise
         fields.append("**untrained connector: answers are noise**")
     why = info.get("why")

@@ -320,3 +320,15 @@ def test_status_line_says_who_decodes(ctx: AppContext) -> None:
     line = h.status_markdown(AppContext(backend=Decoding(), region=ctx.region,
                                         export_dir=ctx.export_dir))
     assert "precision float32 · decode onnx · loaded in 9.0 s" in line
+
+    class Detecting(FakeBackend):
+        @property
+        def info(self) -> dict:
+            return {"preset": "embedded", "device": "cpu", "precision": "float32",
+                    "load_s": 9.0, "decode": "onnx", "detector_tower": "onnx-int8",
+                    "state": "ready"}
+
+    line = h.status_markdown(AppContext(backend=Detecting(), region=ctx.region,
+                                        export_dir=ctx.export_dir))
+    # (markdown-escaped: it renders as "onnx-int8")
+    assert "decode onnx · detector tower onnx\\-int8 · loaded in 9.0 s" in line
