@@ -199,6 +199,10 @@ def render(out: Path, model: Path, data: Path, reports: dict[str, Any],
     loro = out / "eval" / "loro.md"  # scripts/loro.py --card: the leave-one-region-out headline
     if loro.is_file():
         lines += [loro.read_text().strip(), ""]
+    # Notes on the numbers above, written by hand: kept across renders.
+    notes = out / "eval" / "notes.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
     loro_examples = out / "eval" / "loro_examples.md"  # scripts/loro_examples.py --card
     if loro_examples.is_file():
         lines += [loro_examples.read_text().strip(), ""]
