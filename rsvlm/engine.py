@@ -595,8 +595,10 @@ class ChatSession(OnChip):
         if place is not None:
             notes.append(f"in the {place[1]} of the "
                          f"{'drawn box' if region_box_px is not None else 'image'}")
-        text, stated = perception_reply(kind, label, selected, size, where, ground_m2, question,
-                                        sure_from=perception.config.cut(label, "find_all"))
+        text, stated = perception_reply(
+            kind, label, selected, size, where, ground_m2, question,
+            sure_from=perception.config.cut(label, "find_all"),
+            count_of=lambda n: perception.config.count_of(label, n))
         if notes:
             text = f"{text} ({'; '.join(notes)})"
         took = round(time.perf_counter() - t0, 4)
@@ -607,7 +609,8 @@ class ChatSession(OnChip):
                               "prefill_tokens": 0, "detector": 1.0},
                       # The raw-answer panel shows what the answer was made from.
                       prompt=f"(answered by the detector: {kind} of {label}) "
-                             f"{detections_summary(selected, perception.config.answered)}")
+                             f"{detections_summary(selected, perception.config.answered)}"
+                             f"{_count_note(perception.config, kind, label)}")
 
     def _claimed_labels(self, question: str) -> list[str]:
         """The classes a description's detector sentence speaks for (`_detections_note`):
@@ -783,6 +786,15 @@ class _SuppressTokens(LogitsProcessor):
         if not len(ids):
             return scores
         return scores.index_fill(1, ids, float("-inf"))
+
+
+def _count_note(config: Any, kind: str, label: str) -> str:
+    """For the raw-answer panel: how a count was made from the detections, where it is more
+    than their number (`DetectorConfig.count_of`)."""
+    if kind not in {"count", "compare"} or config.count_of(label, 100) == 100:
+        return ""
+    return (f" Counted as the detections in the asked part x {config.count_factor:g}, rounded: "
+            "on regions it never saw the detector finds fewer than there are.")
 
 
 def _generation_error(error: BaseException) -> RuntimeError:

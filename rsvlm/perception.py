@@ -20,9 +20,10 @@ a pixel (satellite) as four overlapping crops, each at that size.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,12 @@ WEIGHTS_NAME = "detector.safetensors"
 TRAINED_GSD = 0.15 * 512 / 448
 
 
+def scaled_count(found: int, factor: float) -> int:
+    """``found`` detections times ``factor``, rounded half up (never to even), and never
+    below one where any was found (`DetectorConfig.count_factor`)."""
+    return found if found == 0 or factor == 1.0 else max(1, math.floor(found * factor + 0.5))
+
+
 @dataclass
 class DetectorConfig:
     labels: list[str] = field(default_factory=lambda: ["building"])
@@ -60,6 +67,11 @@ class DetectorConfig:
     threshold: float = 0.3  # boxes ("find all"): the best F1 on the selection regions
     # presence and counts: the most counts within 20 % there (None: `threshold`)
     count_threshold: float | None = None
+    # A count is the detections at `count_threshold` times this, rounded: on regions it never
+    # saw the detector finds fewer buildings than there are (precision above recall at any one
+    # threshold), and the threshold and factor that count best are chosen together on the
+    # folds (scripts/loro.py). Classes with thresholds of their own count 1:1.
+    count_factor: float = 1.0
     # presence alone: the most right yes/no answers on the folds' held-out aerial tiles (None:
     # `count_threshold`). The threshold that counts best says "yes" over empty ground too.
     presence_threshold: float | None = None
@@ -112,6 +124,13 @@ class DetectorConfig:
         if kind in {"presence", "count", "compare", "rural_urban", "area"} and count is not None:
             return count
         return box
+
+    def count_of(self, label: str, found: int) -> int:
+        """How many objects of ``label`` there are, by the ``found`` detections at the
+        counting threshold (`count_factor`; half up, so that no count rounds to even)."""
+        if label in self.class_thresholds:
+            return found
+        return scaled_count(found, self.count_factor)
 
     def build(self) -> DenseDetector | DetectorEnsemble:
         members = [DenseDetector(self.hidden, len(self.layers), classes=len(self.labels),
@@ -639,14 +658,18 @@ _POSSESSIVE_SIZE = re.compile(r"'s (?:size|area|footprint|ground area)\b")
 _COMPARED = re.compile(r"\b(more|fewer|less) than (\d+)\b|\bat (least|most) (\d+)\b")
 
 
-def compare_reply(question: str, label: str, n: int) -> str:
-    """"yes"/"no" to "Are there more than 5 buildings?" from the ``n`` detected."""
+def compare_reply(question: str, label: str, n: int, found: int | None = None) -> str:
+    """"yes"/"no" to "Are there more than 5 buildings?" from the count ``n`` (of ``found``
+    detections, when the count is estimated from them: `DetectorConfig.count_of`)."""
     m = _COMPARED.search(question.lower())
     if m is None:
         return str(n)
     word, k = (m.group(1), int(m.group(2))) if m.group(1) else (m.group(3), int(m.group(4)))
     holds = {"more": n > k, "fewer": n < k, "less": n < k, "least": n >= k, "most": n <= k}[word]
-    return f"{'yes' if holds else 'no'}: {n} {label if n == 1 else plural(label)} found"
+    said = f"{'yes' if holds else 'no'}: "
+    if found is not None and found != n:
+        return said + f"about {n} {label if n == 1 else plural(label)} ({found} detected)"
+    return said + f"{n} {label if n == 1 else plural(label)} found"
 
 
 # "What is the size of the largest building?", "How big is the building in the top left?"
@@ -764,14 +787,16 @@ def perception_reply(kind: str, label: str, detections: list[Detection],
                      size: tuple[int, int],
                      region_box_px: tuple[float, float, float, float] | None = None,
                      ground_m2: float | None = None, question: str = "",
-                     sure_from: float | None = None) -> tuple[str, list[Detection]]:
+                     sure_from: float | None = None,
+                     count_of: Callable[[int], int] | None = None) -> tuple[str, list[Detection]]:
     """The answer to an object question from the detections, and the detections it states (in
     the order its boxes are written): "yes"/"no", the count, every box in the canonical grammar,
     "rural"/"urban" or the ground covered (``ground_m2``: the chip's ground area, when known),
     or the one box a referring ``question`` means. Counts and boxes are the detections',
     nothing else. A referring answer below ``sure_from`` (the score "find all" reports from)
     says that it is a weak candidate: the question presumes the object, so the box stays, but
-    the analyst who was just told there is none sees why it is there."""
+    the analyst who was just told there is none sees why it is there. ``count_of`` turns the
+    detections counted into the count answered (`DetectorConfig.count_of`; None: as many)."""
     from rsvlm.boxes import format_box
 
     mine = answered_detections(label, detections, size, region_box_px)
@@ -806,10 +831,11 @@ def perception_reply(kind: str, label: str, detections: list[Detection],
         return ("yes" if mine else "no"), mine
     if kind == "area":
         return area_reply(mine, label, ground_m2), mine
+    counted = count_of(len(mine)) if count_of is not None else len(mine)
     if kind == "count":
-        return str(len(mine)), mine
+        return str(counted), mine
     if kind == "compare":
-        return compare_reply(question, label, len(mine)), mine
+        return compare_reply(question, label, counted, len(mine)), mine
     if not mine:
         return f"I find no {plural(label)} in this image.", []
     return "".join(format_box(label, [v * 1000 for v in d.box]) for d in mine), mine

@@ -571,14 +571,16 @@ def _held_out_predictions(out: Path, held: str, head: Any = None) -> list:
 
 
 def score_fold(out: Path, held: str, head: Any, threshold: float, count_threshold: float,
-               preds: list | None = None, presence_threshold: float | None = None) -> dict:
+               preds: list | None = None, presence_threshold: float | None = None,
+               count_factor: float = 1.0) -> dict:
     """The held-out region's scores: find-all at ``threshold``; counts and rural/urban at
-    ``count_threshold``; presence at ``presence_threshold`` (None: the counting one), as the
-    chat path answers it (`DetectorConfig.cut`)."""
+    ``count_threshold``, counts times ``count_factor``; presence at ``presence_threshold``
+    (None: the counting one), as the chat path answers it (`DetectorConfig.cut`, `count_of`)."""
     test = _load(out, held, "eval")
     meta = torch.load(out / "cache" / f"{held}.pt", weights_only=False)
     preds = preds if preds is not None else _held_out_predictions(out, held, head)
-    counted = score_detections(preds, test["boxes"], test["sizes"], count_threshold)
+    counted = score_detections(preds, test["boxes"], test["sizes"], count_threshold,
+                               count_factor)
     large = None
     if "gsd" in meta:
         min_px = LARGE_M2 / meta["gsd"] ** 2
@@ -591,10 +593,11 @@ def score_fold(out: Path, held: str, head: Any, threshold: float, count_threshol
             # the chat evaluation's truths (`training.region.chip_objects`): 30 % inside
             "chip_rule": ({**score_detections(preds, chips, test["sizes"], threshold),
                            "counting": score_detections(preds, chips, test["sizes"],
-                                                        count_threshold)["counting"]}
+                                                        count_threshold,
+                                                        count_factor)["counting"]}
                           if chips is not None else None),
             "threshold": threshold, "count_threshold": count_threshold,
-            "presence_threshold": presence_threshold,
+            "count_factor": count_factor, "presence_threshold": presence_threshold,
             "counting_at_count_threshold": {**counted["counting"], "presence": (
                 counted if presence_threshold is None else score_detections(
                     preds, test["boxes"], test["sizes"], presence_threshold))["presence"]},
@@ -675,6 +678,54 @@ def pooled_thresholds(curves: dict[str, dict[float, tuple[float, ...]]]
             max(THRESHOLDS, key=lambda t: (round(mean(t, 2), 6), -mean(t, 1))))
 
 
+COUNT_FACTORS = tuple(round(0.8 + 0.05 * i, 2) for i in range(15))  # 0.8 .. 1.5
+
+
+def count_reads(out: Path, held: str, preds: list) -> list[tuple[list[list[float]], list[int]]]:
+    """What a region's counting is chosen on: per image, its detections' scores and its true
+    count, on its scoring tiles (``preds``, the fold's) and on its augmented training views,
+    which its fold never trained on either (as many files as the fold took)."""
+    head, _ = _fold_head(out, held)
+    report = json.loads((out / "folds" / f"{held}.json").read_text())
+    tiles = ([[d[4] for d in p] for p in preds], [len(b) for b in _load(out, held, "eval")["boxes"]])
+    scores, truth = [], []
+    with torch.inference_mode():
+        for part in _train_parts(out, held, report.get("train_files")):
+            d = _load(out, held, part)
+            scores += [[x[4] for x in p] for p in predict(head, d["features"], THRESHOLDS[0])]
+            truth += [len(b) for b in d["boxes"]]
+    return [tiles, (scores, truth)]
+
+
+def pooled_count(reads: dict[str, list[tuple[list[list[float]], list[int]]]]
+                 ) -> tuple[float, float]:
+    """The counting threshold and factor (`DetectorConfig.count_factor`) chosen together: the
+    most counts within 20 % over the given regions' reads (the mean of each region's and
+    read's share), then the factor nearest 1, then the lower threshold."""
+    import numpy as np
+
+    cells = []  # per read: the true counts and, per threshold, the detections counted
+    for region in reads.values():
+        for scores, truth in region:
+            cells.append((np.asarray(truth, float), {t: np.array([sum(v >= t for v in s)
+                                                                  for s in scores], float)
+                                                      for t in THRESHOLDS}))
+
+    def mean(t: float, k: float) -> float:
+        shares = []
+        for truth, found in cells:
+            # `rsvlm.perception.scaled_count`, over arrays
+            said = np.where(found[t] > 0, np.maximum(1, np.floor(found[t] * k + 0.5)), 0)
+            if k == 1.0:
+                said = found[t]
+            shares.append(float(np.mean(np.abs(said - truth) <= 0.2 * truth)) if len(truth)
+                          else 0.0)
+        return round(sum(shares) / len(shares), 6)
+
+    return max(((t, k) for t in THRESHOLDS for k in COUNT_FACTORS),
+               key=lambda tk: (mean(*tk), -abs(tk[1] - 1.0), -tk[0]))
+
+
 def cross_thresholds(out: Path) -> dict[str, dict[float, tuple[float, float]]]:
     """Thresholds chosen out of sample. A fold's own selection scores the regions its head
     trained on, where its scores run high; here each fold is scored again at the thresholds
@@ -690,16 +741,22 @@ def cross_thresholds(out: Path) -> dict[str, dict[float, tuple[float, float]]]:
     whole = {held for held in reports if zoom is None or torch.load(
         out / "cache" / f"{held}.pt", weights_only=False).get("gsd", 0.0) < zoom}
     curves = {k: v for k, v in curves.items() if k in whole} or curves
+    reads = {held: count_reads(out, held, preds[held]) for held in curves}
+    if reads:  # what the shipped detector counts by (`scripts/ship_detector.py`)
+        (out / "counting.json").write_text(json.dumps(dict(zip(
+            ("count_threshold", "count_factor"), pooled_count(reads), strict=True))) + "\n")
     for held, report in reports.items():
         others = {k: v for k, v in curves.items() if k != held}
         if not others:
             continue
-        threshold, count_threshold = pooled_thresholds(others)
+        threshold, _ = pooled_thresholds(others)
+        count_threshold, count_factor = pooled_count(
+            {k: v for k, v in reads.items() if k != held})
         presence_threshold = pooled_presence(others, count_threshold)
         report.setdefault("selection_thresholds", [report["threshold"],
                                                    report.get("count_threshold")])
         report.update(score_fold(out, held, None, threshold, count_threshold, preds[held],
-                                 presence_threshold))
+                                 presence_threshold, count_factor))
         report["thresholds_from"] = "the other folds' held-out regions"
         refiner = fold_refiner(held)
         report["refined_by"] = ([str(d / f"{held}.pt") for d in REFINERS or []]
@@ -716,6 +773,7 @@ def cross_thresholds(out: Path) -> dict[str, dict[float, tuple[float, float]]]:
                                  **save_refiner(refiner, folder.parent)}
         folder.write_text(json.dumps({**config, "threshold": threshold,
                                       "count_threshold": count_threshold,
+                                      "count_factor": count_factor,
                                       "presence_threshold": presence_threshold},
                                      indent=2) + "\n")
     return curves
@@ -968,7 +1026,9 @@ def card_section(out: Path, baseline: Path | None, previous: str = "",
         "contrast, blur, resolution, JPEG)" + _refiner_words(out) + " and its thresholds "
         "are those the other folds' "
         "held-out regions favour (aerial ones, as they are read whole; each scored by its own "
-        "fold's detector; boxes: the best find-all F1, counts: the most counts within 20 %, "
+        "fold's detector; boxes: the best find-all F1, counts: the threshold and the factor "
+        "the detections are multiplied by (`DetectorConfig.count_factor`) that bring the most "
+        "counts within 20 % on their tiles and their held-out augmented views, "
         "and in the chat path presence: the most right answers, the counting threshold where "
         "no region has empty tiles to choose on); then the held-out region's tiles are scored (512 px tiles at 0.15 m, 450 px at "
         "0.5 m; SpaceNet Rio's chips whole). Presence, counts, rural/urban and find-all of "

@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                        **{k: fold[k] for k in TRAINING_FIELDS if k in fold}, **extra)
     curves = cross_thresholds(loro)
     threshold, count_threshold = pooled_thresholds(curves)
+    # The counting threshold and factor chosen together on every fold (`loro.pooled_count`).
+    counting = (json.loads((loro / "counting.json").read_text())
+                if (loro / "counting.json").is_file() else {})
+    count_threshold = counting.get("count_threshold", count_threshold)
+    count_factor = counting.get("count_factor", 1.0)
     per_class = class_table(loro)[1] if (loro / "class_folds").is_dir() else {}
     f1 = class_f1(loro) if per_class else {}
     answers = [c for c in classes if c == "building" or f1.get(c, 0.0) >= args.min_f1]
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                             dim=dim, convs=convs, heads=heads,
                             upsample=fold.get("upsample", 1),
                             dilation=fold.get("dilation", 1), threshold=threshold,
-                            count_threshold=count_threshold,
+                            count_threshold=count_threshold, count_factor=count_factor,
                             presence_threshold=pooled_presence(curves, count_threshold),
                             class_thresholds={c: list(per_class[c]) for c in classes[1:]
                                               if c in per_class},

@@ -409,8 +409,12 @@ def predict(head: DenseDetector | DetectorEnsemble, features: torch.Tensor, thre
 
 
 def score_detections(preds: list[list[tuple[float, ...]]], truths: list[torch.Tensor],
-                     sizes: list[tuple[int, int]], threshold: float) -> dict[str, Any]:
-    """Find-all precision / recall / F1 at IoU 0.5 (pixels), counts and presence per image."""
+                     sizes: list[tuple[int, int]], threshold: float,
+                     count_factor: float = 1.0) -> dict[str, Any]:
+    """Find-all precision / recall / F1 at IoU 0.5 (pixels), counts and presence per image;
+    the counts are the detections times ``count_factor`` (`DetectorConfig.count_of`)."""
+    from rsvlm.perception import scaled_count
+
     tp = n_pred = n_true = 0
     counts, presence = [], []
     for pred, truth, (w, h) in zip(preds, truths, sizes, strict=True):
@@ -419,7 +423,7 @@ def score_detections(preds: list[list[tuple[float, ...]]], truths: list[torch.Te
         t = [np.array(b) * scale for b in truth.tolist()]
         tp += match_boxes(p, t)
         n_pred, n_true = n_pred + len(p), n_true + len(t)
-        counts.append((len(p), len(t)))
+        counts.append((scaled_count(len(p), count_factor), len(t)))
         presence.append((len(p) > 0) == (len(t) > 0))
     return {"n": len(preds), **detection_scores(tp, n_pred, n_true),
             "counting": count_scores(counts),

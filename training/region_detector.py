@@ -117,8 +117,11 @@ def tune_detector(spec: Any, shipped: Path, out: Path, *, preset: str = "embedde
              "thresholds": "chosen on the region's training chips"}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    # Counted 1:1 at a threshold chosen on the region itself: the shipped factor makes up for
+    # what a detector misses on regions it never saw, and this one has seen the region.
     save_detector(tuned, DetectorConfig(**{**asdict(config), "threshold": threshold,
-                                           "count_threshold": count_threshold, "notes": notes}),
+                                           "count_threshold": count_threshold,
+                                           "count_factor": 1.0, "notes": notes}),
                   tmp, refiner)
     tmp.replace(out)
     return out / DETECTOR_DIR

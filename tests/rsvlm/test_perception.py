@@ -382,6 +382,16 @@ def test_the_chat_path_answers_object_questions_from_the_detector(tmp_path: Path
     assert "".join(strict.ask("How many buildings are there?")) == "0"
     assert len(parse_boxes("".join(strict.ask("Find all buildings in the image.")))) == 16
     perception.config.count_threshold = None
+    # A count factor (chosen on the folds) says how many there are by the detections; the
+    # boxes, and what a description says the detector finds, stay the detections.
+    perception.config.count_factor = 1.35
+    scaled = engine.session(image)
+    assert "".join(scaled.ask("How many buildings are there?")) == "22"  # 16 x 1.35 = 21.6
+    assert "x 1.35, rounded" in scaled.last.prompt
+    assert "".join(scaled.ask("Are there more than 20 buildings?")) == (
+        "yes: about 22 buildings (16 detected)")
+    assert len(parse_boxes("".join(scaled.ask("Find all buildings in the image.")))) == 16
+    perception.config.count_factor = 1.0
     # Anything else goes to the language model; a description ends with what the detector
     # found, its count the detections' at the counting threshold.
     other = engine.session(image)
@@ -782,3 +792,13 @@ def test_the_sizes_a_description_gives_are_the_boxes_footprints() -> None:
     # Nothing to say without a ground resolution, or of fewer than two.
     assert sizes_sentence([*small, large], "building", None) is None
     assert sizes_sentence([large], "building", hectare) is None
+
+
+def test_a_count_is_the_detections_times_the_factor_rounded_half_up() -> None:
+    cfg = DetectorConfig(labels=["building", "aircraft"], count_factor=1.1,
+                         class_thresholds={"aircraft": [0.35, 0.4]})
+    assert [cfg.count_of("building", n) for n in (0, 1, 4, 5, 10, 15)] == [0, 1, 4, 6, 11, 17]
+    assert cfg.count_of("aircraft", 10) == 10  # a class of its own thresholds counts 1:1
+    assert DetectorConfig().count_of("building", 7) == 7
+    # Shrinking never says "none" of what was found.
+    assert DetectorConfig(count_factor=0.4).count_of("building", 1) == 1

@@ -104,12 +104,20 @@ def test_folds_of_several_heads_take_thresholds_from_the_other_folds(loro, tmp_p
     curves = loro.cross_thresholds(out)
     assert sorted(curves) == ["aa", "bb"] and set(curves["aa"]) == set(loro.THRESHOLDS)
     aa = __import__("json").loads((out / "folds" / "aa.json").read_text())
-    want = loro.pooled_thresholds({"bb": curves["bb"]})
-    assert (aa["threshold"], aa["count_threshold"]) == want
+    # Counts: the threshold and factor chosen together on the other fold's tiles and views.
+    bb_preds = loro._held_out_predictions(out, "bb")
+    counting = loro.pooled_count({"bb": loro.count_reads(out, "bb", bb_preds)})
+    want = (loro.pooled_thresholds({"bb": curves["bb"]})[0], counting[0])
+    assert (aa["threshold"], aa["count_threshold"], aa["count_factor"]) == (*want, counting[1])
     assert aa["thresholds_from"] == "the other folds' held-out regions"
     assert len(aa["selection_thresholds"]) == 2
     head, config = loro._fold_head(out, "aa")
     assert (config.threshold, config.count_threshold) == want and config.heads == 2
+    assert config.count_factor == counting[1]
+    # What the shipped detector counts by: chosen on both folds' regions.
+    both = {r: loro.count_reads(out, r, loro._held_out_predictions(out, r)) for r in ("aa", "bb")}
+    assert __import__("json").loads((out / "counting.json").read_text()) == dict(
+        zip(("count_threshold", "count_factor"), loro.pooled_count(both), strict=True))
     # Presence at its own threshold, chosen on the other fold, and reported as answered there.
     assert config.presence_threshold == loro.pooled_presence({"bb": curves["bb"]}, want[1])
     assert aa["counting_at_count_threshold"]["presence"] == curves["aa"][
@@ -232,6 +240,22 @@ def test_the_counting_threshold_is_the_one_most_counts_come_within_20_percent_at
     assert loro.pooled_thresholds({"a": a, "b": b}) == (0.35, 0.2)
     tie = {t: (0.5, 0.1 if t == 0.3 else 0.4, 0.5) for t in grid}
     assert loro.pooled_thresholds({"a": tie}) == (0.15, 0.3)
+
+
+def test_counts_are_made_by_a_threshold_and_a_factor_chosen_together(loro) -> None:
+    """Where a region's detector finds about 3 of every 4 buildings at any threshold, the
+    factor that brings its counts within 20 % is chosen with the threshold; where counting
+    1:1 is as good, the factor stays 1."""
+    # Each image: 8 buildings, 6 of them found at 0.6, and 6 false boxes at 0.12.
+    under = ([[0.6] * 6 + [0.12] * 6] * 10, [8] * 10)
+    t, k = loro.pooled_count({"a": [under, under]})
+    assert t in [v for v in loro.THRESHOLDS if 0.12 < v <= 0.6]  # not the false ones
+    assert k == 1.1  # the factor nearest 1 that brings 6 within 20 % of 8 (6.6 -> 7)
+    exact = ([[0.6] * 8] * 10, [8] * 10)
+    assert loro.pooled_count({"a": [exact]})[1] == 1.0
+    # Regions weigh alike, whatever their number of images.
+    big = ([[0.6] * 8] * 100, [8] * 100)
+    assert loro.pooled_count({"a": [big], "b": [under]})[1] > 1.0
 
 
 def test_the_presence_threshold_is_the_one_most_presence_answers_are_right_at(loro) -> None:

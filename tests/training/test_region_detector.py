@@ -45,7 +45,8 @@ def test_the_detector_continues_on_the_training_chips_only(small_region: Path, t
     assert sum(len(t.boxes) for t in train) > 10
 
     config = DetectorConfig(labels=["building"], input_size=56, layers=[1, 2], hidden=8, dim=8,
-                            convs=1, heads=heads, threshold=0.35, count_threshold=0.3)
+                            convs=1, heads=heads, threshold=0.35, count_threshold=0.3,
+                            count_factor=1.1)
     torch.manual_seed(0)
     shipped = tmp_path / "shipped"
     save_detector(config.build(), config, shipped)
@@ -57,6 +58,7 @@ def test_the_detector_continues_on_the_training_chips_only(small_region: Path, t
     # Thresholds chosen again (on the training chips), the shipped ones noted.
     assert {saved["threshold"], saved["count_threshold"]} <= set(THRESHOLDS)
     assert saved["notes"]["shipped_thresholds"] == [0.35, 0.3]
+    assert saved["count_factor"] == 1.0  # the region's own threshold counts 1:1
     assert saved["notes"]["tuned_on"] == spec.name and saved["heads"] == heads
     before = load_file(str(shipped / "detector" / WEIGHTS_NAME))
     after = load_file(str(folder / WEIGHTS_NAME))
