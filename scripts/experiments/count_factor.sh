@@ -11,6 +11,7 @@ RUN=${RUN:-runs/l12_ship}   # round 19's folds (scripts/experiments/round19.sh)
 #    and factor, each chosen on the other OAM areas (tiles, views, or both). Before step 2:
 #    --fold-threshold reads the folds' counting thresholds, which step 2 chooses again.
 for on in views both; do $P scripts/experiments/count_scale.py --run $RUN --choose-on $on; done
+$P scripts/experiments/count_scale.py --run $RUN --choose-on both --two-factors
 $P scripts/experiments/count_scale.py --run $RUN --choose-on both --fold-threshold
 # 2. Every fold's thresholds chosen again (writes each fold's count_factor, and the whole set's
 #    choice in $RUN/counting.json), then the chat path with the folds' detectors (int8 tower).
