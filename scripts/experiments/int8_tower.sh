@@ -12,6 +12,9 @@ RSVLM_DETECTOR_TOWER=onnx-int8 RUN=$RUN OUT=runs/refer_l12_int8 bash scripts/lor
 for r in runs/refer_l12 runs/refer_l12_int8; do
   $P -c "import sys; sys.path.insert(0, 'scripts'); import loro; from pathlib import Path; print(loro.fold_chat_table(Path('$r')))"
 done
+# Rio's 75 referring questions at 200 px (round 19's commands), read in int8.
+RSVLM_DETECTOR_TOWER=onnx-int8 .venv/bin/rsvlm-train eval --task grounding --data runs/rio_region \
+  --model runs/parts/rio --limit 300 --chip-size 200 --out runs/refer_l12_int8/rio.grounding.200.json
 # 2. The benchmark chip's detector read: PyTorch, float32 and int8 interleaved, and how many of
 #    float32's boxes int8 finds again.
 $P scripts/experiments/ab_onnx_tower.py --rounds 7
