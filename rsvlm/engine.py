@@ -791,7 +791,7 @@ class _SuppressTokens(LogitsProcessor):
 def _count_note(config: Any, kind: str, label: str) -> str:
     """For the raw-answer panel: how a count was made from the detections, where it is more
     than their number (`DetectorConfig.count_of`)."""
-    if kind not in {"count", "compare"} or config.count_of(label, 100) == 100:
+    if kind not in {"count", "compare"} or not config.scales_counts(label):
         return ""
     return (f" Counted as the detections in the asked part x {config.count_factor:g}, rounded: "
             "on regions it never saw the detector finds fewer than there are.")

@@ -14,7 +14,7 @@ or to agree is read by PyTorch from then on.
 quantization of the MatMuls; the patch embedding stays float32): about twice as fast again on
 2 cores. Its levels are not equal to PyTorch's, so the graph is checked by how closely each
 token's vector points the same way (`MIN_COSINE`) instead; whether the detector's answers hold
-is measured by `scripts/experiments/int8_tower.py`.
+is measured by `scripts/experiments/int8_tower.sh`.
 """
 
 from __future__ import annotations

@@ -125,12 +125,14 @@ class DetectorConfig:
             return count
         return box
 
+    def scales_counts(self, label: str) -> bool:
+        """Whether counts of ``label`` are its detections times `count_factor`."""
+        return self.count_factor != 1.0 and label not in self.class_thresholds
+
     def count_of(self, label: str, found: int) -> int:
         """How many objects of ``label`` there are, by the ``found`` detections at the
         counting threshold (`count_factor`; half up, so that no count rounds to even)."""
-        if label in self.class_thresholds:
-            return found
-        return scaled_count(found, self.count_factor)
+        return scaled_count(found, self.count_factor) if self.scales_counts(label) else found
 
     def build(self) -> DenseDetector | DetectorEnsemble:
         members = [DenseDetector(self.hidden, len(self.layers), classes=len(self.labels),

@@ -702,24 +702,18 @@ def pooled_count(reads: dict[str, list[tuple[list[list[float]], list[int]]]]
     """The counting threshold and factor (`DetectorConfig.count_factor`) chosen together: the
     most counts within 20 % over the given regions' reads (the mean of each region's and
     read's share), then the factor nearest 1, then the lower threshold."""
-    import numpy as np
+    from rsvlm.perception import scaled_count
 
     cells = []  # per read: the true counts and, per threshold, the detections counted
     for region in reads.values():
         for scores, truth in region:
-            cells.append((np.asarray(truth, float), {t: np.array([sum(v >= t for v in s)
-                                                                  for s in scores], float)
-                                                      for t in THRESHOLDS}))
+            cells.append((truth, {t: [sum(v >= t for v in s) for s in scores]
+                                  for t in THRESHOLDS}))
 
     def mean(t: float, k: float) -> float:
-        shares = []
-        for truth, found in cells:
-            # `rsvlm.perception.scaled_count`, over arrays
-            said = np.where(found[t] > 0, np.maximum(1, np.floor(found[t] * k + 0.5)), 0)
-            if k == 1.0:
-                said = found[t]
-            shares.append(float(np.mean(np.abs(said - truth) <= 0.2 * truth)) if len(truth)
-                          else 0.0)
+        shares = [sum(abs(scaled_count(n, k) - m) <= 0.2 * m
+                      for n, m in zip(found[t], truth, strict=True)) / len(truth)
+                  if truth else 0.0 for truth, found in cells]
         return round(sum(shares) / len(shares), 6)
 
     return max(((t, k) for t in THRESHOLDS for k in COUNT_FACTORS),
@@ -937,12 +931,12 @@ def fold_chat_reports(folder: Path) -> dict[str, tuple[dict, dict]]:
 def _tower_words(folder: Path) -> str:
     """How the reports in ``folder`` read the detector's tower (`rsvlm-train eval`'s
     ``engine``), as words for the card; empty where they do not say."""
+    from rsvlm.engine import DETECTOR_TOWER
+
     towers = {json.loads(p.read_text()).get("engine", {}).get("detector_tower")
               for p in folder.glob("*.json")}
     words = {"onnx-int8": "in int8 through ONNX Runtime", "onnx": "in float32 through ONNX "
              "Runtime", "torch": "by PyTorch"}
-    from rsvlm.engine import DETECTOR_TOWER
-
     if len(towers) != 1 or None in towers:
         return ""
     tower = towers.pop()

@@ -29,6 +29,7 @@ from rsvlm.detector import (
     detection_loss,
     detection_targets,
 )
+from rsvlm.perception import scaled_count
 from training.labelled import LabelledImage, clip_boxes, cut_boxes
 from training.metrics import count_scores, detection_scores, match_boxes, match_pairs
 
@@ -413,8 +414,6 @@ def score_detections(preds: list[list[tuple[float, ...]]], truths: list[torch.Te
                      count_factor: float = 1.0) -> dict[str, Any]:
     """Find-all precision / recall / F1 at IoU 0.5 (pixels), counts and presence per image;
     the counts are the detections times ``count_factor`` (`DetectorConfig.count_of`)."""
-    from rsvlm.perception import scaled_count
-
     tp = n_pred = n_true = 0
     counts, presence = [], []
     for pred, truth, (w, h) in zip(preds, truths, sizes, strict=True):
